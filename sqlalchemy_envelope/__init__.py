@@ -1,0 +1,54 @@
+"""Transparent column encryption for SQLAlchemy, with envelope encryption.
+
+A root key wraps versioned AES-256-GCM data keys, kept wrapped in a
+``data_keys`` table in the application's own database; the data keys encrypt
+column values. See the README for the quickstart and the key lifecycle.
+"""
+
+from .binding import EXECUTION_OPTION
+from .errors import (
+    ConfigurationError,
+    DecryptionError,
+    DestroyedKeyError,
+    EncryptedComparisonError,
+    EnvelopeError,
+    InvalidValueError,
+    KeyDisabledError,
+    NoActiveKeyError,
+    NotCiphertextError,
+    UnknownKeyError,
+    WrongRootKeyError,
+)
+from .registry import DEFAULT_SCOPE, KeyRegistry
+from .rootkey import PBKDF2RootKey, RootKeyProvider, StaticRootKey, root_key_from_env
+from .status import KeyInfo, RegistryStatus
+from .storage import KeyState, data_keys_table
+from .types import EncryptedType
+
+__all__ = [
+    "DEFAULT_SCOPE",
+    "EXECUTION_OPTION",
+    "ConfigurationError",
+    "DecryptionError",
+    "DestroyedKeyError",
+    "EncryptedComparisonError",
+    "EncryptedType",
+    "EnvelopeError",
+    "InvalidValueError",
+    "KeyDisabledError",
+    "KeyInfo",
+    "KeyRegistry",
+    "KeyState",
+    "NoActiveKeyError",
+    "NotCiphertextError",
+    "PBKDF2RootKey",
+    "RegistryStatus",
+    "RootKeyProvider",
+    "StaticRootKey",
+    "UnknownKeyError",
+    "WrongRootKeyError",
+    "data_keys_table",
+    "root_key_from_env",
+]
+
+__version__ = "0.1.0"

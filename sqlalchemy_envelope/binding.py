@@ -1,0 +1,168 @@
+"""How an encrypted column finds its registry.
+
+A registry serves its engine: it is attached to the engine's dialect, which
+is the one object SQLAlchemy hands to a type's processors and which belongs to
+exactly one engine. A Session, a sessionmaker or a single execution can name a
+registry of its own for what it writes; that choice travels as the
+``envelope_registry`` execution option and is picked up just before SQLAlchemy
+processes the statement's parameters. Reads need no choice: the key id travels
+in the ciphertext, and any registry serving the engine can resolve it.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Dialect, Engine
+from sqlalchemy.orm import Session, SessionTransaction
+
+from .errors import ConfigurationError, UnknownKeyError, WrongRootKeyError
+
+if TYPE_CHECKING:
+    from .registry import KeyRegistry
+
+__all__ = ["EXECUTION_OPTION", "SESSION_INFO_KEY", "EngineSlot", "slot_for"]
+
+EXECUTION_OPTION = "envelope_registry"
+SESSION_INFO_KEY = "sqlalchemy_envelope.registry"
+
+_writer: ContextVar[KeyRegistry | None] = ContextVar("envelope_writer", default=None)
+_slots: weakref.WeakKeyDictionary[Dialect, EngineSlot] = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+_listening = False
+
+
+class EngineSlot:
+    """The registries serving one engine: its own, and any that sessions on it
+    brought along."""
+
+    __slots__ = ("__weakref__", "readers", "registry")
+
+    def __init__(self) -> None:
+        self.registry: KeyRegistry | None = None
+        self.readers: tuple[KeyRegistry, ...] = ()
+
+    def writer(self) -> KeyRegistry:
+        """The registry to encrypt with for the statement being executed."""
+        chosen = _writer.get()
+        if chosen is not None:
+            return chosen
+        registry = self.registry
+        if registry is None:
+            raise _no_registry()
+        return registry
+
+    def decrypt(self, ciphertext: bytes, context: bytes) -> bytes:
+        registry = self.registry
+        if registry is not None and len(self.readers) == 1:
+            return registry.decrypt_bytes(ciphertext, context)
+        return self._decrypt_with_any(ciphertext, context)
+
+    def _decrypt_with_any(self, ciphertext: bytes, context: bytes) -> bytes:
+        readers = self.readers
+        if not readers:
+            raise _no_registry()
+        for registry in readers[:-1]:
+            try:
+                return registry.decrypt_bytes(ciphertext, context)
+            except (UnknownKeyError, WrongRootKeyError):
+                continue
+        return readers[-1].decrypt_bytes(ciphertext, context)
+
+    def add_reader(self, registry: KeyRegistry) -> None:
+        if registry not in self.readers:
+            self.readers = (*self.readers, registry)
+
+
+def _no_registry() -> ConfigurationError:
+    return ConfigurationError(
+        "no KeyRegistry serves this engine: create one with KeyRegistry(engine, "
+        "root_key=...) (or KeyRegistry.from_env(engine)) before using encrypted columns"
+    )
+
+
+def slot_for(dialect: Dialect) -> EngineSlot:
+    slot = _slots.get(dialect)
+    if slot is None:
+        with _lock:
+            slot = _slots.setdefault(dialect, EngineSlot())
+    return slot
+
+
+def attach(engine: Engine, registry: KeyRegistry) -> None:
+    """Make ``registry`` the one that serves ``engine``."""
+    _listen()
+    slot = slot_for(engine.dialect)
+    with _lock:
+        if slot.registry is not None and slot.registry is not registry:
+            raise ConfigurationError(
+                "this engine is already served by another KeyRegistry: use that one, "
+                "close() it first, or create this one with attach=False and bind it "
+                "to sessions"
+            )
+        slot.registry = registry
+        slot.add_reader(registry)
+
+
+def detach(registry: KeyRegistry) -> None:
+    with _lock:
+        for slot in list(_slots.values()):
+            if slot.registry is registry:
+                slot.registry = None
+            slot.readers = tuple(r for r in slot.readers if r is not registry)
+
+
+def bind(target: Any, registry: KeyRegistry) -> None:
+    """Make ``registry`` the writer for a Session, AsyncSession or sessionmaker."""
+    _listen()
+    sync_session = getattr(target, "sync_session", None)
+    if isinstance(sync_session, Session):
+        target = sync_session
+    if isinstance(target, Session):
+        target.info[SESSION_INFO_KEY] = registry
+        return
+    factory_kw = getattr(target, "kw", None)
+    if isinstance(factory_kw, dict):
+        info = dict(factory_kw.get("info") or {})
+        info[SESSION_INFO_KEY] = registry
+        factory_kw["info"] = info
+        return
+    raise ConfigurationError(
+        f"cannot bind a KeyRegistry to {type(target).__name__}: pass a Session, "
+        "AsyncSession, sessionmaker or async_sessionmaker"
+    )
+
+
+def _before_execute(
+    conn: Connection,
+    clauseelement: Any,
+    multiparams: Any,
+    params: Any,
+    execution_options: dict[str, Any],
+) -> None:
+    # Set on every execution, so a choice never outlives its statement.
+    chosen = execution_options.get(EXECUTION_OPTION)
+    _writer.set(chosen)
+    if chosen is not None:
+        slot_for(conn.dialect).add_reader(chosen)
+
+
+def _after_begin(
+    session: Session, transaction: SessionTransaction, connection: Connection
+) -> None:
+    registry = session.info.get(SESSION_INFO_KEY)
+    if registry is not None:
+        connection.execution_options(**{EXECUTION_OPTION: registry})
+
+
+def _listen() -> None:
+    global _listening
+    with _lock:
+        if not _listening:
+            event.listen(Engine, "before_execute", _before_execute)
+            event.listen(Session, "after_begin", _after_begin)
+            _listening = True

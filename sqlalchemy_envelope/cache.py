@@ -1,0 +1,73 @@
+"""The registry's key cache: unwrapped data keys, ready to use.
+
+Cached `DataKey` objects are immutable. Refreshing or invalidating a key swaps
+the reference in a dict, so a thread that is encrypting with a key it already
+holds is never disturbed (the seed zeroed key bytes in place under it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from .primitives import AESGCM
+from .storage import KeyState
+
+__all__ = ["DataKey", "KeyCache"]
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class DataKey:
+    """A data key as the hot path needs it: its header and its cipher object.
+
+    ``aead`` is None for a key that may not decrypt (disabled or destroyed).
+    ``fresh_until`` is a monotonic time after which the row is read again.
+    """
+
+    id: int
+    version: int
+    scope: str
+    state: KeyState
+    header: bytes
+    aead: AESGCM | None
+    fresh_until: float
+
+    def __repr__(self) -> str:
+        return (
+            f"DataKey(id={self.id:#012x}, scope={self.scope!r}, "
+            f"version={self.version}, state={self.state.value!r})"
+        )
+
+
+class KeyCache:
+    """Keys by ciphertext header, and the active key of each scope."""
+
+    def __init__(self, max_age: float, clock: Clock = time.monotonic) -> None:
+        self.max_age = max_age
+        self.clock = clock
+        self.by_header: dict[bytes, DataKey] = {}
+        self.active: dict[str, DataKey] = {}
+
+    def expiry(self) -> float:
+        return self.clock() + self.max_age
+
+    def put(self, key: DataKey) -> DataKey:
+        """Remember ``key``, and make it its scope's active key if it is active."""
+        self.by_header[key.header] = key
+        if key.state is KeyState.ACTIVE:
+            self.active[key.scope] = key
+        elif self.active.get(key.scope, key).id == key.id:
+            del self.active[key.scope]
+        return key
+
+    def renewed(self, key: DataKey) -> DataKey:
+        """The same key, fresh for another ``max_age``, reusing its cipher object."""
+        return self.put(replace(key, fresh_until=self.expiry()))
+
+    def clear(self) -> None:
+        # In place: the registry's hot path holds references to these dicts.
+        self.by_header.clear()
+        self.active.clear()

@@ -1,0 +1,114 @@
+"""Every error the library raises, under one base class.
+
+Messages name what went wrong and what to do about it. They may name a key id,
+a key version, a scope or a context ("table.column"); they never contain key
+material, seeds or plaintext, so they are safe to log.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.exc import DontWrapMixin
+
+__all__ = [
+    "ConfigurationError",
+    "DecryptionError",
+    "DestroyedKeyError",
+    "EncryptedComparisonError",
+    "EnvelopeError",
+    "InvalidValueError",
+    "KeyDisabledError",
+    "NoActiveKeyError",
+    "NotCiphertextError",
+    "UnknownKeyError",
+    "WrongRootKeyError",
+]
+
+
+class EnvelopeError(DontWrapMixin, Exception):
+    """Base class of every sqlalchemy-envelope error.
+
+    SQLAlchemy re-raises these as they are rather than wrapping them in a
+    StatementError, whose message would list the statement's parameters,
+    plaintext included.
+    """
+
+
+class ConfigurationError(EnvelopeError, ValueError):
+    """The library was set up wrongly: a missing secret, a bad parameter, no
+    registry for an engine, an unsupported column type."""
+
+
+class InvalidValueError(EnvelopeError, ValueError):
+    """A Python value cannot be stored in an encrypted column: wrong type, too
+    long for the column, or out of range. The message names the column and
+    the type, never the value."""
+
+
+class NoActiveKeyError(ConfigurationError):
+    """No data key is active in a scope, so nothing can be encrypted."""
+
+    def __init__(self, scope: str) -> None:
+        self.scope = scope
+        super().__init__(
+            f"no active data key in scope {scope!r}: call KeyRegistry.init() "
+            "(or run `sqlalchemy-envelope init`) before encrypting"
+        )
+
+
+class WrongRootKeyError(EnvelopeError):
+    """The root key given is not the one the stored data keys were wrapped
+    with. Nothing was written."""
+
+
+class UnknownKeyError(EnvelopeError):
+    """A ciphertext names a data key that the data_keys table does not hold."""
+
+    def __init__(self, key_id: int) -> None:
+        self.key_id = key_id
+        super().__init__(
+            f"data key {key_id:#012x} is not in the data_keys table: the value was "
+            "written by another database's keys, or its row was removed from "
+            "data_keys; restore data_keys from a backup"
+        )
+
+
+class DecryptionError(EnvelopeError):
+    """Authentication failed: the ciphertext was altered, or it was written
+    for another context (another table or column)."""
+
+
+class DestroyedKeyError(DecryptionError):
+    """The value's data key was destroyed (crypto-shredded); the value can no
+    longer be read by anyone."""
+
+    def __init__(self, key_id: int, version: int, scope: str) -> None:
+        self.key_id = key_id
+        self.version = version
+        self.scope = scope
+        super().__init__(
+            f"data key version {version} of scope {scope!r} was destroyed: values "
+            "written under it are unreadable for good"
+        )
+
+
+class KeyDisabledError(DecryptionError):
+    """The value's data key is disabled; enable it to read the value again."""
+
+    def __init__(self, key_id: int, version: int, scope: str) -> None:
+        self.key_id = key_id
+        self.version = version
+        self.scope = scope
+        super().__init__(
+            f"data key version {version} of scope {scope!r} is disabled: enable it "
+            "(KeyRegistry.enable or `sqlalchemy-envelope enable`) to read this value"
+        )
+
+
+class NotCiphertextError(DecryptionError):
+    """A value where ciphertext was expected is not in the library's format,
+    typically plaintext left over from before the column was encrypted."""
+
+
+class EncryptedComparisonError(EnvelopeError, TypeError):
+    """An encrypted column was compared in SQL; its ciphertext is randomized,
+    so such a comparison could never match."""

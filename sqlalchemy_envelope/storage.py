@@ -1,0 +1,197 @@
+"""The ``data_keys`` table: its one schema definition and the statements on it.
+
+Only wrapped keys are stored. The database itself guarantees at most one
+active key per scope: ``active_scope`` equals ``scope`` exactly while a key is
+active and is NULL otherwise, and it is UNIQUE. A unique column that allows
+many NULLs works on SQLite, PostgreSQL and MySQL/MariaDB alike, where a partial
+index would not.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+__all__ = [
+    "DEFAULT_TABLE_NAME",
+    "KeyRow",
+    "KeyState",
+    "data_keys_table",
+]
+
+DEFAULT_TABLE_NAME = "data_keys"
+ALGORITHM = "aes-256-gcm"
+
+
+class KeyState(enum.StrEnum):
+    """The life of a data key: active -> retired -> disabled -> destroyed."""
+
+    ACTIVE = "active"
+    RETIRED = "retired"
+    DISABLED = "disabled"
+    DESTROYED = "destroyed"
+
+
+def data_keys_table(metadata: sa.MetaData, name: str = DEFAULT_TABLE_NAME) -> sa.Table:
+    """Define the data_keys table in ``metadata``; shared by `KeyRegistry.init`
+    and the Alembic operations so that both create the same schema."""
+    states = ", ".join(f"'{s.value}'" for s in KeyState)
+    return sa.Table(
+        name,
+        metadata,
+        sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
+        sa.Column("scope", sa.String(255), nullable=False),
+        sa.Column("version", sa.Integer, nullable=False),
+        sa.Column("algorithm", sa.String(32), nullable=False),
+        sa.Column("wrapped_key", sa.LargeBinary, nullable=True),
+        sa.Column("root_key_fingerprint", sa.String(64), nullable=False),
+        sa.Column("root_key_description", sa.String(200), nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("active_scope", sa.String(255), nullable=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("state_changed_at", sa.DateTime(timezone=True), nullable=False),
+        sa.UniqueConstraint("scope", "version", name=f"uq_{name}_scope_version"),
+        sa.UniqueConstraint("active_scope", name=f"uq_{name}_one_active"),
+        sa.CheckConstraint(f"state IN ({states})", name=f"ck_{name}_state"),
+        sa.CheckConstraint(
+            "(state = 'active' AND active_scope = scope) "
+            "OR (state <> 'active' AND active_scope IS NULL)",
+            name=f"ck_{name}_active_scope",
+        ),
+        sa.CheckConstraint(
+            "wrapped_key IS NOT NULL OR state = 'destroyed'",
+            name=f"ck_{name}_wrapped_key",
+        ),
+    )
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime) -> datetime:
+    # SQLite hands back naive datetimes; everything stored is UTC.
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class KeyRow:
+    """One row of data_keys, as read; ``wrapped_key`` is None once destroyed."""
+
+    id: int
+    scope: str
+    version: int
+    algorithm: str
+    wrapped_key: bytes | None
+    root_key_fingerprint: str
+    root_key_description: str
+    state: KeyState
+    created_at: datetime
+    state_changed_at: datetime
+
+    def __repr__(self) -> str:
+        return (
+            f"KeyRow(id={self.id:#012x}, scope={self.scope!r}, version={self.version}, "
+            f"state={self.state.value!r})"
+        )
+
+    @classmethod
+    def from_mapping(cls, row: sa.RowMapping) -> KeyRow:
+        wrapped = row["wrapped_key"]
+        return cls(
+            id=row["id"],
+            scope=row["scope"],
+            version=row["version"],
+            algorithm=row["algorithm"],
+            wrapped_key=bytes(wrapped) if wrapped is not None else None,
+            root_key_fingerprint=row["root_key_fingerprint"],
+            root_key_description=row["root_key_description"],
+            state=KeyState(row["state"]),
+            created_at=_aware(row["created_at"]),
+            state_changed_at=_aware(row["state_changed_at"]),
+        )
+
+
+def _one(conn: Connection, stmt: sa.Select[tuple[object, ...]]) -> KeyRow | None:
+    row = conn.execute(stmt).mappings().first()
+    return KeyRow.from_mapping(row) if row is not None else None
+
+
+def active_key(conn: Connection, table: sa.Table, scope: str) -> KeyRow | None:
+    return _one(conn, sa.select(table).where(table.c.active_scope == scope))
+
+
+def key_by_id(conn: Connection, table: sa.Table, key_id: int) -> KeyRow | None:
+    return _one(conn, sa.select(table).where(table.c.id == key_id))
+
+
+def all_keys(conn: Connection, table: sa.Table, scope: str | None = None) -> list[KeyRow]:
+    stmt = sa.select(table).order_by(table.c.scope, table.c.version)
+    if scope is not None:
+        stmt = stmt.where(table.c.scope == scope)
+    return [KeyRow.from_mapping(r) for r in conn.execute(stmt).mappings()]
+
+
+def foreign_fingerprints(conn: Connection, table: sa.Table, fingerprint: str) -> list[str]:
+    """Fingerprints of root keys, other than ``fingerprint``, that still wrap keys."""
+    stmt = (
+        sa.select(table.c.root_key_fingerprint)
+        .where(table.c.root_key_fingerprint != fingerprint)
+        .where(table.c.wrapped_key.is_not(None))
+        .distinct()
+    )
+    return list(conn.execute(stmt).scalars())
+
+
+def next_version(conn: Connection, table: sa.Table, scope: str) -> int:
+    stmt = sa.select(sa.func.max(table.c.version)).where(table.c.scope == scope)
+    current = conn.execute(stmt).scalar()
+    return 1 if current is None else int(current) + 1
+
+
+def retire_active(
+    conn: Connection, table: sa.Table, scope: str, now: datetime, expected_id: int | None
+) -> int:
+    """Demote the scope's active key; with ``expected_id``, only if it is still
+    that key (compare-and-swap). Returns the number of rows changed."""
+    stmt = (
+        sa.update(table)
+        .where(table.c.active_scope == scope)
+        .values(state=KeyState.RETIRED.value, active_scope=None, state_changed_at=now)
+    )
+    if expected_id is not None:
+        stmt = stmt.where(table.c.id == expected_id)
+    return conn.execute(stmt).rowcount
+
+
+def insert_active(
+    conn: Connection,
+    table: sa.Table,
+    *,
+    key_id: int,
+    scope: str,
+    version: int,
+    wrapped_key: bytes,
+    root_key_fingerprint: str,
+    root_key_description: str,
+    now: datetime,
+) -> None:
+    conn.execute(
+        sa.insert(table).values(
+            id=key_id,
+            scope=scope,
+            version=version,
+            algorithm=ALGORITHM,
+            wrapped_key=wrapped_key,
+            root_key_fingerprint=root_key_fingerprint,
+            root_key_description=root_key_description,
+            state=KeyState.ACTIVE.value,
+            active_scope=scope,
+            created_at=now,
+            state_changed_at=now,
+        )
+    )

@@ -1,0 +1,259 @@
+"""`EncryptedType`: a column type whose values the database only sees encrypted.
+
+::
+
+    class Patient(Base):
+        __tablename__ = "patients"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        name: Mapped[str] = mapped_column(EncryptedType(sa.String(200)))
+
+Each value is bound to a context, ``"table.column"`` by default, so a
+ciphertext copied into another column fails to decrypt. Pass ``context=`` to
+keep reading old data after renaming a table or column.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.type_api import to_instance
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+from . import binding
+from . import format as fmt
+from .codec import codec_for
+from .errors import (
+    ConfigurationError,
+    EncryptedComparisonError,
+    InvalidValueError,
+    NotCiphertextError,
+)
+
+__all__ = ["EncryptedType"]
+
+_STORAGES = ("binary", "text")
+
+_COMPARISONS = frozenset(
+    {
+        operators.eq,
+        operators.ne,
+        operators.lt,
+        operators.le,
+        operators.gt,
+        operators.ge,
+        operators.in_op,
+        operators.not_in_op,
+        operators.between_op,
+        operators.not_between_op,
+        operators.like_op,
+        operators.not_like_op,
+        operators.ilike_op,
+        operators.not_ilike_op,
+        operators.contains_op,
+        operators.not_contains_op,
+        operators.startswith_op,
+        operators.not_startswith_op,
+        operators.endswith_op,
+        operators.not_endswith_op,
+        operators.is_distinct_from,
+        operators.is_not_distinct_from,
+        operators.match_op,
+        operators.not_match_op,
+        operators.regexp_match_op,
+        operators.not_regexp_match_op,
+    }
+)
+
+
+class _ColumnBinding:
+    """The column a type instance serves, shared with the per-dialect copies
+    SQLAlchemy makes of it, so that all of them use one context."""
+
+    __slots__ = ("column", "explicit", "owner")
+
+    def __init__(self, owner: EncryptedType, explicit: str | None) -> None:
+        self.owner = owner
+        self.column: sa.Column[Any] | None = None
+        self.explicit = explicit
+
+    def context(self) -> bytes:
+        if self.explicit is not None:
+            return self.explicit.encode("utf-8")
+        table = getattr(self.column, "table", None)
+        if self.column is None or table is None:
+            raise ConfigurationError(
+                "this EncryptedType is not attached to a table column, so it has no "
+                "context: pass EncryptedType(..., context='table.column')"
+            )
+        return f"{table.name}.{self.column.name}".encode()
+
+
+class EncryptedType(TypeDecorator[Any]):
+    """Encrypts values of ``value_type`` (String, Integer, Date, JSON, an Enum
+    ...) with AES-256-GCM under the registry's active data key.
+
+    ``storage="binary"`` stores bytes (BLOB/bytea, 34 bytes over the
+    plaintext); ``storage="text"`` stores base64 text, in a ``String`` sized
+    for the longest value ``value_type`` allows, or ``Text``.
+    """
+
+    impl: TypeEngine[Any] | type[TypeEngine[Any]] = sa.LargeBinary
+    cache_ok = True
+
+    class Comparator(TypeDecorator.Comparator[Any]):
+        """Refuses SQL comparisons, which could never match randomized
+        ciphertext; ``IS NULL`` and ``IS NOT NULL`` still work."""
+
+        __slots__ = ()
+
+        def operate(self, op: Any, *other: Any, **kwargs: Any) -> Any:
+            _check_comparison(op, other)
+            return super().operate(op, *other, **kwargs)
+
+        def reverse_operate(self, op: Any, other: Any, **kwargs: Any) -> Any:
+            _check_comparison(op, (other,))
+            return super().reverse_operate(op, other, **kwargs)
+
+    comparator_factory = Comparator
+
+    def __init__(
+        self,
+        value_type: TypeEngine[Any] | type[TypeEngine[Any]] | type[enum.Enum],
+        *,
+        context: str | None = None,
+        storage: str = "binary",
+    ) -> None:
+        if isinstance(value_type, type) and issubclass(value_type, enum.Enum):
+            value_type = sa.Enum(value_type)
+        value_type = to_instance(value_type)
+        if isinstance(value_type, EncryptedType):
+            raise ConfigurationError("EncryptedType cannot wrap another EncryptedType")
+        if storage not in _STORAGES:
+            raise ConfigurationError(
+                f"storage must be 'binary' or 'text', not {storage!r}"
+            )
+        if context is not None and (not isinstance(context, str) or not context):
+            raise ConfigurationError("context must be a non-empty string")
+        super().__init__()
+        self.value_type = value_type
+        self.context = context
+        self.storage = storage
+        self._codec = codec_for(value_type)
+        self._binding = _ColumnBinding(self, context)
+        self.impl = self._storage_type()
+
+    def _storage_type(self) -> TypeEngine[Any]:
+        if self.storage == "binary":
+            return sa.LargeBinary()
+        if self._codec.max_bytes is None:
+            return sa.Text()
+        return sa.String(fmt.text_length(self._codec.max_bytes))
+
+    @property
+    def python_type(self) -> type[Any]:
+        return self._codec.python_type
+
+    def _set_parent(self, parent: Any, outer: bool = False, **kw: Any) -> None:
+        super()._set_parent(parent, outer=outer, **kw)
+        if not isinstance(parent, sa.Column):
+            return
+        if self._binding.owner is not self:
+            # A copy made by Column._copy() (mixins, to_metadata): its own column.
+            self._binding = _ColumnBinding(self, self.context)
+        elif self._binding.column is not None and self._binding.column is not parent:
+            raise ConfigurationError(
+                "one EncryptedType instance was given to two columns; create one "
+                "EncryptedType per column"
+            )
+        self._binding.column = parent
+
+    # -- processors: the hot path -------------------------------------------
+
+    def bind_processor(self, dialect: Dialect) -> Any:
+        encode = self._codec.encode
+        context = self._binding.context()
+        writer = binding.slot_for(dialect).writer
+        impl = self.impl_instance.bind_processor(dialect)
+        text = self.storage == "text"
+        to_text = fmt.to_text
+
+        def process(value: Any) -> Any:
+            if value is None:
+                return None
+            data: Any = writer().encrypt_bytes(encode(value), context)
+            if text:
+                data = to_text(data)
+            return impl(data) if impl is not None else data
+
+        return process
+
+    def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
+        decode = self._codec.decode
+        context = self._binding.context()
+        decrypt = binding.slot_for(dialect).decrypt
+        impl = self.impl_instance.result_processor(dialect, coltype)
+        text = self.storage == "text"
+
+        def process(value: Any) -> Any:
+            if value is None:
+                return None
+            if impl is not None:
+                value = impl(value)
+            ciphertext = _ciphertext(value, text)
+            plaintext = decrypt(ciphertext, context)
+            try:
+                return decode(plaintext)
+            except (ValueError, KeyError, TypeError):
+                raise _undecodable(self.value_type) from None
+
+        return process
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        registry = binding.slot_for(dialect).writer()
+        data = registry.encrypt_bytes(self._codec.encode(value), self._binding.context())
+        return fmt.to_text(data) if self.storage == "text" else data
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        decrypt = binding.slot_for(dialect).decrypt
+        plaintext = decrypt(_ciphertext(value, self.storage == "text"), self._binding.context())
+        return self._codec.decode(plaintext)
+
+
+def _ciphertext(value: Any, text: bool) -> bytes:
+    if text:
+        if not isinstance(value, str):
+            raise NotCiphertextError("the column holds bytes where base64 text was expected")
+        return fmt.from_text(value)
+    if isinstance(value, (memoryview, bytearray)):
+        return bytes(value)
+    if not isinstance(value, bytes):
+        raise NotCiphertextError(
+            f"the column holds {type(value).__name__}, not ciphertext bytes: it is "
+            "probably plaintext written before the column was encrypted"
+        )
+    return value
+
+
+def _undecodable(value_type: TypeEngine[Any]) -> InvalidValueError:
+    return InvalidValueError(
+        f"a value decrypted but does not read as {type(value_type).__name__}: was the "
+        "column's type changed without migrating its data?"
+    )
+
+
+def _check_comparison(op: Any, other: tuple[Any, ...]) -> None:
+    if op in _COMPARISONS and not (other and other[0] is None):
+        raise EncryptedComparisonError(
+            "encrypted columns cannot be compared in SQL: each value is encrypted "
+            "with a fresh nonce, so no comparison could ever match. Compare in "
+            "Python after loading, or use a blind index for equality lookups; "
+            "IS NULL and IS NOT NULL work"
+        )
