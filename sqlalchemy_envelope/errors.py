@@ -60,7 +60,12 @@ class WrongRootKeyError(EnvelopeError):
     with. Nothing was written."""
 
 
-class UnknownKeyError(EnvelopeError):
+class DecryptionError(EnvelopeError):
+    """Authentication failed: the ciphertext was altered, or it was written
+    for another context (another table or column)."""
+
+
+class UnknownKeyError(DecryptionError):
     """A ciphertext names a data key that the data_keys table does not hold."""
 
     def __init__(self, key_id: int) -> None:
@@ -70,11 +75,6 @@ class UnknownKeyError(EnvelopeError):
             "written by another database's keys, or its row was removed from "
             "data_keys; restore data_keys from a backup"
         )
-
-
-class DecryptionError(EnvelopeError):
-    """Authentication failed: the ciphertext was altered, or it was written
-    for another context (another table or column)."""
 
 
 class DestroyedKeyError(DecryptionError):

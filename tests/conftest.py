@@ -1,0 +1,140 @@
+"""Database fixtures: a SQLite file and a real PostgreSQL server.
+
+The PostgreSQL server is started here, once per test session, from Debian's
+``postgresql`` package (as the ``postgres`` user when running as root), unless
+``ENVELOPE_TEST_POSTGRES_URL`` names one to use instead. Each test gets its own
+schema on it, dropped afterwards. No test skips for want of a server: if none
+can be started, the PostgreSQL tests fail.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from sqlalchemy_envelope import KeyRegistry, StaticRootKey
+
+DATABASES = ["sqlite", "postgresql"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pg_bin() -> Path:
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]))
+    if not candidates:
+        raise RuntimeError(
+            "PostgreSQL is not installed: `apt-get install postgresql` (or set "
+            "ENVELOPE_TEST_POSTGRES_URL to a server to use)"
+        )
+    return Path(candidates[-1])
+
+
+class _PostgresServer:
+    def __init__(self) -> None:
+        self.bin = _pg_bin()
+        self.root = Path(tempfile.mkdtemp(prefix="envelope-pg-"))
+        self.data = self.root / "data"
+        self.port = _free_port()
+        self.as_root = os.geteuid() == 0
+        os.chmod(self.root, 0o755)
+        if self.as_root:
+            shutil.chown(self.root, "postgres", "postgres")
+
+    def _run(self, *args: str) -> None:
+        prefix = ["runuser", "-u", "postgres", "--"] if self.as_root else []
+        subprocess.run([*prefix, *args], check=True, capture_output=True, cwd=self.root)
+
+    def start(self) -> str:
+        self._run(
+            str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres",
+            "-A", "trust", "-E", "UTF8", "--no-sync",
+        )
+        options = (
+            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+            "-c max_connections=200"
+        )
+        self._run(
+            str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options,
+            "-l", str(self.root / "log"), "-w", "start",
+        )
+        admin = sa.create_engine(
+            f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres",
+            isolation_level="AUTOCOMMIT",
+        )
+        with admin.connect() as conn:
+            conn.execute(sa.text("CREATE DATABASE envelope_test"))
+        admin.dispose()
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/envelope_test"
+
+    def stop(self) -> None:
+        try:
+            self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    url = os.environ.get("ENVELOPE_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    server = _PostgresServer()
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=DATABASES)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database: a SQLite file, or a PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'test.db'}"
+        return
+    base = request.getfixturevalue("postgres_url")
+    schema = f"t_{secrets.token_hex(6)}"
+    admin = sa.create_engine(base)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    try:
+        yield f"{base}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[sa.Engine]:
+    eng = sa.create_engine(db_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def root_key() -> StaticRootKey:
+    return StaticRootKey(os.urandom(32))
+
+
+@pytest.fixture
+def registry(engine: sa.Engine, root_key: StaticRootKey) -> Iterator[KeyRegistry]:
+    reg = KeyRegistry(engine, root_key)
+    reg.init()
+    yield reg
+    reg.close()

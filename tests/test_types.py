@@ -1,0 +1,365 @@
+"""EncryptedType: every supported type round-trips on SQLite and PostgreSQL,
+through Core and the ORM, and the database only ever holds ciphertext."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import re
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from sqlalchemy_envelope import (
+    ConfigurationError,
+    DecryptionError,
+    EncryptedComparisonError,
+    EncryptedType,
+    InvalidValueError,
+    KeyRegistry,
+    NotCiphertextError,
+)
+from sqlalchemy_envelope.format import OVERHEAD, text_length
+
+
+class Mood(enum.Enum):
+    HAPPY = "h"
+    GRUMPY = "g"
+
+
+TZ = dt.timezone(dt.timedelta(hours=5, minutes=30))
+
+# column name -> (wrapped type, sample values that must come back equal and of the same type)
+CASES: dict[str, tuple[Any, list[Any]]] = {
+    "string": (sa.String(200), ["Alice", "", "ünïcödé ✓ 日本語 🎉", "x" * 200]),
+    "text": (sa.Text(), ["long " * 5000, ""]),
+    "unicode": (sa.Unicode(50), ["Ωmega"]),
+    "binary": (sa.LargeBinary(), [b"\x00\xff" * 100, b""]),
+    "integer": (sa.Integer(), [0, -1, 2**31 - 1, -(2**31)]),
+    "bigint": (sa.BigInteger(), [2**63 - 1, -(2**63)]),
+    "small": (sa.SmallInteger(), [12]),
+    "float": (sa.Float(), [3.141592653589793, -0.0, 1e308]),
+    "numeric": (
+        sa.Numeric(38, 20),
+        [Decimal("12345678901234567.12345678901234567891"), Decimal("0.10"), Decimal("-1E-20")],
+    ),
+    "boolean": (sa.Boolean(), [True, False]),
+    "date": (sa.Date(), [dt.date(1999, 12, 31), dt.date(1, 1, 1)]),
+    "naive_dt": (sa.DateTime(), [dt.datetime(2024, 2, 29, 23, 59, 59, 999999)]),
+    "aware_dt": (sa.DateTime(timezone=True), [dt.datetime(2024, 1, 1, 12, 0, tzinfo=TZ)]),
+    "time": (sa.Time(), [dt.time(8, 30, 1, 5)]),
+    "interval": (sa.Interval(), [dt.timedelta(days=-3, seconds=5, microseconds=7)]),
+    "uuid": (sa.Uuid(), [uuid.UUID("12345678-1234-5678-1234-567812345678")]),
+    "json": (
+        sa.JSON(),
+        [
+            {"a": [1, 2, {"b": None}], "ü": "✓", "n": 1.5, "t": True},
+            [1, "two", [3.0]],
+            {"big": [{"i": i, "s": "v" * 50} for i in range(2000)]},
+            "just a string",
+        ],
+    ),
+    "enum": (Mood, [Mood.HAPPY, Mood.GRUMPY]),
+    "string_enum": (sa.Enum("low", "high", name="level"), ["low", "high"]),
+}
+
+
+def _table(storage: str) -> sa.Table:
+    md = sa.MetaData()
+    return sa.Table(
+        f"everything_{storage}",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True),
+        *(
+            sa.Column(name, EncryptedType(type_, storage=storage), nullable=True)
+            for name, (type_, _) in CASES.items()
+        ),
+    )
+
+
+def _rows() -> list[dict[str, Any]]:
+    width = max(len(values) for _, values in CASES.values())
+    rows = []
+    for i in range(width):
+        row: dict[str, Any] = {"id": i + 1}
+        for name, (_, values) in CASES.items():
+            row[name] = values[i] if i < len(values) else None
+        rows.append(row)
+    return rows
+
+
+def _same(expected: Any, actual: Any) -> None:
+    assert actual == expected
+    assert type(actual) is type(expected)
+    if isinstance(expected, dt.datetime):
+        assert actual.utcoffset() == expected.utcoffset()
+    if isinstance(expected, Decimal):
+        assert str(actual) == str(expected)
+
+
+@pytest.mark.parametrize("storage", ["binary", "text"])
+def test_every_type_round_trips_through_core_executemany(
+    engine: sa.Engine, registry: KeyRegistry, storage: str
+) -> None:
+    table = _table(storage)
+    table.metadata.create_all(engine)
+    rows = _rows()
+    with engine.begin() as conn:
+        conn.execute(table.insert(), rows)
+    with engine.connect() as conn:
+        got = conn.execute(table.select().order_by(table.c.id)).mappings().all()
+    assert len(got) == len(rows)
+    for want, have in zip(rows, got, strict=True):
+        for name in CASES:
+            if want[name] is None:
+                assert have[name] is None
+            else:
+                _same(want[name], have[name])
+
+
+@pytest.mark.parametrize("storage", ["binary", "text"])
+def test_database_holds_no_plaintext(
+    engine: sa.Engine, registry: KeyRegistry, storage: str
+) -> None:
+    table = _table(storage)
+    table.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), _rows())
+    raw = sa.Table(table.name, sa.MetaData(), autoload_with=engine)
+    with engine.connect() as conn:
+        stored = conn.execute(sa.select(raw)).all()
+    blob = b"".join(
+        bytes(v) if isinstance(v, (bytes, memoryview)) else str(v).encode() for row in stored for v in row
+    )
+    secrets = ["Alice", "ünïcödé", "Ωmega", "just a string", "12345678901234567",
+               "1999-12-31", "HAPPY", "GRUMPY"]
+    for secret in secrets:
+        assert secret.encode() not in blob
+
+
+def test_values_are_randomized_and_sized(engine: sa.Engine, registry: KeyRegistry) -> None:
+    table = _table("binary")
+    table.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": 1, "string": "same"}, {"id": 2, "string": "same"}])
+    raw = sa.Table(table.name, sa.MetaData(), autoload_with=engine)
+    with engine.connect() as conn:
+        a, b = conn.execute(sa.select(raw.c.string).order_by(raw.c.id)).scalars()
+    assert a != b
+    assert len(a) == len(b) == OVERHEAD + len(b"same")
+
+
+def test_text_storage_is_sized_from_the_plaintext_length() -> None:
+    column_type = EncryptedType(sa.String(200), storage="text")
+    assert isinstance(column_type.impl, sa.String)
+    assert column_type.impl.length == text_length(4 * 200) == 4 * -(-(800 + OVERHEAD) // 3)
+    assert isinstance(EncryptedType(sa.Text, storage="text").impl, sa.Text)
+    assert isinstance(EncryptedType(sa.String(10)).impl, sa.LargeBinary)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Patient(Base):
+    __tablename__ = "patients"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(EncryptedType(sa.String(200)))
+    born: Mapped[dt.date] = mapped_column(EncryptedType(sa.Date))
+    notes: Mapped[dict[str, Any] | None] = mapped_column(EncryptedType(sa.JSON))
+    mood: Mapped[Mood | None] = mapped_column(EncryptedType(Mood, storage="text"))
+    balance: Mapped[Decimal | None] = mapped_column(EncryptedType(sa.Numeric(12, 2)))
+
+
+def test_orm_insert_select_update_merge_and_bulk(engine: sa.Engine, registry: KeyRegistry) -> None:
+    Base.metadata.create_all(engine)
+    with Session(engine) as session:
+        session.add(Patient(id=1, name="Ada", born=dt.date(1815, 12, 10), notes={"x": [1]}))
+        session.add_all(
+            [Patient(id=i, name=f"p{i}", born=dt.date(2000, 1, i % 28 + 1)) for i in range(2, 60)]
+        )
+        session.commit()
+
+    with Session(engine) as session:
+        ada = session.get(Patient, 1)
+        assert ada is not None
+        assert (ada.name, ada.born, ada.notes, ada.mood) == ("Ada", dt.date(1815, 12, 10), {"x": [1]}, None)
+        ada.name = "Ada Lovelace"
+        ada.mood = Mood.HAPPY
+        ada.balance = Decimal("10.25")
+        session.commit()
+
+    with Session(engine) as session:
+        session.merge(Patient(id=2, name="merged", born=dt.date(1970, 1, 1), notes=None))
+        session.execute(
+            sa.insert(Patient),
+            [{"id": 100 + i, "name": f"bulk{i}", "born": dt.date(1990, 1, 1)} for i in range(5)],
+        )
+        session.execute(sa.update(Patient), [{"id": 100, "name": "bulk-updated"}])
+        session.commit()
+
+    with Session(engine) as session:
+        got = {p.id: p for p in session.scalars(sa.select(Patient))}
+        assert got[1].name == "Ada Lovelace" and got[1].mood is Mood.HAPPY
+        assert got[1].balance == Decimal("10.25")
+        assert got[2].name == "merged" and got[2].born == dt.date(1970, 1, 1)
+        assert got[100].name == "bulk-updated" and got[104].name == "bulk4"
+        assert len(got) == 64
+        nulls = session.scalars(sa.select(Patient.id).where(Patient.notes.is_(None))).all()
+        assert 1 not in nulls and 2 in nulls
+
+
+def test_comparisons_on_encrypted_columns_are_refused() -> None:
+    for make in (
+        lambda: Patient.name == "Ada",
+        lambda: Patient.name != "Ada",
+        lambda: Patient.name.in_(["Ada"]),
+        lambda: Patient.name.like("A%"),
+        lambda: Patient.born > dt.date(2000, 1, 1),
+        lambda: "Ada" == Patient.name,
+    ):
+        with pytest.raises(EncryptedComparisonError, match="blind index"):
+            make()
+    assert "IS NULL" in str(Patient.notes == None)  # noqa: E711
+    assert "IS NOT NULL" in str(Patient.notes.is_not(None))
+
+
+def test_wrong_python_types_and_overlong_values_are_clear_errors(
+    engine: sa.Engine, registry: KeyRegistry
+) -> None:
+    table = _table("binary")
+    table.metadata.create_all(engine)
+    bad = [
+        ("string", 42, "expected str"),
+        ("string", "y" * 201, "too long for String(200)"),
+        ("integer", "7", "expected int"),
+        ("bigint", 2**64, "64-bit"),
+        ("date", dt.datetime(2020, 1, 1), "expected date"),
+        ("json", {1, 2}, "JSON serializable"),
+        ("enum", "SAD", "expected Mood"),
+        ("uuid", "not-a-uuid", "not a valid UUID"),
+        ("boolean", "yes", "expected bool"),
+    ]
+    for column, value, message in bad:
+        with engine.begin() as conn, pytest.raises(InvalidValueError, match=re.escape(message)) as info:
+            conn.execute(table.insert(), {"id": 1, column: value})
+        assert str(value) not in str(info.value)
+
+
+def test_context_binds_values_to_their_column(engine: sa.Engine, registry: KeyRegistry) -> None:
+    md = sa.MetaData()
+    table = sa.Table(
+        "people",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("first", EncryptedType(sa.String(50))),
+        sa.Column("last", EncryptedType(sa.String(50))),
+    )
+    md.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": 1, "first": "Grace", "last": "Hopper"}])
+    raw = sa.Table("people", sa.MetaData(), autoload_with=engine)
+    with engine.begin() as conn:
+        stolen = conn.execute(sa.select(raw.c.first)).scalar_one()
+        conn.execute(raw.update().values(last=stolen))
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(table.c.first)).scalar_one() == "Grace"
+        with pytest.raises(DecryptionError, match="people.last"):
+            conn.execute(sa.select(table.c.last)).scalar_one()
+
+
+def test_explicit_context_survives_a_rename(engine: sa.Engine, registry: KeyRegistry) -> None:
+    old = sa.Table(
+        "clients", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("email", EncryptedType(sa.String(100))),
+    )
+    old.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(old.insert(), [{"id": 1, "email": "a@example.com"}])
+        conn.execute(sa.text("ALTER TABLE clients RENAME TO customers"))
+    new = sa.Table(
+        "customers", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("email", EncryptedType(sa.String(100), context="clients.email")),
+    )
+    wrong = sa.Table(
+        "customers", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("email", EncryptedType(sa.String(100))),
+    )
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(new.c.email)).scalar_one() == "a@example.com"
+        with pytest.raises(DecryptionError):
+            conn.execute(sa.select(wrong.c.email)).scalar_one()
+
+
+def test_plaintext_where_ciphertext_was_expected(engine: sa.Engine, registry: KeyRegistry) -> None:
+    for storage, raw_value in (("binary", b"legacy plaintext"), ("text", "legacy plaintext!")):
+        md = sa.MetaData()
+        table = sa.Table(
+            f"legacy_{storage}", md, sa.Column("id", sa.Integer, primary_key=True),
+            sa.Column("v", EncryptedType(sa.String(100), storage=storage)),
+        )
+        md.create_all(engine)
+        raw = sa.Table(table.name, sa.MetaData(), autoload_with=engine)
+        with engine.begin() as conn:
+            conn.execute(raw.insert(), {"id": 1, "v": raw_value})
+        with engine.connect() as conn, pytest.raises(NotCiphertextError, match="plaintext"):
+            conn.execute(sa.select(table.c.v)).scalar_one()
+
+
+def test_one_type_instance_cannot_serve_two_columns() -> None:
+    shared = EncryptedType(sa.String(10))
+    md = sa.MetaData()
+    sa.Table("a", md, sa.Column("x", shared))
+    with pytest.raises(ConfigurationError, match="one EncryptedType per column"):
+        sa.Table("b", md, sa.Column("y", shared))
+
+
+def test_copied_columns_get_their_own_context(engine: sa.Engine, registry: KeyRegistry) -> None:
+    class MixinBase(DeclarativeBase):
+        pass
+
+    class HasSecret:
+        secret: Mapped[str] = mapped_column(EncryptedType(sa.String(20)))
+
+    class One(HasSecret, MixinBase):
+        __tablename__ = "one"
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    class Two(HasSecret, MixinBase):
+        __tablename__ = "two"
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    MixinBase.metadata.create_all(engine)
+    with Session(engine) as session:
+        session.add_all([One(id=1, secret="uno"), Two(id=1, secret="dos")])
+        session.commit()
+        assert session.scalars(sa.select(One.secret)).one() == "uno"
+        assert session.scalars(sa.select(Two.secret)).one() == "dos"
+    raw_one = sa.Table("one", sa.MetaData(), autoload_with=engine)
+    raw_two = sa.Table("two", sa.MetaData(), autoload_with=engine)
+    with engine.begin() as conn:
+        conn.execute(raw_two.update().values(secret=sa.select(raw_one.c.secret).scalar_subquery()))
+    with Session(engine) as session, pytest.raises(DecryptionError, match="two.secret"):
+        session.scalars(sa.select(Two.secret)).one()
+
+
+def test_bad_configuration_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="cannot wrap"):
+        EncryptedType(sa.ARRAY(sa.Integer))
+    with pytest.raises(ConfigurationError, match="storage"):
+        EncryptedType(sa.String, storage="hex")
+    with pytest.raises(ConfigurationError, match="context"):
+        EncryptedType(sa.String, context="")
+    with pytest.raises(ConfigurationError, match="another EncryptedType"):
+        EncryptedType(EncryptedType(sa.String))
+
+
+def test_python_type_is_the_wrapped_type() -> None:
+    assert EncryptedType(sa.String).python_type is str
+    assert EncryptedType(sa.Numeric).python_type is Decimal
+    assert EncryptedType(Mood).python_type is Mood
+    assert EncryptedType(sa.Date).python_type is dt.date
