@@ -21,6 +21,7 @@ from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.orm import Session, SessionTransaction
 
 from .errors import ConfigurationError, UnknownKeyError, WrongRootKeyError
+from .redaction import redact_rows
 
 if TYPE_CHECKING:
     from .registry import KeyRegistry
@@ -106,6 +107,7 @@ def attach(engine: Engine, registry: KeyRegistry) -> None:
             )
         slot.registry = registry
         slot.add_reader(registry)
+    redact_rows(engine)
 
 
 def detach(registry: KeyRegistry) -> None:
@@ -149,11 +151,10 @@ def _before_execute(
     _writer.set(chosen)
     if chosen is not None:
         slot_for(conn.dialect).add_reader(chosen)
+        redact_rows(conn.engine)
 
 
-def _after_begin(
-    session: Session, transaction: SessionTransaction, connection: Connection
-) -> None:
+def _after_begin(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
     registry = session.info.get(SESSION_INFO_KEY)
     if registry is not None:
         connection.execution_options(**{EXECUTION_OPTION: registry})

@@ -235,8 +235,7 @@ def _json() -> Codec:
             return dumps(value).encode("utf-8")
         except (TypeError, ValueError):
             raise InvalidValueError(
-                "value is not JSON serializable (dicts, lists, str, numbers, "
-                "bool and None are)"
+                "value is not JSON serializable (dicts, lists, str, numbers, bool and None are)"
             ) from None
 
     def decode(data: bytes) -> Any:
@@ -307,4 +306,3 @@ def codec_for(value_type: TypeEngine[Any]) -> Codec:
         "String, Text, Unicode, LargeBinary, Integer, BigInteger, SmallInteger, "
         "Float, Numeric, Boolean, Date, DateTime, Time, Interval, Uuid, JSON and Enum"
     )
-

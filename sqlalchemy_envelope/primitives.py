@@ -50,12 +50,9 @@ def hmac_sha256(key: bytes, message: bytes) -> bytes:
 
 
 def pbkdf2_sha256(secret: bytes, salt: bytes, iterations: int, length: int) -> bytes:
-    kdf = PBKDF2HMAC(
-        algorithm=hashes.SHA256(), length=length, salt=salt, iterations=iterations
-    )
+    kdf = PBKDF2HMAC(algorithm=hashes.SHA256(), length=length, salt=salt, iterations=iterations)
     return kdf.derive(secret)
 
 
 def constant_time_equal(a: bytes, b: bytes) -> bool:
     return hmac.compare_digest(a, b)
-

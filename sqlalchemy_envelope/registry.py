@@ -107,9 +107,7 @@ class KeyRegistry:
     ) -> None:
         if not isinstance(engine, Engine):
             hint = (
-                " (async engines are not supported yet)"
-                if hasattr(engine, "sync_engine")
-                else ""
+                " (async engines are not supported yet)" if hasattr(engine, "sync_engine") else ""
             )
             raise ConfigurationError(f"KeyRegistry needs a SQLAlchemy Engine{hint}")
         if not isinstance(root_key, RootKeyProvider):
@@ -374,9 +372,7 @@ class KeyRegistry:
                 "was altered; restore data_keys from a backup"
             ) from None
 
-    def _insert_active(
-        self, conn: Connection, scope: str, version: int, now: Any
-    ) -> _NewKey:
+    def _insert_active(self, conn: Connection, scope: str, version: int, now: Any) -> _NewKey:
         plaintext = new_data_key()
         key_id = 1 + secrets.randbelow(fmt.MAX_KEY_ID)
         storage.insert_active(

@@ -84,9 +84,7 @@ class _LocalKey:
             raise DecryptionError("wrapped data key has an unknown format version")
         nonce = wrapped[1 : 1 + NONCE_BYTES]
         try:
-            return self._aead.decrypt(
-                nonce, wrapped[1 + NONCE_BYTES :], _associated_data(context)
-            )
+            return self._aead.decrypt(nonce, wrapped[1 + NONCE_BYTES :], _associated_data(context))
         except InvalidTag:
             raise DecryptionError("wrapped data key failed authentication") from None
 
@@ -185,17 +183,13 @@ class PBKDF2RootKey:
 
     @property
     def description(self) -> str:
-        return (
-            f"pbkdf2-hmac-sha256 iterations={self.iterations} "
-            f"aes-{self.key_length * 8}-gcm"
-        )
+        return f"pbkdf2-hmac-sha256 iterations={self.iterations} aes-{self.key_length * 8}-gcm"
 
     @property
     def strength(self) -> str:
         """The seed's GetKeyStrength: the root key's size and work factor."""
         return (
-            f"AES-{self.key_length * 8} from PBKDF2-HMAC-SHA256 "
-            f"with {self.iterations:,} iterations"
+            f"AES-{self.key_length * 8} from PBKDF2-HMAC-SHA256 with {self.iterations:,} iterations"
         )
 
     def estimate_generation_time(self) -> timedelta:
@@ -235,12 +229,10 @@ def root_key_from_env(environ: Mapping[str, str] | None = None) -> RootKeyProvid
         except (binascii.Error, UnicodeEncodeError):
             raise ConfigurationError(
                 "ENVELOPE_ROOT_KEY is not valid base64; generate one with `python -c "
-                "\"import base64, os; print(base64.b64encode(os.urandom(32)).decode())\"`"
+                '"import base64, os; print(base64.b64encode(os.urandom(32)).decode())"`'
             ) from None
         if len(key) != 32:
-            raise ConfigurationError(
-                f"ENVELOPE_ROOT_KEY must decode to 32 bytes, not {len(key)}"
-            )
+            raise ConfigurationError(f"ENVELOPE_ROOT_KEY must decode to 32 bytes, not {len(key)}")
         return StaticRootKey(key)
     if seed is None and salt is None:
         raise ConfigurationError(
@@ -256,7 +248,5 @@ def root_key_from_env(environ: Mapping[str, str] | None = None) -> RootKeyProvid
         try:
             iterations = int(iterations_text)
         except ValueError:
-            raise ConfigurationError(
-                "ENVELOPE_PBKDF2_ITERATIONS must be a whole number"
-            ) from None
+            raise ConfigurationError("ENVELOPE_PBKDF2_ITERATIONS must be a whole number") from None
     return PBKDF2RootKey(seed, salt, iterations=iterations)

@@ -58,7 +58,8 @@ def data_keys_table(metadata: sa.MetaData, name: str = DEFAULT_TABLE_NAME) -> sa
         sa.UniqueConstraint("active_scope", name=f"uq_{name}_one_active"),
         sa.CheckConstraint(f"state IN ({states})", name=f"ck_{name}_state"),
         sa.CheckConstraint(
-            "(state = 'active' AND active_scope = scope) "
+            # IS NOT NULL first: a NULL comparison would let the CHECK pass.
+            "(state = 'active' AND active_scope IS NOT NULL AND active_scope = scope) "
             "OR (state <> 'active' AND active_scope IS NULL)",
             name=f"ck_{name}_active_scope",
         ),

@@ -133,9 +133,7 @@ class EncryptedType(TypeDecorator[Any]):
         if isinstance(value_type, EncryptedType):
             raise ConfigurationError("EncryptedType cannot wrap another EncryptedType")
         if storage not in _STORAGES:
-            raise ConfigurationError(
-                f"storage must be 'binary' or 'text', not {storage!r}"
-            )
+            raise ConfigurationError(f"storage must be 'binary' or 'text', not {storage!r}")
         if context is not None and (not isinstance(context, str) or not context):
             raise ConfigurationError("context must be a non-empty string")
         super().__init__()

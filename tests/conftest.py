@@ -60,8 +60,16 @@ class _PostgresServer:
 
     def start(self) -> str:
         self._run(
-            str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres",
-            "-A", "trust", "-E", "UTF8", "--no-sync",
+            str(self.bin / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
         )
         options = (
             f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
@@ -69,8 +77,15 @@ class _PostgresServer:
             "-c max_connections=200"
         )
         self._run(
-            str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options,
-            "-l", str(self.root / "log"), "-w", "start",
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-o",
+            options,
+            "-l",
+            str(self.root / "log"),
+            "-w",
+            "start",
         )
         admin = sa.create_engine(
             f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres",

@@ -10,10 +10,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from sqlalchemy_envelope import KeyRegistry, NotCiphertextError, StaticRootKey
+from sqlalchemy_envelope import KeyRegistry, NotCiphertextError, StaticRootKey, storage
 from sqlalchemy_envelope import format as fmt
 from sqlalchemy_envelope import registry as registry_module
-from sqlalchemy_envelope import storage
 
 FORMAT_MD = Path(__file__).resolve().parent.parent / "FORMAT.md"
 

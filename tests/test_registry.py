@@ -128,7 +128,9 @@ def test_wrong_pbkdf2_parameters_are_a_wrong_root_key(
     with pytest.raises(WrongRootKeyError, match="ENVELOPE_PBKDF2_ITERATIONS") as info:
         wrong.init()
     assert "iterations=20000" in str(info.value)
-    same = KeyRegistry(second_engine, PBKDF2RootKey(b"seed", b"salt", iterations=10_000), attach=False)
+    same = KeyRegistry(
+        second_engine, PBKDF2RootKey(b"seed", b"salt", iterations=10_000), attach=False
+    )
     assert same.init().id == right.status().active_key_id
     right.close()
     wrong.close()
@@ -179,7 +181,10 @@ def test_registries_on_two_engines_read_each_other_across_rotation(
         # b has not seen the rotation yet: it still writes under version 1.
         conn.execute(table.insert(), {"id": 3, "value": "from b, before refresh"})
         assert conn.execute(sa.select(table.c.value).order_by(table.c.id)).scalars().all() == [
-            "from a, v1", "from a, v2", "from b, before refresh"]
+            "from a, v1",
+            "from a, v2",
+            "from b, before refresh",
+        ]
     clock.now += 31
     with second_engine.begin() as conn:
         conn.execute(table.insert(), {"id": 4, "value": "from b, after refresh"})
@@ -238,7 +243,9 @@ def test_an_engine_without_registry_is_a_clear_error(engine: sa.Engine) -> None:
         conn.execute(table.insert(), {"id": 1, "value": "x"})
 
 
-def test_operations_before_init_are_clear_errors(engine: sa.Engine, root_key: StaticRootKey) -> None:
+def test_operations_before_init_are_clear_errors(
+    engine: sa.Engine, root_key: StaticRootKey
+) -> None:
     registry = KeyRegistry(engine, root_key)
     with pytest.raises(ConfigurationError, match="init"):
         registry.rotate()
@@ -287,7 +294,8 @@ def test_session_and_sessionmaker_registries_win_for_writes(
         session.commit()
     with engine.begin() as conn:
         conn.execute(
-            table.insert(), {"id": 4, "value": "per call"},
+            table.insert(),
+            {"id": 4, "value": "per call"},
             execution_options={EXECUTION_OPTION: tenant},
         )
 
@@ -297,7 +305,11 @@ def test_session_and_sessionmaker_registries_win_for_writes(
         values = conn.execute(sa.select(table.c.value).order_by(table.c.id)).scalars().all()
     default_id = registry.status().active_key_id
     assert [fmt.key_id_of(bytes(stored[i])) for i in (1, 2, 3, 4)] == [
-        tenant_key.id, tenant_key.id, default_id, tenant_key.id]
+        tenant_key.id,
+        tenant_key.id,
+        default_id,
+        tenant_key.id,
+    ]
     assert values == ["tenant via session", "tenant via sessionmaker", "engine default", "per call"]
     tenant.close()
 

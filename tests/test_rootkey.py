@@ -1,0 +1,138 @@
+"""Root keys: PBKDF2 parameters and validation, static keys, the environment."""
+
+from __future__ import annotations
+
+import base64
+import os
+from datetime import timedelta
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
+
+from sqlalchemy_envelope import (
+    ConfigurationError,
+    DecryptionError,
+    PBKDF2RootKey,
+    RootKeyProvider,
+    StaticRootKey,
+    root_key_from_env,
+)
+from sqlalchemy_envelope import rootkey as rootkey_module
+
+
+def test_pbkdf2_defaults_and_validation() -> None:
+    key = PBKDF2RootKey("seed", "salt")
+    assert key.iterations == 600_000 and key.key_length == 32
+    assert isinstance(key, RootKeyProvider)
+    for kwargs, message in [
+        ({"seed": "", "salt": "s"}, "seed"),
+        ({"seed": "s", "salt": b""}, "salt"),
+        ({"seed": "s", "salt": "s", "iterations": 9_999}, "10,000"),
+        ({"seed": "s", "salt": "s", "key_length": 20}, "16, 24 or 32"),
+    ]:
+        with pytest.raises(ConfigurationError, match=message):
+            PBKDF2RootKey(**kwargs)  # type: ignore[arg-type]
+
+
+def test_pbkdf2_derives_once_and_matches_a_static_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = rootkey_module.pbkdf2_sha256
+
+    def counting(secret: bytes, salt: bytes, iterations: int, length: int) -> bytes:
+        calls.append(iterations)
+        return real(secret, salt, iterations, length)
+
+    monkeypatch.setattr(rootkey_module, "pbkdf2_sha256", counting)
+    key = PBKDF2RootKey("correct horse", "battery staple", iterations=10_000)
+    assert calls == []  # lazy: nothing derived until first use
+    wrapped = key.wrap(b"k" * 32, {"key_id": "1", "scope": "default"})
+    assert key.unwrap(wrapped, {"key_id": "1", "scope": "default"}) == b"k" * 32
+    _ = key.fingerprint
+    assert calls == [10_000]
+
+    derived = PBKDF2HMAC(
+        algorithm=hashes.SHA256(), length=32, salt=b"battery staple", iterations=10_000
+    ).derive(b"correct horse")
+    static = StaticRootKey(derived)
+    assert static.fingerprint == key.fingerprint
+    assert static.unwrap(wrapped, {"key_id": "1", "scope": "default"}) == b"k" * 32
+
+
+def test_strength_and_estimate() -> None:
+    key = PBKDF2RootKey("s", "s", iterations=100_000, key_length=16)
+    assert key.strength == "AES-128 from PBKDF2-HMAC-SHA256 with 100,000 iterations"
+    estimate = key.estimate_generation_time()
+    assert timedelta(0) < estimate < timedelta(seconds=30)
+    assert "iterations=100000" in key.description
+
+
+def test_wrapping_binds_the_context() -> None:
+    key = StaticRootKey(os.urandom(32))
+    wrapped = key.wrap(b"d" * 32, {"key_id": "7", "scope": "a"})
+    for other in ({"key_id": "8", "scope": "a"}, {"key_id": "7", "scope": "b"}):
+        with pytest.raises(DecryptionError):
+            key.unwrap(wrapped, other)
+    with pytest.raises(DecryptionError):
+        StaticRootKey(os.urandom(32)).unwrap(wrapped, {"key_id": "7", "scope": "a"})
+    tampered = bytearray(wrapped)
+    tampered[-1] ^= 1
+    with pytest.raises(DecryptionError):
+        key.unwrap(bytes(tampered), {"key_id": "7", "scope": "a"})
+
+
+def test_static_key_validation() -> None:
+    with pytest.raises(ConfigurationError, match="16, 24 or 32"):
+        StaticRootKey(b"short")
+    with pytest.raises(ConfigurationError, match="bytes"):
+        StaticRootKey("a string")  # type: ignore[arg-type]
+
+
+def test_root_key_from_env() -> None:
+    raw = os.urandom(32)
+    encoded = base64.b64encode(raw).decode()
+    assert root_key_from_env({"ENVELOPE_ROOT_KEY": encoded}).fingerprint == (
+        StaticRootKey(raw).fingerprint
+    )
+    pbkdf2 = root_key_from_env(
+        {
+            "ENVELOPE_ROOT_SEED": "s",
+            "ENVELOPE_ROOT_SALT": "t",
+            "ENVELOPE_PBKDF2_ITERATIONS": "12345",
+        }
+    )
+    assert isinstance(pbkdf2, PBKDF2RootKey) and pbkdf2.iterations == 12_345
+    assert isinstance(
+        root_key_from_env({"ENVELOPE_ROOT_SEED": "s", "ENVELOPE_ROOT_SALT": "t"}), PBKDF2RootKey
+    )
+
+    bad = [
+        ({}, "no root key configured"),
+        ({"ENVELOPE_ROOT_KEY": "not base64!"}, "not valid base64"),
+        ({"ENVELOPE_ROOT_KEY": base64.b64encode(b"x" * 16).decode()}, "32 bytes, not 16"),
+        ({"ENVELOPE_ROOT_KEY": encoded, "ENVELOPE_ROOT_SEED": "s"}, "not both"),
+        ({"ENVELOPE_ROOT_SEED": "s"}, "ENVELOPE_ROOT_SALT is missing"),
+        ({"ENVELOPE_ROOT_SALT": "s"}, "ENVELOPE_ROOT_SEED is missing"),
+        (
+            {
+                "ENVELOPE_ROOT_SEED": "s",
+                "ENVELOPE_ROOT_SALT": "t",
+                "ENVELOPE_PBKDF2_ITERATIONS": "many",
+            },
+            "whole number",
+        ),
+        (
+            {
+                "ENVELOPE_ROOT_SEED": "s",
+                "ENVELOPE_ROOT_SALT": "t",
+                "ENVELOPE_PBKDF2_ITERATIONS": "1000",
+            },
+            "at least 10,000",
+        ),
+    ]
+    for environ, message in bad:
+        with pytest.raises(ConfigurationError, match=message) as info:
+            root_key_from_env(environ)
+        for value in environ.values():
+            if len(value) > 4:
+                assert value not in str(info.value)
