@@ -175,19 +175,26 @@ class EncryptedType(TypeDecorator[Any]):
         encode = self._codec.encode
         context = self._binding.context()
         writer = binding.slot_for(dialect).writer
+        if self.storage == "binary":
+            # Every Python 3 DB-API driver takes bytes for BLOB/bytea; the
+            # impl's DBAPI.Binary() wrapper would only add a copy per value.
+            def process_binary(value: Any) -> Any:
+                if value is None:
+                    return None
+                return writer().encrypt_bytes(encode(value), context)
+
+            return process_binary
+
         impl = self.impl_instance.bind_processor(dialect)
-        text = self.storage == "text"
         to_text = fmt.to_text
 
-        def process(value: Any) -> Any:
+        def process_text(value: Any) -> Any:
             if value is None:
                 return None
-            data: Any = writer().encrypt_bytes(encode(value), context)
-            if text:
-                data = to_text(data)
+            data = to_text(writer().encrypt_bytes(encode(value), context))
             return impl(data) if impl is not None else data
 
-        return process
+        return process_text
 
     def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
         decode = self._codec.decode

@@ -1,0 +1,223 @@
+"""Side-by-side figures: plain columns, EncryptedType and sqlalchemy-utils.
+
+    pip install -e ".[bench]" && python benchmarks/bench.py [--rows 100000]
+        [--postgres-url postgresql+psycopg://...] [--repeat 5]
+
+Every figure is the median of ``--repeat`` runs, and every ratio compares
+figures from the same run, because these machines are noisy. ``--smoke`` runs
+everything on tiny sizes so that CI can check the script still works; it
+asserts nothing about speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from sqlalchemy_envelope import EncryptedType, KeyRegistry, PBKDF2RootKey, StaticRootKey
+
+VALUE = "alice@example.com"
+CONTEXT = b"bench.value"
+
+
+def median_seconds(work: Callable[[], Any], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def per_value(registry: KeyRegistry, n: int, repeat: int) -> list[tuple[str, float, float]]:
+    """Microseconds per value: the bare AES-GCM floor, ours, sqlalchemy-utils."""
+    from sqlalchemy_utils.types.encrypted.encrypted_type import AesGcmEngine
+
+    aead = AESGCM(os.urandom(32))
+    header = b"\x01" + os.urandom(5)
+    plaintext = VALUE.encode()
+    urandom = os.urandom
+
+    def bare_encrypt() -> list[bytes]:
+        out = []
+        for _ in range(n):
+            nonce = urandom(12)
+            out.append(header + nonce + aead.encrypt(nonce, plaintext, header + CONTEXT))
+        return out
+
+    sealed = bare_encrypt()
+
+    def bare_decrypt() -> None:
+        for c in sealed:
+            aead.decrypt(c[6:18], c[18:], c[:6] + CONTEXT)
+
+    ours = [registry.encrypt_bytes(plaintext, CONTEXT) for _ in range(n)]
+    encrypt = registry.encrypt_bytes
+    decrypt = registry.decrypt_bytes
+
+    utils = AesGcmEngine()
+    utils._update_key("a secret key")
+    utils_sealed = [utils.encrypt(VALUE) for _ in range(n)]
+
+    rows = [
+        ("bare AES-GCM floor", bare_encrypt, bare_decrypt),
+        (
+            "EncryptedType (registry)",
+            lambda: [encrypt(plaintext, CONTEXT) for _ in range(n)],
+            lambda: [decrypt(c, CONTEXT) for c in ours],
+        ),
+        (
+            "sqlalchemy-utils AesGcmEngine",
+            lambda: [utils.encrypt(VALUE) for _ in range(n)],
+            lambda: [utils.decrypt(c) for c in utils_sealed],
+        ),
+    ]
+    return [
+        (
+            name,
+            median_seconds(enc, repeat) / n * 1e6,
+            median_seconds(dec, repeat) / n * 1e6,
+        )
+        for name, enc, dec in rows
+    ]
+
+
+def columns(
+    url: str, registry_root: StaticRootKey, n: int, repeat: int
+) -> list[tuple[str, float, float]]:
+    """Core executemany insert and select, rows per second."""
+    from sqlalchemy_utils.types.encrypted.encrypted_type import AesGcmEngine, StringEncryptedType
+
+    engine = sa.create_engine(url)
+    registry = KeyRegistry(engine, registry_root)
+    registry.init()
+    kinds: dict[str, Any] = {
+        "plain String": sa.String(200),
+        "EncryptedType": EncryptedType(sa.String(200)),
+        "sqlalchemy-utils": StringEncryptedType(sa.String(200), "a secret key", AesGcmEngine),
+    }
+    results = []
+    rows = [{"id": i, "value": f"user{i}@example.com"} for i in range(n)]
+    for label, column_type in kinds.items():
+        md = sa.MetaData()
+        table = sa.Table(
+            f"bench_{label.split()[0].replace('-', '_').lower()}",
+            md,
+            sa.Column("id", sa.Integer, primary_key=True),
+            sa.Column("value", column_type),
+        )
+        md.drop_all(engine)
+        md.create_all(engine)
+
+        def insert(table: sa.Table = table) -> None:
+            with engine.begin() as conn:
+                conn.execute(table.delete())
+                conn.execute(table.insert(), rows)
+
+        def select(table: sa.Table = table) -> None:
+            with engine.connect() as conn:
+                got = conn.execute(sa.select(table.c.value)).scalars().all()
+            assert len(got) == n
+
+        insert_s = median_seconds(insert, repeat)
+        select_s = median_seconds(select, repeat)
+        results.append((label, n / insert_s, n / select_s))
+        md.drop_all(engine)
+    registry.close()
+    engine.dispose()
+    return results
+
+
+def startup(url: str, root: StaticRootKey, repeat: int) -> tuple[float, float]:
+    engine = sa.create_engine(url)
+    KeyRegistry(engine, root).init()
+    engine.dispose()
+
+    def start() -> None:
+        eng = sa.create_engine(url)
+        registry = KeyRegistry(eng, root)
+        registry.init()
+        registry.encrypt_bytes(b"x", CONTEXT)
+        registry.close()
+        eng.dispose()
+
+    pbkdf2 = median_seconds(lambda: PBKDF2RootKey("seed", "salt").fingerprint, max(1, repeat // 2))
+    return median_seconds(start, repeat) * 1000, pbkdf2 * 1000
+
+
+def report(args: argparse.Namespace) -> str:
+    root = StaticRootKey(os.urandom(32))
+    lines = []
+    with tempfile.TemporaryDirectory() as folder:
+        sqlite_url = f"sqlite:///{Path(folder) / 'bench.db'}"
+        engine = sa.create_engine(sqlite_url)
+        registry = KeyRegistry(engine, root)
+        registry.init()
+        values = per_value(registry, args.values, args.repeat)
+        registry.close()
+        engine.dispose()
+
+        floor_enc, floor_dec = values[0][1], values[0][2]
+        lines.append(
+            f"Per value ({args.values:,} values of {len(VALUE)} bytes, median of {args.repeat})"
+        )
+        lines.append("| | encrypt µs | decrypt µs | encrypt x floor | decrypt x floor |")
+        lines.append("|---|---:|---:|---:|---:|")
+        for name, enc, dec in values:
+            lines.append(
+                f"| {name} | {enc:.2f} | {dec:.2f} | {enc / floor_enc:.2f} | {dec / floor_dec:.2f} |"
+            )
+
+        databases = [("SQLite", sqlite_url)]
+        if args.postgres_url:
+            databases.append(("PostgreSQL", args.postgres_url))
+        for db_name, url in databases:
+            results = columns(url, root, args.rows, args.repeat)
+            plain_ins, plain_sel = results[0][1], results[0][2]
+            lines.append("")
+            lines.append(
+                f"{db_name}, Core executemany, {args.rows:,} rows (rows/s, ratio to plain)"
+            )
+            lines.append(
+                "| column | insert rows/s | select rows/s | insert x plain | select x plain | insert overhead µs/row | select overhead µs/row |"
+            )
+            lines.append("|---|---:|---:|---:|---:|---:|---:|")
+            for label, ins, sel in results:
+                lines.append(
+                    f"| {label} | {ins:,.0f} | {sel:,.0f} | {ins / plain_ins:.2f} | {sel / plain_sel:.2f} "
+                    f"| {(1 / ins - 1 / plain_ins) * 1e6:.2f} | {(1 / sel - 1 / plain_sel) * 1e6:.2f} |"
+                )
+
+        start_ms, pbkdf2_ms = startup(sqlite_url, root, args.repeat)
+        lines.append("")
+        lines.append(f"Registry start-up on SQLite without PBKDF2: {start_ms:.1f} ms")
+        lines.append(
+            f"PBKDF2-HMAC-SHA256, 600,000 iterations, once per process: {pbkdf2_ms:.0f} ms"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--values", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--postgres-url", default=os.environ.get("ENVELOPE_BENCH_POSTGRES_URL"))
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
+    args = parser.parse_args()
+    if args.smoke:
+        args.rows, args.values, args.repeat = 200, 200, 1
+    print(report(args))
+
+
+if __name__ == "__main__":
+    main()
