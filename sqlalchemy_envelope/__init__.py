@@ -6,6 +6,7 @@ column values. See the README for the quickstart and the key lifecycle.
 """
 
 from .binding import EXECUTION_OPTION
+from .census import ColumnCensus, KeyRows
 from .errors import (
     ConfigurationError,
     DecryptionError,
@@ -14,20 +15,25 @@ from .errors import (
     EnvelopeError,
     InvalidValueError,
     KeyDisabledError,
+    KeyInUseError,
+    KeyStateError,
     NoActiveKeyError,
     NotCiphertextError,
     UnknownKeyError,
     WrongRootKeyError,
 )
+from .policy import DEFAULT_MAX_ENCRYPTIONS, RotationPolicy
 from .registry import DEFAULT_SCOPE, KeyRegistry
 from .rootkey import PBKDF2RootKey, RootKeyProvider, StaticRootKey, root_key_from_env
-from .status import KeyInfo, RegistryStatus
+from .status import KeyInfo, MaintenanceReport, RegistryStatus
 from .storage import KeyState, data_keys_table
 from .types import EncryptedType
 
 __all__ = [
+    "DEFAULT_MAX_ENCRYPTIONS",
     "DEFAULT_SCOPE",
     "EXECUTION_OPTION",
+    "ColumnCensus",
     "ConfigurationError",
     "DecryptionError",
     "DestroyedKeyError",
@@ -36,14 +42,19 @@ __all__ = [
     "EnvelopeError",
     "InvalidValueError",
     "KeyDisabledError",
+    "KeyInUseError",
     "KeyInfo",
     "KeyRegistry",
+    "KeyRows",
     "KeyState",
+    "KeyStateError",
+    "MaintenanceReport",
     "NoActiveKeyError",
     "NotCiphertextError",
     "PBKDF2RootKey",
     "RegistryStatus",
     "RootKeyProvider",
+    "RotationPolicy",
     "StaticRootKey",
     "UnknownKeyError",
     "WrongRootKeyError",

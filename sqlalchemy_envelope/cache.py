@@ -7,9 +7,11 @@ holds is never disturbed (the seed zeroed key bytes in place under it).
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 
 from .primitives import AESGCM
 from .storage import KeyState
@@ -25,6 +27,9 @@ class DataKey:
 
     ``aead`` is None for a key that may not decrypt (disabled or destroyed).
     ``fresh_until`` is a monotonic time after which the row is read again.
+    ``counter`` counts this process's encryptions under the key; it is shared
+    by every copy of the entry, and ``budget`` is where the encryptions this
+    process has claimed in data_keys run out.
     """
 
     id: int
@@ -34,6 +39,9 @@ class DataKey:
     header: bytes
     aead: AESGCM | None
     fresh_until: float
+    created_at: datetime
+    counter: itertools.count[int] = field(default_factory=itertools.count)
+    budget: int = 0
 
     def __repr__(self) -> str:
         return (

@@ -17,6 +17,8 @@ __all__ = [
     "EnvelopeError",
     "InvalidValueError",
     "KeyDisabledError",
+    "KeyInUseError",
+    "KeyStateError",
     "NoActiveKeyError",
     "NotCiphertextError",
     "UnknownKeyError",
@@ -66,15 +68,26 @@ class DecryptionError(EnvelopeError):
 
 
 class UnknownKeyError(DecryptionError):
-    """A ciphertext names a data key that the data_keys table does not hold."""
+    """A ciphertext, or a call, names a data key that data_keys does not hold."""
 
-    def __init__(self, key_id: int) -> None:
+    def __init__(
+        self, key_id: int | None = None, *, scope: str | None = None, version: int | None = None
+    ) -> None:
         self.key_id = key_id
-        super().__init__(
-            f"data key {key_id:#012x} is not in the data_keys table: the value was "
-            "written by another database's keys, or its row was removed from "
-            "data_keys; restore data_keys from a backup"
-        )
+        self.scope = scope
+        self.version = version
+        if key_id is not None:
+            message = (
+                f"data key {key_id:#012x} is not in the data_keys table: the value was "
+                "written by another database's keys, or its row was removed from "
+                "data_keys; restore data_keys from a backup"
+            )
+        else:
+            message = (
+                f"scope {scope!r} has no data key version {version}: "
+                "`sqlalchemy-envelope status` lists the versions"
+            )
+        super().__init__(message)
 
 
 class DestroyedKeyError(DecryptionError):
@@ -101,6 +114,27 @@ class KeyDisabledError(DecryptionError):
         super().__init__(
             f"data key version {version} of scope {scope!r} is disabled: enable it "
             "(KeyRegistry.enable or `sqlalchemy-envelope enable`) to read this value"
+        )
+
+
+class KeyStateError(EnvelopeError):
+    """A key state transition that the lifecycle does not allow, such as
+    disabling the active key or enabling a destroyed one."""
+
+
+class KeyInUseError(EnvelopeError):
+    """Destroying a key that rows still need; ``rows`` maps "table.column" to
+    the number of rows under the key."""
+
+    def __init__(self, version: int, scope: str, rows: dict[str, int]) -> None:
+        self.version = version
+        self.scope = scope
+        self.rows = rows
+        where = ", ".join(f"{column}: {count}" for column, count in sorted(rows.items()))
+        super().__init__(
+            f"data key version {version} of scope {scope!r} still encrypts rows ({where}): "
+            "re-encrypt them under the active key first, or pass force=True to "
+            "crypto-shred them on purpose"
         )
 
 

@@ -3,44 +3,49 @@ Manager in one object.
 
 A registry owns the root key, the ``data_keys`` table on the application's
 engine and the cache of unwrapped data keys. ``encrypt_bytes`` and
-``decrypt_bytes`` are the hot path: a dict lookup, a clock read and one
-AES-GCM call; the database is read only when a key is new to this process or
-older than ``cache_max_age``.
+``decrypt_bytes`` are the hot path: a dict lookup, a clock read, a counter and
+one AES-GCM call. The database is read only when a key is new to this
+process, older than ``cache_max_age``, or when this process has used up the
+encryptions it claimed under the active key.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
 import secrets
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
-from datetime import timedelta
+from dataclasses import replace
+from datetime import datetime, timedelta
+from functools import partial
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from . import binding, storage
+from . import binding, census, lifecycle, storage, transactions
 from . import format as fmt
 from .cache import DataKey, KeyCache
+from .census import ColumnCensus, Target
 from .errors import (
     ConfigurationError,
     DecryptionError,
     DestroyedKeyError,
     EnvelopeError,
     KeyDisabledError,
+    KeyInUseError,
+    KeyStateError,
     NoActiveKeyError,
     UnknownKeyError,
     WrongRootKeyError,
 )
+from .policy import DEFAULT_MAX_ENCRYPTIONS, RotationPolicy
 from .primitives import AESGCM, NONCE_BYTES, InvalidTag, new_data_key
 from .rootkey import RootKeyProvider, root_key_from_env
-from .status import KeyInfo, RegistryStatus
+from .status import KeyInfo, MaintenanceReport, RegistryStatus
 from .storage import KeyRow, KeyState
 
 __all__ = ["DEFAULT_SCOPE", "KeyRegistry"]
@@ -49,16 +54,8 @@ log = logging.getLogger("sqlalchemy_envelope")
 
 DEFAULT_SCOPE = "default"
 DEFAULT_CACHE_MAX_AGE = timedelta(seconds=60)
-_TRANSACTION_ATTEMPTS = 40
-_RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization, deadlock
 _urandom = os.urandom
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class _NewKey:
-    key: DataKey
-    info: KeyInfo
 
 
 def _seconds(value: float | timedelta) -> float:
@@ -74,24 +71,14 @@ def _check_scope(scope: str) -> str:
     return scope
 
 
-def _is_contention(error: sa.exc.DBAPIError) -> bool:
-    """True for errors a concurrent writer causes, which a retry resolves."""
-    if isinstance(error, sa.exc.IntegrityError):
-        return True
-    sqlstate = getattr(error.orig, "sqlstate", None) or getattr(error.orig, "pgcode", None)
-    if sqlstate in _RETRYABLE_SQLSTATES:
-        return True
-    text = str(error.orig).lower()
-    return "database is locked" in text or "deadlock" in text
-
-
 class KeyRegistry:
     """Envelope encryption for one engine.
 
     ``KeyRegistry(engine, root_key)`` attaches itself to ``engine``: every
     Session and Connection on it can then read and write encrypted columns.
     Call `init` once (it is idempotent) to create ``data_keys`` and the first
-    data key.
+    data key. ``rotate_after`` and ``max_encryptions`` set the rotation
+    policy, applied by the encrypt path itself, without a background thread.
     """
 
     def __init__(
@@ -101,9 +88,12 @@ class KeyRegistry:
         *,
         scope: str = DEFAULT_SCOPE,
         cache_max_age: float | timedelta = DEFAULT_CACHE_MAX_AGE,
+        rotate_after: timedelta | None = None,
+        max_encryptions: int = DEFAULT_MAX_ENCRYPTIONS,
         table_name: str = storage.DEFAULT_TABLE_NAME,
         attach: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime] = storage.utcnow,
     ) -> None:
         if not isinstance(engine, Engine):
             hint = (
@@ -118,11 +108,13 @@ class KeyRegistry:
         self.engine = engine
         self.root_key = root_key
         self.scope = _check_scope(scope)
+        self.policy = RotationPolicy(rotate_after, max_encryptions)
         self.table = storage.data_keys_table(sa.MetaData(), table_name)
         self._cache = KeyCache(_seconds(cache_max_age), clock)
         self._active = self._cache.active
         self._by_header = self._cache.by_header
         self._clock = clock
+        self._now = wall_clock
         self._lock = threading.RLock()
         self._fingerprint: str | None = None
         self._closed = False
@@ -152,6 +144,10 @@ class KeyRegistry:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def cache_max_age(self) -> timedelta:
+        return timedelta(seconds=self._cache.max_age)
+
     # -- setup -------------------------------------------------------------
 
     def init(self) -> KeyInfo:
@@ -160,20 +156,19 @@ class KeyRegistry:
         self._check_open()
         self._create_table()
 
-        def work(conn: Connection) -> tuple[KeyRow | None, _NewKey | None]:
+        def work(conn: Connection) -> tuple[KeyRow | None, DataKey | None]:
             self._check_root_key(conn)
             row = storage.active_key(conn, self.table, self.scope)
             if row is not None:
                 return row, None
-            now = storage.utcnow()
             version = storage.next_version(conn, self.table, self.scope)
-            return None, self._insert_active(conn, self.scope, version, now)
+            return None, self._insert_active(conn, self.scope, version)
 
-        row, new = self._in_transaction(work)
+        row, new = self._run(work)
         if new is not None:
-            self._cache.put(new.key)
-            log.info("created data key version %d in scope %r", new.info.version, self.scope)
-            return new.info
+            self._cache.put(new)
+            log.info("created data key version %d in scope %r", new.version, self.scope)
+            return self.key_info(new.version)
         assert row is not None
         self._remember(row, previous=None)
         return KeyInfo.from_row(row)
@@ -200,44 +195,267 @@ class KeyRegistry:
         binding.detach(self)
         self._cache.clear()
 
-    # -- rotation and status ---------------------------------------------
+    # -- rotation ----------------------------------------------------------
 
     def rotate(self, scope: str | None = None) -> KeyInfo:
         """Make a new data key active in one transaction; the old one is
         retired (still decrypts). Concurrent rotations each commit in turn."""
         self._check_open()
-        scope = self.scope if scope is None else _check_scope(scope)
+        scope = self._scope(scope)
+        new = self._run(lambda conn: self._rotate_in(conn, scope, expected_id=None))
+        assert new is not None
+        self._adopt(new)
+        log.info("rotated scope %r to data key version %d", scope, new.version)
+        return self.key_info(new.version, scope)
 
-        def work(conn: Connection) -> _NewKey:
-            self._check_root_key(conn)
-            now = storage.utcnow()
-            storage.retire_active(conn, self.table, scope, now, expected_id=None)
-            version = storage.next_version(conn, self.table, scope)
-            return self._insert_active(conn, scope, version, now)
+    def _rotate_in(self, conn: Connection, scope: str, expected_id: int | None) -> DataKey | None:
+        """Retire the active key and insert its successor; with ``expected_id``,
+        only if that key is still the active one (compare-and-swap), so that
+        many processes acting on the same policy decision rotate once."""
+        self._check_root_key(conn)
+        retired = storage.retire_active(conn, self.table, scope, self._now(), expected_id)
+        if expected_id is not None and retired == 0:
+            return None
+        version = storage.next_version(conn, self.table, scope)
+        return self._insert_active(conn, scope, version)
 
-        new = self._in_transaction(work)
+    def _adopt(self, new: DataKey) -> None:
         with self._lock:
-            old = self._active.get(scope)
-            if old is not None:
+            old = self._active.get(new.scope)
+            if old is not None and old.id != new.id:
                 self._cache.put(replace(old, state=KeyState.RETIRED))
-            self._cache.put(new.key)
-        log.info("rotated scope %r to data key version %d", scope, new.info.version)
-        return new.info
+            self._cache.put(new)
 
-    def status(self, scope: str | None = None) -> RegistryStatus:
-        scope = self.scope if scope is None else _check_scope(scope)
+    def _rotate_for_policy(self, key: DataKey) -> bool:
+        """Rotate away from ``key`` unless another process already has. Best
+        effort: False if the database is busy, and ``key`` simply stays in use."""
+        outcome = transactions.attempt(
+            self.engine, lambda conn: self._rotate_in(conn, key.scope, expected_id=key.id)
+        )
+        if isinstance(outcome, transactions.Busy):
+            log.debug("policy rotation of scope %r postponed: data_keys is busy", key.scope)
+            return False
+        if outcome is not None:
+            self._adopt(outcome)
+            log.info(
+                "rotated scope %r to data key version %d by policy", key.scope, outcome.version
+            )
+        return True
+
+    # -- key states ----------------------------------------------------------
+
+    def retire(self, version: int, scope: str | None = None) -> KeyInfo:
+        """Retire a key (it still decrypts). Retiring the active key rotates,
+        so that a successor takes over in the same transaction."""
+        scope = self._scope(scope)
+        row = self._row(scope, version)
+        if row.state is KeyState.ACTIVE:
+            new = self._run(lambda conn: self._rotate_in(conn, scope, expected_id=row.id))
+            if new is not None:
+                self._adopt(new)
+            return self.key_info(version, scope)
+        return self._transition("retire", scope, version)
+
+    def disable(self, version: int, scope: str | None = None) -> KeyInfo:
+        """Refuse decryption under a retired key, reversibly (see `enable`)."""
+        return self._transition("disable", self._scope(scope), version)
+
+    def enable(self, version: int, scope: str | None = None) -> KeyInfo:
+        """Bring a disabled key back to retired."""
+        return self._transition("enable", self._scope(scope), version)
+
+    def destroy(
+        self,
+        version: int,
+        scope: str | None = None,
+        *,
+        force: bool = False,
+        columns: Iterable[Target] = (),
+    ) -> KeyInfo:
+        """Erase a retired or disabled key's wrapped key for good; its row stays
+        as a tombstone. Refused while any encrypted column holds a row under it
+        (counted in SQL over ``columns``, or every encrypted column this process
+        has defined), or while processes may still be writing under it, unless
+        ``force=True``: crypto-shredding on purpose."""
+        scope = self._scope(scope)
+        row = self._row(scope, version)
+        lifecycle.target_state("destroy", row.state, version, scope)
+        if not force and row.state is not KeyState.DESTROYED:
+            self._guard_destroy(row, columns)
+        info = self._transition("destroy", scope, version)
+        log.warning("destroyed data key version %d of scope %r", version, scope)
+        return info
+
+    def _guard_destroy(self, row: KeyRow, columns: Iterable[Target]) -> None:
+        quiet_for = self._now() - row.state_changed_at
+        if quiet_for < self.cache_max_age:
+            raise KeyStateError(
+                f"data key version {row.version} of scope {row.scope!r} changed state "
+                f"{quiet_for.total_seconds():.0f}s ago; processes may still be writing under "
+                f"it until their caches refresh ({self.cache_max_age.total_seconds():.0f}s): "
+                "wait, then take the census again"
+            )
+        in_use = {
+            c.column: c.rows_under(row.id) for c in self.census(*columns) if c.rows_under(row.id)
+        }
+        if in_use:
+            raise KeyInUseError(row.version, row.scope, in_use)
+
+    def _transition(self, action: str, scope: str, version: int) -> KeyInfo:
+        def work(conn: Connection) -> KeyRow:
+            row = storage.key_by_version(conn, self.table, scope, version, for_update=True)
+            if row is None:
+                raise UnknownKeyError(scope=scope, version=version)
+            target = lifecycle.target_state(action, row.state, version, scope)
+            if target is not row.state:
+                storage.set_state(conn, self.table, row.id, target, self._now())
+            return row
+
+        before = self._run(work)
+        after = self._row(scope, version)
+        if after.state is not before.state:
+            log.info(
+                "data key version %d of scope %r: %s -> %s",
+                version,
+                scope,
+                before.state.value,
+                after.state.value,
+            )
+        with self._lock:
+            self._remember(after, previous=self._by_header.get(fmt.header(after.id)))
+        return KeyInfo.from_row(after)
+
+    # -- root key rotation -----------------------------------------------
+
+    def rewrap(self, new_root_key: RootKeyProvider) -> int:
+        """Re-wrap every data key under ``new_root_key`` in one transaction (all
+        or nothing), without touching any value. Afterwards this registry uses
+        the new root key and the old one is no longer needed. Returns the number
+        of keys re-wrapped."""
+        self._check_open()
+        if not isinstance(new_root_key, RootKeyProvider):
+            raise ConfigurationError("rewrap() needs a RootKeyProvider")
+        new_fingerprint = new_root_key.fingerprint
+        if new_fingerprint == self._root_fingerprint():
+            raise ConfigurationError("the new root key is the one already in use")
+
+        def work(conn: Connection) -> int:
+            storage.lock_table(conn, self.table)
+            self._check_root_key(conn)
+            count = 0
+            for row in storage.all_keys(conn, self.table):
+                context = self._wrap_context(row.id, row.scope)
+                wrapped = None
+                if row.wrapped_key is not None:
+                    plaintext = self._unwrap(row)
+                    wrapped = new_root_key.wrap(plaintext, context)
+                    if new_root_key.unwrap(wrapped, context) != plaintext:
+                        raise WrongRootKeyError("the new root key does not unwrap what it wrapped")
+                    count += 1
+                storage.rewrap(
+                    conn,
+                    self.table,
+                    row.id,
+                    wrapped_key=wrapped,
+                    root_key_fingerprint=new_fingerprint,
+                    root_key_description=new_root_key.description,
+                )
+            return count
+
+        count = self._run(work)
+        with self._lock:
+            self.root_key = new_root_key
+            self._fingerprint = new_fingerprint
+        log.info("re-wrapped %d data keys under root key %s", count, new_fingerprint)
+        return count
+
+    # -- census, status and maintenance ------------------------------------
+
+    def census(self, *targets: Target) -> list[ColumnCensus]:
+        """Rows per data key for each encrypted column, counted in SQL from the
+        ciphertext header without decrypting anything. ``targets`` are
+        "table.column" names, Columns, ORM attributes, mapped classes or
+        Tables; with none, every encrypted column this process has defined
+        whose table exists in the database."""
+        keys = {row.id: row for row in self._read(lambda c: storage.all_keys(c, self.table))}
+        with self.engine.connect() as conn:
+            return [census.count(conn, ref, keys) for ref in census.resolve(conn, targets)]
+
+    def key_info(self, version: int, scope: str | None = None) -> KeyInfo:
+        return KeyInfo.from_row(self._row(self._scope(scope), version))
+
+    def status(self, scope: str | None = None, *, census: bool = False) -> RegistryStatus:
+        """The seed's GetStatus and GetKeyStatistics for one scope; with
+        ``census=True`` also the rows under each key version."""
+        scope = self._scope(scope)
         rows = self._read(lambda conn: storage.all_keys(conn, self.table, scope))
         active = next((r for r in rows if r.state is KeyState.ACTIVE), None)
+        columns = tuple(self.census()) if census else None
+        rows_by_version: dict[int, int] | None = None
+        if columns is not None:
+            by_id = {r.id: r.version for r in rows}
+            counts: Counter[int] = Counter()
+            for column in columns:
+                for key in column.keys:
+                    if key.key_id in by_id:
+                        counts[by_id[key.key_id]] += key.rows
+            rows_by_version = dict(counts)
+        now = self._now()
         return RegistryStatus(
             scope=scope,
             active_version=None if active is None else active.version,
             active_key_id=None if active is None else active.id,
-            active_age=None if active is None else storage.utcnow() - active.state_changed_at,
+            active_age=None if active is None else now - active.created_at,
+            active_encryptions=None if active is None else active.encryptions,
+            rotation_due=(
+                None
+                if active is None
+                else self.policy.reason(active.created_at, active.encryptions, now)
+            ),
+            rotate_after=self.policy.rotate_after,
+            max_encryptions=self.policy.max_encryptions,
             root_key_fingerprint=self._root_fingerprint(),
             root_key_description=self.root_key.description,
-            cache_max_age=timedelta(seconds=self._cache.max_age),
+            cache_max_age=self.cache_max_age,
             keys=tuple(KeyInfo.from_row(r) for r in rows),
             keys_by_state=dict(Counter(r.state.value for r in rows)),
+            rows_by_version=rows_by_version,
+            columns=columns,
+        )
+
+    def maintenance(self, scope: str | None = None) -> MaintenanceReport:
+        """The seed's PerformMaintenance, done safely: rotate if the policy says
+        so, and report which old keys no row needs any more. Deletes nothing."""
+        scope = self._scope(scope)
+        status = self.status(scope, census=True)
+        rotated = None
+        if status.rotation_due is not None and status.active_key_id is not None:
+            new = self._run(
+                lambda conn: self._rotate_in(conn, scope, expected_id=status.active_key_id)
+            )
+            if new is not None:
+                self._adopt(new)
+                rotated = self.key_info(new.version, scope)
+        referenced = status.rows_by_version or {}
+        now = self._now()
+        destroyable = tuple(
+            key.version
+            for key in status.keys
+            if key.state in (KeyState.RETIRED, KeyState.DISABLED)
+            and not referenced.get(key.version)
+            and now - key.state_changed_at >= self.cache_max_age
+        )
+        still_referenced = {
+            key.version: referenced[key.version]
+            for key in status.keys
+            if key.state in (KeyState.RETIRED, KeyState.DISABLED) and referenced.get(key.version)
+        }
+        return MaintenanceReport(
+            scope=scope,
+            rotated=rotated,
+            rotation_reason=status.rotation_due if rotated is not None else None,
+            destroyable=destroyable,
+            still_referenced=still_referenced,
         )
 
     # -- the hot path ----------------------------------------------------
@@ -256,8 +474,7 @@ class KeyRegistry:
         return self.decrypt_bytes(bytes(ciphertext), context.encode("utf-8"))
 
     def encrypt_many(self, plaintexts: Iterable[bytes], context: str) -> list[bytes]:
-        """The seed's EncryptBatch: many values, one context, one key lookup
-        per value and no other overhead."""
+        """The seed's EncryptBatch: many values, one context."""
         encrypt = self.encrypt_bytes
         aad = context.encode("utf-8")
         return [encrypt(p, aad) for p in plaintexts]
@@ -272,6 +489,8 @@ class KeyRegistry:
         key = self._active.get(self.scope)
         if key is None or self._clock() > key.fresh_until:
             key = self._fresh_active(self.scope)
+        if next(key.counter) >= key.budget:
+            key = self._claim(key)
         aead = key.aead
         assert aead is not None
         nonce = _urandom(NONCE_BYTES)
@@ -300,23 +519,53 @@ class KeyRegistry:
                 "column or row (a different context)"
             ) from None
 
-    # -- the slow path: loading keys ---------------------------------------
+    # -- the slow path: claims, refreshes and loading keys ----------------------
 
-    def _fresh_active(self, scope: str) -> DataKey:
+    def _claim(self, key: DataKey) -> DataKey:
+        """The encrypt path ran out of claimed encryptions under ``key``: claim
+        another block, or rotate when the key's limit is reached, and return
+        the key to use for the encryption at hand. The key in hand stays in use
+        whenever the database cannot answer at once."""
+        block = self.policy.block
+        limit = self.policy.max_encryptions
+        with self._lock:
+            for _ in range(8):
+                latest = self._by_header.get(key.header, key)
+                used = next(latest.counter)
+                if used < latest.budget and latest.state is KeyState.ACTIVE:
+                    return latest
+                granted: bool | transactions.Busy = False
+                if not self.policy.due_by_age(latest.created_at, self._now()):
+                    claim = partial(
+                        storage.claim, table=self.table, key_id=latest.id, count=block, limit=limit
+                    )
+                    granted = transactions.attempt(self.engine, claim)
+                if granted is True:
+                    return self._cache.put(replace(latest, budget=used + block))
+                if granted is transactions.BUSY or not self._rotate_for_policy(latest):
+                    break
+                key = self._fresh_active(latest.scope, force=True)
+            return self._cache.put(replace(latest, budget=used + 1 + block // 8))
+
+    def _fresh_active(self, scope: str, *, force: bool = False) -> DataKey:
         stale = self._active.get(scope)
-        if stale is not None and not self._lock.acquire(blocking=False):
+        if stale is not None and not force and not self._lock.acquire(blocking=False):
             return stale  # another thread is refreshing; the old key is still good
-        if stale is None:
+        if stale is None or force:
             self._lock.acquire()
         try:
             key = self._active.get(scope)
-            if key is not None and self._clock() <= key.fresh_until:
+            if key is not None and not force and self._clock() <= key.fresh_until:
                 return key
             self._check_open()
             row = self._read(lambda conn: storage.active_key(conn, self.table, scope))
             if row is None:
                 raise NoActiveKeyError(scope)
-            key = self._remember(row, previous=self._by_header.get(fmt.header(row.id)))
+            if self.policy.due_by_age(row.created_at, self._now()) and self._rotate_for_policy(
+                self._remember(row, self._cached(row.id))
+            ):
+                row = self._read(lambda conn: storage.active_key(conn, self.table, scope)) or row
+            key = self._remember(row, previous=self._cached(row.id))
             if stale is not None and stale.id != key.id:
                 self._cache.put(replace(stale, state=KeyState.RETIRED))
             return key
@@ -337,27 +586,33 @@ class KeyRegistry:
                 raise UnknownKeyError(key_id)
             return self._remember(row, previous=key)
 
+    def _cached(self, key_id: int) -> DataKey | None:
+        return self._by_header.get(fmt.header(key_id))
+
     def _remember(self, row: KeyRow, previous: DataKey | None) -> DataKey:
-        """Cache ``row`` as a usable key, unwrapping it unless the previous
-        cache entry for the same key already holds its cipher."""
+        """Cache ``row``, unwrapping it unless the previous cache entry for the
+        same key already holds its cipher; keep that entry's use counter."""
         usable = row.state in (KeyState.ACTIVE, KeyState.RETIRED)
+        same = previous is not None and previous.id == row.id
         aead: AESGCM | None = None
         if usable:
-            if previous is not None and previous.id == row.id and previous.aead is not None:
+            if same and previous is not None and previous.aead is not None:
                 aead = previous.aead
             else:
                 aead = AESGCM(self._unwrap(row))
-        return self._cache.put(
-            DataKey(
-                id=row.id,
-                version=row.version,
-                scope=row.scope,
-                state=row.state,
-                header=fmt.header(row.id),
-                aead=aead,
-                fresh_until=self._cache.expiry(),
-            )
+        key = DataKey(
+            id=row.id,
+            version=row.version,
+            scope=row.scope,
+            state=row.state,
+            header=fmt.header(row.id),
+            aead=aead,
+            fresh_until=self._cache.expiry(),
+            created_at=row.created_at,
         )
+        if same and previous is not None:
+            key = replace(key, counter=previous.counter, budget=previous.budget)
+        return self._cache.put(key)
 
     def _unwrap(self, row: KeyRow) -> bytes:
         assert row.wrapped_key is not None
@@ -372,9 +627,10 @@ class KeyRegistry:
                 "was altered; restore data_keys from a backup"
             ) from None
 
-    def _insert_active(self, conn: Connection, scope: str, version: int, now: Any) -> _NewKey:
+    def _insert_active(self, conn: Connection, scope: str, version: int) -> DataKey:
         plaintext = new_data_key()
         key_id = 1 + secrets.randbelow(fmt.MAX_KEY_ID)
+        now = self._now()
         storage.insert_active(
             conn,
             self.table,
@@ -386,7 +642,7 @@ class KeyRegistry:
             root_key_description=self.root_key.description,
             now=now,
         )
-        key = DataKey(
+        return DataKey(
             id=key_id,
             version=version,
             scope=scope,
@@ -394,24 +650,23 @@ class KeyRegistry:
             header=fmt.header(key_id),
             aead=AESGCM(plaintext),
             fresh_until=self._cache.expiry(),
-        )
-        info = KeyInfo(
-            id=key_id,
-            scope=scope,
-            version=version,
-            state=KeyState.ACTIVE,
-            algorithm=storage.ALGORITHM,
-            root_key_fingerprint=self._root_fingerprint(),
             created_at=now,
-            state_changed_at=now,
         )
-        return _NewKey(key, info)
 
     @staticmethod
     def _wrap_context(key_id: int, scope: str) -> dict[str, str]:
         return {"key_id": str(key_id), "scope": scope}
 
-    # -- checks ------------------------------------------------------------
+    # -- checks and plumbing -------------------------------------------------
+
+    def _scope(self, scope: str | None) -> str:
+        return self.scope if scope is None else _check_scope(scope)
+
+    def _row(self, scope: str, version: int) -> KeyRow:
+        row = self._read(lambda conn: storage.key_by_version(conn, self.table, scope, version))
+        if row is None:
+            raise UnknownKeyError(scope=scope, version=version)
+        return row
 
     def _root_fingerprint(self) -> str:
         if self._fingerprint is None:
@@ -453,6 +708,15 @@ class KeyRegistry:
                 raise missing from error
             raise
 
+    def _run(self, work: Callable[[Connection], T]) -> T:
+        try:
+            return transactions.run(self.engine, work)
+        except sa.exc.DBAPIError as error:
+            missing = self._missing_table()
+            if missing is not None:
+                raise missing from error
+            raise
+
     def _check_open(self) -> None:
         if self._closed:
             raise ConfigurationError("this KeyRegistry was closed; create a new one")
@@ -462,19 +726,3 @@ class KeyRegistry:
         if key.state is KeyState.DESTROYED:
             return DestroyedKeyError(key.id, key.version, key.scope)
         return KeyDisabledError(key.id, key.version, key.scope)
-
-    def _in_transaction(self, work: Callable[[Connection], T]) -> T:
-        """Run ``work`` in its own transaction, retrying when a concurrent
-        writer (another process rotating or initializing) got there first."""
-        for attempt in range(1, _TRANSACTION_ATTEMPTS + 1):
-            try:
-                with self.engine.begin() as conn:
-                    return work(conn)
-            except sa.exc.DBAPIError as error:
-                if attempt == _TRANSACTION_ATTEMPTS or not _is_contention(error):
-                    missing = self._missing_table()
-                    if missing is not None:
-                        raise missing from error
-                    raise
-            time.sleep(random.uniform(0, 0.005 * attempt))
-        raise AssertionError("unreachable")

@@ -1,6 +1,7 @@
-"""What `KeyRegistry.status` reports: the seed's GetStatus and
-GetKeyStatistics, as dataclasses that also render as JSON. Nothing here is
-secret: key ids, versions, states, times and the root key's fingerprint."""
+"""What `KeyRegistry.status` and `KeyRegistry.maintenance` report: the seed's
+GetStatus, GetKeyStatistics and PerformMaintenance, as dataclasses that also
+render as JSON. Nothing here is secret: key ids, versions, states, counts,
+times and the root key's fingerprint."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from .census import ColumnCensus
 from .storage import KeyRow, KeyState
 
-__all__ = ["KeyInfo", "RegistryStatus"]
+__all__ = ["KeyInfo", "MaintenanceReport", "RegistryStatus"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,7 @@ class KeyInfo:
     state: KeyState
     algorithm: str
     root_key_fingerprint: str
+    encryptions: int
     created_at: datetime
     state_changed_at: datetime
 
@@ -36,6 +39,7 @@ class KeyInfo:
             state=row.state,
             algorithm=row.algorithm,
             root_key_fingerprint=row.root_key_fingerprint,
+            encryptions=row.encryptions,
             created_at=row.created_at,
             state_changed_at=row.state_changed_at,
         )
@@ -48,38 +52,90 @@ class KeyInfo:
             "state": self.state.value,
             "algorithm": self.algorithm,
             "root_key_fingerprint": self.root_key_fingerprint,
+            "encryptions": self.encryptions,
             "created_at": self.created_at.isoformat(),
             "state_changed_at": self.state_changed_at.isoformat(),
         }
 
 
+def _seconds(value: timedelta | None) -> float | None:
+    return None if value is None else value.total_seconds()
+
+
 @dataclass(frozen=True)
 class RegistryStatus:
-    """The registry's view of one scope."""
+    """The registry's view of one scope.
+
+    ``active_encryptions`` counts encryptions claimed under the active key by
+    all processes (an upper bound of real use). ``rotation_due`` says why the
+    policy wants a rotation, or is None. ``rows_by_version`` is filled when
+    asked for (``status(census=True)``): rows per key version over every
+    encrypted column the registry knows.
+    """
 
     scope: str
     active_version: int | None
     active_key_id: int | None
     active_age: timedelta | None
+    active_encryptions: int | None
+    rotation_due: str | None
+    rotate_after: timedelta | None
+    max_encryptions: int
     root_key_fingerprint: str
     root_key_description: str
     cache_max_age: timedelta
     keys: tuple[KeyInfo, ...]
     keys_by_state: dict[str, int] = field(default_factory=dict)
+    rows_by_version: dict[int, int] | None = None
+    columns: tuple[ColumnCensus, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "scope": self.scope,
             "active_version": self.active_version,
             "active_key_id": self.active_key_id,
-            "active_age_seconds": (
-                None if self.active_age is None else self.active_age.total_seconds()
-            ),
+            "active_age_seconds": _seconds(self.active_age),
+            "active_encryptions": self.active_encryptions,
+            "rotation_due": self.rotation_due,
+            "rotate_after_seconds": _seconds(self.rotate_after),
+            "max_encryptions": self.max_encryptions,
             "root_key_fingerprint": self.root_key_fingerprint,
             "root_key_description": self.root_key_description,
             "cache_max_age_seconds": self.cache_max_age.total_seconds(),
             "keys_by_state": dict(self.keys_by_state),
             "keys": [key.to_dict() for key in self.keys],
+            "rows_by_version": (
+                None
+                if self.rows_by_version is None
+                else {str(v): n for v, n in sorted(self.rows_by_version.items())}
+            ),
+            "columns": None if self.columns is None else [c.to_dict() for c in self.columns],
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+
+@dataclass(frozen=True)
+class MaintenanceReport:
+    """What `KeyRegistry.maintenance` did and found. It never deletes a key:
+    ``destroyable`` lists retired or disabled versions that no row needs and
+    that no process can still be writing under; ``still_referenced`` lists
+    older versions that rows still use (re-encrypt them first)."""
+
+    scope: str
+    rotated: KeyInfo | None
+    rotation_reason: str | None
+    destroyable: tuple[int, ...]
+    still_referenced: dict[int, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "scope": self.scope,
+            "rotated": None if self.rotated is None else self.rotated.to_dict(),
+            "rotation_reason": self.rotation_reason,
+            "destroyable": list(self.destroyable),
+            "still_referenced": {str(v): n for v, n in sorted(self.still_referenced.items())},
         }
 
     def to_json(self, indent: int | None = 2) -> str:

@@ -52,6 +52,9 @@ def data_keys_table(metadata: sa.MetaData, name: str = DEFAULT_TABLE_NAME) -> sa
         sa.Column("root_key_description", sa.String(200), nullable=False),
         sa.Column("state", sa.String(16), nullable=False),
         sa.Column("active_scope", sa.String(255), nullable=True),
+        # Encryptions claimed under this key by all processes: an upper bound
+        # of its real use, checked against the rotation policy.
+        sa.Column("encryptions", sa.BigInteger, nullable=False, server_default="0"),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("state_changed_at", sa.DateTime(timezone=True), nullable=False),
         sa.UniqueConstraint("scope", "version", name=f"uq_{name}_scope_version"),
@@ -91,6 +94,7 @@ class KeyRow:
     root_key_fingerprint: str
     root_key_description: str
     state: KeyState
+    encryptions: int
     created_at: datetime
     state_changed_at: datetime
 
@@ -112,6 +116,7 @@ class KeyRow:
             root_key_fingerprint=row["root_key_fingerprint"],
             root_key_description=row["root_key_description"],
             state=KeyState(row["state"]),
+            encryptions=int(row["encryptions"]),
             created_at=_aware(row["created_at"]),
             state_changed_at=_aware(row["state_changed_at"]),
         )
@@ -146,6 +151,13 @@ def foreign_fingerprints(conn: Connection, table: sa.Table, fingerprint: str) ->
         .distinct()
     )
     return list(conn.execute(stmt).scalars())
+
+
+def key_by_version(
+    conn: Connection, table: sa.Table, scope: str, version: int, *, for_update: bool = False
+) -> KeyRow | None:
+    stmt = sa.select(table).where(table.c.scope == scope, table.c.version == version)
+    return _one(conn, stmt.with_for_update() if for_update else stmt)
 
 
 def next_version(conn: Connection, table: sa.Table, scope: str) -> int:
@@ -192,7 +204,65 @@ def insert_active(
             root_key_description=root_key_description,
             state=KeyState.ACTIVE.value,
             active_scope=scope,
+            encryptions=0,
             created_at=now,
             state_changed_at=now,
         )
     )
+
+
+def claim(conn: Connection, table: sa.Table, key_id: int, count: int, limit: int) -> bool:
+    """Reserve ``count`` more encryptions under an active key, unless that would
+    take it past ``limit``. One statement, so concurrent claims cannot both
+    squeeze under the limit."""
+    stmt = (
+        sa.update(table)
+        .where(
+            table.c.id == key_id,
+            table.c.state == KeyState.ACTIVE.value,
+            table.c.encryptions + count <= limit,
+        )
+        .values(encryptions=table.c.encryptions + count)
+    )
+    return conn.execute(stmt).rowcount == 1
+
+
+def set_state(
+    conn: Connection, table: sa.Table, key_id: int, state: KeyState, now: datetime
+) -> None:
+    values: dict[str, object] = {"state": state.value, "state_changed_at": now}
+    if state is KeyState.DESTROYED:
+        values["wrapped_key"] = None  # the tombstone keeps id and version
+    conn.execute(sa.update(table).where(table.c.id == key_id).values(**values))
+
+
+def rewrap(
+    conn: Connection,
+    table: sa.Table,
+    key_id: int,
+    wrapped_key: bytes | None,
+    root_key_fingerprint: str,
+    root_key_description: str,
+) -> None:
+    conn.execute(
+        sa.update(table)
+        .where(table.c.id == key_id)
+        .values(
+            wrapped_key=wrapped_key,
+            root_key_fingerprint=root_key_fingerprint,
+            root_key_description=root_key_description,
+        )
+    )
+
+
+def lock_table(conn: Connection, table: sa.Table) -> None:
+    """Keep other writers out of data_keys for the rest of the transaction.
+
+    PostgreSQL needs an explicit lock, since row locks do not stop an INSERT;
+    SQLite serializes writers already; MySQL's InnoDB takes gap locks on the
+    rows the transaction reads FOR UPDATE."""
+    if conn.dialect.name == "postgresql":
+        name = conn.dialect.identifier_preparer.format_table(table)
+        conn.exec_driver_sql(f"LOCK TABLE {name} IN EXCLUSIVE MODE")
+    else:
+        conn.execute(sa.select(table.c.id).with_for_update()).all()

@@ -23,7 +23,7 @@ from sqlalchemy.sql import operators
 from sqlalchemy.sql.type_api import to_instance
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-from . import binding
+from . import binding, columns
 from . import format as fmt
 from .codec import codec_for
 from .errors import (
@@ -168,6 +168,7 @@ class EncryptedType(TypeDecorator[Any]):
                 "EncryptedType per column"
             )
         self._binding.column = parent
+        columns.remember(parent, self.storage)
 
     # -- processors: the hot path -------------------------------------------
 

@@ -174,26 +174,29 @@ def test_registries_on_two_engines_read_each_other_across_rotation(
     table.metadata.create_all(engine)
     with engine.begin() as conn:
         conn.execute(table.insert(), {"id": 1, "value": "from a, v1"})
+    with second_engine.begin() as conn:
+        conn.execute(table.insert(), {"id": 2, "value": "from b, v1"})
     new = a.rotate()
     with engine.begin() as conn:
-        conn.execute(table.insert(), {"id": 2, "value": "from a, v2"})
+        conn.execute(table.insert(), {"id": 3, "value": "from a, v2"})
     with second_engine.begin() as conn:
         # b has not seen the rotation yet: it still writes under version 1.
-        conn.execute(table.insert(), {"id": 3, "value": "from b, before refresh"})
+        conn.execute(table.insert(), {"id": 4, "value": "from b, before refresh"})
         assert conn.execute(sa.select(table.c.value).order_by(table.c.id)).scalars().all() == [
             "from a, v1",
+            "from b, v1",
             "from a, v2",
             "from b, before refresh",
         ]
     clock.now += 31
     with second_engine.begin() as conn:
-        conn.execute(table.insert(), {"id": 4, "value": "from b, after refresh"})
+        conn.execute(table.insert(), {"id": 5, "value": "from b, after refresh"})
     raw = sa.Table("secrets", sa.MetaData(), autoload_with=engine)
     with engine.connect() as conn:
         stored = dict(conn.execute(sa.select(raw.c.id, raw.c.value)).all())
         values = conn.execute(sa.select(table.c.value).order_by(table.c.id)).scalars().all()
-    assert fmt.key_id_of(bytes(stored[3])) != new.id
-    assert fmt.key_id_of(bytes(stored[4])) == new.id
+    assert fmt.key_id_of(bytes(stored[4])) != new.id
+    assert fmt.key_id_of(bytes(stored[5])) == new.id
     assert values[-1] == "from b, after refresh"
     a.close()
     b.close()

@@ -1,0 +1,229 @@
+"""Counting rows per data key, in SQL, from the ciphertext header.
+
+No row is decrypted: the database groups values by their first six bytes
+(binary storage) or eight base64 characters (text storage), which hold the
+format version and the data key id. Values too short to be ciphertext, or
+with another first byte, are counted as not ciphertext (typically plaintext
+from before a column was encrypted).
+"""
+
+from __future__ import annotations
+
+import binascii
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from . import columns
+from . import format as fmt
+from .errors import ConfigurationError
+from .storage import KeyRow
+
+__all__ = ["ColumnCensus", "KeyRows", "Target", "count", "resolve"]
+
+Target = Any  # "table.column", a Column, an ORM attribute, a mapped class or a Table
+
+
+@dataclass(frozen=True)
+class EncryptedColumnRef:
+    """Where an encrypted column lives, without its Python-side type."""
+
+    schema: str | None
+    table: str
+    column: str
+    storage: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.table}.{self.column}"
+
+
+@dataclass(frozen=True)
+class KeyRows:
+    """Rows of one column under one data key."""
+
+    key_id: int
+    rows: int
+    scope: str | None = None
+    version: int | None = None
+    state: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key_id": self.key_id,
+            "scope": self.scope,
+            "version": self.version,
+            "state": self.state,
+            "rows": self.rows,
+        }
+
+
+@dataclass(frozen=True)
+class ColumnCensus:
+    """One encrypted column: rows per data key, NULLs, and values that are not
+    ciphertext; ``unknown_key_rows`` name keys data_keys does not hold."""
+
+    column: str
+    rows: int
+    nulls: int
+    not_ciphertext: int
+    keys: tuple[KeyRows, ...] = field(default_factory=tuple)
+
+    @property
+    def unknown_key_rows(self) -> int:
+        return sum(k.rows for k in self.keys if k.version is None)
+
+    def rows_under(self, key_id: int) -> int:
+        return sum(k.rows for k in self.keys if k.key_id == key_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "column": self.column,
+            "rows": self.rows,
+            "nulls": self.nulls,
+            "not_ciphertext": self.not_ciphertext,
+            "unknown_key_rows": self.unknown_key_rows,
+            "keys": [k.to_dict() for k in self.keys],
+        }
+
+
+def _ref(column: sa.Column[Any], storage: str) -> EncryptedColumnRef:
+    table = column.table
+    assert isinstance(table, sa.Table)
+    return EncryptedColumnRef(table.schema, table.name, column.name, storage)
+
+
+def _encrypted(column: sa.Column[Any]) -> EncryptedColumnRef | None:
+    storage = columns.storage_of(column)
+    return None if storage is None else _ref(column, storage)
+
+
+def _by_name(conn: Connection, name: str) -> EncryptedColumnRef:
+    parts = name.split(".")
+    if len(parts) not in (2, 3):
+        raise ConfigurationError(
+            f"name a column as TABLE.COLUMN or SCHEMA.TABLE.COLUMN, not {name!r}"
+        )
+    schema = parts[0] if len(parts) == 3 else None
+    table, column = parts[-2], parts[-1]
+    inspector = sa.inspect(conn)
+    if not inspector.has_table(table, schema=schema):
+        raise ConfigurationError(f"table {table!r} does not exist")
+    reflected = {c["name"]: c for c in inspector.get_columns(table, schema=schema)}
+    if column not in reflected:
+        raise ConfigurationError(f"table {table!r} has no column {column!r}")
+    return EncryptedColumnRef(
+        schema, table, column, "binary" if _holds_bytes(reflected[column]["type"]) else "text"
+    )
+
+
+def _holds_bytes(column_type: sa.types.TypeEngine[Any]) -> bool:
+    try:
+        return column_type.python_type is bytes
+    except NotImplementedError:
+        return False
+
+
+def resolve(conn: Connection, targets: Iterable[Target]) -> list[EncryptedColumnRef]:
+    """The encrypted columns that ``targets`` name, or, with no targets, every
+    encrypted column the process has defined whose table is in this database."""
+    found: list[EncryptedColumnRef] = []
+    targets = list(targets)
+    if not targets:
+        inspector = sa.inspect(conn)
+        for column, storage in columns.defined_columns():
+            ref = _ref(column, storage)
+            if inspector.has_table(ref.table, schema=ref.schema) and ref.column in {
+                c["name"] for c in inspector.get_columns(ref.table, schema=ref.schema)
+            }:
+                found.append(ref)
+    for target in targets:
+        found.extend(_resolve_one(conn, target))
+    unique: dict[tuple[str | None, str, str], EncryptedColumnRef] = {}
+    for ref in found:
+        unique.setdefault((ref.schema, ref.table, ref.column), ref)
+    return sorted(unique.values(), key=lambda r: (r.schema or "", r.table, r.column))
+
+
+def _resolve_one(conn: Connection, target: Target) -> list[EncryptedColumnRef]:
+    if isinstance(target, str):
+        return [_by_name(conn, target)]
+    if isinstance(target, sa.Table):
+        refs = [_encrypted(c) for c in target.columns]
+        return [r for r in refs if r is not None]
+    column = getattr(getattr(target, "property", None), "columns", [None])[0]
+    if column is None and isinstance(target, sa.Column):
+        column = target
+    if isinstance(column, sa.Column):
+        ref = _encrypted(column)
+        if ref is None:
+            raise ConfigurationError(f"{column.table}.{column.name} is not an encrypted column")
+        return [ref]
+    mapper = sa.inspect(target, raiseerr=False)
+    local_table = getattr(mapper, "local_table", None)
+    if isinstance(local_table, sa.Table):
+        refs = [_encrypted(c) for c in getattr(mapper, "columns", [])]
+        return [r for r in refs if r is not None]
+    raise ConfigurationError(
+        f"cannot take a census of {target!r}: pass 'table.column', a Column, an ORM "
+        "attribute, a mapped class or a Table"
+    )
+
+
+def _header(raw: Any, storage: str) -> bytes | None:
+    """The 6-byte header a grouped prefix stands for, or None if not ciphertext."""
+    if raw is None:
+        return None
+    if storage == "text":
+        try:
+            prefix = binascii.a2b_base64(str(raw).encode("ascii"), strict_mode=True)
+        except (binascii.Error, UnicodeEncodeError):
+            return None
+    else:
+        prefix = bytes(raw)
+    if len(prefix) != fmt.HEADER_BYTES or prefix[0] != fmt.FORMAT_VERSION:
+        return None
+    return prefix
+
+
+def count(conn: Connection, ref: EncryptedColumnRef, keys: Mapping[int, KeyRow]) -> ColumnCensus:
+    table = sa.table(ref.table, sa.column(ref.column), schema=ref.schema)
+    value = table.c[ref.column]
+    text = ref.storage == "text"
+    shortest = fmt.text_length(0) if text else fmt.OVERHEAD
+    prefix = fmt.TEXT_HEADER_CHARS if text else fmt.HEADER_BYTES
+    header = sa.case(
+        (sa.func.length(value) >= shortest, sa.func.substr(value, 1, prefix)), else_=None
+    ).label("header")
+    grouped = conn.execute(
+        sa.select(header, sa.func.count()).where(value.is_not(None)).group_by(header)
+    ).all()
+    nulls = conn.execute(sa.select(sa.func.count()).select_from(table).where(value.is_(None)))
+    by_key: dict[int, int] = {}
+    not_ciphertext = 0
+    for raw, rows in grouped:
+        parsed = _header(raw, ref.storage)
+        if parsed is None:
+            not_ciphertext += rows
+        else:
+            key_id = fmt.key_id_of(parsed)
+            by_key[key_id] = by_key.get(key_id, 0) + rows
+    key_rows = []
+    for key_id, rows in sorted(by_key.items()):
+        row = keys.get(key_id)
+        key_rows.append(
+            KeyRows(key_id, rows)
+            if row is None
+            else KeyRows(key_id, rows, row.scope, row.version, row.state.value)
+        )
+    null_count = int(nulls.scalar_one())
+    return ColumnCensus(
+        column=ref.name,
+        rows=null_count + sum(int(r) for _, r in grouped),
+        nulls=null_count,
+        not_ciphertext=not_ciphertext,
+        keys=tuple(key_rows),
+    )
