@@ -26,6 +26,16 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy_envelope import EncryptedType, KeyRegistry, PBKDF2RootKey, StaticRootKey
 
 VALUE = "alice@example.com"
+KEYS_TABLE = "envelope_bench_keys"
+
+
+def fresh_registry(engine: sa.Engine, root: StaticRootKey) -> KeyRegistry:
+    """A registry on its own keys table, emptied first: the database may be
+    shared, and may hold keys from an earlier run under another root key."""
+    registry = KeyRegistry(engine, root, table_name=KEYS_TABLE)
+    registry.table.drop(engine, checkfirst=True)
+    registry.init()
+    return registry
 CONTEXT = b"bench.value"
 
 
@@ -98,8 +108,7 @@ def columns(
     from sqlalchemy_utils.types.encrypted.encrypted_type import AesGcmEngine, StringEncryptedType
 
     engine = sa.create_engine(url)
-    registry = KeyRegistry(engine, registry_root)
-    registry.init()
+    registry = fresh_registry(engine, registry_root)
     kinds: dict[str, Any] = {
         "plain String": sa.String(200),
         "EncryptedType": EncryptedType(sa.String(200)),
@@ -139,12 +148,12 @@ def columns(
 
 def startup(url: str, root: StaticRootKey, repeat: int) -> tuple[float, float]:
     engine = sa.create_engine(url)
-    KeyRegistry(engine, root).init()
+    fresh_registry(engine, root).close()
     engine.dispose()
 
     def start() -> None:
         eng = sa.create_engine(url)
-        registry = KeyRegistry(eng, root)
+        registry = KeyRegistry(eng, root, table_name=KEYS_TABLE)
         registry.init()
         registry.encrypt_bytes(b"x", CONTEXT)
         registry.close()
@@ -160,8 +169,7 @@ def report(args: argparse.Namespace) -> str:
     with tempfile.TemporaryDirectory() as folder:
         sqlite_url = f"sqlite:///{Path(folder) / 'bench.db'}"
         engine = sa.create_engine(sqlite_url)
-        registry = KeyRegistry(engine, root)
-        registry.init()
+        registry = fresh_registry(engine, root)
         values = per_value(registry, args.values, args.repeat)
         registry.close()
         engine.dispose()
