@@ -67,8 +67,10 @@ class KeyCache:
         self.by_header[key.header] = key
         if key.state is KeyState.ACTIVE:
             self.active[key.scope] = key
-        elif self.active.get(key.scope, key).id == key.id:
-            del self.active[key.scope]
+        else:
+            current = self.active.get(key.scope)
+            if current is not None and current.id == key.id:
+                self.active.pop(key.scope, None)
         return key
 
     def renewed(self, key: DataKey) -> DataKey:

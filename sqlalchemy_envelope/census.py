@@ -212,13 +212,14 @@ def count(conn: Connection, ref: EncryptedColumnRef, keys: Mapping[int, KeyRow])
             key_id = fmt.key_id_of(parsed)
             by_key[key_id] = by_key.get(key_id, 0) + rows
     key_rows = []
-    for key_id, rows in sorted(by_key.items()):
+    for key_id, rows in by_key.items():
         row = keys.get(key_id)
         key_rows.append(
             KeyRows(key_id, rows)
             if row is None
             else KeyRows(key_id, rows, row.scope, row.version, row.state.value)
         )
+    key_rows.sort(key=lambda k: (k.version is None, k.scope or "", k.version or 0, k.key_id))
     null_count = int(nulls.scalar_one())
     return ColumnCensus(
         column=ref.name,

@@ -427,15 +427,15 @@ class KeyRegistry:
         """The seed's PerformMaintenance, done safely: rotate if the policy says
         so, and report which old keys no row needs any more. Deletes nothing."""
         scope = self._scope(scope)
-        status = self.status(scope, census=True)
+        due = self.status(scope)
         rotated = None
-        if status.rotation_due is not None and status.active_key_id is not None:
-            new = self._run(
-                lambda conn: self._rotate_in(conn, scope, expected_id=status.active_key_id)
-            )
+        if due.rotation_due is not None and due.active_key_id is not None:
+            expected = due.active_key_id
+            new = self._run(lambda conn: self._rotate_in(conn, scope, expected_id=expected))
             if new is not None:
                 self._adopt(new)
                 rotated = self.key_info(new.version, scope)
+        status = self.status(scope, census=True)
         referenced = status.rows_by_version or {}
         now = self._now()
         destroyable = tuple(
@@ -453,7 +453,7 @@ class KeyRegistry:
         return MaintenanceReport(
             scope=scope,
             rotated=rotated,
-            rotation_reason=status.rotation_due if rotated is not None else None,
+            rotation_reason=due.rotation_due if rotated is not None else None,
             destroyable=destroyable,
             still_referenced=still_referenced,
         )

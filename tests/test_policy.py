@@ -1,0 +1,137 @@
+"""Rotation policies, by age and by use, with clocks the test controls;
+status and maintenance."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from sqlalchemy_envelope import (
+    ConfigurationError,
+    EncryptedType,
+    KeyRegistry,
+    RotationPolicy,
+    StaticRootKey,
+)
+
+
+class Clocks:
+    def __init__(self) -> None:
+        self.mono = 0.0
+        self.wall = datetime(2030, 1, 1, tzinfo=UTC)
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def now(self) -> datetime:
+        return self.wall
+
+    def advance(self, delta: timedelta) -> None:
+        self.mono += delta.total_seconds()
+        self.wall += delta
+
+
+def test_rotation_by_age(engine: sa.Engine, root_key: StaticRootKey) -> None:
+    clocks = Clocks()
+    registry = KeyRegistry(
+        engine,
+        root_key,
+        rotate_after=timedelta(days=90),
+        clock=clocks.monotonic,
+        wall_clock=clocks.now,
+    )
+    registry.init()
+    first = registry.encrypt(b"day one", "t.c")
+    clocks.advance(timedelta(days=89))
+    registry.encrypt(b"day 89", "t.c")
+    assert registry.status().active_version == 1
+    assert registry.status().rotation_due is None
+
+    clocks.advance(timedelta(days=2))
+    assert registry.status().rotation_due == "older than 90 days, 0:00:00"
+    later = registry.encrypt(b"day 91", "t.c")
+    status = registry.status()
+    assert status.active_version == 2 and status.rotation_due is None
+    assert later[1:6] != first[1:6]
+    assert registry.decrypt(first, "t.c") == b"day one"
+    registry.encrypt(b"again", "t.c")
+    assert registry.status().active_version == 2  # one decision, one rotation
+    registry.close()
+
+
+def test_rotation_by_use_never_passes_the_limit(engine: sa.Engine, root_key: StaticRootKey) -> None:
+    registry = KeyRegistry(engine, root_key, max_encryptions=640)
+    assert registry.policy.block == 10
+    registry.init()
+    sealed = [registry.encrypt(f"value {i}".encode(), "t.c") for i in range(2000)]
+    status = registry.status()
+    assert status.active_version is not None and status.active_version >= 4
+    for key in status.keys:
+        assert key.encryptions <= 640
+    for key in status.keys[:-1]:
+        assert key.encryptions > 640 - 10
+    assert sum(k.encryptions for k in status.keys) >= 2000
+    assert [registry.decrypt(c, "t.c") for c in sealed] == [
+        f"value {i}".encode() for i in range(2000)
+    ]
+    registry.close()
+
+
+def test_policy_validation() -> None:
+    with pytest.raises(ConfigurationError, match="2\\*\\*32"):
+        RotationPolicy(max_encryptions=2**33)
+    with pytest.raises(ConfigurationError, match="positive"):
+        RotationPolicy(rotate_after=timedelta(0))
+    assert RotationPolicy().max_encryptions == 2**30
+    assert RotationPolicy().block == 65_536
+
+
+def test_status_and_maintenance(engine: sa.Engine, root_key: StaticRootKey) -> None:
+    clocks = Clocks()
+    registry = KeyRegistry(
+        engine,
+        root_key,
+        rotate_after=timedelta(days=30),
+        cache_max_age=60,
+        clock=clocks.monotonic,
+        wall_clock=clocks.now,
+    )
+    registry.init()
+    table = sa.Table(
+        "notes",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("body", EncryptedType(sa.Text)),
+    )
+    table.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": i, "body": "v1 note"} for i in range(3)])
+    registry.rotate()
+    registry.rotate()  # version 2 holds no rows
+    with engine.begin() as conn:
+        conn.execute(table.insert(), {"id": 9, "body": "v3 note"})
+
+    status = registry.status(census=True)
+    assert status.rows_by_version == {1: 3, 3: 1}
+    assert status.active_encryptions is not None and status.active_encryptions >= 1
+    as_json = json.loads(status.to_json())
+    assert as_json["active_version"] == 3 and as_json["rows_by_version"] == {"1": 3, "3": 1}
+    assert as_json["root_key_fingerprint"] == root_key.fingerprint
+
+    report = registry.maintenance()
+    assert report.rotated is None
+    assert report.destroyable == ()  # retired moments ago: caches may still use them
+    assert report.still_referenced == {1: 3}
+
+    clocks.advance(timedelta(days=31))
+    report = registry.maintenance()
+    assert report.rotated is not None and report.rotated.version == 4
+    assert report.rotation_reason is not None and "older than" in report.rotation_reason
+    assert report.destroyable == (2,)
+    assert report.still_referenced == {1: 3, 3: 1}
+    assert json.loads(report.to_json())["destroyable"] == [2]
+    assert registry.status().keys_by_state == {"retired": 3, "active": 1}  # nothing deleted
+    registry.close()
