@@ -22,6 +22,7 @@ from .errors import (
     UnknownKeyError,
     WrongRootKeyError,
 )
+from .migrate import MigrationReport
 from .policy import DEFAULT_MAX_ENCRYPTIONS, RotationPolicy
 from .registry import DEFAULT_SCOPE, KeyRegistry
 from .rootkey import PBKDF2RootKey, RootKeyProvider, StaticRootKey, root_key_from_env
@@ -49,6 +50,7 @@ __all__ = [
     "KeyState",
     "KeyStateError",
     "MaintenanceReport",
+    "MigrationReport",
     "NoActiveKeyError",
     "NotCiphertextError",
     "PBKDF2RootKey",

@@ -29,12 +29,15 @@ Target = Any  # "table.column", a Column, an ORM attribute, a mapped class or a 
 
 @dataclass(frozen=True)
 class EncryptedColumnRef:
-    """Where an encrypted column lives, without its Python-side type."""
+    """Where an encrypted column lives, how it stores values, and the context
+    its values are bound to; found from a model or by reflection."""
 
     schema: str | None
     table: str
     column: str
     storage: str
+    context: bytes
+    migrating: bool = False
 
     @property
     def name(self) -> str:
@@ -90,15 +93,17 @@ class ColumnCensus:
         }
 
 
-def _ref(column: sa.Column[Any], storage: str) -> EncryptedColumnRef:
+def _ref(column: sa.Column[Any], info: columns.ColumnInfo) -> EncryptedColumnRef:
     table = column.table
     assert isinstance(table, sa.Table)
-    return EncryptedColumnRef(table.schema, table.name, column.name, storage)
+    return EncryptedColumnRef(
+        table.schema, table.name, column.name, info.storage, info.context(), info.migrating
+    )
 
 
 def _encrypted(column: sa.Column[Any]) -> EncryptedColumnRef | None:
-    storage = columns.storage_of(column)
-    return None if storage is None else _ref(column, storage)
+    info = columns.info_of(column)
+    return None if info is None else _ref(column, info)
 
 
 def _by_name(conn: Connection, name: str) -> EncryptedColumnRef:
@@ -115,9 +120,8 @@ def _by_name(conn: Connection, name: str) -> EncryptedColumnRef:
     reflected = {c["name"]: c for c in inspector.get_columns(table, schema=schema)}
     if column not in reflected:
         raise ConfigurationError(f"table {table!r} has no column {column!r}")
-    return EncryptedColumnRef(
-        schema, table, column, "binary" if _holds_bytes(reflected[column]["type"]) else "text"
-    )
+    storage = "binary" if _holds_bytes(reflected[column]["type"]) else "text"
+    return EncryptedColumnRef(schema, table, column, storage, f"{table}.{column}".encode())
 
 
 def _holds_bytes(column_type: sa.types.TypeEngine[Any]) -> bool:
@@ -134,8 +138,8 @@ def resolve(conn: Connection, targets: Iterable[Target]) -> list[EncryptedColumn
     targets = list(targets)
     if not targets:
         inspector = sa.inspect(conn)
-        for column, storage in columns.defined_columns():
-            ref = _ref(column, storage)
+        for column, info in columns.defined_columns():
+            ref = _ref(column, info)
             if inspector.has_table(ref.table, schema=ref.schema) and ref.column in {
                 c["name"] for c in inspector.get_columns(ref.table, schema=ref.schema)
             }:

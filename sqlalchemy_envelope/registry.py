@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from . import binding, census, lifecycle, storage, transactions
+from . import binding, census, lifecycle, migrate, storage, transactions
 from . import format as fmt
 from .cache import DataKey, KeyCache
 from .census import ColumnCensus, Target
@@ -380,6 +380,63 @@ class KeyRegistry:
         keys = {row.id: row for row in self._read(lambda c: storage.all_keys(c, self.table))}
         with self.engine.connect() as conn:
             return [census.count(conn, ref, keys) for ref in census.resolve(conn, targets)]
+
+    def reencrypt(
+        self,
+        *targets: Target,
+        batch_size: int = 1000,
+        workers: int = 1,
+        encrypt_plaintext: bool = False,
+        progress: bool | None = None,
+    ) -> migrate.MigrationReport:
+        """Move every value of the target columns that is not under the active
+        key onto it: online (compare-and-swap updates in short batches),
+        resumable (a rerun finishes a killed job), with a progress bar on a
+        terminal. Legacy plaintext is encrypted too in columns declared
+        ``migrating=True``, or everywhere with ``encrypt_plaintext=True``.
+        ``workers`` > 1 splits each table into primary-key ranges handled by
+        parallel processes."""
+        self._check_open()
+        return migrate.run(
+            self,
+            targets,
+            batch_size=batch_size,
+            workers=workers,
+            encrypt_plaintext=encrypt_plaintext,
+            progress=progress,
+        )
+
+    def decrypt_in_place(
+        self,
+        *targets: Target,
+        batch_size: int = 1000,
+        workers: int = 1,
+        progress: bool | None = None,
+    ) -> migrate.MigrationReport:
+        """The reverse of encrypting a column in place: write every value back
+        as plaintext (strings in text storage, bytes in binary storage), with
+        the same batching and compare-and-swap safety as `reencrypt`."""
+        self._check_open()
+        return migrate.run(
+            self, targets, decrypt=True, batch_size=batch_size, workers=workers, progress=progress
+        )
+
+    def active_header(self) -> bytes:
+        """The ciphertext header of the active key: values starting with it
+        need no re-encryption."""
+        key = self._active.get(self.scope)
+        if key is None or self._clock() > key.fresh_until:
+            key = self._fresh_active(self.scope)
+        return key.header
+
+    def key_version(self, key_id: int) -> int:
+        key = self._cached(key_id)
+        if key is not None:
+            return key.version
+        row = self._read(lambda conn: storage.key_by_id(conn, self.table, key_id))
+        if row is None:
+            raise UnknownKeyError(key_id)
+        return row.version
 
     def key_info(self, version: int, scope: str | None = None) -> KeyInfo:
         return KeyInfo.from_row(self._row(self._scope(scope), version))

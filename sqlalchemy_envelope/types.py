@@ -126,6 +126,7 @@ class EncryptedType(TypeDecorator[Any]):
         *,
         context: str | None = None,
         storage: str = "binary",
+        migrating: bool = False,
     ) -> None:
         if isinstance(value_type, type) and issubclass(value_type, enum.Enum):
             value_type = sa.Enum(value_type)
@@ -137,9 +138,16 @@ class EncryptedType(TypeDecorator[Any]):
         if context is not None and (not isinstance(context, str) or not context):
             raise ConfigurationError("context must be a non-empty string")
         super().__init__()
+        if migrating and not _holds_plaintext_in_place(value_type, storage):
+            raise ConfigurationError(
+                "migrating=True reads legacy plaintext in place, which works for strings "
+                "with storage='text' and LargeBinary with storage='binary'; convert other "
+                "types through a new column (see the README)"
+            )
         self.value_type = value_type
         self.context = context
         self.storage = storage
+        self.migrating = migrating
         self._codec = codec_for(value_type)
         self._binding = _ColumnBinding(self, context)
         self.impl = self._storage_type()
@@ -168,7 +176,9 @@ class EncryptedType(TypeDecorator[Any]):
                 "EncryptedType per column"
             )
         self._binding.column = parent
-        columns.remember(parent, self.storage)
+        columns.remember(
+            parent, columns.ColumnInfo(self.storage, self._binding.context, self.migrating)
+        )
 
     # -- processors: the hot path -------------------------------------------
 
@@ -203,13 +213,21 @@ class EncryptedType(TypeDecorator[Any]):
         decrypt = binding.slot_for(dialect).decrypt
         impl = self.impl_instance.result_processor(dialect, coltype)
         text = self.storage == "text"
+        migrating = self.migrating
 
         def process(value: Any) -> Any:
             if value is None:
                 return None
             if impl is not None:
                 value = impl(value)
-            ciphertext = _ciphertext(value, text)
+            try:
+                ciphertext = _ciphertext(value, text)
+                if migrating:
+                    fmt.check(ciphertext)
+            except NotCiphertextError:
+                if migrating:
+                    return value  # legacy plaintext, read as the plain column would
+                raise
             plaintext = decrypt(ciphertext, context)
             try:
                 return decode(plaintext)
@@ -246,6 +264,12 @@ def _ciphertext(value: Any, text: bool) -> bytes:
             "probably plaintext written before the column was encrypted"
         )
     return value
+
+
+def _holds_plaintext_in_place(value_type: TypeEngine[Any], storage: str) -> bool:
+    if storage == "text":
+        return isinstance(value_type, sa.String) and not isinstance(value_type, sa.Enum)
+    return isinstance(value_type, sa.LargeBinary)
 
 
 def _undecodable(value_type: TypeEngine[Any]) -> InvalidValueError:

@@ -1,0 +1,460 @@
+"""Moving rows between keys, and between plaintext and ciphertext, online.
+
+The job walks each table by primary key with keyset pagination (never
+OFFSET), composite keys included, selecting only rows that still have work to
+do; each batch is its own short transaction. Every update is a
+compare-and-swap: a row is written only if its stored value is still the one
+that was read, so a concurrent application write is never lost (the row is
+simply picked up again). Because done rows are never selected again, a job
+killed at any point finishes on the next run, redoing at most the one batch
+whose transaction did not commit.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from . import census
+from . import format as fmt
+from .census import EncryptedColumnRef, Target
+from .errors import ConfigurationError, DecryptionError, NotCiphertextError
+
+if TYPE_CHECKING:
+    from .registry import KeyRegistry
+
+__all__ = ["MigrationReport", "run"]
+
+_PASSES = 3  # passes over rows skipped because the application wrote them meanwhile
+
+
+@dataclass
+class MigrationReport:
+    """What a re-encrypt (or decrypt) job did.
+
+    ``values_by_version`` counts values moved off each old key version;
+    ``plaintext_encrypted`` counts legacy plaintext values encrypted;
+    ``skipped`` counts rows the application changed between read and write
+    (they are retried); ``left_behind`` counts values still not under the
+    active key at the end: plaintext in a column not marked ``migrating``, or
+    values that failed to decrypt (``failures`` says why).
+    """
+
+    columns: list[str] = field(default_factory=list)
+    rows_scanned: int = 0
+    rows_updated: int = 0
+    values_by_version: dict[int, int] = field(default_factory=dict)
+    plaintext_encrypted: int = 0
+    values_decrypted: int = 0
+    skipped: int = 0
+    left_behind: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+    elapsed: float = 0.0
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows_scanned / self.elapsed if self.elapsed > 0 else 0.0
+
+    def merge(self, other: MigrationReport) -> None:
+        self.rows_scanned += other.rows_scanned
+        self.rows_updated += other.rows_updated
+        self.plaintext_encrypted += other.plaintext_encrypted
+        self.values_decrypted += other.values_decrypted
+        self.skipped += other.skipped
+        self.left_behind += other.left_behind
+        for version, n in other.values_by_version.items():
+            self.values_by_version[version] = self.values_by_version.get(version, 0) + n
+        for reason, n in other.failures.items():
+            self.failures[reason] = self.failures.get(reason, 0) + n
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "columns": self.columns,
+            "rows_scanned": self.rows_scanned,
+            "rows_updated": self.rows_updated,
+            "values_by_version": {str(v): n for v, n in sorted(self.values_by_version.items())},
+            "plaintext_encrypted": self.plaintext_encrypted,
+            "values_decrypted": self.values_decrypted,
+            "skipped": self.skipped,
+            "left_behind": self.left_behind,
+            "failures": dict(self.failures),
+            "elapsed_seconds": round(self.elapsed, 3),
+            "rows_per_second": round(self.rows_per_second, 1),
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+
+Rewrite = Callable[[EncryptedColumnRef, Any, MigrationReport], Any]
+_UNCHANGED = object()
+
+
+@dataclass(frozen=True)
+class _TableJob:
+    """One table's columns to process, and how to page through it."""
+
+    schema: str | None
+    name: str
+    primary_key: tuple[str, ...]
+    refs: tuple[EncryptedColumnRef, ...]
+
+    def table(self) -> sa.TableClause:
+        names = list(dict.fromkeys([*self.primary_key, *(r.column for r in self.refs)]))
+        return sa.table(self.name, *(sa.column(n) for n in names), schema=self.schema)
+
+
+def _jobs(conn: Connection, refs: Sequence[EncryptedColumnRef]) -> list[_TableJob]:
+    by_table: dict[tuple[str | None, str], list[EncryptedColumnRef]] = {}
+    for ref in refs:
+        by_table.setdefault((ref.schema, ref.table), []).append(ref)
+    inspector = sa.inspect(conn)
+    jobs = []
+    for (schema, name), table_refs in by_table.items():
+        pk = tuple(inspector.get_pk_constraint(name, schema=schema)["constrained_columns"] or ())
+        if not pk:
+            raise ConfigurationError(
+                f"table {name!r} has no primary key: the re-encrypt job pages by primary key"
+            )
+        jobs.append(_TableJob(schema, name, pk, tuple(table_refs)))
+    return jobs
+
+
+def _pending(
+    table: sa.TableClause, refs: Sequence[EncryptedColumnRef], header: bytes | None
+) -> sa.ColumnElement[bool]:
+    """Rows with a value not under the active key (any non-NULL value when
+    ``header`` is None, for decryption)."""
+    conditions: list[sa.ColumnElement[bool]] = []
+    for ref in refs:
+        value = table.c[ref.column]
+        if header is None:
+            conditions.append(value.is_not(None))
+            continue
+        if ref.storage == "text":
+            prefix: Any = fmt.to_text(header)
+            length = fmt.TEXT_HEADER_CHARS
+        else:
+            prefix, length = header, fmt.HEADER_BYTES
+        conditions.append(
+            sa.and_(
+                value.is_not(None),
+                sa.func.substr(value, 1, length) != sa.literal(prefix),
+            )
+        )
+    return sa.or_(*conditions)
+
+
+def _run_table(
+    registry: KeyRegistry,
+    job: _TableJob,
+    rewrite: Rewrite,
+    header: Callable[[], bytes | None],
+    batch_size: int,
+    report: MigrationReport,
+    key_range: tuple[Any, Any] | None,
+    on_batch: Callable[[int], None],
+) -> None:
+    table = job.table()
+    pk = [table.c[c] for c in job.primary_key]
+    last: tuple[Any, ...] | None = None
+    while True:
+        with registry.engine.begin() as conn:
+            stmt = sa.select(table).where(_pending(table, job.refs, header()))
+            if key_range is not None:
+                low, high = key_range
+                if low is not None:
+                    stmt = stmt.where(pk[0] > low)
+                if high is not None:
+                    stmt = stmt.where(pk[0] <= high)
+            if last is not None:
+                stmt = stmt.where(sa.tuple_(*pk) > sa.tuple_(*last))
+            rows = conn.execute(stmt.order_by(*pk).limit(batch_size)).mappings().all()
+            if not rows:
+                return
+            last = tuple(rows[-1][c] for c in job.primary_key)
+            report.rows_scanned += len(rows)
+            _apply(conn, table, job, rows, rewrite, report)
+        on_batch(len(rows))
+
+
+def _apply(
+    conn: Connection,
+    table: sa.TableClause,
+    job: _TableJob,
+    rows: Sequence[sa.RowMapping],
+    rewrite: Rewrite,
+    report: MigrationReport,
+) -> None:
+    """Compute new values, then write them with compare-and-swap updates."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    written: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for row in rows:
+        changes = {}
+        for ref in job.refs:
+            old = row[ref.column]
+            if old is None:
+                continue
+            new = rewrite(ref, old, report)
+            if new is not _UNCHANGED:
+                changes[ref.column] = (old, new)
+        if not changes:
+            continue
+        params = {f"pk_{c}": row[c] for c in job.primary_key}
+        for column, (old, new) in changes.items():
+            params[f"old_{column}"] = old
+            params[f"new_{column}"] = new
+        groups.setdefault(tuple(sorted(changes)), []).append(params)
+        written[tuple(row[c] for c in job.primary_key)] = {c: n for c, (_, n) in changes.items()}
+    for columns, batch in groups.items():
+        stmt = (
+            sa.update(table)
+            .where(*(table.c[c] == sa.bindparam(f"pk_{c}") for c in job.primary_key))
+            .where(*(table.c[c] == sa.bindparam(f"old_{c}") for c in columns))
+            .values({c: sa.bindparam(f"new_{c}") for c in columns})
+        )
+        conn.execute(stmt, batch)
+    if not written:
+        return
+    # Which updates won? A fresh ciphertext is unique, so a row holds what we
+    # wrote exactly when our compare-and-swap applied.
+    pk = [table.c[c] for c in job.primary_key]
+    keys = list(written)
+    check = sa.select(table).where(sa.tuple_(*pk).in_(keys))
+    for row in conn.execute(check).mappings():
+        key = tuple(row[c] for c in job.primary_key)
+        expected = written.get(key, {})
+        if all(_same(row[c], v) for c, v in expected.items()):
+            report.rows_updated += 1
+        else:
+            report.skipped += 1
+
+
+def _same(stored: Any, written: Any) -> bool:
+    if isinstance(stored, memoryview):
+        stored = stored.tobytes()
+    return bool(stored == written)
+
+
+def _reencrypt_rewrite(registry: KeyRegistry, encrypt_plaintext: bool) -> Rewrite:
+    versions = {}  # key id -> version, filled as keys are met
+
+    def rewrite(ref: EncryptedColumnRef, old: Any, report: MigrationReport) -> Any:
+        text = ref.storage == "text"
+        try:
+            ciphertext = fmt.from_text(old) if text else bytes(old)
+            fmt.check(ciphertext)
+        except (NotCiphertextError, TypeError):
+            if not (encrypt_plaintext or ref.migrating):
+                report.left_behind += 1
+                return _UNCHANGED
+            plaintext = old.encode("utf-8") if isinstance(old, str) else bytes(old)
+            report.plaintext_encrypted += 1
+            new = registry.encrypt_bytes(plaintext, ref.context)
+            return fmt.to_text(new) if text else new
+        try:
+            plaintext = registry.decrypt_bytes(ciphertext, ref.context)
+        except DecryptionError as error:
+            report.left_behind += 1
+            reason = type(error).__name__
+            report.failures[reason] = report.failures.get(reason, 0) + 1
+            return _UNCHANGED
+        key_id = fmt.key_id_of(ciphertext)
+        if key_id not in versions:
+            versions[key_id] = registry.key_version(key_id)
+        version = versions[key_id]
+        new = registry.encrypt_bytes(plaintext, ref.context)
+        if new[: fmt.HEADER_BYTES] == ciphertext[: fmt.HEADER_BYTES]:
+            return _UNCHANGED  # already under the active key (this process's view)
+        report.values_by_version[version] = report.values_by_version.get(version, 0) + 1
+        return fmt.to_text(new) if text else new
+
+    return rewrite
+
+
+def _decrypt_rewrite(registry: KeyRegistry) -> Rewrite:
+    def rewrite(ref: EncryptedColumnRef, old: Any, report: MigrationReport) -> Any:
+        text = ref.storage == "text"
+        try:
+            ciphertext = fmt.from_text(old) if text else bytes(old)
+            fmt.check(ciphertext)
+        except (NotCiphertextError, TypeError):
+            return _UNCHANGED  # plaintext already
+        try:
+            plaintext = registry.decrypt_bytes(ciphertext, ref.context)
+        except DecryptionError as error:
+            report.left_behind += 1
+            reason = type(error).__name__
+            report.failures[reason] = report.failures.get(reason, 0) + 1
+            return _UNCHANGED
+        report.values_decrypted += 1
+        return plaintext.decode("utf-8") if text else plaintext
+
+    return rewrite
+
+
+def _key_ranges(registry: KeyRegistry, job: _TableJob, workers: int) -> list[tuple[Any, Any]]:
+    """Split the table into ``workers`` ranges of its first key column."""
+    table = job.table()
+    first = table.c[job.primary_key[0]]
+    bucket = sa.func.ntile(workers).over(order_by=first).label("bucket")
+    inner = sa.select(first.label("k"), bucket).subquery()
+    stmt = (
+        sa.select(sa.func.max(inner.c.k)).group_by(inner.c.bucket).order_by(sa.func.max(inner.c.k))
+    )
+    with registry.engine.connect() as conn:
+        bounds = list(conn.execute(stmt).scalars())
+    ranges = []
+    low = None
+    for high in bounds[:-1]:
+        ranges.append((low, high))
+        low = high
+    ranges.append((low, None))
+    return ranges
+
+
+def _progress(total: int, enabled: bool | None, label: str) -> Any:
+    """A tqdm bar on a terminal; nothing when output is not a terminal or tqdm
+    is not installed (it comes with the ``cli`` extra)."""
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=label, unit="row", file=sys.stderr, leave=True)
+
+
+def _count_pending(registry: KeyRegistry, jobs: Sequence[_TableJob], header: bytes | None) -> int:
+    total = 0
+    with registry.engine.connect() as conn:
+        for job in jobs:
+            table = job.table()
+            stmt = sa.select(sa.func.count()).select_from(table)
+            total += int(conn.execute(stmt.where(_pending(table, job.refs, header))).scalar_one())
+    return total
+
+
+def _worker(
+    registry: KeyRegistry,
+    job: _TableJob,
+    decrypt: bool,
+    encrypt_plaintext: bool,
+    batch_size: int,
+    key_range: tuple[Any, Any],
+    done: Any,
+    results: Any,
+) -> None:
+    registry.engine.dispose(close=False)  # a forked child opens its own connections
+    report = MigrationReport()
+    rewrite = (
+        _decrypt_rewrite(registry) if decrypt else _reencrypt_rewrite(registry, encrypt_plaintext)
+    )
+    header = (lambda: None) if decrypt else registry.active_header
+
+    def count(n: int) -> None:
+        with done.get_lock():
+            done.value += n
+
+    _run_table(registry, job, rewrite, header, batch_size, report, key_range, count)
+    results.put(report)
+
+
+def run(
+    registry: KeyRegistry,
+    targets: Iterable[Target],
+    *,
+    decrypt: bool = False,
+    encrypt_plaintext: bool = False,
+    batch_size: int = 1000,
+    workers: int = 1,
+    progress: bool | None = None,
+) -> MigrationReport:
+    if batch_size < 1 or workers < 1:
+        raise ConfigurationError("batch_size and workers must be at least 1")
+    started = time.perf_counter()
+    with registry.engine.connect() as conn:
+        refs = census.resolve(conn, targets)
+        if not refs:
+            raise ConfigurationError("no encrypted columns to process")
+        jobs = _jobs(conn, refs)
+    report = MigrationReport(columns=[r.name for r in refs])
+    header: Callable[[], bytes | None] = (lambda: None) if decrypt else registry.active_header
+    rewrite = (
+        _decrypt_rewrite(registry) if decrypt else _reencrypt_rewrite(registry, encrypt_plaintext)
+    )
+    bar = _progress(
+        _count_pending(registry, jobs, header()), progress, "decrypt" if decrypt else "re-encrypt"
+    )
+    tick = (lambda n: bar.update(n)) if bar is not None else (lambda n: None)
+    try:
+        for _ in range(_PASSES):
+            skipped_before = report.skipped
+            for job in jobs:
+                if workers == 1:
+                    _run_table(registry, job, rewrite, header, batch_size, report, None, tick)
+                else:
+                    _run_parallel(
+                        registry, job, decrypt, encrypt_plaintext, batch_size, workers, report, tick
+                    )
+            if report.skipped == skipped_before:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    report.elapsed = time.perf_counter() - started
+    return report
+
+
+def _run_parallel(
+    registry: KeyRegistry,
+    job: _TableJob,
+    decrypt: bool,
+    encrypt_plaintext: bool,
+    batch_size: int,
+    workers: int,
+    report: MigrationReport,
+    tick: Callable[[int], None],
+) -> None:
+    if "fork" not in multiprocessing.get_all_start_methods():
+        raise ConfigurationError("parallel workers need the 'fork' start method (Linux, macOS)")
+    ctx = multiprocessing.get_context("fork")
+    done = ctx.Value("q", 0)
+    results = ctx.Queue()
+    ranges = _key_ranges(registry, job, workers)
+    procs = [
+        ctx.Process(
+            target=_worker,
+            args=(registry, job, decrypt, encrypt_plaintext, batch_size, key_range, done, results),
+        )
+        for key_range in ranges
+    ]
+    for proc in procs:
+        proc.start()
+    reported = 0
+    collected: list[MigrationReport] = []
+    while len(collected) < len(procs):
+        try:
+            collected.append(results.get(timeout=0.2))
+        except Exception:  # queue.Empty: keep the progress bar moving
+            if all(not p.is_alive() for p in procs) and results.empty():
+                break
+        tick(done.value - reported)
+        reported = done.value
+    for proc in procs:
+        proc.join()
+    failed = [p.exitcode for p in procs if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"{len(failed)} re-encrypt workers failed; run the job again to finish")
+    for part in collected:
+        report.merge(part)
