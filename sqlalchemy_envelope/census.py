@@ -22,7 +22,7 @@ from . import format as fmt
 from .errors import ConfigurationError
 from .storage import KeyRow
 
-__all__ = ["ColumnCensus", "KeyRows", "Target", "count", "resolve"]
+__all__ = ["ColumnCensus", "KeyRows", "Target", "count", "discover", "resolve", "rows_under"]
 
 Target = Any  # "table.column", a Column, an ORM attribute, a mapped class or a Table
 
@@ -124,11 +124,50 @@ def _by_name(conn: Connection, name: str) -> EncryptedColumnRef:
     return EncryptedColumnRef(schema, table, column, storage, f"{table}.{column}".encode())
 
 
-def _holds_bytes(column_type: sa.types.TypeEngine[Any]) -> bool:
+def _python_type(column_type: sa.types.TypeEngine[Any]) -> type | None:
     try:
-        return column_type.python_type is bytes
+        return column_type.python_type
     except NotImplementedError:
-        return False
+        return None
+
+
+def _holds_bytes(column_type: sa.types.TypeEngine[Any]) -> bool:
+    return _python_type(column_type) is bytes
+
+
+def discover(conn: Connection, skip_table: str) -> list[EncryptedColumnRef]:
+    """Every column of every table (but ``skip_table``) that could hold
+    ciphertext: all binary and text columns. For the destroy guard, which must
+    find every row under a key even when no model is loaded."""
+    inspector = sa.inspect(conn)
+    refs = []
+    for table in inspector.get_table_names():
+        if table == skip_table:
+            continue
+        for column in inspector.get_columns(table):
+            kind = _python_type(column["type"])
+            if kind in (bytes, str):
+                storage = "binary" if kind is bytes else "text"
+                refs.append(EncryptedColumnRef(None, table, column["name"], storage, b""))
+    return refs
+
+
+def rows_under(conn: Connection, ref: EncryptedColumnRef, header: bytes) -> int:
+    """Rows of the column whose value starts with ``header``: one indexed-free
+    scan with no grouping, cheap enough to run over a whole database."""
+    table = sa.table(ref.table, sa.column(ref.column), schema=ref.schema)
+    value = table.c[ref.column]
+    if ref.storage == "text":
+        prefix: Any = fmt.to_text(header)
+        length = fmt.TEXT_HEADER_CHARS
+    else:
+        prefix, length = header, fmt.HEADER_BYTES
+    stmt = (
+        sa.select(sa.func.count())
+        .select_from(table)
+        .where(sa.func.substr(value, 1, length) == sa.literal(prefix))
+    )
+    return int(conn.execute(stmt).scalar_one())
 
 
 def resolve(conn: Connection, targets: Iterable[Target]) -> list[EncryptedColumnRef]:

@@ -273,10 +273,11 @@ class KeyRegistry:
         columns: Iterable[Target] = (),
     ) -> KeyInfo:
         """Erase a retired or disabled key's wrapped key for good; its row stays
-        as a tombstone. Refused while any encrypted column holds a row under it
-        (counted in SQL over ``columns``, or every encrypted column this process
-        has defined), or while processes may still be writing under it, unless
-        ``force=True``: crypto-shredding on purpose."""
+        as a tombstone. Refused while any row still holds a value under it
+        (counted in SQL over ``columns``, or else over every text and binary
+        column of every table in the database, models loaded or not), or while
+        processes may still be writing under it, unless ``force=True``:
+        crypto-shredding on purpose."""
         scope = self._scope(scope)
         row = self._row(scope, version)
         lifecycle.target_state("destroy", row.state, version, scope)
@@ -295,9 +296,16 @@ class KeyRegistry:
                 f"it until their caches refresh ({self.cache_max_age.total_seconds():.0f}s): "
                 "wait, then take the census again"
             )
-        in_use = {
-            c.column: c.rows_under(row.id) for c in self.census(*columns) if c.rows_under(row.id)
-        }
+        header = fmt.header(row.id)
+        with self.engine.connect() as conn:
+            targets = list(columns)
+            refs = (
+                census.resolve(conn, targets)
+                if targets
+                else census.discover(conn, skip_table=self.table.name)
+            )
+            counts = {ref.name: census.rows_under(conn, ref, header) for ref in refs}
+        in_use = {name: n for name, n in counts.items() if n}
         if in_use:
             raise KeyInUseError(row.version, row.scope, in_use)
 

@@ -210,43 +210,52 @@ class PBKDF2RootKey:
         return f"PBKDF2RootKey(iterations={self.iterations}, key_length={self.key_length})"
 
 
-def root_key_from_env(environ: Mapping[str, str] | None = None) -> RootKeyProvider:
+def root_key_from_env(
+    environ: Mapping[str, str] | None = None, prefix: str = "ENVELOPE_"
+) -> RootKeyProvider:
     """Read the root key from ``ENVELOPE_ROOT_KEY``, or derive it from
     ``ENVELOPE_ROOT_SEED`` + ``ENVELOPE_ROOT_SALT`` (and optionally
-    ``ENVELOPE_PBKDF2_ITERATIONS``)."""
+    ``ENVELOPE_PBKDF2_ITERATIONS``). Another ``prefix`` reads another set, such
+    as ``ENVELOPE_NEW_`` for the target of a root key rotation."""
     env = os.environ if environ is None else environ
-    raw = env.get("ENVELOPE_ROOT_KEY")
-    seed = env.get("ENVELOPE_ROOT_SEED")
-    salt = env.get("ENVELOPE_ROOT_SALT")
+    names = {
+        name: f"{prefix}{name}"
+        for name in ("ROOT_KEY", "ROOT_SEED", "ROOT_SALT", "PBKDF2_ITERATIONS")
+    }
+    raw = env.get(names["ROOT_KEY"])
+    seed = env.get(names["ROOT_SEED"])
+    salt = env.get(names["ROOT_SALT"])
     if raw is not None:
         if seed is not None or salt is not None:
             raise ConfigurationError(
-                "set either ENVELOPE_ROOT_KEY or ENVELOPE_ROOT_SEED and "
-                "ENVELOPE_ROOT_SALT, not both"
+                f"set either {names['ROOT_KEY']} or {names['ROOT_SEED']} and "
+                f"{names['ROOT_SALT']}, not both"
             )
         try:
             key = binascii.a2b_base64(raw.strip().encode("ascii"), strict_mode=True)
         except (binascii.Error, UnicodeEncodeError):
             raise ConfigurationError(
-                "ENVELOPE_ROOT_KEY is not valid base64; generate one with `python -c "
+                f"{names['ROOT_KEY']} is not valid base64; generate one with `python -c "
                 '"import base64, os; print(base64.b64encode(os.urandom(32)).decode())"`'
             ) from None
         if len(key) != 32:
-            raise ConfigurationError(f"ENVELOPE_ROOT_KEY must decode to 32 bytes, not {len(key)}")
+            raise ConfigurationError(f"{names['ROOT_KEY']} must decode to 32 bytes, not {len(key)}")
         return StaticRootKey(key)
     if seed is None and salt is None:
         raise ConfigurationError(
-            "no root key configured: set ENVELOPE_ROOT_KEY (base64 of 32 random "
-            "bytes), or ENVELOPE_ROOT_SEED and ENVELOPE_ROOT_SALT"
+            f"no root key configured: set {names['ROOT_KEY']} (base64 of 32 random "
+            f"bytes), or {names['ROOT_SEED']} and {names['ROOT_SALT']}"
         )
     if not seed or not salt:
-        missing = "ENVELOPE_ROOT_SEED" if not seed else "ENVELOPE_ROOT_SALT"
+        missing = names["ROOT_SEED"] if not seed else names["ROOT_SALT"]
         raise ConfigurationError(f"{missing} is missing or empty; set both seed and salt")
-    iterations_text = env.get("ENVELOPE_PBKDF2_ITERATIONS")
+    iterations_text = env.get(names["PBKDF2_ITERATIONS"])
     iterations = DEFAULT_PBKDF2_ITERATIONS
     if iterations_text is not None:
         try:
             iterations = int(iterations_text)
         except ValueError:
-            raise ConfigurationError("ENVELOPE_PBKDF2_ITERATIONS must be a whole number") from None
+            raise ConfigurationError(
+                f"{names['PBKDF2_ITERATIONS']} must be a whole number"
+            ) from None
     return PBKDF2RootKey(seed, salt, iterations=iterations)

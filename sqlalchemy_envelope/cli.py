@@ -1,0 +1,305 @@
+"""The ``sqlalchemy-envelope`` command (also ``python -m sqlalchemy_envelope``).
+
+The database URL comes from ``--url`` or ``DATABASE_URL``; the root key from
+the ``ENVELOPE_*`` variables (``ENVELOPE_NEW_*`` for ``rewrap``). It works by
+reflection, so no models are needed. Output is for people by default and JSON
+with ``--json``; nothing secret is ever printed.
+
+Exit codes: 0 done; 1 the library refused (wrong root key, a value that does
+not decrypt...); 2 bad usage or configuration; 3 refused by a safety guard
+(an illegal key transition, a key still in use); 4 a re-encrypt that finished
+with values left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+try:
+    import click
+except ImportError:  # pragma: no cover - exercised only without the extra
+    sys.exit(
+        "the sqlalchemy-envelope command needs its extra: pip install 'sqlalchemy-envelope[cli]'"
+    )
+
+import sqlalchemy as sa
+
+from .errors import ConfigurationError, EnvelopeError, KeyInUseError, KeyStateError
+from .migrate import MigrationReport
+from .registry import DEFAULT_SCOPE, KeyRegistry
+from .rootkey import root_key_from_env
+from .status import KeyInfo, RegistryStatus
+
+__all__ = ["main"]
+
+EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_LEFT_BEHIND = 1, 2, 3, 4
+
+
+class Context:
+    def __init__(self, url: str | None, scope: str, table: str, as_json: bool) -> None:
+        self.url = url
+        self.scope = scope
+        self.table = table
+        self.as_json = as_json
+
+    def registry(self) -> KeyRegistry:
+        if not self.url:
+            raise ConfigurationError("no database: pass --url or set DATABASE_URL")
+        engine = sa.create_engine(self.url)
+        return KeyRegistry.from_env(engine, scope=self.scope, table_name=self.table)
+
+    def emit(self, data: dict[str, Any], text: str) -> None:
+        click.echo(json.dumps(data, indent=2) if self.as_json else text)
+
+
+pass_context = click.make_pass_decorator(Context)
+
+
+def _run(action: Callable[[], int | None]) -> None:
+    """Map library errors to exit codes, printing only their (secret-free) text."""
+    try:
+        code = action()
+    except (KeyStateError, KeyInUseError) as error:
+        click.echo(f"refused: {error}", err=True)
+        sys.exit(EXIT_REFUSED)
+    except ConfigurationError as error:
+        click.echo(f"configuration error: {error}", err=True)
+        sys.exit(EXIT_USAGE)
+    except EnvelopeError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(EXIT_ERROR)
+    sys.exit(code or 0)
+
+
+def _key_line(key: KeyInfo) -> str:
+    return (
+        f"version {key.version:>4}  {key.state.value:<9}  id {key.id:#012x}  "
+        f"encryptions {key.encryptions:,}  created {key.created_at:%Y-%m-%d %H:%M:%S}"
+    )
+
+
+def _status_text(status: RegistryStatus) -> str:
+    lines = [
+        f"scope {status.scope!r}: active version {status.active_version}",
+        f"root key {status.root_key_fingerprint} ({status.root_key_description})",
+        f"rotation due: {status.rotation_due or 'no'}",
+        *(_key_line(k) for k in status.keys),
+    ]
+    if status.rows_by_version is not None:
+        for version, rows in sorted(status.rows_by_version.items()):
+            lines.append(f"rows under version {version}: {rows:,}")
+    return "\n".join(lines)
+
+
+def _report_text(report: MigrationReport) -> str:
+    moved = ", ".join(f"v{v}: {n:,}" for v, n in sorted(report.values_by_version.items()))
+    lines = [
+        f"columns: {', '.join(report.columns)}",
+        f"rows scanned {report.rows_scanned:,}, updated {report.rows_updated:,}, "
+        f"skipped (written meanwhile, retried) {report.skipped:,}",
+        f"values moved off: {moved or 'none'}",
+        f"plaintext encrypted {report.plaintext_encrypted:,}, "
+        f"decrypted {report.values_decrypted:,}",
+        f"left behind {report.left_behind:,} {report.failures or ''}".rstrip(),
+        f"{report.elapsed:.1f}s, {report.rows_per_second:,.0f} rows/s",
+    ]
+    return "\n".join(lines)
+
+
+@click.group()
+@click.option("--url", envvar="DATABASE_URL", help="SQLAlchemy database URL [env: DATABASE_URL]")
+@click.option("--scope", default=DEFAULT_SCOPE, show_default=True, help="key scope")
+@click.option("--table", "table", default="data_keys", show_default=True, help="keys table")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_context
+def main(ctx: click.Context, url: str | None, scope: str, table: str, as_json: bool) -> None:
+    """Manage envelope-encryption keys and encrypted columns."""
+    ctx.obj = Context(url, scope, table, as_json)
+
+
+@main.command()
+@pass_context
+def init(c: Context) -> None:
+    """Create data_keys and the first data key (idempotent)."""
+
+    def action() -> None:
+        key = c.registry().init()
+        c.emit(key.to_dict(), f"active: {_key_line(key)}")
+
+    _run(action)
+
+
+@main.command()
+@click.option("--census", "with_census", is_flag=True, help="also count rows per version")
+@click.option("--column", "columns", multiple=True, help="TABLE.COLUMN to count (repeatable)")
+@pass_context
+def status(c: Context, with_census: bool, columns: tuple[str, ...]) -> None:
+    """Keys, their states and use, and whether rotation is due."""
+
+    def action() -> None:
+        registry = c.registry()
+        result = registry.status()
+        data = result.to_dict()
+        text = _status_text(result)
+        if with_census or columns:
+            counts = registry.census(*columns) if columns else registry.census()
+            data["columns"] = [col.to_dict() for col in counts]
+            text += "".join(
+                f"\n{col.column}: "
+                + ", ".join(f"v{k.version}: {k.rows:,}" for k in col.keys)
+                + f", NULL {col.nulls:,}, not ciphertext {col.not_ciphertext:,}"
+                for col in counts
+            )
+        c.emit(data, text)
+
+    _run(action)
+
+
+@main.command()
+@pass_context
+def rotate(c: Context) -> None:
+    """Make a new data key active; the old one keeps decrypting."""
+
+    def action() -> None:
+        key = c.registry().rotate()
+        c.emit(key.to_dict(), f"active: {_key_line(key)}")
+
+    _run(action)
+
+
+@main.command()
+@click.argument("columns", nargs=-1, required=True)
+@pass_context
+def census(c: Context, columns: tuple[str, ...]) -> None:
+    """Rows per key version, NULLs and plaintext in TABLE.COLUMN..."""
+
+    def action() -> None:
+        counts = c.registry().census(*columns)
+        text = "\n".join(
+            f"{col.column}: rows {col.rows:,}, NULL {col.nulls:,}, not ciphertext "
+            f"{col.not_ciphertext:,}"
+            + "".join(f"\n  version {k.version} ({k.state}): {k.rows:,}" for k in col.keys)
+            for col in counts
+        )
+        c.emit({"columns": [col.to_dict() for col in counts]}, text)
+
+    _run(action)
+
+
+@main.command()
+@click.argument("columns", nargs=-1, required=True)
+@click.option("--batch-size", default=1000, show_default=True)
+@click.option("--workers", default=1, show_default=True, help="parallel processes")
+@click.option("--encrypt-plaintext", is_flag=True, help="also encrypt legacy plaintext values")
+@click.option("--progress/--no-progress", default=None, help="[default: on a terminal]")
+@pass_context
+def reencrypt(
+    c: Context,
+    columns: tuple[str, ...],
+    batch_size: int,
+    workers: int,
+    encrypt_plaintext: bool,
+    progress: bool | None,
+) -> None:
+    """Move every value of TABLE.COLUMN... onto the active key (resumable)."""
+
+    def action() -> int:
+        report = c.registry().reencrypt(
+            *columns,
+            batch_size=batch_size,
+            workers=workers,
+            encrypt_plaintext=encrypt_plaintext,
+            progress=progress,
+        )
+        c.emit(report.to_dict(), _report_text(report))
+        return EXIT_LEFT_BEHIND if report.left_behind else 0
+
+    _run(action)
+
+
+@main.command("decrypt-in-place")
+@click.argument("columns", nargs=-1, required=True)
+@click.option("--batch-size", default=1000, show_default=True)
+@click.option("--progress/--no-progress", default=None)
+@click.confirmation_option(prompt="Write these columns back as plaintext?")
+@pass_context
+def decrypt_in_place(
+    c: Context, columns: tuple[str, ...], batch_size: int, progress: bool | None
+) -> None:
+    """Write TABLE.COLUMN... back as plaintext (undoes an in-place encryption)."""
+
+    def action() -> int:
+        report = c.registry().decrypt_in_place(*columns, batch_size=batch_size, progress=progress)
+        c.emit(report.to_dict(), _report_text(report))
+        return EXIT_LEFT_BEHIND if report.left_behind else 0
+
+    _run(action)
+
+
+def _transition(name: str, help_text: str) -> None:
+    @main.command(name, help=help_text)
+    @click.argument("version", type=int)
+    @pass_context
+    def command(c: Context, version: int) -> None:
+        def action() -> None:
+            key = getattr(c.registry(), name)(version)
+            c.emit(key.to_dict(), _key_line(key))
+
+        _run(action)
+
+
+_transition("retire", "Retire VERSION (decrypt only); retiring the active key rotates.")
+_transition("disable", "Refuse decryption under VERSION, reversibly.")
+_transition("enable", "Bring a disabled VERSION back to retired.")
+
+
+@main.command()
+@click.argument("version", type=int)
+@click.option("--column", "columns", multiple=True, help="TABLE.COLUMN to check (default: all)")
+@click.option("--force", is_flag=True, help="destroy even if rows still need it (crypto-shred)")
+@pass_context
+def destroy(c: Context, version: int, columns: tuple[str, ...], force: bool) -> None:
+    """Erase VERSION's key for good, once no row needs it."""
+
+    def action() -> None:
+        key = c.registry().destroy(version, force=force, columns=columns)
+        c.emit(key.to_dict(), _key_line(key))
+
+    _run(action)
+
+
+@main.command()
+@pass_context
+def rewrap(c: Context) -> None:
+    """Re-wrap every data key under the root key in ENVELOPE_NEW_* (all or nothing)."""
+
+    def action() -> None:
+        new_root = root_key_from_env(prefix="ENVELOPE_NEW_")
+        count = c.registry().rewrap(new_root)
+        c.emit(
+            {"rewrapped": count, "root_key_fingerprint": new_root.fingerprint},
+            f"re-wrapped {count} data keys under root key {new_root.fingerprint}; "
+            "switch ENVELOPE_* to the new root key now",
+        )
+
+    _run(action)
+
+
+@main.command()
+@pass_context
+def maintenance(c: Context) -> None:
+    """Rotate if the policy says so; report which old keys can go."""
+
+    def action() -> None:
+        report = c.registry().maintenance()
+        c.emit(
+            report.to_dict(),
+            f"rotated: {report.rotated.version if report.rotated else 'no'}\n"
+            f"destroyable versions: {list(report.destroyable)}\n"
+            f"versions still holding rows: {report.still_referenced}",
+        )
+
+    _run(action)
