@@ -39,17 +39,22 @@ EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_LEFT_BEHIND = 1, 2, 3, 4
 
 
 class Context:
-    def __init__(self, url: str | None, scope: str, table: str, as_json: bool) -> None:
+    def __init__(
+        self, url: str | None, scope: str, table: str, cache_max_age: float, as_json: bool
+    ) -> None:
         self.url = url
         self.scope = scope
         self.table = table
+        self.cache_max_age = cache_max_age
         self.as_json = as_json
 
     def registry(self) -> KeyRegistry:
         if not self.url:
             raise ConfigurationError("no database: pass --url or set DATABASE_URL")
         engine = sa.create_engine(self.url)
-        return KeyRegistry.from_env(engine, scope=self.scope, table_name=self.table)
+        return KeyRegistry.from_env(
+            engine, scope=self.scope, table_name=self.table, cache_max_age=self.cache_max_age
+        )
 
     def emit(self, data: dict[str, Any], text: str) -> None:
         click.echo(json.dumps(data, indent=2) if self.as_json else text)
@@ -113,11 +118,24 @@ def _report_text(report: MigrationReport) -> str:
 @click.option("--url", envvar="DATABASE_URL", help="SQLAlchemy database URL [env: DATABASE_URL]")
 @click.option("--scope", default=DEFAULT_SCOPE, show_default=True, help="key scope")
 @click.option("--table", "table", default="data_keys", show_default=True, help="keys table")
+@click.option(
+    "--cache-max-age",
+    default=60.0,
+    show_default=True,
+    help="seconds; the longest cache_max_age of your applications (destroy waits it out)",
+)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.pass_context
-def main(ctx: click.Context, url: str | None, scope: str, table: str, as_json: bool) -> None:
+def main(
+    ctx: click.Context,
+    url: str | None,
+    scope: str,
+    table: str,
+    cache_max_age: float,
+    as_json: bool,
+) -> None:
     """Manage envelope-encryption keys and encrypted columns."""
-    ctx.obj = Context(url, scope, table, as_json)
+    ctx.obj = Context(url, scope, table, cache_max_age, as_json)
 
 
 @main.command()

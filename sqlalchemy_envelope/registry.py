@@ -453,7 +453,12 @@ class KeyRegistry:
         """The seed's GetStatus and GetKeyStatistics for one scope; with
         ``census=True`` also the rows under each key version."""
         scope = self._scope(scope)
-        rows = self._read(lambda conn: storage.all_keys(conn, self.table, scope))
+
+        def read(conn: Connection) -> list[KeyRow]:
+            self._check_root_key(conn)
+            return storage.all_keys(conn, self.table, scope)
+
+        rows = self._read(read)
         active = next((r for r in rows if r.state is KeyState.ACTIVE), None)
         columns = tuple(self.census()) if census else None
         rows_by_version: dict[int, int] | None = None
