@@ -107,9 +107,12 @@ class _TableJob:
     primary_key: tuple[str, ...]
     refs: tuple[EncryptedColumnRef, ...]
 
+    @property
+    def columns(self) -> list[str]:
+        return list(dict.fromkeys([*self.primary_key, *(r.column for r in self.refs)]))
+
     def table(self) -> sa.TableClause:
-        names = list(dict.fromkeys([*self.primary_key, *(r.column for r in self.refs)]))
-        return sa.table(self.name, *(sa.column(n) for n in names), schema=self.schema)
+        return sa.table(self.name, *(sa.column(n) for n in self.columns), schema=self.schema)
 
 
 def _jobs(conn: Connection, refs: Sequence[EncryptedColumnRef]) -> list[_TableJob]:
@@ -177,10 +180,10 @@ def _run_table(
                     stmt = stmt.where(pk[0] <= high)
             if last is not None:
                 stmt = stmt.where(sa.tuple_(*pk) > sa.tuple_(*last))
-            rows = conn.execute(stmt.order_by(*pk).limit(batch_size)).mappings().all()
+            rows = conn.execute(stmt.order_by(*pk).limit(batch_size)).all()
             if not rows:
                 return
-            last = tuple(rows[-1][c] for c in job.primary_key)
+            last = tuple(rows[-1][: len(pk)])
             report.rows_scanned += len(rows)
             _apply(conn, table, job, rows, rewrite, report)
         on_batch(len(rows))
@@ -190,30 +193,36 @@ def _apply(
     conn: Connection,
     table: sa.TableClause,
     job: _TableJob,
-    rows: Sequence[sa.RowMapping],
+    rows: Sequence[sa.Row[Any]],
     rewrite: Rewrite,
     report: MigrationReport,
 ) -> None:
     """Compute new values, then write them with compare-and-swap updates."""
+    position = {name: i for i, name in enumerate(job.columns)}
+    keys = [(f"pk_{c}", position[c]) for c in job.primary_key]
+    slots = [
+        (ref, position[ref.column], f"old_{ref.column}", f"new_{ref.column}") for ref in job.refs
+    ]
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-    written: dict[tuple[Any, ...], dict[str, Any]] = {}
     for row in rows:
-        changes = {}
-        for ref in job.refs:
-            old = row[ref.column]
+        params: dict[str, Any] | None = None
+        changed: list[str] = []
+        for ref, index, old_name, new_name in slots:
+            old = row[index]
             if old is None:
                 continue
             new = rewrite(ref, old, report)
-            if new is not _UNCHANGED:
-                changes[ref.column] = (old, new)
-        if not changes:
-            continue
-        params = {f"pk_{c}": row[c] for c in job.primary_key}
-        for column, (old, new) in changes.items():
-            params[f"old_{column}"] = old
-            params[f"new_{column}"] = new
-        groups.setdefault(tuple(sorted(changes)), []).append(params)
-        written[tuple(row[c] for c in job.primary_key)] = {c: n for c, (_, n) in changes.items()}
+            if new is _UNCHANGED:
+                continue
+            if params is None:
+                params = {name: row[i] for name, i in keys}
+            params[old_name] = old
+            params[new_name] = new
+            changed.append(ref.column)
+        if params is not None:
+            groups.setdefault(tuple(changed), []).append(params)
+
+    sane_rowcount = conn.dialect.supports_sane_multi_rowcount
     for columns, batch in groups.items():
         stmt = (
             sa.update(table)
@@ -221,17 +230,34 @@ def _apply(
             .where(*(table.c[c] == sa.bindparam(f"old_{c}") for c in columns))
             .values({c: sa.bindparam(f"new_{c}") for c in columns})
         )
-        conn.execute(stmt, batch)
-    if not written:
-        return
-    # Which updates won? A fresh ciphertext is unique, so a row holds what we
-    # wrote exactly when our compare-and-swap applied.
-    pk = [table.c[c] for c in job.primary_key]
-    keys = list(written)
-    check = sa.select(table).where(sa.tuple_(*pk).in_(keys))
-    for row in conn.execute(check).mappings():
+        result = conn.execute(stmt, batch)
+        if sane_rowcount and result.rowcount == len(batch):
+            report.rows_updated += len(batch)  # every compare-and-swap applied
+        else:
+            written = {
+                tuple(p[name] for name, _ in keys): {c: p[f"new_{c}"] for c in columns}
+                for p in batch
+            }
+            _verify(conn, table, job, written, report)
+
+
+def _verify(
+    conn: Connection,
+    table: sa.TableClause,
+    job: _TableJob,
+    written: dict[tuple[Any, ...], dict[str, Any]],
+    report: MigrationReport,
+) -> None:
+    """Find out which compare-and-swaps applied: a fresh ciphertext is unique,
+    so a row holds what we wrote exactly when our update won."""
+    pk = sa.tuple_(*(table.c[c] for c in job.primary_key))
+    keys = sorted(written)
+    rows = conn.execute(sa.select(table).where(pk >= keys[0], pk <= keys[-1]))
+    for row in rows.mappings():
         key = tuple(row[c] for c in job.primary_key)
-        expected = written.get(key, {})
+        expected = written.get(key)
+        if expected is None:
+            continue
         if all(_same(row[c], v) for c, v in expected.items()):
             report.rows_updated += 1
         else:
@@ -321,7 +347,7 @@ def _key_ranges(registry: KeyRegistry, job: _TableJob, workers: int) -> list[tup
     return ranges
 
 
-def _progress(total: int, enabled: bool | None, label: str) -> Any:
+def _progress(total: Callable[[], int], enabled: bool | None, label: str) -> Any:
     """A tqdm bar on a terminal; nothing when output is not a terminal or tqdm
     is not installed (it comes with the ``cli`` extra)."""
     if enabled is None:
@@ -332,7 +358,7 @@ def _progress(total: int, enabled: bool | None, label: str) -> Any:
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, desc=label, unit="row", file=sys.stderr, leave=True)
+    return tqdm(total=total(), desc=label, unit="row", file=sys.stderr, leave=True)
 
 
 def _count_pending(registry: KeyRegistry, jobs: Sequence[_TableJob], header: bytes | None) -> int:
@@ -394,7 +420,9 @@ def run(
         _decrypt_rewrite(registry) if decrypt else _reencrypt_rewrite(registry, encrypt_plaintext)
     )
     bar = _progress(
-        _count_pending(registry, jobs, header()), progress, "decrypt" if decrypt else "re-encrypt"
+        lambda: _count_pending(registry, jobs, header()),
+        progress,
+        "decrypt" if decrypt else "re-encrypt",
     )
     tick = (lambda n: bar.update(n)) if bar is not None else (lambda n: None)
     try:

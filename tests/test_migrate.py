@@ -183,3 +183,19 @@ def test_parallel_workers(pg_url: str, root_key: StaticRootKey) -> None:
         )
     registry.close()
     engine.dispose()
+
+
+def test_progress_bar_on_request_and_silence_otherwise(
+    engine: sa.Engine, registry: KeyRegistry, capfd: pytest.CaptureFixture[str]
+) -> None:
+    Base.metadata.create_all(engine)
+    with Session(engine) as session:
+        session.add_all(Member(region="eu", number=i, name=f"n{i}") for i in range(40))
+        session.commit()
+    registry.rotate()
+    registry.reencrypt(Member.name, batch_size=10)  # stderr is not a terminal here
+    assert capfd.readouterr().err == ""
+    registry.rotate()
+    registry.reencrypt(Member.name, batch_size=10, progress=True)
+    err = capfd.readouterr().err
+    assert "re-encrypt" in err and "40/40" in err
