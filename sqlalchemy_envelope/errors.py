@@ -90,30 +90,34 @@ class UnknownKeyError(DecryptionError):
         super().__init__(message)
 
 
-class DestroyedKeyError(DecryptionError):
+class _UnusableKeyError(DecryptionError):
+    def __init__(self, key_id: int, version: int, scope: str, why: str) -> None:
+        self.key_id = key_id
+        self.version = version
+        self.scope = scope
+        super().__init__(f"data key version {version} of scope {scope!r} {why}")
+
+
+class DestroyedKeyError(_UnusableKeyError):
     """The value's data key was destroyed (crypto-shredded); the value can no
     longer be read by anyone."""
 
     def __init__(self, key_id: int, version: int, scope: str) -> None:
-        self.key_id = key_id
-        self.version = version
-        self.scope = scope
         super().__init__(
-            f"data key version {version} of scope {scope!r} was destroyed: values "
-            "written under it are unreadable for good"
+            key_id, version, scope, "was destroyed: values written under it are unreadable for good"
         )
 
 
-class KeyDisabledError(DecryptionError):
+class KeyDisabledError(_UnusableKeyError):
     """The value's data key is disabled; enable it to read the value again."""
 
     def __init__(self, key_id: int, version: int, scope: str) -> None:
-        self.key_id = key_id
-        self.version = version
-        self.scope = scope
         super().__init__(
-            f"data key version {version} of scope {scope!r} is disabled: enable it "
-            "(KeyRegistry.enable or `sqlalchemy-envelope enable`) to read this value"
+            key_id,
+            version,
+            scope,
+            "is disabled: enable it (KeyRegistry.enable or `sqlalchemy-envelope enable`) "
+            "to read this value",
         )
 
 

@@ -270,59 +270,72 @@ def _same(stored: Any, written: Any) -> bool:
     return bool(stored == written)
 
 
+def _ciphertext_of(ref: EncryptedColumnRef, stored: Any) -> bytes | None:
+    """The stored value as ciphertext, or None if it is plaintext."""
+    try:
+        ciphertext = fmt.from_text(stored) if ref.storage == "text" else bytes(stored)
+        fmt.check(ciphertext)
+    except (NotCiphertextError, TypeError):
+        return None
+    return ciphertext
+
+
+def _decrypted(
+    registry: KeyRegistry, ref: EncryptedColumnRef, ciphertext: bytes, report: MigrationReport
+) -> bytes | None:
+    """The plaintext, or None (counted in the report) if it does not decrypt:
+    such a value is left exactly as it is."""
+    try:
+        return registry.decrypt_bytes(ciphertext, ref.context)
+    except DecryptionError as error:
+        report.left_behind += 1
+        reason = type(error).__name__
+        report.failures[reason] = report.failures.get(reason, 0) + 1
+        return None
+
+
+def _stored(ref: EncryptedColumnRef, ciphertext: bytes) -> Any:
+    return fmt.to_text(ciphertext) if ref.storage == "text" else ciphertext
+
+
 def _reencrypt_rewrite(registry: KeyRegistry, encrypt_plaintext: bool) -> Rewrite:
-    versions = {}  # key id -> version, filled as keys are met
+    versions: dict[bytes, int] = {}  # header -> key version, filled as keys are met
 
     def rewrite(ref: EncryptedColumnRef, old: Any, report: MigrationReport) -> Any:
-        text = ref.storage == "text"
-        try:
-            ciphertext = fmt.from_text(old) if text else bytes(old)
-            fmt.check(ciphertext)
-        except (NotCiphertextError, TypeError):
+        ciphertext = _ciphertext_of(ref, old)
+        if ciphertext is None:
             if not (encrypt_plaintext or ref.migrating):
                 report.left_behind += 1
                 return _UNCHANGED
-            plaintext = old.encode("utf-8") if isinstance(old, str) else bytes(old)
+            legacy = old.encode("utf-8") if isinstance(old, str) else bytes(old)
             report.plaintext_encrypted += 1
-            new = registry.encrypt_bytes(plaintext, ref.context)
-            return fmt.to_text(new) if text else new
-        try:
-            plaintext = registry.decrypt_bytes(ciphertext, ref.context)
-        except DecryptionError as error:
-            report.left_behind += 1
-            reason = type(error).__name__
-            report.failures[reason] = report.failures.get(reason, 0) + 1
+            return _stored(ref, registry.encrypt_bytes(legacy, ref.context))
+        plaintext = _decrypted(registry, ref, ciphertext, report)
+        if plaintext is None:
             return _UNCHANGED
-        key_id = fmt.key_id_of(ciphertext)
-        if key_id not in versions:
-            versions[key_id] = registry.key_version(key_id)
-        version = versions[key_id]
+        header = ciphertext[: fmt.HEADER_BYTES]
         new = registry.encrypt_bytes(plaintext, ref.context)
-        if new[: fmt.HEADER_BYTES] == ciphertext[: fmt.HEADER_BYTES]:
+        if new[: fmt.HEADER_BYTES] == header:
             return _UNCHANGED  # already under the active key (this process's view)
+        if header not in versions:
+            versions[header] = registry.key_version(fmt.key_id_of(header))
+        version = versions[header]
         report.values_by_version[version] = report.values_by_version.get(version, 0) + 1
-        return fmt.to_text(new) if text else new
+        return _stored(ref, new)
 
     return rewrite
 
 
 def _decrypt_rewrite(registry: KeyRegistry) -> Rewrite:
     def rewrite(ref: EncryptedColumnRef, old: Any, report: MigrationReport) -> Any:
-        text = ref.storage == "text"
-        try:
-            ciphertext = fmt.from_text(old) if text else bytes(old)
-            fmt.check(ciphertext)
-        except (NotCiphertextError, TypeError):
+        ciphertext = _ciphertext_of(ref, old)
+        if ciphertext is None:
             return _UNCHANGED  # plaintext already
-        try:
-            plaintext = registry.decrypt_bytes(ciphertext, ref.context)
-        except DecryptionError as error:
-            report.left_behind += 1
-            reason = type(error).__name__
-            report.failures[reason] = report.failures.get(reason, 0) + 1
+        plaintext = _decrypted(registry, ref, ciphertext, report)
+        if plaintext is None:
             return _UNCHANGED
         report.values_decrypted += 1
-        return plaintext.decode("utf-8") if text else plaintext
+        return plaintext.decode("utf-8") if ref.storage == "text" else plaintext
 
     return rewrite
 
@@ -371,6 +384,12 @@ def _count_pending(registry: KeyRegistry, jobs: Sequence[_TableJob], header: byt
     return total
 
 
+def _rewrite_for(registry: KeyRegistry, decrypt: bool, encrypt_plaintext: bool) -> Rewrite:
+    if decrypt:
+        return _decrypt_rewrite(registry)
+    return _reencrypt_rewrite(registry, encrypt_plaintext)
+
+
 def _worker(
     registry: KeyRegistry,
     job: _TableJob,
@@ -383,9 +402,7 @@ def _worker(
 ) -> None:
     registry.engine.dispose(close=False)  # a forked child opens its own connections
     report = MigrationReport()
-    rewrite = (
-        _decrypt_rewrite(registry) if decrypt else _reencrypt_rewrite(registry, encrypt_plaintext)
-    )
+    rewrite = _rewrite_for(registry, decrypt, encrypt_plaintext)
     header = (lambda: None) if decrypt else registry.active_header
 
     def count(n: int) -> None:
@@ -416,9 +433,7 @@ def run(
         jobs = _jobs(conn, refs)
     report = MigrationReport(columns=[r.name for r in refs])
     header: Callable[[], bytes | None] = (lambda: None) if decrypt else registry.active_header
-    rewrite = (
-        _decrypt_rewrite(registry) if decrypt else _reencrypt_rewrite(registry, encrypt_plaintext)
-    )
+    rewrite = _rewrite_for(registry, decrypt, encrypt_plaintext)
     bar = _progress(
         lambda: _count_pending(registry, jobs, header()),
         progress,

@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,31 @@ def engine(db_url: str) -> Iterator[sa.Engine]:
     eng = sa.create_engine(db_url)
     yield eng
     eng.dispose()
+
+
+class Clocks:
+    """A monotonic clock and a wall clock that a test moves by hand, for
+    registries built with ``clock=clocks.monotonic, wall_clock=clocks.now``."""
+
+    def __init__(self) -> None:
+        self.mono = 1000.0
+        self.wall = datetime(2030, 1, 1, tzinfo=UTC)
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def now(self) -> datetime:
+        return self.wall
+
+    def advance(self, seconds: float | timedelta) -> None:
+        delta = seconds if isinstance(seconds, timedelta) else timedelta(seconds=seconds)
+        self.mono += delta.total_seconds()
+        self.wall += delta
+
+
+@pytest.fixture
+def clocks() -> Clocks:
+    return Clocks()
 
 
 @pytest.fixture

@@ -4,10 +4,10 @@ and the destroy guard."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
+from conftest import Clocks
 
 from sqlalchemy_envelope import (
     DestroyedKeyError,
@@ -20,29 +20,6 @@ from sqlalchemy_envelope import (
     StaticRootKey,
     UnknownKeyError,
 )
-
-
-class Clocks:
-    """A monotonic clock and a wall clock that the test moves together."""
-
-    def __init__(self) -> None:
-        self.mono = 1000.0
-        self.wall = datetime(2030, 1, 1, tzinfo=UTC)
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    def now(self) -> datetime:
-        return self.wall
-
-    def advance(self, seconds: float) -> None:
-        self.mono += seconds
-        self.wall += timedelta(seconds=seconds)
-
-
-@pytest.fixture
-def clocks() -> Clocks:
-    return Clocks()
 
 
 @pytest.fixture

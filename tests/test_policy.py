@@ -4,10 +4,11 @@ status and maintenance."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
+from conftest import Clocks
 
 from sqlalchemy_envelope import (
     ConfigurationError,
@@ -18,24 +19,7 @@ from sqlalchemy_envelope import (
 )
 
 
-class Clocks:
-    def __init__(self) -> None:
-        self.mono = 0.0
-        self.wall = datetime(2030, 1, 1, tzinfo=UTC)
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    def now(self) -> datetime:
-        return self.wall
-
-    def advance(self, delta: timedelta) -> None:
-        self.mono += delta.total_seconds()
-        self.wall += delta
-
-
-def test_rotation_by_age(engine: sa.Engine, root_key: StaticRootKey) -> None:
-    clocks = Clocks()
+def test_rotation_by_age(engine: sa.Engine, root_key: StaticRootKey, clocks: Clocks) -> None:
     registry = KeyRegistry(
         engine,
         root_key,
@@ -89,8 +73,7 @@ def test_policy_validation() -> None:
     assert RotationPolicy().block == 65_536
 
 
-def test_status_and_maintenance(engine: sa.Engine, root_key: StaticRootKey) -> None:
-    clocks = Clocks()
+def test_status_and_maintenance(engine: sa.Engine, root_key: StaticRootKey, clocks: Clocks) -> None:
     registry = KeyRegistry(
         engine,
         root_key,

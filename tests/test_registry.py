@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from conftest import Clocks
 from sqlalchemy.orm import Session, sessionmaker
 
 from sqlalchemy_envelope import (
@@ -27,16 +28,6 @@ from sqlalchemy_envelope import (
     WrongRootKeyError,
 )
 from sqlalchemy_envelope import format as fmt
-
-
-class Clock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _secrets_table() -> sa.Table:
@@ -163,11 +154,10 @@ def test_rotation_keeps_old_values_readable(engine: sa.Engine, registry: KeyRegi
 
 
 def test_registries_on_two_engines_read_each_other_across_rotation(
-    engine: sa.Engine, second_engine: sa.Engine, root_key: StaticRootKey
+    engine: sa.Engine, second_engine: sa.Engine, root_key: StaticRootKey, clocks: Clocks
 ) -> None:
-    clock = Clock()
-    a = KeyRegistry(engine, root_key, clock=clock, cache_max_age=30)
-    b = KeyRegistry(second_engine, root_key, clock=clock, cache_max_age=30)
+    a = KeyRegistry(engine, root_key, clock=clocks.monotonic, cache_max_age=30)
+    b = KeyRegistry(second_engine, root_key, clock=clocks.monotonic, cache_max_age=30)
     a.init()
     b.init()
     table = _secrets_table()
@@ -188,7 +178,7 @@ def test_registries_on_two_engines_read_each_other_across_rotation(
             "from a, v2",
             "from b, before refresh",
         ]
-    clock.now += 31
+    clocks.advance(31)
     with second_engine.begin() as conn:
         conn.execute(table.insert(), {"id": 5, "value": "from b, after refresh"})
     raw = sa.Table("secrets", sa.MetaData(), autoload_with=engine)
