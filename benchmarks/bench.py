@@ -265,6 +265,7 @@ def report(args: argparse.Namespace) -> str:
 
         lines.append("")
         lines.append(f"Re-encrypt after a rotation, {args.rows:,} rows, batches of 1,000 (rows/s)")
+        lines.append("")
         lines.append("| database | plain batched UPDATE | reencrypt() | ratio |")
         lines.append("|---|---:|---:|---:|")
         for db_name, url in databases:
