@@ -236,6 +236,7 @@ def report(args: argparse.Namespace) -> str:
         lines.append(
             f"Per value ({args.values:,} values of {len(VALUE)} bytes, median of {args.repeat})"
         )
+        lines.append("")
         lines.append("| | encrypt µs | decrypt µs | encrypt x floor | decrypt x floor |")
         lines.append("|---|---:|---:|---:|---:|")
         for name, enc, dec in values:
@@ -253,6 +254,7 @@ def report(args: argparse.Namespace) -> str:
             lines.append(
                 f"{db_name}, Core executemany, {args.rows:,} rows (rows/s, ratio to plain)"
             )
+            lines.append("")
             lines.append(
                 "| column | insert rows/s | select rows/s | insert x plain | select x plain | insert overhead µs/row | select overhead µs/row |"
             )
