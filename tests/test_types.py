@@ -225,7 +225,7 @@ def test_orm_insert_select_update_merge_and_bulk(engine: sa.Engine, registry: Ke
         assert got[100].name == "bulk-updated" and got[104].name == "bulk4"
         assert len(got) == 64
         nulls = session.scalars(sa.select(Patient.id).where(Patient.notes.is_(None))).all()
-        assert 1 not in nulls and 2 in nulls
+        assert 2 in nulls and 1 not in nulls
 
 
 def test_comparisons_on_encrypted_columns_are_refused() -> None:
