@@ -64,4 +64,7 @@ __all__ = [
     "root_key_from_env",
 ]
 
+# Rendered by Alembic as sqlalchemy_envelope.EncryptedType(...).
+EncryptedType.__module__ = __name__
+
 __version__ = "0.1.0"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import binascii
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -91,6 +91,10 @@ class ColumnCensus:
             "unknown_key_rows": self.unknown_key_rows,
             "keys": [k.to_dict() for k in self.keys],
         }
+
+
+def with_context(ref: EncryptedColumnRef, context: str) -> EncryptedColumnRef:
+    return replace(ref, context=context.encode("utf-8"))
 
 
 def _ref(column: sa.Column[Any], info: columns.ColumnInfo) -> EncryptedColumnRef:
@@ -192,6 +196,8 @@ def resolve(conn: Connection, targets: Iterable[Target]) -> list[EncryptedColumn
 
 
 def _resolve_one(conn: Connection, target: Target) -> list[EncryptedColumnRef]:
+    if isinstance(target, EncryptedColumnRef):
+        return [target]
     if isinstance(target, str):
         return [_by_name(conn, target)]
     if isinstance(target, sa.Table):

@@ -14,8 +14,10 @@ with values left behind.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 try:
@@ -319,5 +321,35 @@ def maintenance(c: Context) -> None:
             f"destroyable versions: {list(report.destroyable)}\n"
             f"versions still holding rows: {report.still_referenced}",
         )
+
+    _run(action)
+
+
+def _templates() -> Path:
+    """The shipped Alembic templates: beside the package in a source checkout
+    or an editable install, inside it in a wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "alembic_templates", here.parent / "alembic_templates"):
+        if (candidate / "envelope" / "env.py").is_file():
+            return candidate
+    raise ConfigurationError("the alembic_templates folder is missing from this installation")
+
+
+@main.command("alembic-init")
+@click.argument("directory")
+@click.option("--config", "config_file", default="alembic.ini", show_default=True)
+def alembic_init(directory: str, config_file: str) -> None:
+    """Start an Alembic migrations DIRECTORY wired for sqlalchemy-envelope,
+    whose first migration creates data_keys."""
+
+    def action() -> None:
+        from alembic import command
+        from alembic.config import Config
+
+        templates = _templates()
+        command.init(Config(config_file), directory, template=str(templates / "envelope"))
+        first = Path(directory) / "versions" / "0001_data_keys.py"
+        shutil.copyfile(templates / "data_keys_migration.py", first)
+        click.echo(f"wrote {first}; set target_metadata in {Path(directory) / 'env.py'}")
 
     _run(action)

@@ -170,7 +170,7 @@ def _run_table(
     pk = [table.c[c] for c in job.primary_key]
     last: tuple[Any, ...] | None = None
     while True:
-        with registry.engine.begin() as conn:
+        with registry._begin() as conn:
             stmt = sa.select(table).where(_pending(table, job.refs, header()))
             if key_range is not None:
                 low, high = key_range
@@ -349,7 +349,7 @@ def _key_ranges(registry: KeyRegistry, job: _TableJob, workers: int) -> list[tup
     stmt = (
         sa.select(sa.func.max(inner.c.k)).group_by(inner.c.bucket).order_by(sa.func.max(inner.c.k))
     )
-    with registry.engine.connect() as conn:
+    with registry._connect() as conn:
         bounds = list(conn.execute(stmt).scalars())
     ranges = []
     low = None
@@ -376,7 +376,7 @@ def _progress(total: Callable[[], int], enabled: bool | None, label: str) -> Any
 
 def _count_pending(registry: KeyRegistry, jobs: Sequence[_TableJob], header: bytes | None) -> int:
     total = 0
-    with registry.engine.connect() as conn:
+    with registry._connect() as conn:
         for job in jobs:
             table = job.table()
             stmt = sa.select(sa.func.count()).select_from(table)
@@ -425,8 +425,10 @@ def run(
 ) -> MigrationReport:
     if batch_size < 1 or workers < 1:
         raise ConfigurationError("batch_size and workers must be at least 1")
+    if workers > 1 and registry._pinned.get() is not None:
+        raise ConfigurationError("parallel workers cannot share one pinned connection")
     started = time.perf_counter()
-    with registry.engine.connect() as conn:
+    with registry._connect() as conn:
         refs = census.resolve(conn, targets)
         if not refs:
             raise ConfigurationError("no encrypted columns to process")

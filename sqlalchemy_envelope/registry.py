@@ -17,7 +17,9 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import replace
 from datetime import datetime, timedelta
 from functools import partial
@@ -118,6 +120,7 @@ class KeyRegistry:
         self._lock = threading.RLock()
         self._fingerprint: str | None = None
         self._closed = False
+        self._pinned: ContextVar[Connection | None] = ContextVar("envelope_pinned", default=None)
         if attach:
             binding.attach(engine, self)
 
@@ -148,6 +151,39 @@ class KeyRegistry:
     def cache_max_age(self) -> timedelta:
         return timedelta(seconds=self._cache.max_age)
 
+    @contextmanager
+    def on_connection(self, connection: Connection) -> Iterator[KeyRegistry]:
+        """Do all of this registry's database work on ``connection``, inside
+        its transaction, while the block runs. For migrations: Alembic runs
+        them in one transaction, which may have created data_keys itself and
+        holds locks that a second connection would wait on forever."""
+        token = self._pinned.set(connection)
+        try:
+            yield self
+        finally:
+            self._pinned.reset(token)
+
+    def _bind(self) -> Engine | Connection:
+        return self._pinned.get() or self.engine
+
+    @contextmanager
+    def _connect(self) -> Iterator[Connection]:
+        pinned = self._pinned.get()
+        if pinned is not None:
+            yield pinned
+            return
+        with self.engine.connect() as conn:
+            yield conn
+
+    @contextmanager
+    def _begin(self) -> Iterator[Connection]:
+        pinned = self._pinned.get()
+        if pinned is not None:
+            yield pinned
+            return
+        with self.engine.begin() as conn:
+            yield conn
+
     # -- setup -------------------------------------------------------------
 
     def init(self) -> KeyInfo:
@@ -175,11 +211,11 @@ class KeyRegistry:
 
     def _create_table(self) -> None:
         try:
-            with self.engine.begin() as conn:
+            with self._begin() as conn:
                 self.table.create(conn, checkfirst=True)
         except sa.exc.DBAPIError:
             # Another process created it between our check and our CREATE.
-            with self.engine.connect() as conn:
+            with self._connect() as conn:
                 if not sa.inspect(conn).has_table(self.table.name):
                     raise
 
@@ -230,7 +266,7 @@ class KeyRegistry:
         """Rotate away from ``key`` unless another process already has. Best
         effort: False if the database is busy, and ``key`` simply stays in use."""
         outcome = transactions.attempt(
-            self.engine, lambda conn: self._rotate_in(conn, key.scope, expected_id=key.id)
+            self._bind(), lambda conn: self._rotate_in(conn, key.scope, expected_id=key.id)
         )
         if isinstance(outcome, transactions.Busy):
             log.debug("policy rotation of scope %r postponed: data_keys is busy", key.scope)
@@ -297,7 +333,7 @@ class KeyRegistry:
                 "wait, then take the census again"
             )
         header = fmt.header(row.id)
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             targets = list(columns)
             refs = (
                 census.resolve(conn, targets)
@@ -386,7 +422,7 @@ class KeyRegistry:
         Tables; with none, every encrypted column this process has defined
         whose table exists in the database."""
         keys = {row.id: row for row in self._read(lambda c: storage.all_keys(c, self.table))}
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             return [census.count(conn, ref, keys) for ref in census.resolve(conn, targets)]
 
     def reencrypt(
@@ -609,7 +645,7 @@ class KeyRegistry:
                     claim = partial(
                         storage.claim, table=self.table, key_id=latest.id, count=block, limit=limit
                     )
-                    granted = transactions.attempt(self.engine, claim)
+                    granted = transactions.attempt(self._bind(), claim)
                 if granted is True:
                     return self._cache.put(replace(latest, budget=used + block))
                 if granted is transactions.BUSY or not self._rotate_for_policy(latest):
@@ -760,7 +796,9 @@ class KeyRegistry:
 
     def _missing_table(self) -> ConfigurationError | None:
         """After a failed statement: the error to raise if data_keys is missing."""
-        with self.engine.connect() as conn:
+        if self._pinned.get() is not None:
+            return None  # a failed statement aborted the pinned transaction
+        with self._connect() as conn:
             if sa.inspect(conn).has_table(self.table.name):
                 return None
         return ConfigurationError(
@@ -770,7 +808,7 @@ class KeyRegistry:
 
     def _read(self, query: Callable[[Connection], T]) -> T:
         try:
-            with self.engine.connect() as conn:
+            with self._connect() as conn:
                 return query(conn)
         except sa.exc.DBAPIError as error:
             missing = self._missing_table()
@@ -780,7 +818,7 @@ class KeyRegistry:
 
     def _run(self, work: Callable[[Connection], T]) -> T:
         try:
-            return transactions.run(self.engine, work)
+            return transactions.run(self._bind(), work)
         except sa.exc.DBAPIError as error:
             missing = self._missing_table()
             if missing is not None:

@@ -37,12 +37,15 @@ class KeyState(enum.StrEnum):
 
 
 def data_keys_table(metadata: sa.MetaData, name: str = DEFAULT_TABLE_NAME) -> sa.Table:
-    """Define the data_keys table in ``metadata``; shared by `KeyRegistry.init`
-    and the Alembic operations so that both create the same schema."""
+    """Define the data_keys table in ``metadata``."""
+    return sa.Table(name, metadata, *data_keys_schema(name))
+
+
+def data_keys_schema(name: str = DEFAULT_TABLE_NAME) -> list[sa.schema.SchemaItem]:
+    """The columns and constraints of data_keys, new objects on every call:
+    the one definition behind `KeyRegistry.init` and the Alembic operation."""
     states = ", ".join(f"'{s.value}'" for s in KeyState)
-    return sa.Table(
-        name,
-        metadata,
+    return [
         sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
         sa.Column("scope", sa.String(255), nullable=False),
         sa.Column("version", sa.Integer, nullable=False),
@@ -70,7 +73,7 @@ def data_keys_table(metadata: sa.MetaData, name: str = DEFAULT_TABLE_NAME) -> sa
             "wrapped_key IS NOT NULL OR state = 'destroyed'",
             name=f"ck_{name}_wrapped_key",
         ),
-    )
+    ]
 
 
 def utcnow() -> datetime:

@@ -48,8 +48,13 @@ def is_contention(error: sa.exc.DBAPIError) -> bool:
     return "database is locked" in text or "deadlock" in text or "lock wait timeout" in text
 
 
-def run(engine: Engine, work: Callable[[Connection], T]) -> T:
-    """Run ``work`` in its own transaction, retrying lost races."""
+def run(bind: Engine | Connection, work: Callable[[Connection], T]) -> T:
+    """Run ``work`` in its own transaction, retrying lost races. On a
+    Connection (a registry pinned to a migration's connection) ``work`` runs
+    inside that connection's transaction, once."""
+    if isinstance(bind, Connection):
+        return work(bind)
+    engine = bind
     for tries in range(1, _ATTEMPTS + 1):
         try:
             with engine.begin() as conn:
@@ -76,10 +81,12 @@ def _no_waiting(conn: Connection) -> Iterator[None]:
     yield
 
 
-def attempt(engine: Engine, work: Callable[[Connection], T]) -> T | Busy:
+def attempt(bind: Engine | Connection, work: Callable[[Connection], T]) -> T | Busy:
     """Run ``work`` in its own transaction if its locks are free now."""
+    if isinstance(bind, Connection):
+        return work(bind)
     try:
-        with engine.connect() as conn, conn.begin(), _no_waiting(conn):
+        with bind.connect() as conn, conn.begin(), _no_waiting(conn):
             return work(conn)
     except sa.exc.DBAPIError as error:
         if is_contention(error):

@@ -163,6 +163,18 @@ class EncryptedType(TypeDecorator[Any]):
     def python_type(self) -> type[Any]:
         return self._codec.python_type
 
+    def __repr__(self) -> str:
+        """Valid Python for a migration file that has ``import sqlalchemy as
+        sa`` and ``import sqlalchemy_envelope``: how Alembic renders the type."""
+        args = [_render(self.value_type)]
+        if self.context is not None:
+            args.append(f"context={self.context!r}")
+        if self.storage != "binary":
+            args.append(f"storage={self.storage!r}")
+        if self.migrating:
+            args.append("migrating=True")
+        return f"EncryptedType({', '.join(args)})"
+
     def _set_parent(self, parent: Any, outer: bool = False, **kw: Any) -> None:
         super()._set_parent(parent, outer=outer, **kw)
         if not isinstance(parent, sa.Column):
@@ -264,6 +276,15 @@ def _ciphertext(value: Any, text: bool) -> bytes:
             "probably plaintext written before the column was encrypted"
         )
     return value
+
+
+def _render(value_type: TypeEngine[Any]) -> str:
+    module = type(value_type).__module__
+    if module.startswith("sqlalchemy.dialects."):
+        return f"{module.split('.')[2]}.{value_type!r}"
+    if module.startswith("sqlalchemy."):
+        return f"sa.{value_type!r}"
+    return repr(value_type)
 
 
 def _holds_plaintext_in_place(value_type: TypeEngine[Any], storage: str) -> bool:
