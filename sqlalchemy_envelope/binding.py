@@ -74,6 +74,12 @@ class EngineSlot:
                 continue
         return readers[-1].decrypt_bytes(ciphertext, context)
 
+    def decrypt_deterministic(self, ciphertext: bytes, context: bytes) -> bytes:
+        registry = self.registry or (self.readers[0] if self.readers else None)
+        if registry is None:
+            raise _no_registry()
+        return registry.decrypt_deterministic(ciphertext, context)
+
     def add_reader(self, registry: KeyRegistry) -> None:
         if registry not in self.readers:
             self.readers = (*self.readers, registry)

@@ -38,6 +38,7 @@ class EncryptedColumnRef:
     storage: str
     context: bytes
     migrating: bool = False
+    deterministic: bool = False
 
     @property
     def name(self) -> str:
@@ -101,7 +102,13 @@ def _ref(column: sa.Column[Any], info: columns.ColumnInfo) -> EncryptedColumnRef
     table = column.table
     assert isinstance(table, sa.Table)
     return EncryptedColumnRef(
-        table.schema, table.name, column.name, info.storage, info.context(), info.migrating
+        table.schema,
+        table.name,
+        column.name,
+        info.storage,
+        info.context(),
+        info.migrating,
+        info.deterministic,
     )
 
 
@@ -233,7 +240,10 @@ def _header(raw: Any, storage: str) -> bytes | None:
             return None
     else:
         prefix = bytes(raw)
-    if len(prefix) != fmt.HEADER_BYTES or prefix[0] != fmt.FORMAT_VERSION:
+    if len(prefix) != fmt.HEADER_BYTES or prefix[0] not in (
+        fmt.FORMAT_VERSION,
+        fmt.DETERMINISTIC_VERSION,
+    ):
         return None
     return prefix
 
@@ -242,7 +252,9 @@ def count(conn: Connection, ref: EncryptedColumnRef, keys: Mapping[int, KeyRow])
     table = sa.table(ref.table, sa.column(ref.column), schema=ref.schema)
     value = table.c[ref.column]
     text = ref.storage == "text"
-    shortest = fmt.text_length(0) if text else fmt.OVERHEAD
+    shortest = fmt.DETERMINISTIC_OVERHEAD  # the shortest ciphertext of any kind
+    if text:
+        shortest = 4 * -(-shortest // 3)
     prefix = fmt.TEXT_HEADER_CHARS if text else fmt.HEADER_BYTES
     header = sa.case(
         (sa.func.length(value) >= shortest, sa.func.substr(value, 1, prefix)), else_=None

@@ -27,6 +27,7 @@ class ColumnInfo:
     storage: str
     context: Callable[[], bytes]
     migrating: bool
+    deterministic: bool = False
 
 
 _lock = threading.Lock()

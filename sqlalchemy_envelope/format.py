@@ -3,7 +3,8 @@
 ::
 
     offset  size  field
-    0       1     format version, 0x01
+    0       1     format version: 0x01 (AES-256-GCM, randomized)
+                  or 0x02 (AES-SIV, deterministic; no nonce)
     1       5     data key id, big-endian
     6       12    nonce, random from the OS
     18      n     AES-256-GCM ciphertext of the n-byte plaintext
@@ -25,6 +26,7 @@ from .errors import NotCiphertextError
 from .primitives import NONCE_BYTES, TAG_BYTES
 
 __all__ = [
+    "DETERMINISTIC_VERSION",
     "FORMAT_VERSION",
     "HEADER_BYTES",
     "KEY_ID_BYTES",
@@ -41,18 +43,18 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
+DETERMINISTIC_VERSION = 2
 KEY_ID_BYTES = 5
 MAX_KEY_ID = 2 ** (8 * KEY_ID_BYTES) - 1
 HEADER_BYTES = 1 + KEY_ID_BYTES
 PAYLOAD_OFFSET = HEADER_BYTES + NONCE_BYTES
 OVERHEAD = PAYLOAD_OFFSET + TAG_BYTES
+DETERMINISTIC_OVERHEAD = HEADER_BYTES + TAG_BYTES  # AES-SIV: no nonce, a 16-byte tag
 TEXT_HEADER_CHARS = HEADER_BYTES * 4 // 3
 
-_VERSION_BYTE = bytes([FORMAT_VERSION])
 
-
-def header(key_id: int) -> bytes:
-    return _VERSION_BYTE + key_id.to_bytes(KEY_ID_BYTES, "big")
+def header(key_id: int, version: int = FORMAT_VERSION) -> bytes:
+    return bytes([version]) + key_id.to_bytes(KEY_ID_BYTES, "big")
 
 
 def key_id_of(ciphertext: bytes) -> int:
@@ -60,7 +62,9 @@ def key_id_of(ciphertext: bytes) -> int:
 
 
 def check(ciphertext: bytes) -> None:
-    """Raise `NotCiphertextError` unless the value can be a version-1 ciphertext."""
+    """Raise `NotCiphertextError` unless the value can be a ciphertext."""
+    if ciphertext[:1] == b"\x02" and len(ciphertext) >= DETERMINISTIC_OVERHEAD:
+        return
     if len(ciphertext) < OVERHEAD:
         raise NotCiphertextError(
             f"value of {len(ciphertext)} bytes is shorter than any ciphertext "

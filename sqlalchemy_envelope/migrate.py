@@ -131,14 +131,18 @@ def _jobs(conn: Connection, refs: Sequence[EncryptedColumnRef]) -> list[_TableJo
     return jobs
 
 
+HeaderFor = Callable[[EncryptedColumnRef], bytes | None]
+
+
 def _pending(
-    table: sa.TableClause, refs: Sequence[EncryptedColumnRef], header: bytes | None
+    table: sa.TableClause, refs: Sequence[EncryptedColumnRef], target: HeaderFor
 ) -> sa.ColumnElement[bool]:
-    """Rows with a value not under the active key (any non-NULL value when
-    ``header`` is None, for decryption)."""
+    """Rows with a value not under its column's target key (any non-NULL
+    value when the target is None, for decryption)."""
     conditions: list[sa.ColumnElement[bool]] = []
     for ref in refs:
         value = table.c[ref.column]
+        header = target(ref)
         if header is None:
             conditions.append(value.is_not(None))
             continue
@@ -160,7 +164,7 @@ def _run_table(
     registry: KeyRegistry,
     job: _TableJob,
     rewrite: Rewrite,
-    header: Callable[[], bytes | None],
+    target: HeaderFor,
     batch_size: int,
     report: MigrationReport,
     key_range: tuple[Any, Any] | None,
@@ -171,7 +175,7 @@ def _run_table(
     last: tuple[Any, ...] | None = None
     while True:
         with registry._begin() as conn:
-            stmt = sa.select(table).where(_pending(table, job.refs, header()))
+            stmt = sa.select(table).where(_pending(table, job.refs, target))
             if key_range is not None:
                 low, high = key_range
                 if low is not None:
@@ -286,6 +290,8 @@ def _decrypted(
     """The plaintext, or None (counted in the report) if it does not decrypt:
     such a value is left exactly as it is."""
     try:
+        if ciphertext[0] == fmt.DETERMINISTIC_VERSION:
+            return registry.decrypt_deterministic(ciphertext, ref.context)
         return registry.decrypt_bytes(ciphertext, ref.context)
     except DecryptionError as error:
         report.left_behind += 1
@@ -301,6 +307,11 @@ def _stored(ref: EncryptedColumnRef, ciphertext: bytes) -> Any:
 def _reencrypt_rewrite(registry: KeyRegistry, encrypt_plaintext: bool) -> Rewrite:
     versions: dict[bytes, int] = {}  # header -> key version, filled as keys are met
 
+    def seal(ref: EncryptedColumnRef, plaintext: bytes) -> bytes:
+        if ref.deterministic:
+            return registry.encrypt_deterministic(plaintext, ref.context)
+        return registry.encrypt_bytes(plaintext, ref.context)
+
     def rewrite(ref: EncryptedColumnRef, old: Any, report: MigrationReport) -> Any:
         ciphertext = _ciphertext_of(ref, old)
         if ciphertext is None:
@@ -309,12 +320,15 @@ def _reencrypt_rewrite(registry: KeyRegistry, encrypt_plaintext: bool) -> Rewrit
                 return _UNCHANGED
             legacy = old.encode("utf-8") if isinstance(old, str) else bytes(old)
             report.plaintext_encrypted += 1
-            return _stored(ref, registry.encrypt_bytes(legacy, ref.context))
+            return _stored(ref, seal(ref, legacy))
+        deterministic = ciphertext[0] == fmt.DETERMINISTIC_VERSION
+        if deterministic and ref.deterministic:
+            return _UNCHANGED  # deterministic keys do not rotate with data keys
         plaintext = _decrypted(registry, ref, ciphertext, report)
         if plaintext is None:
             return _UNCHANGED
         header = ciphertext[: fmt.HEADER_BYTES]
-        new = registry.encrypt_bytes(plaintext, ref.context)
+        new = seal(ref, plaintext)
         if new[: fmt.HEADER_BYTES] == header:
             return _UNCHANGED  # already under the active key (this process's view)
         if header not in versions:
@@ -374,14 +388,27 @@ def _progress(total: Callable[[], int], enabled: bool | None, label: str) -> Any
     return tqdm(total=total(), desc=label, unit="row", file=sys.stderr, leave=True)
 
 
-def _count_pending(registry: KeyRegistry, jobs: Sequence[_TableJob], header: bytes | None) -> int:
+def _count_pending(registry: KeyRegistry, jobs: Sequence[_TableJob], target: HeaderFor) -> int:
     total = 0
     with registry._connect() as conn:
         for job in jobs:
             table = job.table()
             stmt = sa.select(sa.func.count()).select_from(table)
-            total += int(conn.execute(stmt.where(_pending(table, job.refs, header))).scalar_one())
+            total += int(conn.execute(stmt.where(_pending(table, job.refs, target))).scalar_one())
     return total
+
+
+def _target(registry: KeyRegistry, decrypt: bool) -> HeaderFor:
+    """The header each column's values should carry when the job is done."""
+
+    def target(ref: EncryptedColumnRef) -> bytes | None:
+        if decrypt:
+            return None
+        if ref.deterministic:
+            return registry.deterministic_header(ref.context)
+        return registry.active_header()
+
+    return target
 
 
 def _rewrite_for(registry: KeyRegistry, decrypt: bool, encrypt_plaintext: bool) -> Rewrite:
@@ -403,13 +430,13 @@ def _worker(
     registry.engine.dispose(close=False)  # a forked child opens its own connections
     report = MigrationReport()
     rewrite = _rewrite_for(registry, decrypt, encrypt_plaintext)
-    header = (lambda: None) if decrypt else registry.active_header
+    target = _target(registry, decrypt)
 
     def count(n: int) -> None:
         with done.get_lock():
             done.value += n
 
-    _run_table(registry, job, rewrite, header, batch_size, report, key_range, count)
+    _run_table(registry, job, rewrite, target, batch_size, report, key_range, count)
     results.put(report)
 
 
@@ -434,10 +461,10 @@ def run(
             raise ConfigurationError("no encrypted columns to process")
         jobs = _jobs(conn, refs)
     report = MigrationReport(columns=[r.name for r in refs])
-    header: Callable[[], bytes | None] = (lambda: None) if decrypt else registry.active_header
+    target = _target(registry, decrypt)
     rewrite = _rewrite_for(registry, decrypt, encrypt_plaintext)
     bar = _progress(
-        lambda: _count_pending(registry, jobs, header()),
+        lambda: _count_pending(registry, jobs, target),
         progress,
         "decrypt" if decrypt else "re-encrypt",
     )
@@ -447,7 +474,7 @@ def run(
             skipped_before = report.skipped
             for job in jobs:
                 if workers == 1:
-                    _run_table(registry, job, rewrite, header, batch_size, report, None, tick)
+                    _run_table(registry, job, rewrite, target, batch_size, report, None, tick)
                 else:
                     _run_parallel(
                         registry, job, decrypt, encrypt_plaintext, batch_size, workers, report, tick

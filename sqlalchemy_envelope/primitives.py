@@ -11,17 +11,20 @@ import os
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from cryptography.hazmat.primitives.hmac import HMAC
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
 __all__ = [
     "AESGCM",
+    "AESSIV",
     "KEY_BYTES",
     "NONCE_BYTES",
     "TAG_BYTES",
     "InvalidTag",
     "constant_time_equal",
+    "hkdf_sha256",
     "hmac_sha256",
     "new_data_key",
     "new_nonce",
@@ -47,6 +50,11 @@ def hmac_sha256(key: bytes, message: bytes) -> bytes:
     mac = HMAC(key, hashes.SHA256())
     mac.update(message)
     return mac.finalize()
+
+
+def hkdf_sha256(key: bytes, info: bytes, length: int = KEY_BYTES) -> bytes:
+    """A subkey for one purpose (RFC 5869): distinct ``info``, independent keys."""
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(key)
 
 
 def pbkdf2_sha256(secret: bytes, salt: bytes, iterations: int, length: int) -> bytes:

@@ -45,7 +45,15 @@ from .errors import (
     WrongRootKeyError,
 )
 from .policy import DEFAULT_MAX_ENCRYPTIONS, RotationPolicy
-from .primitives import AESGCM, NONCE_BYTES, InvalidTag, new_data_key
+from .primitives import (
+    AESGCM,
+    AESSIV,
+    NONCE_BYTES,
+    InvalidTag,
+    hkdf_sha256,
+    hmac_sha256,
+    new_data_key,
+)
 from .rootkey import RootKeyProvider, root_key_from_env
 from .status import KeyInfo, MaintenanceReport, RegistryStatus
 from .storage import KeyRow, KeyState
@@ -55,6 +63,9 @@ __all__ = ["DEFAULT_SCOPE", "KeyRegistry"]
 log = logging.getLogger("sqlalchemy_envelope")
 
 DEFAULT_SCOPE = "default"
+INDEX_SCOPE_PREFIX = "~index:"
+"""Scopes of the keys behind blind indexes and deterministic columns: they
+never rotate with data keys, so lookups keep working across rotations."""
 DEFAULT_CACHE_MAX_AGE = timedelta(seconds=60)
 _urandom = os.urandom
 T = TypeVar("T")
@@ -121,6 +132,10 @@ class KeyRegistry:
         self._fingerprint: str | None = None
         self._closed = False
         self._pinned: ContextVar[Connection | None] = ContextVar("envelope_pinned", default=None)
+        self._index_rows: dict[int, KeyRow] = {}  # index key version -> its row
+        self._index_ids: dict[int, int] = {}  # index key id -> version
+        self._derived: dict[tuple[int, bytes], bytes] = {}
+        self._sivs: dict[tuple[int, bytes], tuple[bytes, AESSIV]] = {}
         if attach:
             binding.attach(engine, self)
 
@@ -201,6 +216,7 @@ class KeyRegistry:
             return None, self._insert_active(conn, self.scope, version)
 
         row, new = self._run(work)
+        self._run(self._ensure_index_key)
         if new is not None:
             self._cache.put(new)
             log.info("created data key version %d in scope %r", new.version, self.scope)
@@ -208,6 +224,17 @@ class KeyRegistry:
         assert row is not None
         self._remember(row, previous=None)
         return KeyInfo.from_row(row)
+
+    @property
+    def index_scope(self) -> str:
+        """The scope of the keys behind this registry's blind indexes and
+        deterministic columns."""
+        return INDEX_SCOPE_PREFIX + self.scope
+
+    def _ensure_index_key(self, conn: Connection) -> None:
+        scope = self.index_scope
+        if storage.key_by_version(conn, self.table, scope, 1) is None:
+            self._insert_active(conn, scope, 1)
 
     def _create_table(self) -> None:
         try:
@@ -332,7 +359,7 @@ class KeyRegistry:
                 f"it until their caches refresh ({self.cache_max_age.total_seconds():.0f}s): "
                 "wait, then take the census again"
             )
-        header = fmt.header(row.id)
+        headers = [fmt.header(row.id), fmt.header(row.id, fmt.DETERMINISTIC_VERSION)]
         with self._connect() as conn:
             targets = list(columns)
             refs = (
@@ -340,7 +367,9 @@ class KeyRegistry:
                 if targets
                 else census.discover(conn, skip_table=self.table.name)
             )
-            counts = {ref.name: census.rows_under(conn, ref, header) for ref in refs}
+            counts = {
+                ref.name: sum(census.rows_under(conn, ref, h) for h in headers) for ref in refs
+            }
         in_use = {name: n for name, n in counts.items() if n}
         if in_use:
             raise KeyInUseError(row.version, row.scope, in_use)
@@ -410,6 +439,7 @@ class KeyRegistry:
         with self._lock:
             self.root_key = new_root_key
             self._fingerprint = new_fingerprint
+            self._index_rows.clear()  # their wrapped keys changed
         log.info("re-wrapped %d data keys under root key %s", count, new_fingerprint)
         return count
 
@@ -563,6 +593,84 @@ class KeyRegistry:
             destroyable=destroyable,
             still_referenced=still_referenced,
         )
+
+    # -- keys that do not rotate: blind indexes and deterministic columns ----
+
+    def _index_row(self, version: int) -> KeyRow:
+        row = self._index_rows.get(version)
+        if row is None:
+            scope = self.index_scope
+            row = self._read(lambda c: storage.key_by_version(c, self.table, scope, version))
+            if row is None:
+                raise ConfigurationError(
+                    f"no blind-index key version {version} in scope {scope!r}: call "
+                    "KeyRegistry.init() (version 1), or rotate that scope for a new version"
+                )
+            if row.wrapped_key is None:
+                raise DestroyedKeyError(row.id, row.version, row.scope)
+            self._index_rows[version] = row
+            self._index_ids[row.id] = version
+        return row
+
+    def derived_key(self, purpose: bytes, version: int = 1, length: int = 32) -> bytes:
+        """A key for one purpose and column (HKDF, RFC 5869), derived from the
+        scope's non-rotating index key: blind indexes and `hash_field`."""
+        cached = self._derived.get((version, purpose))
+        if cached is None or len(cached) != length:
+            with self._lock:
+                master = self._unwrap(self._index_row(version))
+                cached = hkdf_sha256(master, purpose, length)
+                self._derived[(version, purpose)] = cached
+        return cached
+
+    def hash_field(self, value: bytes, context: str, *, version: int = 1) -> str:
+        """The seed's HashField done right: a keyed, context-bound HMAC-SHA256
+        (hex) for equality lookups outside ORM columns. Never a bare hash."""
+        key = self.derived_key(b"sqlalchemy-envelope/hash-field/v1\x00" + context.encode(), version)
+        return hmac_sha256(key, value).hex()
+
+    def _siv(self, context: bytes, version: int) -> tuple[bytes, AESSIV]:
+        entry = self._sivs.get((version, context))
+        if entry is None:
+            row = self._index_row(version)
+            key = self.derived_key(
+                b"sqlalchemy-envelope/deterministic/v1\x00" + context, version, length=64
+            )
+            entry = (fmt.header(row.id, fmt.DETERMINISTIC_VERSION), AESSIV(key))
+            self._sivs[(version, context)] = entry
+        return entry
+
+    def deterministic_header(self, context: bytes, version: int = 1) -> bytes:
+        return self._siv(context, version)[0]
+
+    def encrypt_deterministic(self, plaintext: bytes, context: bytes, version: int = 1) -> bytes:
+        """AES-SIV: the same plaintext and context always give the same
+        ciphertext, so the database can compare, join and enforce uniqueness."""
+        header, siv = self._siv(context, version)
+        return header + siv.encrypt(plaintext, [header, context])
+
+    def decrypt_deterministic(self, ciphertext: bytes, context: bytes) -> bytes:
+        fmt.check(ciphertext)
+        if ciphertext[0] != fmt.DETERMINISTIC_VERSION:
+            raise DecryptionError("value is randomized ciphertext in a deterministic column")
+        key_id = fmt.key_id_of(ciphertext)
+        version = self._index_ids.get(key_id)
+        if version is None:
+            row = self._read(lambda c: storage.key_by_id(c, self.table, key_id))
+            if row is None:
+                raise UnknownKeyError(key_id)
+            version = row.version
+            self._index_ids[key_id] = version
+        header, siv = self._siv(context, version)
+        if ciphertext[: fmt.HEADER_BYTES] != header:
+            raise DecryptionError("deterministic value names another key than its scope's")
+        try:
+            return siv.decrypt(ciphertext[fmt.HEADER_BYTES :], [header, context])
+        except InvalidTag:
+            raise DecryptionError(
+                f"value for context {context.decode('utf-8', 'replace')!r} failed "
+                "authentication: it was altered, or written for another column"
+            ) from None
 
     # -- the hot path ----------------------------------------------------
 

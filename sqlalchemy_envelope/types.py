@@ -111,11 +111,11 @@ class EncryptedType(TypeDecorator[Any]):
         __slots__ = ()
 
         def operate(self, op: Any, *other: Any, **kwargs: Any) -> Any:
-            _check_comparison(op, other)
+            _check_comparison(op, other, getattr(self.expr.type, "deterministic", False))
             return super().operate(op, *other, **kwargs)
 
         def reverse_operate(self, op: Any, other: Any, **kwargs: Any) -> Any:
-            _check_comparison(op, (other,))
+            _check_comparison(op, (other,), getattr(self.expr.type, "deterministic", False))
             return super().reverse_operate(op, other, **kwargs)
 
     comparator_factory = Comparator
@@ -127,6 +127,7 @@ class EncryptedType(TypeDecorator[Any]):
         context: str | None = None,
         storage: str = "binary",
         migrating: bool = False,
+        deterministic: bool = False,
     ) -> None:
         if isinstance(value_type, type) and issubclass(value_type, enum.Enum):
             value_type = sa.Enum(value_type)
@@ -148,6 +149,7 @@ class EncryptedType(TypeDecorator[Any]):
         self.context = context
         self.storage = storage
         self.migrating = migrating
+        self.deterministic = deterministic
         self._codec = codec_for(value_type)
         self._binding = _ColumnBinding(self, context)
         self.impl = self._storage_type()
@@ -173,6 +175,8 @@ class EncryptedType(TypeDecorator[Any]):
             args.append(f"storage={self.storage!r}")
         if self.migrating:
             args.append("migrating=True")
+        if self.deterministic:
+            args.append("deterministic=True")
         return f"EncryptedType({', '.join(args)})"
 
     def _set_parent(self, parent: Any, outer: bool = False, **kw: Any) -> None:
@@ -189,7 +193,10 @@ class EncryptedType(TypeDecorator[Any]):
             )
         self._binding.column = parent
         columns.remember(
-            parent, columns.ColumnInfo(self.storage, self._binding.context, self.migrating)
+            parent,
+            columns.ColumnInfo(
+                self.storage, self._binding.context, self.migrating, self.deterministic
+            ),
         )
 
     # -- processors: the hot path -------------------------------------------
@@ -198,7 +205,8 @@ class EncryptedType(TypeDecorator[Any]):
         encode = self._codec.encode
         context = self._binding.context()
         writer = binding.slot_for(dialect).writer
-        if self.storage == "binary":
+        deterministic = self.deterministic
+        if self.storage == "binary" and not deterministic:
             # Every Python 3 DB-API driver takes bytes for BLOB/bytea; the
             # impl's DBAPI.Binary() wrapper would only add a copy per value.
             def process_binary(value: Any) -> Any:
@@ -208,21 +216,28 @@ class EncryptedType(TypeDecorator[Any]):
 
             return process_binary
 
-        impl = self.impl_instance.bind_processor(dialect)
-        to_text = fmt.to_text
+        impl = None if self.storage == "binary" else self.impl_instance.bind_processor(dialect)
+        to_text = fmt.to_text if self.storage == "text" else None
 
-        def process_text(value: Any) -> Any:
+        def process(value: Any) -> Any:
             if value is None:
                 return None
-            data = to_text(writer().encrypt_bytes(encode(value), context))
+            registry = writer()
+            if deterministic:
+                data: Any = registry.encrypt_deterministic(encode(value), context)
+            else:
+                data = registry.encrypt_bytes(encode(value), context)
+            if to_text is not None:
+                data = to_text(data)
             return impl(data) if impl is not None else data
 
-        return process_text
+        return process
 
     def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
         decode = self._codec.decode
         context = self._binding.context()
-        decrypt = binding.slot_for(dialect).decrypt
+        slot = binding.slot_for(dialect)
+        decrypt = slot.decrypt_deterministic if self.deterministic else slot.decrypt
         impl = self.impl_instance.result_processor(dialect, coltype)
         text = self.storage == "text"
         migrating = self.migrating
@@ -249,18 +264,12 @@ class EncryptedType(TypeDecorator[Any]):
         return process
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
-        if value is None:
-            return None
-        registry = binding.slot_for(dialect).writer()
-        data = registry.encrypt_bytes(self._codec.encode(value), self._binding.context())
-        return fmt.to_text(data) if self.storage == "text" else data
+        processed = self.bind_processor(dialect)(value)
+        return processed
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Any:
-        if value is None:
-            return None
-        decrypt = binding.slot_for(dialect).decrypt
-        plaintext = decrypt(_ciphertext(value, self.storage == "text"), self._binding.context())
-        return self._codec.decode(plaintext)
+        processed = self.result_processor(dialect, None)(value)
+        return processed
 
 
 def _ciphertext(value: Any, text: bool) -> bytes:
@@ -300,11 +309,25 @@ def _undecodable(value_type: TypeEngine[Any]) -> InvalidValueError:
     )
 
 
-def _check_comparison(op: Any, other: tuple[Any, ...]) -> None:
+_EQUALITY = frozenset(
+    {
+        operators.eq,
+        operators.ne,
+        operators.in_op,
+        operators.not_in_op,
+        operators.is_distinct_from,
+        operators.is_not_distinct_from,
+    }
+)
+
+
+def _check_comparison(op: Any, other: tuple[Any, ...], deterministic: bool) -> None:
+    if deterministic and op in _EQUALITY:
+        return  # equal plaintexts give equal ciphertexts
     if op in _COMPARISONS and not (other and other[0] is None):
         raise EncryptedComparisonError(
             "encrypted columns cannot be compared in SQL: each value is encrypted "
-            "with a fresh nonce, so no comparison could ever match. Compare in "
-            "Python after loading, or use a blind index for equality lookups; "
-            "IS NULL and IS NOT NULL work"
+            "with a fresh nonce, so no comparison could ever match. Use a blind index "
+            "or EncryptedType(..., deterministic=True) for equality lookups; IS NULL "
+            "and IS NOT NULL work"
         )

@@ -38,7 +38,7 @@ def test_census_counts_versions_nulls_and_plaintext(
         conn.execute(
             raw.insert(), {"id": 30, "owner": b"legacy plaintext", "iban": "DE00 legacy plain"}
         )
-        conn.execute(raw.insert(), {"id": 31, "owner": b"\x02" + b"x" * 40, "iban": "short"})
+        conn.execute(raw.insert(), {"id": 31, "owner": b"\x07" + b"x" * 40, "iban": "short"})
 
     by_name = {c.column: c for c in registry.census(Account)}
     owner, iban = by_name["accounts.owner"], by_name["accounts.iban"]

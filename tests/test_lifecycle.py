@@ -83,7 +83,11 @@ def test_every_transition_and_reading_under_each_state(
             action(1)
     with engine.connect() as conn:
         tombstone = (
-            conn.execute(sa.select(reg.table).where(reg.table.c.version == 1)).mappings().one()
+            conn.execute(
+                sa.select(reg.table).where(reg.table.c.version == 1, reg.table.c.scope == "default")
+            )
+            .mappings()
+            .one()
         )
     assert tombstone["wrapped_key"] is None and tombstone["state"] == "destroyed"
 

@@ -41,7 +41,11 @@ def _secrets_table() -> sa.Table:
 
 def _key_rows(engine: sa.Engine) -> list[Any]:
     with engine.connect() as conn:
-        return list(conn.execute(sa.text("SELECT * FROM data_keys ORDER BY version")).all())
+        return list(
+            conn.execute(
+                sa.text("SELECT * FROM data_keys WHERE scope = 'default' ORDER BY version")
+            ).all()
+        )
 
 
 @pytest.fixture

@@ -53,7 +53,9 @@ def test_the_database_allows_one_active_key_per_scope(
     with engine.connect() as conn:
         active = (
             conn.execute(
-                sa.select(table.c.scope).where(table.c.state == "active").order_by(table.c.scope)
+                sa.select(table.c.scope)
+                .where(table.c.state == "active", ~table.c.scope.startswith("~"))
+                .order_by(table.c.scope)
             )
             .scalars()
             .all()
@@ -77,14 +79,14 @@ def test_no_key_material_reaches_the_database(
     registry.init()
     for _ in range(3):
         registry.rotate()
-    assert len(generated) == 4
+    assert len(generated) == 5  # four data keys, and the blind-index key
 
     with engine.connect() as conn:
         rows = conn.execute(sa.text("SELECT * FROM data_keys")).all()
     dump = b"".join(
         bytes(v) if isinstance(v, (bytes, memoryview)) else str(v).encode() for r in rows for v in r
     )
-    assert len(rows) == 4
+    assert len(rows) == 5
     for key in generated:
         for form in (key, key.hex().encode(), key[:16], key[16:]):
             assert form not in dump
@@ -95,7 +97,9 @@ def test_wrapped_keys_are_bound_to_their_row(engine: sa.Engine, registry: KeyReg
     registry.rotate()
     table = registry.table
     with engine.begin() as conn:
-        rows = conn.execute(sa.select(table.c.id, table.c.wrapped_key)).all()
+        rows = conn.execute(
+            sa.select(table.c.id, table.c.wrapped_key).where(table.c.scope == "default")
+        ).all()
         (id_a, wrapped_a), (id_b, wrapped_b) = rows
         conn.execute(sa.update(table).where(table.c.id == id_a).values(wrapped_key=wrapped_b))
         conn.execute(sa.update(table).where(table.c.id == id_b).values(wrapped_key=wrapped_a))

@@ -48,7 +48,11 @@ def _run_all(
 def _keys(engine: sa.Engine) -> list[sa.RowMapping]:
     with engine.connect() as conn:
         return list(
-            conn.execute(sa.text("SELECT * FROM data_keys ORDER BY version")).mappings().all()
+            conn.execute(
+                sa.text("SELECT * FROM data_keys WHERE scope = 'default' ORDER BY version")
+            )
+            .mappings()
+            .all()
         )
 
 
