@@ -6,6 +6,7 @@ column values. See the README for the quickstart and the key lifecycle.
 """
 
 from .binding import EXECUTION_OPTION
+from .blind_index import NORMALIZERS, BlindDigest, BlindIndex, blind_index, blind_index_column
 from .census import ColumnCensus, KeyRows
 from .errors import (
     ConfigurationError,
@@ -34,6 +35,9 @@ __all__ = [
     "DEFAULT_MAX_ENCRYPTIONS",
     "DEFAULT_SCOPE",
     "EXECUTION_OPTION",
+    "NORMALIZERS",
+    "BlindDigest",
+    "BlindIndex",
     "ColumnCensus",
     "ConfigurationError",
     "DecryptionError",
@@ -60,6 +64,8 @@ __all__ = [
     "StaticRootKey",
     "UnknownKeyError",
     "WrongRootKeyError",
+    "blind_index",
+    "blind_index_column",
     "data_keys_table",
     "root_key_from_env",
 ]

@@ -13,6 +13,7 @@ with values left behind.
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import sys
@@ -321,6 +322,28 @@ def maintenance(c: Context) -> None:
             f"destroyable versions: {list(report.destroyable)}\n"
             f"versions still holding rows: {report.still_referenced}",
         )
+
+    _run(action)
+
+
+@main.command("backfill-index")
+@click.argument("target")
+@click.option("--batch-size", default=1000, show_default=True)
+@pass_context
+def backfill_index(c: Context, target: str, batch_size: int) -> None:
+    """Fill a blind index for existing rows; TARGET is module:Class.attribute
+    (the models define the index's sources and normalizers)."""
+
+    def action() -> None:
+        module_name, _, path = target.partition(":")
+        if not module_name or not path:
+            raise ConfigurationError("name the index as module:Class.attribute")
+        sys.path.insert(0, "")
+        found: Any = importlib.import_module(module_name)
+        for part in path.split("."):
+            found = getattr(found, part)
+        report = c.registry().backfill_index(found, batch_size=batch_size)
+        c.emit(report.to_dict(), _report_text(report))
 
     _run(action)
 

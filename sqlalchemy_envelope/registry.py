@@ -495,6 +495,15 @@ class KeyRegistry:
             self, targets, decrypt=True, batch_size=batch_size, workers=workers, progress=progress
         )
 
+    def backfill_index(self, target: Any, *, batch_size: int = 1000) -> migrate.MigrationReport:
+        """Fill a blind index column for existing rows (resumable, batched,
+        compare-and-swap); to re-key or re-normalize an index, add a second
+        index column, backfill it, switch lookups to it, then drop the first."""
+        from .blind_index import backfill
+
+        report: migrate.MigrationReport = backfill(self, target, batch_size=batch_size)
+        return report
+
     def active_header(self) -> bytes:
         """The ciphertext header of the active key: values starting with it
         need no re-encryption."""
