@@ -1,0 +1,300 @@
+"""Equality lookups on encrypted columns: blind indexes and deterministic
+columns, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from sqlalchemy_envelope import (
+    ConfigurationError,
+    EncryptedComparisonError,
+    EncryptedType,
+    KeyRegistry,
+    StaticRootKey,
+    blind_index,
+    blind_index_column,
+)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(EncryptedType(sa.String(200)))
+    email_index: Mapped[str | None] = blind_index(
+        "email", normalize=["strip", "casefold"], unique=True
+    )
+    phone: Mapped[str | None] = mapped_column(EncryptedType(sa.String(30)))
+    phone_index: Mapped[str | None] = blind_index("phone", normalize="digits", bits=16)
+    first: Mapped[str | None] = mapped_column(EncryptedType(sa.String(50)))
+    last: Mapped[str | None] = mapped_column(EncryptedType(sa.String(50)))
+    name_index: Mapped[str | None] = blind_index("first", "last", normalize="casefold")
+    ssn: Mapped[str | None] = mapped_column(
+        EncryptedType(sa.String(11), deterministic=True, context="person.ssn"), unique=True
+    )
+
+
+class Claim(Base):
+    __tablename__ = "claims"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    ssn: Mapped[str] = mapped_column(
+        EncryptedType(sa.String(11), deterministic=True, context="person.ssn")
+    )
+
+
+PEOPLE = [
+    (1, "Alice@Example.com", "+1 (555) 010-0001", "Ada", "Lovelace", "111-11-1111"),
+    (2, "bob@example.com", "555 010 0002", "Bob", "Smith", "222-22-2222"),
+    (3, "carol@example.com", None, "Carol", "Smith", None),
+]
+
+
+def _fill(engine: sa.Engine) -> None:
+    Base.metadata.create_all(engine)
+    with Session(engine) as session:
+        for id_, email, phone, first, last, ssn in PEOPLE[:2]:
+            session.add(User(id=id_, email=email, phone=phone, first=first, last=last, ssn=ssn))
+        session.commit()
+        # ORM bulk insert: the index is filled by its column default.
+        id_, email, phone, first, last, ssn = PEOPLE[2]
+        session.execute(
+            sa.insert(User),
+            [{"id": id_, "email": email, "phone": phone, "first": first, "last": last, "ssn": ssn}],
+        )
+        session.add_all([Claim(id=10, ssn="111-11-1111"), Claim(id=11, ssn="333-33-3333")])
+        session.commit()
+
+
+def _ids(session: Session, where: sa.ColumnElement[bool]) -> list[int]:
+    return sorted(session.scalars(sa.select(User.id).where(where)))
+
+
+def test_lookups_by_blind_index_and_deterministic_columns(
+    engine: sa.Engine, registry: KeyRegistry
+) -> None:
+    _fill(engine)
+    with Session(engine) as session:
+        assert _ids(session, User.email_index.matches("  ALICE@example.COM ")) == [1]
+        assert _ids(session, User.email_index == "carol@example.com") == [3]
+        assert _ids(session, User.email_index.matches("nobody@example.com")) == []
+        assert _ids(session, User.phone_index.matches("15550100001")) == [1]
+        assert _ids(session, User.name_index.matches("bob", "SMITH")) == [2]
+        assert _ids(session, User.name_index.matches("Smith", "Bob")) == []
+        assert _ids(session, User.ssn == "222-22-2222") == [2]
+        assert _ids(session, User.ssn.in_(["111-11-1111", "999-99-9999"])) == [1]
+        assert _ids(session, User.ssn != "111-11-1111") == [2]
+        joined = session.execute(
+            sa.select(User.id, Claim.id).join(Claim, Claim.ssn == User.ssn)
+        ).all()
+        assert joined == [(1, 10)]
+        with pytest.raises(EncryptedComparisonError):
+            User.ssn > "1"  # noqa: B015
+        with pytest.raises(EncryptedComparisonError):
+            User.email == "x"  # noqa: B015
+
+        user = session.get(User, 2)
+        assert user is not None
+        user.email = "Robert@Example.com"  # an ORM update keeps the index in step
+        session.commit()
+        assert _ids(session, User.email_index.matches("robert@example.com")) == [2]
+        assert _ids(session, User.email_index.matches("bob@example.com")) == []
+        assert len(user.email_index or "") == 64 and len(user.phone_index or "") == 4
+
+
+def test_unique_constraints_are_enforced_by_the_database(
+    engine: sa.Engine, registry: KeyRegistry
+) -> None:
+    _fill(engine)
+    for duplicate in (
+        User(id=9, email=" alice@EXAMPLE.com"),  # the same email, once normalized
+        User(id=9, email="new@example.com", ssn="111-11-1111"),  # the same SSN
+    ):
+        with Session(engine) as session, pytest.raises(sa.exc.IntegrityError):
+            session.add(duplicate)
+            session.commit()
+
+
+def test_lookups_survive_rotation_and_reencryption(
+    engine: sa.Engine, registry: KeyRegistry
+) -> None:
+    _fill(engine)
+    for _ in range(2):
+        registry.rotate()
+        report = registry.reencrypt(User, Claim)
+        assert report.left_behind == 0
+    with Session(engine) as session:
+        assert _ids(session, User.email_index.matches("alice@example.com")) == [1]
+        assert _ids(session, User.ssn == "111-11-1111") == [1]
+        assert session.get(User, 1).email == "Alice@Example.com"  # type: ignore[union-attr]
+    (ssn,) = registry.census(User.ssn)
+    assert {k.scope for k in ssn.keys} == {"~index:default"}  # not moved by data key rotation
+
+
+def test_no_plaintext_and_no_unkeyed_hash_in_the_database(
+    engine: sa.Engine, registry: KeyRegistry
+) -> None:
+    _fill(engine)
+    with engine.connect() as conn:
+        dump = b""
+        for table in ("users", "claims", "data_keys"):
+            for row in conn.execute(sa.text(f"SELECT * FROM {table}")):
+                for value in row:
+                    if value is not None:
+                        dump += (
+                            bytes(value)
+                            if isinstance(value, bytes | memoryview)
+                            else str(value).encode()
+                        )
+    for person in PEOPLE:
+        for value in person[1:]:
+            if value is None:
+                continue
+            variants = {value, value.strip().casefold(), "".join(c for c in value if c.isdigit())}
+            for variant in variants:
+                if len(variant) < 4:
+                    continue
+                digest = hashlib.sha256(variant.encode()).digest()
+                for form in (
+                    variant.encode(),
+                    digest,
+                    digest.hex().encode(),
+                    digest.hex()[:16].encode(),
+                ):
+                    assert form not in dump
+
+
+def test_hash_field_is_keyed_and_bound_to_its_context(
+    db_url: str, engine: sa.Engine, registry: KeyRegistry, root_key: StaticRootKey
+) -> None:
+    value = b"alice@example.com"
+    tag = registry.hash_field(value, "newsletter.email")
+    assert tag != hashlib.sha256(value).hexdigest()
+    assert tag != registry.hash_field(value, "billing.email")
+    other_engine = sa.create_engine(db_url)
+    other = KeyRegistry(other_engine, root_key)
+    assert other.hash_field(value, "newsletter.email") == tag  # stable across processes
+    registry.rotate()
+    assert registry.hash_field(value, "newsletter.email") == tag  # and across rotations
+    other.close()
+    other_engine.dispose()
+
+
+def test_core_columns_and_bad_configuration(engine: sa.Engine, registry: KeyRegistry) -> None:
+    md = sa.MetaData()
+    contacts = sa.Table(
+        "contacts",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("email", EncryptedType(sa.String(100))),
+        blind_index_column("email_index", "email", normalize="casefold"),
+    )
+    md.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(contacts.insert(), [{"id": i, "email": f"User{i}@x.org"} for i in range(5)])
+        found = (
+            conn.execute(
+                sa.select(contacts.c.id).where(contacts.c.email_index.matches("user3@X.ORG"))
+            )
+            .scalars()
+            .all()
+        )
+    assert found == [3]
+    with pytest.raises(ConfigurationError, match="normalizer"):
+        blind_index("email", normalize="soundex")
+    with pytest.raises(ConfigurationError, match="bits"):
+        blind_index("email", bits=0)
+
+
+class Note(Base):
+    __tablename__ = "kill_notes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    body: Mapped[str] = mapped_column(EncryptedType(sa.String(60)))
+    body_index: Mapped[str | None] = blind_index("body")
+
+
+MODELS = """
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy_envelope import EncryptedType, blind_index
+
+class Base(DeclarativeBase):
+    pass
+
+class Note(Base):
+    __tablename__ = "kill_notes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    body: Mapped[str] = mapped_column(EncryptedType(sa.String(60)))
+    body_index: Mapped[str | None] = blind_index("body")
+"""
+
+
+def test_backfill_resumes_after_sigkill(pg_url: str, tmp_path: Path) -> None:
+    root = os.urandom(32)
+    engine = sa.create_engine(pg_url)
+    registry = KeyRegistry(engine, StaticRootKey(root))
+    registry.init()
+    Note.__table__.create(engine)
+    rows = 20_000
+    with engine.begin() as conn:
+        conn.execute(
+            Note.__table__.insert(),
+            [{"id": i, "body": f"note {i}", "body_index": None} for i in range(rows)],
+        )
+        conn.execute(sa.text("UPDATE kill_notes SET body_index = NULL"))
+    (tmp_path / "kill_models.py").write_text(MODELS)
+    env = {
+        **os.environ,
+        "ENVELOPE_ROOT_KEY": base64.b64encode(root).decode(),
+        "PYTHONPATH": str(tmp_path),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "sqlalchemy_envelope",
+        "--url",
+        pg_url,
+        "backfill-index",
+        "kill_models:Note.body_index",
+        "--batch-size",
+        "100",
+    ]
+
+    def filled() -> int:
+        with engine.connect() as conn:
+            return int(
+                conn.execute(
+                    sa.text("SELECT count(*) FROM kill_notes WHERE body_index IS NOT NULL")
+                ).scalar_one()
+            )
+
+    interrupted = 0
+    for delay in (0.9, 1.3, 1.7):
+        proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if 0 < filled() < rows:
+            interrupted += 1
+    assert interrupted >= 1, "the backfill was never caught half way"
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert filled() == rows
+    with Session(engine) as session:
+        hit = session.scalars(sa.select(Note.id).where(Note.body_index.matches("note 12345")))
+        assert list(hit) == [12345]
+    registry.close()
+    engine.dispose()
