@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -26,12 +28,85 @@ from .redaction import redact_rows
 if TYPE_CHECKING:
     from .registry import KeyRegistry
 
-__all__ = ["EXECUTION_OPTION", "SESSION_INFO_KEY", "EngineSlot", "slot_for"]
+__all__ = [
+    "EXECUTION_OPTION",
+    "SCOPE_OPTION",
+    "SESSION_INFO_KEY",
+    "EngineSlot",
+    "current_scope",
+    "scope",
+    "session_scope",
+    "slot_for",
+]
 
 EXECUTION_OPTION = "envelope_registry"
+SCOPE_OPTION = "envelope_scope"
 SESSION_INFO_KEY = "sqlalchemy_envelope.registry"
+SESSION_SCOPE_KEY = "sqlalchemy_envelope.scope"
 
 _writer: ContextVar[KeyRegistry | None] = ContextVar("envelope_writer", default=None)
+_statement_scope: ContextVar[str | None] = ContextVar("envelope_statement_scope", default=None)
+_ambient_scope: ContextVar[str | None] = ContextVar("envelope_ambient_scope", default=None)
+
+
+def current_scope() -> str | None:
+    """The key scope chosen for the statement being executed: its execution
+    option (per call, per connection, or per Session), else the scope of the
+    enclosing ``scope(...)`` block, else None (the registry's own scope)."""
+    return _statement_scope.get() or _ambient_scope.get()
+
+
+@contextmanager
+def scope(name: str) -> Iterator[None]:
+    """Write under the key scope ``name`` (a tenant) inside this block, in
+    this thread or asyncio task: ``with sqlalchemy_envelope.scope("acme"): ...``"""
+    token = _ambient_scope.set(name)
+    try:
+        yield
+    finally:
+        _ambient_scope.reset(token)
+
+
+@contextmanager
+def session_scope(session: Session, name: str) -> Iterator[Session]:
+    """Make ``session`` write under the key scope ``name`` inside the block
+    (one unit of work), then restore its previous scope."""
+    previous = session.info.get(SESSION_SCOPE_KEY)
+    set_session_scope(session, name)
+    try:
+        yield session
+    finally:
+        set_session_scope(session, previous)
+
+
+def set_session_scope(target: Any, name: str | None) -> None:
+    """Choose the key scope a Session, AsyncSession or sessionmaker writes under."""
+    _listen()
+    sync_session = getattr(target, "sync_session", None)
+    if isinstance(sync_session, Session):
+        target = sync_session
+    if isinstance(target, Session):
+        if name is None:
+            target.info.pop(SESSION_SCOPE_KEY, None)
+        else:
+            target.info[SESSION_SCOPE_KEY] = name
+        transaction = target.get_transaction()
+        if transaction is not None:  # already connected: switch the live connections too
+            for connection, *_ in list(transaction._connections.values()):
+                connection.execution_options(**{SCOPE_OPTION: name})
+        return
+    factory_kw = getattr(target, "kw", None)
+    if isinstance(factory_kw, dict):
+        info = dict(factory_kw.get("info") or {})
+        info[SESSION_SCOPE_KEY] = name
+        factory_kw["info"] = info
+        return
+    raise ConfigurationError(
+        f"cannot set a key scope on {type(target).__name__}: pass a Session, "
+        "AsyncSession, sessionmaker or async_sessionmaker"
+    )
+
+
 _slots: weakref.WeakKeyDictionary[Dialect, EngineSlot] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 _listening = False
@@ -73,6 +148,12 @@ class EngineSlot:
             except (UnknownKeyError, WrongRootKeyError):
                 continue
         return readers[-1].decrypt_bytes(ciphertext, context)
+
+    def decrypt_scoped(self, ciphertext: bytes, context: bytes) -> bytes:
+        registry = self.registry or (self.readers[0] if self.readers else None)
+        if registry is None:
+            raise _no_registry()
+        return registry.decrypt_scoped(ciphertext, context, current_scope())
 
     def decrypt_deterministic(self, ciphertext: bytes, context: bytes) -> bytes:
         registry = self.registry or (self.readers[0] if self.readers else None)
@@ -155,6 +236,7 @@ def _before_execute(
     # Set on every execution, so a choice never outlives its statement.
     chosen = execution_options.get(EXECUTION_OPTION)
     _writer.set(chosen)
+    _statement_scope.set(execution_options.get(SCOPE_OPTION))
     if chosen is not None:
         slot_for(conn.dialect).add_reader(chosen)
         redact_rows(conn.engine)
@@ -164,6 +246,9 @@ def _after_begin(session: Session, transaction: SessionTransaction, connection: 
     registry = session.info.get(SESSION_INFO_KEY)
     if registry is not None:
         connection.execution_options(**{EXECUTION_OPTION: registry})
+    name = session.info.get(SESSION_SCOPE_KEY)
+    if name is not None:
+        connection.execution_options(**{SCOPE_OPTION: name})
 
 
 def _listen() -> None:

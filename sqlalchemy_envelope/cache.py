@@ -53,9 +53,12 @@ class DataKey:
 class KeyCache:
     """Keys by ciphertext header, and the active key of each scope."""
 
-    def __init__(self, max_age: float, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self, max_age: float, clock: Clock = time.monotonic, max_keys: int = 10_000
+    ) -> None:
         self.max_age = max_age
         self.clock = clock
+        self.max_keys = max_keys
         self.by_header: dict[bytes, DataKey] = {}
         self.active: dict[str, DataKey] = {}
 
@@ -63,8 +66,16 @@ class KeyCache:
         return self.clock() + self.max_age
 
     def put(self, key: DataKey) -> DataKey:
-        """Remember ``key``, and make it its scope's active key if it is active."""
+        """Remember ``key``, and make it its scope's active key if it is active.
+        Past ``max_keys`` entries the oldest one is forgotten (it is read
+        again from the database if it is needed again)."""
+        self.by_header.pop(key.header, None)  # re-inserted last: the most recent
         self.by_header[key.header] = key
+        while len(self.by_header) > self.max_keys:
+            oldest = next(iter(self.by_header))
+            evicted = self.by_header.pop(oldest)
+            if self.active.get(evicted.scope) is evicted:
+                del self.active[evicted.scope]
         if key.state is KeyState.ACTIVE:
             self.active[key.scope] = key
         else:

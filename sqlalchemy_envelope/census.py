@@ -39,6 +39,7 @@ class EncryptedColumnRef:
     context: bytes
     migrating: bool = False
     deterministic: bool = False
+    bind_scope: bool = False
 
     @property
     def name(self) -> str:
@@ -109,6 +110,7 @@ def _ref(column: sa.Column[Any], info: columns.ColumnInfo) -> EncryptedColumnRef
         info.context(),
         info.migrating,
         info.deterministic,
+        info.bind_scope,
     )
 
 

@@ -28,6 +28,7 @@ class ColumnInfo:
     context: Callable[[], bytes]
     migrating: bool
     deterministic: bool = False
+    bind_scope: bool = False
 
 
 _lock = threading.Lock()

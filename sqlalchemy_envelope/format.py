@@ -38,6 +38,7 @@ __all__ = [
     "from_text",
     "header",
     "key_id_of",
+    "scoped_context",
     "text_length",
     "to_text",
 ]
@@ -96,3 +97,9 @@ def from_text(value: str) -> bytes:
 def text_length(max_plaintext_bytes: int) -> int:
     """Characters of base64 text needed for a plaintext of at most this size."""
     return 4 * math.ceil((max_plaintext_bytes + OVERHEAD) / 3)
+
+
+def scoped_context(context: bytes, scope: str) -> bytes:
+    """The associated data of a scope-bound column: its context and the scope
+    (the tenant) the value was written for."""
+    return context + b"\x00scope=" + scope.encode("utf-8")

@@ -26,10 +26,11 @@ from sqlalchemy.engine import Connection
 from . import census
 from . import format as fmt
 from .census import EncryptedColumnRef, Target
-from .errors import ConfigurationError, DecryptionError, NotCiphertextError
+from .errors import ConfigurationError, DecryptionError, NotCiphertextError, UnknownKeyError
 
 if TYPE_CHECKING:
     from .registry import KeyRegistry
+
 
 __all__ = ["MigrationReport", "run"]
 
@@ -285,13 +286,19 @@ def _ciphertext_of(ref: EncryptedColumnRef, stored: Any) -> bytes | None:
 
 
 def _decrypted(
-    registry: KeyRegistry, ref: EncryptedColumnRef, ciphertext: bytes, report: MigrationReport
+    registry: KeyRegistry,
+    ref: EncryptedColumnRef,
+    ciphertext: bytes,
+    report: MigrationReport,
+    key_scope: str = "",
 ) -> bytes | None:
     """The plaintext, or None (counted in the report) if it does not decrypt:
     such a value is left exactly as it is."""
     try:
         if ciphertext[0] == fmt.DETERMINISTIC_VERSION:
             return registry.decrypt_deterministic(ciphertext, ref.context)
+        if ref.bind_scope:
+            return registry.decrypt_scoped(ciphertext, ref.context, None)
         return registry.decrypt_bytes(ciphertext, ref.context)
     except DecryptionError as error:
         report.left_behind += 1
@@ -304,13 +311,14 @@ def _stored(ref: EncryptedColumnRef, ciphertext: bytes) -> Any:
     return fmt.to_text(ciphertext) if ref.storage == "text" else ciphertext
 
 
-def _reencrypt_rewrite(registry: KeyRegistry, encrypt_plaintext: bool) -> Rewrite:
-    versions: dict[bytes, int] = {}  # header -> key version, filled as keys are met
+def _reencrypt_rewrite(registry: KeyRegistry, encrypt_plaintext: bool, scope: str) -> Rewrite:
+    keys: dict[bytes, tuple[str, int]] = {}  # header -> (scope, version), as keys are met
 
     def seal(ref: EncryptedColumnRef, plaintext: bytes) -> bytes:
         if ref.deterministic:
             return registry.encrypt_deterministic(plaintext, ref.context)
-        return registry.encrypt_bytes(plaintext, ref.context)
+        context = fmt.scoped_context(ref.context, scope) if ref.bind_scope else ref.context
+        return registry.encrypt_bytes(plaintext, context, scope)
 
     def rewrite(ref: EncryptedColumnRef, old: Any, report: MigrationReport) -> Any:
         ciphertext = _ciphertext_of(ref, old)
@@ -324,16 +332,22 @@ def _reencrypt_rewrite(registry: KeyRegistry, encrypt_plaintext: bool) -> Rewrit
         deterministic = ciphertext[0] == fmt.DETERMINISTIC_VERSION
         if deterministic and ref.deterministic:
             return _UNCHANGED  # deterministic keys do not rotate with data keys
-        plaintext = _decrypted(registry, ref, ciphertext, report)
+        header = ciphertext[: fmt.HEADER_BYTES]
+        if not deterministic:
+            if header not in keys:
+                try:
+                    keys[header] = registry.key_scope_version(fmt.key_id_of(header))
+                except UnknownKeyError:
+                    keys[header] = ("", 0)
+            if keys[header][0] != scope:
+                return _UNCHANGED  # another scope's (tenant's) value: not this job's
+        plaintext = _decrypted(registry, ref, ciphertext, report, keys.get(header, ("", 0))[0])
         if plaintext is None:
             return _UNCHANGED
-        header = ciphertext[: fmt.HEADER_BYTES]
         new = seal(ref, plaintext)
         if new[: fmt.HEADER_BYTES] == header:
             return _UNCHANGED  # already under the active key (this process's view)
-        if header not in versions:
-            versions[header] = registry.key_version(fmt.key_id_of(header))
-        version = versions[header]
+        version = keys.get(header, ("", 0))[1]
         report.values_by_version[version] = report.values_by_version.get(version, 0) + 1
         return _stored(ref, new)
 
@@ -398,7 +412,7 @@ def _count_pending(registry: KeyRegistry, jobs: Sequence[_TableJob], target: Hea
     return total
 
 
-def _target(registry: KeyRegistry, decrypt: bool) -> HeaderFor:
+def _target(registry: KeyRegistry, decrypt: bool, scope: str) -> HeaderFor:
     """The header each column's values should carry when the job is done."""
 
     def target(ref: EncryptedColumnRef) -> bytes | None:
@@ -406,22 +420,24 @@ def _target(registry: KeyRegistry, decrypt: bool) -> HeaderFor:
             return None
         if ref.deterministic:
             return registry.deterministic_header(ref.context)
-        return registry.active_header()
+        return registry.active_header(scope)
 
     return target
 
 
-def _rewrite_for(registry: KeyRegistry, decrypt: bool, encrypt_plaintext: bool) -> Rewrite:
+def _rewrite_for(
+    registry: KeyRegistry, decrypt: bool, encrypt_plaintext: bool, scope: str
+) -> Rewrite:
     if decrypt:
         return _decrypt_rewrite(registry)
-    return _reencrypt_rewrite(registry, encrypt_plaintext)
+    return _reencrypt_rewrite(registry, encrypt_plaintext, scope)
 
 
 def _worker(
     registry: KeyRegistry,
     job: _TableJob,
-    decrypt: bool,
-    encrypt_plaintext: bool,
+    rewrite: Rewrite,
+    target: HeaderFor,
     batch_size: int,
     key_range: tuple[Any, Any],
     done: Any,
@@ -429,8 +445,6 @@ def _worker(
 ) -> None:
     registry.engine.dispose(close=False)  # a forked child opens its own connections
     report = MigrationReport()
-    rewrite = _rewrite_for(registry, decrypt, encrypt_plaintext)
-    target = _target(registry, decrypt)
 
     def count(n: int) -> None:
         with done.get_lock():
@@ -449,6 +463,7 @@ def run(
     batch_size: int = 1000,
     workers: int = 1,
     progress: bool | None = None,
+    scope: str | None = None,
 ) -> MigrationReport:
     if batch_size < 1 or workers < 1:
         raise ConfigurationError("batch_size and workers must be at least 1")
@@ -461,8 +476,9 @@ def run(
             raise ConfigurationError("no encrypted columns to process")
         jobs = _jobs(conn, refs)
     report = MigrationReport(columns=[r.name for r in refs])
-    target = _target(registry, decrypt)
-    rewrite = _rewrite_for(registry, decrypt, encrypt_plaintext)
+    scope = scope or registry.scope
+    target = _target(registry, decrypt, scope)
+    rewrite = _rewrite_for(registry, decrypt, encrypt_plaintext, scope)
     bar = _progress(
         lambda: _count_pending(registry, jobs, target),
         progress,
@@ -476,9 +492,7 @@ def run(
                 if workers == 1:
                     _run_table(registry, job, rewrite, target, batch_size, report, None, tick)
                 else:
-                    _run_parallel(
-                        registry, job, decrypt, encrypt_plaintext, batch_size, workers, report, tick
-                    )
+                    _run_parallel(registry, job, rewrite, target, batch_size, workers, report, tick)
             if report.skipped == skipped_before:
                 break
     finally:
@@ -491,8 +505,8 @@ def run(
 def _run_parallel(
     registry: KeyRegistry,
     job: _TableJob,
-    decrypt: bool,
-    encrypt_plaintext: bool,
+    rewrite: Rewrite,
+    target: HeaderFor,
     batch_size: int,
     workers: int,
     report: MigrationReport,
@@ -507,7 +521,7 @@ def _run_parallel(
     procs = [
         ctx.Process(
             target=_worker,
-            args=(registry, job, decrypt, encrypt_plaintext, batch_size, key_range, done, results),
+            args=(registry, job, rewrite, target, batch_size, key_range, done, results),
         )
         for key_range in ranges
     ]

@@ -104,6 +104,8 @@ class KeyRegistry:
         rotate_after: timedelta | None = None,
         max_encryptions: int = DEFAULT_MAX_ENCRYPTIONS,
         table_name: str = storage.DEFAULT_TABLE_NAME,
+        create_scopes: bool = True,
+        max_cached_keys: int = 10_000,
         attach: bool = True,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = storage.utcnow,
@@ -123,7 +125,8 @@ class KeyRegistry:
         self.scope = _check_scope(scope)
         self.policy = RotationPolicy(rotate_after, max_encryptions)
         self.table = storage.data_keys_table(sa.MetaData(), table_name)
-        self._cache = KeyCache(_seconds(cache_max_age), clock)
+        self.create_scopes = create_scopes
+        self._cache = KeyCache(_seconds(cache_max_age), clock, max_cached_keys)
         self._active = self._cache.active
         self._by_header = self._cache.by_header
         self._clock = clock
@@ -305,6 +308,57 @@ class KeyRegistry:
             )
         return True
 
+    # -- scopes (tenants) ------------------------------------------------------
+
+    def create_scope(self, *scopes: str) -> list[KeyInfo]:
+        """Give each scope that has none an active data key, in one
+        transaction. Scopes are also created on first use (``create_scopes``)."""
+        names = [_check_scope(s) for s in scopes]
+
+        def work(conn: Connection) -> list[int]:
+            self._check_root_key(conn)
+            created = []
+            for name in names:
+                if storage.active_key(conn, self.table, name) is None:
+                    version = storage.next_version(conn, self.table, name)
+                    created.append(self._insert_active(conn, name, version).version)
+            return created
+
+        self._run(work)
+
+        def active_rows(conn: Connection) -> list[KeyRow | None]:
+            return [storage.active_key(conn, self.table, name) for name in names]
+
+        return [KeyInfo.from_row(row) for row in self._read(active_rows) if row is not None]
+
+    def shred(self, scope: str) -> int:
+        """Crypto-shred a scope (a tenant): destroy every key of the scope,
+        the active one included, and its index key, in one transaction. Every
+        value written under them becomes unreadable for good, other scopes are
+        untouched. Returns the number of keys destroyed. Backups taken before
+        still hold the wrapped keys: see the README."""
+        scope = _check_scope(scope)
+        scopes = [scope, INDEX_SCOPE_PREFIX + scope]
+
+        def work(conn: Connection) -> int:
+            now = self._now()
+            count = 0
+            for name in scopes:
+                for row in storage.all_keys(conn, self.table, name):
+                    if row.state is not KeyState.DESTROYED:
+                        storage.set_state(conn, self.table, row.id, KeyState.DESTROYED, now)
+                        count += 1
+            return count
+
+        count = self._run(work)
+        with self._lock:
+            for key in list(self._by_header.values()):
+                if key.scope in scopes:
+                    self._cache.put(replace(key, state=KeyState.DESTROYED, aead=None))
+            self._active.pop(scope, None)
+        log.warning("shredded scope %r: %d keys destroyed", scope, count)
+        return count
+
     # -- key states ----------------------------------------------------------
 
     def retire(self, version: int, scope: str | None = None) -> KeyInfo:
@@ -462,14 +516,15 @@ class KeyRegistry:
         workers: int = 1,
         encrypt_plaintext: bool = False,
         progress: bool | None = None,
+        scope: str | None = None,
     ) -> migrate.MigrationReport:
-        """Move every value of the target columns that is not under the active
-        key onto it: online (compare-and-swap updates in short batches),
-        resumable (a rerun finishes a killed job), with a progress bar on a
-        terminal. Legacy plaintext is encrypted too in columns declared
+        """Move every value of the target columns that is under an older key
+        of ``scope`` (default: the registry's) onto the scope's active key:
+        online (compare-and-swap updates in short batches), resumable (a
+        rerun finishes a killed job), with a progress bar on a terminal. Legacy plaintext is encrypted too in columns declared
         ``migrating=True``, or everywhere with ``encrypt_plaintext=True``.
         ``workers`` > 1 splits each table into primary-key ranges handled by
-        parallel processes."""
+        parallel processes. Values of other scopes are left untouched."""
         self._check_open()
         return migrate.run(
             self,
@@ -478,6 +533,7 @@ class KeyRegistry:
             workers=workers,
             encrypt_plaintext=encrypt_plaintext,
             progress=progress,
+            scope=self._scope(scope),
         )
 
     def decrypt_in_place(
@@ -504,22 +560,23 @@ class KeyRegistry:
         report: migrate.MigrationReport = backfill(self, target, batch_size=batch_size)
         return report
 
-    def active_header(self) -> bytes:
-        """The ciphertext header of the active key: values starting with it
-        need no re-encryption."""
-        key = self._active.get(self.scope)
+    def active_header(self, scope: str | None = None) -> bytes:
+        """The ciphertext header of a scope's active key: values starting with
+        it need no re-encryption."""
+        scope = scope or self.scope
+        key = self._active.get(scope)
         if key is None or self._clock() > key.fresh_until:
-            key = self._fresh_active(self.scope)
+            key = self._fresh_active(scope)
         return key.header
 
-    def key_version(self, key_id: int) -> int:
+    def key_scope_version(self, key_id: int) -> tuple[str, int]:
         key = self._cached(key_id)
         if key is not None:
-            return key.version
+            return key.scope, key.version
         row = self._read(lambda conn: storage.key_by_id(conn, self.table, key_id))
         if row is None:
             raise UnknownKeyError(key_id)
-        return row.version
+        return row.scope, row.version
 
     def key_info(self, version: int, scope: str | None = None) -> KeyInfo:
         return KeyInfo.from_row(self._row(self._scope(scope), version))
@@ -707,11 +764,13 @@ class KeyRegistry:
         aad = context.encode("utf-8")
         return [decrypt(c, aad) for c in ciphertexts]
 
-    def encrypt_bytes(self, plaintext: bytes, context: bytes) -> bytes:
-        """`encrypt` with the context already encoded: what column types call."""
-        key = self._active.get(self.scope)
+    def encrypt_bytes(self, plaintext: bytes, context: bytes, scope: str | None = None) -> bytes:
+        """`encrypt` with the context already encoded: what column types call.
+        ``scope`` picks another scope's active key (a tenant's)."""
+        scope = scope or self.scope
+        key = self._active.get(scope)
         if key is None or self._clock() > key.fresh_until:
-            key = self._fresh_active(self.scope)
+            key = self._fresh_active(scope)
         if next(key.counter) >= key.budget:
             key = self._claim(key)
         aead = key.aead
@@ -741,6 +800,23 @@ class KeyRegistry:
                 "authentication: it was altered, or it was written for another "
                 "column or row (a different context)"
             ) from None
+
+    def decrypt_scoped(self, ciphertext: bytes, context: bytes, scope: str | None) -> bytes:
+        """Decrypt a value whose context binds its scope (``EncryptedType(...,
+        bind_scope=True)``). With ``scope``, a value written in another scope is
+        refused, even if it was copied into this scope's rows."""
+        header = ciphertext[: fmt.HEADER_BYTES]
+        key = self._by_header.get(header)
+        if key is None or self._clock() > key.fresh_until:
+            key = self._fresh_key(ciphertext)
+        if key.aead is None:
+            raise self._unusable(key)
+        if scope is not None and key.scope != scope:
+            raise DecryptionError(
+                f"value for context {context.decode('utf-8', 'replace')!r} was written in "
+                f"another scope than {scope!r}: it was copied from another tenant's row"
+            )
+        return self.decrypt_bytes(ciphertext, fmt.scoped_context(context, key.scope))
 
     # -- the slow path: claims, refreshes and loading keys ----------------------
 
@@ -782,6 +858,9 @@ class KeyRegistry:
                 return key
             self._check_open()
             row = self._read(lambda conn: storage.active_key(conn, self.table, scope))
+            if row is None and scope != self.scope and self.create_scopes:
+                self.create_scope(scope)
+                row = self._read(lambda conn: storage.active_key(conn, self.table, scope))
             if row is None:
                 raise NoActiveKeyError(scope)
             if self.policy.due_by_age(row.created_at, self._now()) and self._rotate_for_policy(

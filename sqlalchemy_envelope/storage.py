@@ -234,6 +234,8 @@ def set_state(
     conn: Connection, table: sa.Table, key_id: int, state: KeyState, now: datetime
 ) -> None:
     values: dict[str, object] = {"state": state.value, "state_changed_at": now}
+    if state is not KeyState.ACTIVE:
+        values["active_scope"] = None
     if state is KeyState.DESTROYED:
         values["wrapped_key"] = None  # the tombstone keeps id and version
     conn.execute(sa.update(table).where(table.c.id == key_id).values(**values))

@@ -28,6 +28,7 @@ from . import format as fmt
 from .codec import codec_for
 from .errors import (
     ConfigurationError,
+    DestroyedKeyError,
     EncryptedComparisonError,
     InvalidValueError,
     NotCiphertextError,
@@ -36,6 +37,16 @@ from .errors import (
 __all__ = ["EncryptedType"]
 
 _STORAGES = ("binary", "text")
+
+
+class _Raise:
+    def __repr__(self) -> str:
+        return "RAISE"
+
+
+RAISE: Any = _Raise()
+"""The default of ``if_destroyed``: reading a crypto-shredded value raises
+`DestroyedKeyError`. Pass any other value to read that instead."""
 
 _COMPARISONS = frozenset(
     {
@@ -128,6 +139,8 @@ class EncryptedType(TypeDecorator[Any]):
         storage: str = "binary",
         migrating: bool = False,
         deterministic: bool = False,
+        bind_scope: bool = False,
+        if_destroyed: Any = RAISE,
     ) -> None:
         if isinstance(value_type, type) and issubclass(value_type, enum.Enum):
             value_type = sa.Enum(value_type)
@@ -150,6 +163,12 @@ class EncryptedType(TypeDecorator[Any]):
         self.storage = storage
         self.migrating = migrating
         self.deterministic = deterministic
+        self.bind_scope = bind_scope
+        self.if_destroyed = if_destroyed
+        if deterministic and bind_scope:
+            raise ConfigurationError(
+                "bind_scope applies to randomized columns, not deterministic ones"
+            )
         self._codec = codec_for(value_type)
         self._binding = _ColumnBinding(self, context)
         self.impl = self._storage_type()
@@ -177,6 +196,10 @@ class EncryptedType(TypeDecorator[Any]):
             args.append("migrating=True")
         if self.deterministic:
             args.append("deterministic=True")
+        if self.bind_scope:
+            args.append("bind_scope=True")
+        if self.if_destroyed is not RAISE:
+            args.append(f"if_destroyed={self.if_destroyed!r}")
         return f"EncryptedType({', '.join(args)})"
 
     def _set_parent(self, parent: Any, outer: bool = False, **kw: Any) -> None:
@@ -195,7 +218,11 @@ class EncryptedType(TypeDecorator[Any]):
         columns.remember(
             parent,
             columns.ColumnInfo(
-                self.storage, self._binding.context, self.migrating, self.deterministic
+                self.storage,
+                self._binding.context,
+                self.migrating,
+                self.deterministic,
+                self.bind_scope,
             ),
         )
 
@@ -205,14 +232,16 @@ class EncryptedType(TypeDecorator[Any]):
         encode = self._codec.encode
         context = self._binding.context()
         writer = binding.slot_for(dialect).writer
+        current_scope = binding.current_scope
         deterministic = self.deterministic
-        if self.storage == "binary" and not deterministic:
+        bind_scope = self.bind_scope
+        if self.storage == "binary" and not (deterministic or bind_scope):
             # Every Python 3 DB-API driver takes bytes for BLOB/bytea; the
             # impl's DBAPI.Binary() wrapper would only add a copy per value.
             def process_binary(value: Any) -> Any:
                 if value is None:
                     return None
-                return writer().encrypt_bytes(encode(value), context)
+                return writer().encrypt_bytes(encode(value), context, current_scope())
 
             return process_binary
 
@@ -223,10 +252,15 @@ class EncryptedType(TypeDecorator[Any]):
             if value is None:
                 return None
             registry = writer()
+            scope = current_scope()
             if deterministic:
                 data: Any = registry.encrypt_deterministic(encode(value), context)
+            elif bind_scope:
+                scope = scope or registry.scope
+                aad = fmt.scoped_context(context, scope)
+                data = registry.encrypt_bytes(encode(value), aad, scope)
             else:
-                data = registry.encrypt_bytes(encode(value), context)
+                data = registry.encrypt_bytes(encode(value), context, scope)
             if to_text is not None:
                 data = to_text(data)
             return impl(data) if impl is not None else data
@@ -237,7 +271,12 @@ class EncryptedType(TypeDecorator[Any]):
         decode = self._codec.decode
         context = self._binding.context()
         slot = binding.slot_for(dialect)
-        decrypt = slot.decrypt_deterministic if self.deterministic else slot.decrypt
+        decrypt = slot.decrypt
+        if self.deterministic:
+            decrypt = slot.decrypt_deterministic
+        elif self.bind_scope:
+            decrypt = slot.decrypt_scoped
+        if_destroyed = self.if_destroyed
         impl = self.impl_instance.result_processor(dialect, coltype)
         text = self.storage == "text"
         migrating = self.migrating
@@ -255,7 +294,12 @@ class EncryptedType(TypeDecorator[Any]):
                 if migrating:
                     return value  # legacy plaintext, read as the plain column would
                 raise
-            plaintext = decrypt(ciphertext, context)
+            try:
+                plaintext = decrypt(ciphertext, context)
+            except DestroyedKeyError:
+                if if_destroyed is RAISE:
+                    raise
+                return if_destroyed  # the value was crypto-shredded
             try:
                 return decode(plaintext)
             except (ValueError, KeyError, TypeError):
