@@ -521,8 +521,8 @@ class KeyRegistry:
         """Move every value of the target columns that is under an older key
         of ``scope`` (default: the registry's) onto the scope's active key:
         online (compare-and-swap updates in short batches), resumable (a
-        rerun finishes a killed job), with a progress bar on a terminal. Legacy plaintext is encrypted too in columns declared
-        ``migrating=True``, or everywhere with ``encrypt_plaintext=True``.
+        rerun finishes a killed job), with a progress bar on a terminal.
+        Legacy plaintext is encrypted too in columns declared ``migrating=True``, or everywhere with ``encrypt_plaintext=True``.
         ``workers`` > 1 splits each table into primary-key ranges handled by
         parallel processes. Values of other scopes are left untouched."""
         self._check_open()
