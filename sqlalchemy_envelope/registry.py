@@ -522,7 +522,8 @@ class KeyRegistry:
         of ``scope`` (default: the registry's) onto the scope's active key:
         online (compare-and-swap updates in short batches), resumable (a
         rerun finishes a killed job), with a progress bar on a terminal.
-        Legacy plaintext is encrypted too in columns declared ``migrating=True``, or everywhere with ``encrypt_plaintext=True``.
+        Legacy plaintext is encrypted too in columns declared
+        ``migrating=True``, or everywhere with ``encrypt_plaintext=True``.
         ``workers`` > 1 splits each table into primary-key ranges handled by
         parallel processes. Values of other scopes are left untouched."""
         self._check_open()
