@@ -5,7 +5,7 @@ A root key wraps versioned AES-256-GCM data keys, kept wrapped in a
 column values. See the README for the quickstart and the key lifecycle.
 """
 
-from .binding import EXECUTION_OPTION
+from .binding import EXECUTION_OPTION, SCOPE_OPTION, scope, session_scope, set_session_scope
 from .blind_index import NORMALIZERS, BlindDigest, BlindIndex, blind_index, blind_index_column
 from .census import ColumnCensus, KeyRows
 from .errors import (
@@ -36,6 +36,7 @@ __all__ = [
     "DEFAULT_SCOPE",
     "EXECUTION_OPTION",
     "NORMALIZERS",
+    "SCOPE_OPTION",
     "BlindDigest",
     "BlindIndex",
     "ColumnCensus",
@@ -68,6 +69,9 @@ __all__ = [
     "blind_index_column",
     "data_keys_table",
     "root_key_from_env",
+    "scope",
+    "session_scope",
+    "set_session_scope",
 ]
 
 # Rendered by Alembic as sqlalchemy_envelope.EncryptedType(...).

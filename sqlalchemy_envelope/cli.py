@@ -50,6 +50,7 @@ class Context:
         self.table = table
         self.cache_max_age = cache_max_age
         self.as_json = as_json
+        self.scope_filter = None if scope == DEFAULT_SCOPE else scope
 
     def registry(self) -> KeyRegistry:
         if not self.url:
@@ -198,7 +199,7 @@ def census(c: Context, columns: tuple[str, ...]) -> None:
     """Rows per key version, NULLs and plaintext in TABLE.COLUMN..."""
 
     def action() -> None:
-        counts = c.registry().census(*columns)
+        counts = c.registry().census(*columns, scope=c.scope_filter)
         text = "\n".join(
             f"{col.column}: rows {col.rows:,}, NULL {col.nulls:,}, not ciphertext "
             f"{col.not_ciphertext:,}"
@@ -230,6 +231,7 @@ def reencrypt(
     def action() -> int:
         report = c.registry().reencrypt(
             *columns,
+            scope=c.scope,
             batch_size=batch_size,
             workers=workers,
             encrypt_plaintext=encrypt_plaintext,
@@ -305,6 +307,20 @@ def rewrap(c: Context) -> None:
             f"re-wrapped {count} data keys under root key {new_root.fingerprint}; "
             "switch ENVELOPE_* to the new root key now",
         )
+
+    _run(action)
+
+
+@main.command()
+@click.argument("scope")
+@click.confirmation_option(prompt="Destroy every key of this scope? Its data becomes unreadable")
+@pass_context
+def shred(c: Context, scope: str) -> None:
+    """Crypto-shred SCOPE (a tenant): destroy all its keys; other scopes are untouched."""
+
+    def action() -> None:
+        count = c.registry().shred(scope)
+        c.emit({"scope": scope, "destroyed": count}, f"destroyed {count} keys of scope {scope!r}")
 
     _run(action)
 

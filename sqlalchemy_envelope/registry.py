@@ -331,6 +331,25 @@ class KeyRegistry:
 
         return [KeyInfo.from_row(row) for row in self._read(active_rows) if row is not None]
 
+    def _create_on_first_use(self, scope: str) -> KeyRow | None:
+        """Create a scope met for the first time by the encrypt path. It must
+        not wait on locks the application may hold: SQLite has one writer at a
+        time, so there the scope must exist before a write transaction meets it."""
+
+        def work(conn: Connection) -> None:
+            if storage.active_key(conn, self.table, scope) is None:
+                self._insert_active(conn, scope, storage.next_version(conn, self.table, scope))
+
+        outcome = transactions.attempt(self._bind(), work)
+        row = self._read(lambda conn: storage.active_key(conn, self.table, scope))
+        if row is None and isinstance(outcome, transactions.Busy):
+            raise ConfigurationError(
+                f"scope {scope!r} has no data key yet, and the database is locked by an "
+                "open write transaction: create scopes ahead with "
+                "KeyRegistry.create_scope() (on SQLite, always)"
+            )
+        return row
+
     def shred(self, scope: str) -> int:
         """Crypto-shred a scope (a tenant): destroy every key of the scope,
         the active one included, and its index key, in one transaction. Every
@@ -499,15 +518,19 @@ class KeyRegistry:
 
     # -- census, status and maintenance ------------------------------------
 
-    def census(self, *targets: Target) -> list[ColumnCensus]:
+    def census(self, *targets: Target, scope: str | None = None) -> list[ColumnCensus]:
         """Rows per data key for each encrypted column, counted in SQL from the
         ciphertext header without decrypting anything. ``targets`` are
         "table.column" names, Columns, ORM attributes, mapped classes or
         Tables; with none, every encrypted column this process has defined
-        whose table exists in the database."""
+        whose table exists in the database. With ``scope``, only that
+        scope's keys are listed (a tenant's census)."""
         keys = {row.id: row for row in self._read(lambda c: storage.all_keys(c, self.table))}
         with self._connect() as conn:
-            return [census.count(conn, ref, keys) for ref in census.resolve(conn, targets)]
+            counts = [census.count(conn, ref, keys) for ref in census.resolve(conn, targets)]
+        if scope is None:
+            return counts
+        return [replace(c, keys=tuple(k for k in c.keys if k.scope == scope)) for c in counts]
 
     def reencrypt(
         self,
@@ -860,8 +883,7 @@ class KeyRegistry:
             self._check_open()
             row = self._read(lambda conn: storage.active_key(conn, self.table, scope))
             if row is None and scope != self.scope and self.create_scopes:
-                self.create_scope(scope)
-                row = self._read(lambda conn: storage.active_key(conn, self.table, scope))
+                row = self._create_on_first_use(scope)
             if row is None:
                 raise NoActiveKeyError(scope)
             if self.policy.due_by_age(row.created_at, self._now()) and self._rotate_for_policy(

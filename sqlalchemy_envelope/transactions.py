@@ -23,6 +23,7 @@ __all__ = ["BUSY", "Busy", "attempt", "is_contention", "run"]
 
 T = TypeVar("T")
 _ATTEMPTS = 40
+_LOCKED_ATTEMPTS = 3  # SQLite already waited its busy timeout before saying "locked"
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "55P03"})  # serialization, deadlock, lock
 
 
@@ -60,7 +61,8 @@ def run(bind: Engine | Connection, work: Callable[[Connection], T]) -> T:
             with engine.begin() as conn:
                 return work(conn)
         except sa.exc.DBAPIError as error:
-            if tries == _ATTEMPTS or not is_contention(error):
+            locked = "database is locked" in str(error.orig).lower()
+            if tries >= (_LOCKED_ATTEMPTS if locked else _ATTEMPTS) or not is_contention(error):
                 raise
         time.sleep(random.uniform(0, 0.005 * tries))
     raise AssertionError("unreachable")
