@@ -36,6 +36,8 @@ def fresh_registry(engine: sa.Engine, root: StaticRootKey) -> KeyRegistry:
     registry.table.drop(engine, checkfirst=True)
     registry.init()
     return registry
+
+
 CONTEXT = b"bench.value"
 
 
@@ -103,8 +105,11 @@ def per_value(registry: KeyRegistry, n: int, repeat: int) -> list[tuple[str, flo
 
 def columns(
     url: str, registry_root: StaticRootKey, n: int, repeat: int
-) -> list[tuple[str, float, float]]:
-    """Core executemany insert and select, rows per second."""
+) -> list[tuple[str, float, float, float, float]]:
+    """Rows per second: Core executemany insert and select, then ORM insert
+    (add_all + commit) and select of whole objects."""
+    from sqlalchemy.orm import Session
+    from sqlalchemy.orm import registry as orm_registry
     from sqlalchemy_utils.types.encrypted.encrypted_type import AesGcmEngine, StringEncryptedType
 
     engine = sa.create_engine(url)
@@ -124,6 +129,8 @@ def columns(
             sa.Column("id", sa.Integer, primary_key=True),
             sa.Column("value", column_type),
         )
+        record = type(f"Record_{table.name}", (), {})
+        orm_registry().map_imperatively(record, table)
         md.drop_all(engine)
         md.create_all(engine)
 
@@ -137,9 +144,28 @@ def columns(
                 got = conn.execute(sa.select(table.c.value)).scalars().all()
             assert len(got) == n
 
+        def orm_insert(table: sa.Table = table, record: Any = record) -> None:
+            with engine.begin() as conn:
+                conn.execute(table.delete())
+            with Session(engine) as session:
+                objects = []
+                for row in rows:
+                    obj = record()
+                    obj.id, obj.value = row["id"], row["value"]
+                    objects.append(obj)
+                session.add_all(objects)
+                session.commit()
+
+        def orm_select(record: Any = record) -> None:
+            with Session(engine) as session:
+                got = session.scalars(sa.select(record)).all()
+            assert len(got) == n
+
         insert_s = median_seconds(insert, repeat)
         select_s = median_seconds(select, repeat)
-        results.append((label, n / insert_s, n / select_s))
+        orm_insert_s = median_seconds(orm_insert, repeat)
+        orm_select_s = median_seconds(orm_select, repeat)
+        results.append((label, n / insert_s, n / select_s, n / orm_insert_s, n / orm_select_s))
         md.drop_all(engine)
     registry.close()
     engine.dispose()
@@ -249,22 +275,24 @@ def report(args: argparse.Namespace) -> str:
             databases.append(("PostgreSQL", args.postgres_url))
         for db_name, url in databases:
             results = columns(url, root, args.rows, args.repeat)
-            plain_ins, plain_sel = results[0][1], results[0][2]
+            plain = results[0]
             lines.append("")
             lines.append(
-                f"{db_name}, Core executemany, {args.rows:,} rows (rows/s, ratio to plain)"
+                f"{db_name}, {args.rows:,} rows (rows/s; x plain; overhead µs/row for Core)"
             )
             lines.append("")
             lines.append(
-                "| column | insert rows/s | select rows/s | insert x plain | select x plain | insert overhead µs/row | select overhead µs/row |"
+                "| column | Core insert | Core select | ORM insert | ORM select | Core insert overhead µs | Core select overhead µs |"
             )
             lines.append("|---|---:|---:|---:|---:|---:|---:|")
-            for label, ins, sel in results:
+            for label, *rates in results:
+                cells = [
+                    f"{rate:,.0f} ({rate / base:.2f}x)" for rate, base in zip(rates, plain[1:], strict=False)
+                ]
+                overheads = [(1 / rates[i] - 1 / plain[1 + i]) * 1e6 for i in (0, 1)]
                 lines.append(
-                    f"| {label} | {ins:,.0f} | {sel:,.0f} | {ins / plain_ins:.2f} | {sel / plain_sel:.2f} "
-                    f"| {(1 / ins - 1 / plain_ins) * 1e6:.2f} | {(1 / sel - 1 / plain_sel) * 1e6:.2f} |"
+                    f"| {label} | {' | '.join(cells)} | {overheads[0]:.2f} | {overheads[1]:.2f} |"
                 )
-
         lines.append("")
         lines.append(f"Re-encrypt after a rotation, {args.rows:,} rows, batches of 1,000 (rows/s)")
         lines.append("")
