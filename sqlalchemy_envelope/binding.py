@@ -81,29 +81,33 @@ def session_scope(session: Session, name: str) -> Iterator[Session]:
 
 def set_session_scope(target: Any, name: str | None) -> None:
     """Choose the key scope a Session, AsyncSession or sessionmaker writes under."""
+    info, session = _info_of(target, "set a key scope on")
+    if name is None:
+        info.pop(SESSION_SCOPE_KEY, None)
+    else:
+        info[SESSION_SCOPE_KEY] = name
+    transaction = session.get_transaction() if session is not None else None
+    if transaction is not None:  # already connected: switch the live connections too
+        for connection, *_ in list(transaction._connections.values()):
+            connection.execution_options(**{SCOPE_OPTION: name})
+
+
+def _info_of(target: Any, what: str) -> tuple[dict[str, Any], Session | None]:
+    """The ``info`` dict a Session has, or a sessionmaker gives its sessions."""
     _listen()
     sync_session = getattr(target, "sync_session", None)
     if isinstance(sync_session, Session):
         target = sync_session
     if isinstance(target, Session):
-        if name is None:
-            target.info.pop(SESSION_SCOPE_KEY, None)
-        else:
-            target.info[SESSION_SCOPE_KEY] = name
-        transaction = target.get_transaction()
-        if transaction is not None:  # already connected: switch the live connections too
-            for connection, *_ in list(transaction._connections.values()):
-                connection.execution_options(**{SCOPE_OPTION: name})
-        return
+        return target.info, target
     factory_kw = getattr(target, "kw", None)
     if isinstance(factory_kw, dict):
         info = dict(factory_kw.get("info") or {})
-        info[SESSION_SCOPE_KEY] = name
         factory_kw["info"] = info
-        return
+        return info, None
     raise ConfigurationError(
-        f"cannot set a key scope on {type(target).__name__}: pass a Session, "
-        "AsyncSession, sessionmaker or async_sessionmaker"
+        f"cannot {what} {type(target).__name__}: pass a Session, AsyncSession, "
+        "sessionmaker or async_sessionmaker"
     )
 
 
@@ -207,23 +211,8 @@ def detach(registry: KeyRegistry) -> None:
 
 def bind(target: Any, registry: KeyRegistry) -> None:
     """Make ``registry`` the writer for a Session, AsyncSession or sessionmaker."""
-    _listen()
-    sync_session = getattr(target, "sync_session", None)
-    if isinstance(sync_session, Session):
-        target = sync_session
-    if isinstance(target, Session):
-        target.info[SESSION_INFO_KEY] = registry
-        return
-    factory_kw = getattr(target, "kw", None)
-    if isinstance(factory_kw, dict):
-        info = dict(factory_kw.get("info") or {})
-        info[SESSION_INFO_KEY] = registry
-        factory_kw["info"] = info
-        return
-    raise ConfigurationError(
-        f"cannot bind a KeyRegistry to {type(target).__name__}: pass a Session, "
-        "AsyncSession, sessionmaker or async_sessionmaker"
-    )
+    info, _ = _info_of(target, "bind a KeyRegistry to")
+    info[SESSION_INFO_KEY] = registry
 
 
 def _before_execute(
