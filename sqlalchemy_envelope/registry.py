@@ -68,6 +68,8 @@ INDEX_SCOPE_PREFIX = "~index:"
 never rotate with data keys, so lookups keep working across rotations."""
 DEFAULT_CACHE_MAX_AGE = timedelta(seconds=60)
 _urandom = os.urandom
+_HEADER = fmt.HEADER_BYTES
+_PAYLOAD = fmt.PAYLOAD_OFFSET
 T = TypeVar("T")
 
 
@@ -805,7 +807,7 @@ class KeyRegistry:
 
     def decrypt_bytes(self, ciphertext: bytes, context: bytes) -> bytes:
         """`decrypt` with the context already encoded: what column types call."""
-        header = ciphertext[: fmt.HEADER_BYTES]
+        header = ciphertext[:_HEADER]
         key = self._by_header.get(header)
         if key is None or self._clock() > key.fresh_until:
             key = self._fresh_key(ciphertext)
@@ -814,9 +816,7 @@ class KeyRegistry:
             raise self._unusable(key)
         try:
             return aead.decrypt(
-                ciphertext[fmt.HEADER_BYTES : fmt.PAYLOAD_OFFSET],
-                ciphertext[fmt.PAYLOAD_OFFSET :],
-                header + context,
+                ciphertext[_HEADER:_PAYLOAD], ciphertext[_PAYLOAD:], header + context
             )
         except InvalidTag:
             raise DecryptionError(

@@ -280,6 +280,7 @@ class EncryptedType(TypeDecorator[Any]):
         impl = self.impl_instance.result_processor(dialect, coltype)
         text = self.storage == "text"
         migrating = self.migrating
+        value_type = self.value_type
 
         def process(value: Any) -> Any:
             if value is None:
@@ -303,9 +304,29 @@ class EncryptedType(TypeDecorator[Any]):
             try:
                 return decode(plaintext)
             except (ValueError, KeyError, TypeError):
-                raise _undecodable(self.value_type) from None
+                raise _undecodable(value_type) from None
 
-        return process
+        if text or migrating or self.deterministic or self.bind_scope or impl is not None:
+            return process
+
+        def process_common(value: Any) -> Any:
+            # The common case in one frame: bytes from the driver, one
+            # registry serving the engine. Anything else takes the full path.
+            registry = slot.registry
+            if value.__class__ is not bytes or registry is None or len(slot.readers) != 1:
+                return None if value is None else process(value)
+            try:
+                plaintext = registry.decrypt_bytes(value, context)
+            except DestroyedKeyError:
+                if if_destroyed is RAISE:
+                    raise
+                return if_destroyed
+            try:
+                return decode(plaintext)
+            except (ValueError, KeyError, TypeError):
+                raise _undecodable(value_type) from None
+
+        return process_common
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
         processed = self.bind_processor(dialect)(value)
