@@ -177,6 +177,20 @@ class Clocks:
         self.wall += delta
 
 
+def stored_bytes(engine: sa.Engine, *tables: str) -> bytes:
+    """Every non-NULL value the tables hold, as the database stores it, in
+    one byte string: what a dump would show an attacker."""
+    parts = []
+    with engine.connect() as conn:
+        for table in tables:
+            for row in conn.execute(sa.text(f"SELECT * FROM {table}")):
+                for value in row:
+                    if value is not None:
+                        raw = isinstance(value, bytes | memoryview)
+                        parts.append(bytes(value) if raw else str(value).encode())
+    return b"".join(parts)
+
+
 @pytest.fixture
 def clocks() -> Clocks:
     return Clocks()

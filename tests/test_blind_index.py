@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from conftest import stored_bytes
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from sqlalchemy_envelope import (
@@ -148,17 +149,7 @@ def test_no_plaintext_and_no_unkeyed_hash_in_the_database(
     engine: sa.Engine, registry: KeyRegistry
 ) -> None:
     _fill(engine)
-    with engine.connect() as conn:
-        dump = b""
-        for table in ("users", "claims", "data_keys"):
-            for row in conn.execute(sa.text(f"SELECT * FROM {table}")):
-                for value in row:
-                    if value is not None:
-                        dump += (
-                            bytes(value)
-                            if isinstance(value, bytes | memoryview)
-                            else str(value).encode()
-                        )
+    dump = stored_bytes(engine, "users", "claims", "data_keys")
     for person in PEOPLE:
         for value in person[1:]:
             if value is None:

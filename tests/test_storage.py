@@ -7,6 +7,7 @@ import os
 
 import pytest
 import sqlalchemy as sa
+from conftest import stored_bytes
 
 from sqlalchemy_envelope import KeyRegistry, StaticRootKey, WrongRootKeyError, storage
 from sqlalchemy_envelope import registry as registry_module
@@ -83,9 +84,7 @@ def test_no_key_material_reaches_the_database(
 
     with engine.connect() as conn:
         rows = conn.execute(sa.text("SELECT * FROM data_keys")).all()
-    dump = b"".join(
-        bytes(v) if isinstance(v, (bytes, memoryview)) else str(v).encode() for r in rows for v in r
-    )
+    dump = stored_bytes(engine, "data_keys")
     assert len(rows) == 5
     for key in generated:
         for form in (key, key.hex().encode(), key[:16], key[16:]):

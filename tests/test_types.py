@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from conftest import stored_bytes
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from sqlalchemy_envelope import (
@@ -129,14 +130,7 @@ def test_database_holds_no_plaintext(
     table.metadata.create_all(engine)
     with engine.begin() as conn:
         conn.execute(table.insert(), _rows())
-    raw = sa.Table(table.name, sa.MetaData(), autoload_with=engine)
-    with engine.connect() as conn:
-        stored = conn.execute(sa.select(raw)).all()
-    blob = b"".join(
-        bytes(v) if isinstance(v, (bytes, memoryview)) else str(v).encode()
-        for row in stored
-        for v in row
-    )
+    blob = stored_bytes(engine, table.name)
     secrets = [
         "Alice",
         "ünïcödé",
