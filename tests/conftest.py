@@ -13,13 +13,16 @@ import glob
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -175,6 +178,20 @@ class Clocks:
         delta = seconds if isinstance(seconds, timedelta) else timedelta(seconds=seconds)
         self.mono += delta.total_seconds()
         self.wall += delta
+
+
+def kill_when(
+    command: list[str], env: dict[str, str], progress: Callable[[], int], at: int, **popen: Any
+) -> bool:
+    """Run ``command`` and SIGKILL it once ``progress()`` reaches ``at``.
+    True if it was killed while still running (not after it had finished)."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, **popen)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and progress() < at and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return proc.returncode == -signal.SIGKILL
 
 
 def stored_bytes(engine: sa.Engine, *tables: str) -> bytes:

@@ -6,15 +6,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import stored_bytes
+from conftest import kill_when, stored_bytes
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from sqlalchemy_envelope import (
@@ -273,12 +271,8 @@ def test_backfill_resumes_after_sigkill(pg_url: str, tmp_path: Path) -> None:
             )
 
     interrupted = 0
-    for delay in (0.9, 1.3, 1.7):
-        proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        if 0 < filled() < rows:
+    for at in (4_000, 9_000, 14_000):
+        if kill_when(command, env, filled, at, cwd=tmp_path) and 0 < filled() < rows:
             interrupted += 1
     assert interrupted >= 1, "the backfill was never caught half way"
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import base64
 import os
 import random
-import signal
 import subprocess
 import sys
 import threading
 import time
 
 import sqlalchemy as sa
+from conftest import kill_when
 
 from sqlalchemy_envelope import EncryptedType, KeyRegistry, KeyState, StaticRootKey
 
@@ -63,14 +63,9 @@ def test_sigkill_then_resume(pg_url: str) -> None:
         "--no-progress",
     ]
     interrupted = 0
-    rng = random.Random(7)
-    for _ in range(4):
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(0.6, 1.6))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        counts = _versions(registry)
-        if proc.returncode == -signal.SIGKILL and 0 < counts.get(2, 0) < ROWS:
+    for at in (3_000, 7_000, 11_000, 15_000):  # kill it at points further and further along
+        killed = kill_when(command, env, lambda: _versions(registry).get(2, 0), at)
+        if killed and 0 < _versions(registry).get(2, 0) < ROWS:
             interrupted += 1
     assert interrupted >= 2, "the job was never caught half way"
 
