@@ -5,6 +5,7 @@ A root key wraps versioned AES-256-GCM data keys, kept wrapped in a
 column values. See the README for the quickstart and the key lifecycle.
 """
 
+from .aws_kms import AWSKMSRootKey
 from .binding import EXECUTION_OPTION, SCOPE_OPTION, scope, session_scope, set_session_scope
 from .blind_index import NORMALIZERS, BlindDigest, BlindIndex, blind_index, blind_index_column
 from .census import ColumnCensus, KeyRows
@@ -20,13 +21,21 @@ from .errors import (
     KeyStateError,
     NoActiveKeyError,
     NotCiphertextError,
+    RootKeyAccessDeniedError,
+    RootKeyUnavailableError,
     UnknownKeyError,
     WrongRootKeyError,
 )
 from .migrate import MigrationReport
 from .policy import DEFAULT_MAX_ENCRYPTIONS, RotationPolicy
 from .registry import DEFAULT_SCOPE, KeyRegistry
-from .rootkey import PBKDF2RootKey, RootKeyProvider, StaticRootKey, root_key_from_env
+from .rootkey import (
+    CheckableRootKey,
+    PBKDF2RootKey,
+    RootKeyProvider,
+    StaticRootKey,
+    root_key_from_env,
+)
 from .status import KeyInfo, MaintenanceReport, RegistryStatus
 from .storage import KeyState, data_keys_table
 from .types import EncryptedType
@@ -37,8 +46,10 @@ __all__ = [
     "EXECUTION_OPTION",
     "NORMALIZERS",
     "SCOPE_OPTION",
+    "AWSKMSRootKey",
     "BlindDigest",
     "BlindIndex",
+    "CheckableRootKey",
     "ColumnCensus",
     "ConfigurationError",
     "DecryptionError",
@@ -60,7 +71,9 @@ __all__ = [
     "NotCiphertextError",
     "PBKDF2RootKey",
     "RegistryStatus",
+    "RootKeyAccessDeniedError",
     "RootKeyProvider",
+    "RootKeyUnavailableError",
     "RotationPolicy",
     "StaticRootKey",
     "UnknownKeyError",

@@ -94,6 +94,14 @@ def _status_text(status: RegistryStatus) -> str:
     lines = [
         f"scope {status.scope!r}: active version {status.active_version}",
         f"root key {status.root_key_fingerprint} ({status.root_key_description})",
+        *(
+            [
+                f"root key UNAVAILABLE ({status.cached_keys} cached data keys still work): "
+                f"{status.root_key_problem}"
+            ]
+            if status.root_key_problem
+            else []
+        ),
         f"rotation due: {status.rotation_due or 'no'}",
         *(_key_line(k) for k in status.keys),
     ]

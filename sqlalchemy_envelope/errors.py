@@ -21,6 +21,8 @@ __all__ = [
     "KeyStateError",
     "NoActiveKeyError",
     "NotCiphertextError",
+    "RootKeyAccessDeniedError",
+    "RootKeyUnavailableError",
     "UnknownKeyError",
     "WrongRootKeyError",
 ]
@@ -60,6 +62,18 @@ class NoActiveKeyError(ConfigurationError):
 class WrongRootKeyError(EnvelopeError):
     """The root key given is not the one the stored data keys were wrapped
     with. Nothing was written."""
+
+
+class RootKeyUnavailableError(EnvelopeError):
+    """The service holding the root key (a KMS) could not be reached, timed
+    out or throttled the call. Usually brief: data keys already in the cache
+    keep working meanwhile; retry later."""
+
+
+class RootKeyAccessDeniedError(EnvelopeError):
+    """The service holding the root key refused this application: missing
+    permission or credentials, or the key is disabled, scheduled for
+    deletion or does not exist. Retrying will not help; fix the access."""
 
 
 class DecryptionError(EnvelopeError):

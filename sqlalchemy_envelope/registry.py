@@ -41,6 +41,8 @@ from .errors import (
     KeyInUseError,
     KeyStateError,
     NoActiveKeyError,
+    RootKeyAccessDeniedError,
+    RootKeyUnavailableError,
     UnknownKeyError,
     WrongRootKeyError,
 )
@@ -54,7 +56,7 @@ from .primitives import (
     hmac_sha256,
     new_data_key,
 )
-from .rootkey import RootKeyProvider, root_key_from_env
+from .rootkey import CheckableRootKey, RootKeyProvider, root_key_from_env
 from .status import KeyInfo, MaintenanceReport, RegistryStatus
 from .storage import KeyRow, KeyState
 
@@ -296,10 +298,15 @@ class KeyRegistry:
 
     def _rotate_for_policy(self, key: DataKey) -> bool:
         """Rotate away from ``key`` unless another process already has. Best
-        effort: False if the database is busy, and ``key`` simply stays in use."""
-        outcome = transactions.attempt(
-            self._bind(), lambda conn: self._rotate_in(conn, key.scope, expected_id=key.id)
-        )
+        effort: False if the database is busy or the root key's KMS cannot be
+        reached, and ``key`` simply stays in use."""
+        try:
+            outcome = transactions.attempt(
+                self._bind(), lambda conn: self._rotate_in(conn, key.scope, expected_id=key.id)
+            )
+        except (RootKeyUnavailableError, RootKeyAccessDeniedError) as error:
+            log.warning("policy rotation of scope %r postponed: %s", key.scope, error)
+            return False
         if isinstance(outcome, transactions.Busy):
             log.debug("policy rotation of scope %r postponed: data_keys is busy", key.scope)
             return False
@@ -647,9 +654,20 @@ class KeyRegistry:
             cache_max_age=self.cache_max_age,
             keys=tuple(KeyInfo.from_row(r) for r in rows),
             keys_by_state=dict(Counter(r.state.value for r in rows)),
+            root_key_problem=self._root_key_problem(),
+            cached_keys=len(self._by_header),
             rows_by_version=rows_by_version,
             columns=columns,
         )
+
+    def _root_key_problem(self) -> str | None:
+        if not isinstance(self.root_key, CheckableRootKey):
+            return None
+        try:
+            self.root_key.check()
+        except (RootKeyUnavailableError, RootKeyAccessDeniedError) as error:
+            return str(error)
+        return None
 
     def maintenance(self, scope: str | None = None) -> MaintenanceReport:
         """The seed's PerformMaintenance, done safely: rotate if the policy says
@@ -1008,8 +1026,9 @@ class KeyRegistry:
         return WrongRootKeyError(
             f"the data keys in {self.table.name!r} were wrapped by root key {stored}, "
             f"but this registry's root key is {self._root_fingerprint()} "
-            f"({self.root_key.description}): check ENVELOPE_ROOT_KEY, or "
-            "ENVELOPE_ROOT_SEED, ENVELOPE_ROOT_SALT and ENVELOPE_PBKDF2_ITERATIONS. "
+            f"({self.root_key.description}): check the root key configuration "
+            "(ENVELOPE_ROOT_KEY, ENVELOPE_ROOT_KEY_FILE, ENVELOPE_AWS_KMS_KEY_ID, or "
+            "ENVELOPE_ROOT_SEED, ENVELOPE_ROOT_SALT and ENVELOPE_PBKDF2_ITERATIONS). "
             "Nothing was written."
         )
 

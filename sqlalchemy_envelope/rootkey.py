@@ -11,16 +11,19 @@ from __future__ import annotations
 import binascii
 import json
 import os
+import stat
 import threading
 import time
 from collections.abc import Mapping
 from datetime import timedelta
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from .errors import ConfigurationError, DecryptionError
 from .primitives import AESGCM, NONCE_BYTES, InvalidTag, hmac_sha256, new_nonce, pbkdf2_sha256
 
 __all__ = [
+    "CheckableRootKey",
     "PBKDF2RootKey",
     "RootKeyProvider",
     "StaticRootKey",
@@ -58,6 +61,14 @@ class RootKeyProvider(Protocol):
     def wrap(self, data_key: bytes, context: Mapping[str, str]) -> bytes: ...
 
     def unwrap(self, wrapped: bytes, context: Mapping[str, str]) -> bytes: ...
+
+
+@runtime_checkable
+class CheckableRootKey(Protocol):
+    """A provider that can say whether its key is reachable right now (a KMS);
+    `KeyRegistry.status` calls ``check`` and reports what it raises."""
+
+    def check(self) -> None: ...
 
 
 def _associated_data(context: Mapping[str, str]) -> bytes:
@@ -123,8 +134,43 @@ class StaticRootKey:
     def unwrap(self, wrapped: bytes, context: Mapping[str, str]) -> bytes:
         return self._key.unwrap(wrapped, context)
 
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> StaticRootKey:
+        """Read the key from a file, such as a mounted secret: 32 raw bytes, or
+        their base64 on one line. The file must be readable by its owner only."""
+        path = Path(path)
+        try:
+            mode = path.stat().st_mode
+            if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise ConfigurationError(
+                    f"root key file {path} is accessible to other users (mode "
+                    f"{stat.S_IMODE(mode):04o}): run `chmod 600 {path}` (in Kubernetes, "
+                    "mount the secret with defaultMode 0400)"
+                )
+            data = path.read_bytes()
+        except OSError as error:
+            raise ConfigurationError(
+                f"cannot read root key file {path}: {error.strerror or error}"
+            ) from None
+        if len(data) == 32:
+            return cls(data)
+        return cls(_decode_base64_key(data.strip(), f"root key file {path}"))
+
     def __repr__(self) -> str:
         return f"StaticRootKey(fingerprint={self.fingerprint!r})"
+
+
+def _decode_base64_key(text: bytes, what: str) -> bytes:
+    try:
+        key = binascii.a2b_base64(text, strict_mode=True)
+    except binascii.Error:
+        key = b""
+    if len(key) != 32:
+        raise ConfigurationError(
+            f"{what} is not the base64 of 32 bytes; generate a key with `python -c "
+            '"import base64, os; print(base64.b64encode(os.urandom(32)).decode())"`'
+        )
+    return key
 
 
 def _as_bytes(value: str | bytes, name: str) -> bytes:
@@ -210,52 +256,63 @@ class PBKDF2RootKey:
         return f"PBKDF2RootKey(iterations={self.iterations}, key_length={self.key_length})"
 
 
+_SOURCES = ("ROOT_KEY", "ROOT_KEY_FILE", "ROOT_SEED", "AWS_KMS_KEY_ID")
+
+
 def root_key_from_env(
     environ: Mapping[str, str] | None = None, prefix: str = "ENVELOPE_"
 ) -> RootKeyProvider:
-    """Read the root key from ``ENVELOPE_ROOT_KEY``, or derive it from
-    ``ENVELOPE_ROOT_SEED`` + ``ENVELOPE_ROOT_SALT`` (and optionally
-    ``ENVELOPE_PBKDF2_ITERATIONS``). Another ``prefix`` reads another set, such
-    as ``ENVELOPE_NEW_`` for the target of a root key rotation."""
+    """The root key the ``ENVELOPE_*`` variables describe, from exactly one of:
+    ``ENVELOPE_ROOT_KEY`` (base64 of 32 bytes), ``ENVELOPE_ROOT_KEY_FILE``
+    (a file holding it), ``ENVELOPE_ROOT_SEED`` + ``ENVELOPE_ROOT_SALT``
+    (PBKDF2, optionally ``ENVELOPE_PBKDF2_ITERATIONS``), or
+    ``ENVELOPE_AWS_KMS_KEY_ID`` (optionally ``ENVELOPE_AWS_REGION``). Another
+    ``prefix`` reads another set, such as ``ENVELOPE_NEW_`` for the target of
+    a root key rotation."""
     env = os.environ if environ is None else environ
-    names = {
-        name: f"{prefix}{name}"
-        for name in ("ROOT_KEY", "ROOT_SEED", "ROOT_SALT", "PBKDF2_ITERATIONS")
-    }
-    raw = env.get(names["ROOT_KEY"])
-    seed = env.get(names["ROOT_SEED"])
-    salt = env.get(names["ROOT_SALT"])
-    if raw is not None:
-        if seed is not None or salt is not None:
-            raise ConfigurationError(
-                f"set either {names['ROOT_KEY']} or {names['ROOT_SEED']} and "
-                f"{names['ROOT_SALT']}, not both"
-            )
-        try:
-            key = binascii.a2b_base64(raw.strip().encode("ascii"), strict_mode=True)
-        except (binascii.Error, UnicodeEncodeError):
-            raise ConfigurationError(
-                f"{names['ROOT_KEY']} is not valid base64; generate one with `python -c "
-                '"import base64, os; print(base64.b64encode(os.urandom(32)).decode())"`'
-            ) from None
-        if len(key) != 32:
-            raise ConfigurationError(f"{names['ROOT_KEY']} must decode to 32 bytes, not {len(key)}")
-        return StaticRootKey(key)
-    if seed is None and salt is None:
+
+    def name(suffix: str) -> str:
+        return f"{prefix}{suffix}"
+
+    given = [s for s in _SOURCES if env.get(name(s)) is not None]
+    if env.get(name("ROOT_SALT")) is not None and "ROOT_SEED" not in given:
+        given.append("ROOT_SEED")
+    if len(given) > 1:
         raise ConfigurationError(
-            f"no root key configured: set {names['ROOT_KEY']} (base64 of 32 random "
-            f"bytes), or {names['ROOT_SEED']} and {names['ROOT_SALT']}"
+            "more than one root key configured ("
+            + ", ".join(name(s) for s in given)
+            + "): set exactly one"
         )
+    if not given:
+        raise ConfigurationError(
+            f"no root key configured: set {name('ROOT_KEY')} (base64 of 32 random "
+            f"bytes), {name('ROOT_KEY_FILE')}, {name('ROOT_SEED')} and "
+            f"{name('ROOT_SALT')}, or {name('AWS_KMS_KEY_ID')}"
+        )
+    source = given[0]
+    if source == "ROOT_KEY":
+        text = env[name("ROOT_KEY")].strip()
+        if not text.isascii():
+            raise ConfigurationError(f"{name('ROOT_KEY')} is not the base64 of 32 bytes")
+        return StaticRootKey(_decode_base64_key(text.encode("ascii"), name("ROOT_KEY")))
+    if source == "ROOT_KEY_FILE":
+        return StaticRootKey.from_file(env[name("ROOT_KEY_FILE")])
+    if source == "AWS_KMS_KEY_ID":
+        from .aws_kms import AWSKMSRootKey
+
+        return AWSKMSRootKey(env[name("AWS_KMS_KEY_ID")], region=env.get(name("AWS_REGION")))
+    seed = env.get(name("ROOT_SEED"))
+    salt = env.get(name("ROOT_SALT"))
     if not seed or not salt:
-        missing = names["ROOT_SEED"] if not seed else names["ROOT_SALT"]
+        missing = name("ROOT_SEED") if not seed else name("ROOT_SALT")
         raise ConfigurationError(f"{missing} is missing or empty; set both seed and salt")
-    iterations_text = env.get(names["PBKDF2_ITERATIONS"])
+    iterations_text = env.get(name("PBKDF2_ITERATIONS"))
     iterations = DEFAULT_PBKDF2_ITERATIONS
     if iterations_text is not None:
         try:
             iterations = int(iterations_text)
         except ValueError:
             raise ConfigurationError(
-                f"{names['PBKDF2_ITERATIONS']} must be a whole number"
+                f"{name('PBKDF2_ITERATIONS')} must be a whole number"
             ) from None
     return PBKDF2RootKey(seed, salt, iterations=iterations)

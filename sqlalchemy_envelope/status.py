@@ -70,7 +70,8 @@ class RegistryStatus:
     all processes (an upper bound of real use). ``rotation_due`` says why the
     policy wants a rotation, or is None. ``rows_by_version`` is filled when
     asked for (``status(census=True)``): rows per key version over every
-    encrypted column the registry knows.
+    encrypted column the registry knows. ``root_key_problem`` says why the
+    root key cannot be used right now (an unreachable KMS), or is None.
     """
 
     scope: str
@@ -86,8 +87,16 @@ class RegistryStatus:
     cache_max_age: timedelta
     keys: tuple[KeyInfo, ...]
     keys_by_state: dict[str, int] = field(default_factory=dict)
+    root_key_problem: str | None = None
+    cached_keys: int = 0
     rows_by_version: dict[int, int] | None = None
     columns: tuple[ColumnCensus, ...] | None = None
+
+    @property
+    def root_key_available(self) -> bool:
+        """False while the root key's holder (a KMS) cannot be used; the
+        ``cached_keys`` data keys this process holds keep working meanwhile."""
+        return self.root_key_problem is None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -101,6 +110,9 @@ class RegistryStatus:
             "max_encryptions": self.max_encryptions,
             "root_key_fingerprint": self.root_key_fingerprint,
             "root_key_description": self.root_key_description,
+            "root_key_available": self.root_key_available,
+            "root_key_problem": self.root_key_problem,
+            "cached_keys": self.cached_keys,
             "cache_max_age_seconds": self.cache_max_age.total_seconds(),
             "keys_by_state": dict(self.keys_by_state),
             "keys": [key.to_dict() for key in self.keys],

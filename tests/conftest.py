@@ -16,13 +16,15 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import sqlalchemy as sa
@@ -158,6 +160,70 @@ def engine(db_url: str) -> Iterator[sa.Engine]:
     eng = sa.create_engine(db_url)
     yield eng
     eng.dispose()
+
+
+class KMSServer:
+    """moto's KMS in server mode on loopback: a real HTTP endpoint that boto3
+    talks to, in a process of its own so that a test can stop it mid-run."""
+
+    ENV: ClassVar[dict[str, str]] = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": "/nonexistent",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+    }
+
+    def __init__(self) -> None:
+        self.url = f"http://127.0.0.1:{_free_port()}"
+        self.env = {**self.ENV, "AWS_ENDPOINT_URL_KMS": self.url}
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        port = self.url.rpartition(":")[2]
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/moto-api/", timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self._proc.poll() is not None:
+                    raise RuntimeError("moto's KMS server did not start") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            self._proc.wait(10)
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client("kms", region_name="us-east-1", endpoint_url=self.url)
+
+    def create_key(self, policy: str | None = None) -> str:
+        """A new symmetric KMS key; its ARN."""
+        extra = {} if policy is None else {"Policy": policy}
+        return str(self.client().create_key(**extra)["KeyMetadata"]["Arn"])
+
+
+@pytest.fixture
+def kms(monkeypatch: pytest.MonkeyPatch) -> Iterator[KMSServer]:
+    """A fresh KMS, with this process's AWS settings pointing at it."""
+    server = KMSServer()
+    for name, value in server.env.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    server.start()
+    yield server
+    server.stop()
 
 
 class Clocks:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -108,9 +109,10 @@ def test_root_key_from_env() -> None:
 
     bad = [
         ({}, "no root key configured"),
-        ({"ENVELOPE_ROOT_KEY": "not base64!"}, "not valid base64"),
-        ({"ENVELOPE_ROOT_KEY": base64.b64encode(b"x" * 16).decode()}, "32 bytes, not 16"),
-        ({"ENVELOPE_ROOT_KEY": encoded, "ENVELOPE_ROOT_SEED": "s"}, "not both"),
+        ({"ENVELOPE_ROOT_KEY": "not base64!"}, "not the base64 of 32 bytes"),
+        ({"ENVELOPE_ROOT_KEY": base64.b64encode(b"x" * 16).decode()}, "not the base64 of 32"),
+        ({"ENVELOPE_ROOT_KEY": encoded, "ENVELOPE_ROOT_SEED": "s"}, "set exactly one"),
+        ({"ENVELOPE_ROOT_KEY": encoded, "ENVELOPE_ROOT_KEY_FILE": "/x"}, "set exactly one"),
         ({"ENVELOPE_ROOT_SEED": "s"}, "ENVELOPE_ROOT_SALT is missing"),
         ({"ENVELOPE_ROOT_SALT": "s"}, "ENVELOPE_ROOT_SEED is missing"),
         (
@@ -136,3 +138,33 @@ def test_root_key_from_env() -> None:
         for value in environ.values():
             if len(value) > 4:
                 assert value not in str(info.value)
+
+
+def test_root_key_file(tmp_path: Path) -> None:
+    raw = os.urandom(32)
+    expected = StaticRootKey(raw).fingerprint
+    as_text = tmp_path / "root-key.b64"
+    as_text.write_text(base64.b64encode(raw).decode() + "\n")
+    as_bytes = tmp_path / "root-key.bin"
+    as_bytes.write_bytes(raw)
+    for path in (as_text, as_bytes):
+        path.chmod(0o600)
+        assert StaticRootKey.from_file(path).fingerprint == expected
+        from_env = root_key_from_env({"ENVELOPE_ROOT_KEY_FILE": str(path)})
+        assert from_env.fingerprint == expected
+
+    for mode in (0o644, 0o640, 0o604, 0o620, 0o602):
+        as_text.chmod(mode)
+        with pytest.raises(ConfigurationError, match=f"accessible to other users .mode 0{mode:o}"):
+            StaticRootKey.from_file(as_text)
+    as_text.chmod(0o400)
+    assert StaticRootKey.from_file(as_text).fingerprint == expected
+
+    short = tmp_path / "short"
+    short.write_text(base64.b64encode(raw[:16]).decode())
+    short.chmod(0o600)
+    with pytest.raises(ConfigurationError, match="not the base64 of 32 bytes") as info:
+        StaticRootKey.from_file(short)
+    assert base64.b64encode(raw[:16]).decode() not in str(info.value)
+    with pytest.raises(ConfigurationError, match="cannot read root key file"):
+        root_key_from_env({"ENVELOPE_ROOT_KEY_FILE": str(tmp_path / "missing")})

@@ -1,0 +1,316 @@
+"""The AWS KMS root key, against moto's KMS in server mode on loopback: init,
+rotation, moving between providers, refusals, and a KMS that goes away."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from conftest import Clocks, KMSServer
+
+from sqlalchemy_envelope import (
+    AWSKMSRootKey,
+    ConfigurationError,
+    EncryptedType,
+    KeyRegistry,
+    RootKeyAccessDeniedError,
+    RootKeyUnavailableError,
+    StaticRootKey,
+    WrongRootKeyError,
+    root_key_from_env,
+)
+
+
+def _notes() -> sa.Table:
+    return sa.Table(
+        "notes",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("body", EncryptedType(sa.String(100))),
+    )
+
+
+def _counted(root_key: AWSKMSRootKey) -> Counter[str]:
+    """Count the KMS calls a provider makes, by operation, on its real client."""
+    calls: Counter[str] = Counter()
+
+    def count(model: Any, **_: Any) -> None:
+        calls[model.name] += 1
+
+    root_key._client.meta.events.register("before-call.kms", count)
+    return calls
+
+
+def _bodies(engine: sa.Engine, table: sa.Table) -> list[str]:
+    with engine.connect() as conn:
+        return list(conn.execute(sa.select(table.c.body).order_by(table.c.id)).scalars())
+
+
+def test_kms_wraps_data_keys_and_is_called_only_for_key_events(
+    kms: KMSServer, engine: sa.Engine
+) -> None:
+    arn = kms.create_key()
+    root_key = AWSKMSRootKey(arn)
+    calls = _counted(root_key)
+    registry = KeyRegistry(engine, root_key)
+    registry.init()
+    table = _notes()
+    table.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": i, "body": f"note {i}"} for i in range(300)])
+    assert _bodies(engine, table) == [f"note {i}" for i in range(300)]
+    # An ARN needs no DescribeKey: one Encrypt per data key created (the
+    # default scope's key and the blind-index key), nothing per value.
+    assert calls == {"Encrypt": 2}
+
+    registry.rotate()
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": 300 + i, "body": "later"} for i in range(100)])
+    assert calls == {"Encrypt": 3}
+    status = registry.status()
+    assert status.root_key_fingerprint == "aws-kms:" + arn.rpartition("/")[2]
+    assert status.root_key_description == f"aws-kms {arn}"
+    assert status.root_key_available and status.root_key_problem is None
+
+    # A second process loads each key once through Decrypt, then never again.
+    other_key = AWSKMSRootKey(arn)
+    other_calls = _counted(other_key)
+    other = KeyRegistry(sa.create_engine(engine.url), other_key, attach=False)
+    with other.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(table.c.body).order_by(table.c.id),
+            execution_options={"envelope_registry": other},
+        ).scalars()
+        assert list(rows) == [f"note {i}" for i in range(300)] + ["later"] * 100
+    assert other_calls == {"Decrypt": 2}
+
+    # The wrapped keys are KMS ciphertexts bound to the key id and scope.
+    with engine.connect() as conn:
+        key_id, scope, wrapped = conn.execute(
+            sa.text(
+                "SELECT id, scope, wrapped_key FROM data_keys "
+                "WHERE version = 2 AND scope = 'default'"
+            )
+        ).one()
+    client = kms.client()
+    context = {"key_id": str(key_id), "scope": scope, "purpose": "sqlalchemy-envelope/data-key"}
+    assert (
+        len(client.decrypt(CiphertextBlob=bytes(wrapped), EncryptionContext=context)["Plaintext"])
+        == 32
+    )
+    with pytest.raises(client.exceptions.InvalidCiphertextException):
+        client.decrypt(
+            CiphertextBlob=bytes(wrapped), EncryptionContext={**context, "scope": "other"}
+        )
+    other.engine.dispose()
+
+
+def test_rewrap_from_a_static_key_to_kms_and_back(kms: KMSServer, engine: sa.Engine) -> None:
+    static = StaticRootKey(os.urandom(32))
+    registry = KeyRegistry(engine, static)
+    registry.init()
+    table = _notes()
+    table.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": 1, "body": "one"}, {"id": 2, "body": "two"}])
+    registry.rotate()
+    with engine.begin() as conn:
+        conn.execute(table.insert(), {"id": 3, "body": "three"})
+
+    arn = kms.create_key()
+    assert registry.rewrap(AWSKMSRootKey(arn)) == 3
+    with engine.connect() as conn:
+        fingerprints = set(
+            conn.execute(sa.text("SELECT root_key_fingerprint FROM data_keys")).scalars()
+        )
+    assert fingerprints == {"aws-kms:" + arn.rpartition("/")[2]}
+    # The static key is no longer accepted; a fresh registry on KMS reads everything.
+    with pytest.raises(WrongRootKeyError):
+        KeyRegistry(engine, static, attach=False).status()
+    fresh = KeyRegistry(sa.create_engine(engine.url), AWSKMSRootKey(arn))
+    assert _bodies(fresh.engine, table) == ["one", "two", "three"]
+    fresh.engine.dispose()
+
+    back = StaticRootKey(os.urandom(32))
+    assert registry.rewrap(back) == 3
+    kms.stop()  # KMS is no longer needed at all
+    fresh = KeyRegistry(sa.create_engine(engine.url), back)
+    assert _bodies(fresh.engine, table) == ["one", "two", "three"]
+    fresh.engine.dispose()
+
+
+def test_rewrap_to_an_unreachable_kms_changes_nothing(kms: KMSServer, engine: sa.Engine) -> None:
+    static = StaticRootKey(os.urandom(32))
+    registry = KeyRegistry(engine, static)
+    registry.init()
+    target = AWSKMSRootKey(kms.create_key(), max_attempts=1)
+    kms.stop()
+    with pytest.raises(RootKeyUnavailableError, match="could not reach KMS"):
+        registry.rewrap(target)
+    with engine.connect() as conn:
+        fingerprints = set(
+            conn.execute(sa.text("SELECT root_key_fingerprint FROM data_keys")).scalars()
+        )
+    assert fingerprints == {static.fingerprint}
+    assert KeyRegistry(engine, static, attach=False).status().active_version == 1
+
+
+def test_a_wrong_kms_key_is_refused(kms: KMSServer, engine: sa.Engine) -> None:
+    right, wrong = kms.create_key(), kms.create_key()
+    KeyRegistry(engine, AWSKMSRootKey(right)).init()
+    with pytest.raises(WrongRootKeyError, match="aws-kms:") as info:
+        KeyRegistry(engine, AWSKMSRootKey(wrong), attach=False).init()
+    assert "Nothing was written" in str(info.value)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM data_keys")).scalar() == 2
+
+    # The same key named by alias resolves (DescribeKey, once) to the same fingerprint.
+    kms.client().create_alias(AliasName="alias/app", TargetKeyId=right)
+    by_alias = AWSKMSRootKey("alias/app")
+    assert by_alias.fingerprint == AWSKMSRootKey(right).fingerprint
+    assert KeyRegistry(engine, by_alias, attach=False).status().active_version == 1
+
+
+def test_a_swapped_wrapped_key_is_detected(kms: KMSServer, engine: sa.Engine) -> None:
+    registry = KeyRegistry(engine, AWSKMSRootKey(kms.create_key()))
+    registry.init()
+    registry.rotate()
+    with engine.begin() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT id, wrapped_key FROM data_keys WHERE scope = 'default' ORDER BY version"
+            )
+        ).all()
+        (a, wrapped_a), (b, wrapped_b) = rows  # the retired key and the active one
+        update = sa.text("UPDATE data_keys SET wrapped_key = :w WHERE id = :id")
+        conn.execute(update, [{"w": wrapped_b, "id": a}, {"w": wrapped_a, "id": b}])
+    fresh = KeyRegistry(engine, AWSKMSRootKey(registry.root_key.key_arn), attach=False)  # type: ignore[attr-defined]
+    with pytest.raises(WrongRootKeyError, match="was altered"):
+        fresh.encrypt(b"x", "notes.body")
+
+
+def test_access_denied_and_missing_credentials_are_typed(
+    kms: KMSServer, engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deny = json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [
+                {"Effect": "Deny", "Principal": "*", "Action": "kms:DescribeKey", "Resource": "*"}
+            ],
+        }
+    )
+    key_id = kms.create_key(policy=deny).rpartition("/")[2]
+    with pytest.raises(RootKeyAccessDeniedError, match=r"AccessDeniedException.*kms:DescribeKey"):
+        KeyRegistry(engine, AWSKMSRootKey(key_id), attach=False).init()
+
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(RootKeyAccessDeniedError, match="no AWS credentials"):
+        KeyRegistry(engine, AWSKMSRootKey(kms.create_key()), attach=False).init()
+    with engine.connect() as conn:
+        assert not sa.inspect(conn).has_table("data_keys") or (
+            conn.execute(sa.text("SELECT count(*) FROM data_keys")).scalar() == 0
+        )
+
+
+def test_cached_keys_keep_working_while_kms_is_down(
+    kms: KMSServer, engine: sa.Engine, clocks: Clocks
+) -> None:
+    arn = kms.create_key()
+    registry = KeyRegistry(
+        engine,
+        AWSKMSRootKey(arn, max_attempts=1),
+        clock=clocks.monotonic,
+        wall_clock=clocks.now,
+        cache_max_age=60,
+    )
+    registry.init()
+    table = _notes()
+    table.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), {"id": 1, "body": "before"})
+
+    kms.stop()
+    clocks.advance(600)  # past cache_max_age: entries are re-read, not re-unwrapped
+    with engine.begin() as conn:
+        conn.execute(table.insert(), {"id": 2, "body": "during"})
+    assert _bodies(engine, table) == ["before", "during"]
+    status = registry.status()
+    assert not status.root_key_available
+    assert status.cached_keys >= 1
+    assert "could not reach KMS" in (status.root_key_problem or "")
+    assert status.to_dict()["root_key_available"] is False
+
+    # What needs KMS fails with a typed error and changes nothing.
+    with pytest.raises(RootKeyUnavailableError, match="retry later"):
+        registry.rotate()
+    assert registry.status().active_version == 1
+    cold = KeyRegistry(engine, AWSKMSRootKey(arn, max_attempts=1), attach=False)
+    with pytest.raises(RootKeyUnavailableError):
+        cold.decrypt(registry.encrypt(b"x", "notes.body"), "notes.body")
+
+
+def test_policy_rotation_waits_for_kms(kms: KMSServer, engine: sa.Engine, clocks: Clocks) -> None:
+    from datetime import timedelta
+
+    registry = KeyRegistry(
+        engine,
+        AWSKMSRootKey(kms.create_key(), max_attempts=1),
+        clock=clocks.monotonic,
+        wall_clock=clocks.now,
+        rotate_after=timedelta(days=1),
+        cache_max_age=60,
+    )
+    registry.init()
+    table = _notes()
+    table.metadata.create_all(engine)
+    kms.stop()
+    clocks.advance(timedelta(days=2))  # due, but KMS cannot wrap a successor
+    with engine.begin() as conn:
+        conn.execute(table.insert(), {"id": 1, "body": "still written"})
+    assert _bodies(engine, table) == ["still written"]
+    assert registry.status().active_version == 1
+
+
+def test_kms_from_env_and_the_cli(kms: KMSServer, db_url: str) -> None:
+    arn = kms.create_key()
+    provider = root_key_from_env(
+        {"ENVELOPE_AWS_KMS_KEY_ID": arn, "ENVELOPE_AWS_REGION": "us-east-1"}
+    )
+    assert isinstance(provider, AWSKMSRootKey) and provider.key_arn == arn
+    with pytest.raises(ConfigurationError, match="set exactly one"):
+        root_key_from_env({"ENVELOPE_AWS_KMS_KEY_ID": arn, "ENVELOPE_ROOT_KEY": "x"})
+
+    static = base64.b64encode(os.urandom(32)).decode()
+    env = {**kms.env, "PATH": os.environ.get("PATH", ""), "DATABASE_URL": db_url}
+
+    def cli(*args: str, code: int = 0, **extra: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "sqlalchemy_envelope", *args],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == code, (args, result.stdout, result.stderr)
+        assert static not in result.stdout + result.stderr
+        return result.stdout + result.stderr
+
+    cli("init", ENVELOPE_ROOT_KEY=static)
+    out = cli("rewrap", ENVELOPE_ROOT_KEY=static, ENVELOPE_NEW_AWS_KMS_KEY_ID=arn)
+    assert "aws-kms:" in out
+    status = json.loads(cli("--json", "status", ENVELOPE_AWS_KMS_KEY_ID=arn))
+    assert status["root_key_description"] == f"aws-kms {arn}"
+    assert status["root_key_available"] is True
+    cli("rewrap", ENVELOPE_AWS_KMS_KEY_ID=arn, ENVELOPE_NEW_ROOT_KEY=static)
+    assert json.loads(cli("--json", "status", ENVELOPE_ROOT_KEY=static))["active_version"] == 1
+    out = cli("status", ENVELOPE_AWS_KMS_KEY_ID=arn, code=1)
+    assert "WrongRootKey" in out or "were wrapped by root key" in out
