@@ -287,7 +287,8 @@ def report(args: argparse.Namespace) -> str:
             lines.append("|---|---:|---:|---:|---:|---:|---:|")
             for label, *rates in results:
                 cells = [
-                    f"{rate:,.0f} ({rate / base:.2f}x)" for rate, base in zip(rates, plain[1:], strict=False)
+                    f"{rate:,.0f} ({rate / base:.2f}x)"
+                    for rate, base in zip(rates, plain[1:], strict=False)
                 ]
                 overheads = [(1 / rates[i] - 1 / plain[1 + i]) * 1e6 for i in (0, 1)]
                 lines.append(

@@ -5,6 +5,7 @@ A root key wraps versioned AES-256-GCM data keys, kept wrapped in a
 column values. See the README for the quickstart and the key lifecycle.
 """
 
+from .async_registry import AsyncKeyRegistry
 from .aws_kms import AWSKMSRootKey
 from .binding import EXECUTION_OPTION, SCOPE_OPTION, scope, session_scope, set_session_scope
 from .blind_index import NORMALIZERS, BlindDigest, BlindIndex, blind_index, blind_index_column
@@ -47,6 +48,7 @@ __all__ = [
     "NORMALIZERS",
     "SCOPE_OPTION",
     "AWSKMSRootKey",
+    "AsyncKeyRegistry",
     "BlindDigest",
     "BlindIndex",
     "CheckableRootKey",

@@ -22,6 +22,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.orm import Session, SessionTransaction
 
+from .connections import INTERNAL_OPTION
 from .errors import ConfigurationError, UnknownKeyError, WrongRootKeyError
 from .redaction import redact_rows
 
@@ -222,7 +223,11 @@ def _before_execute(
     params: Any,
     execution_options: dict[str, Any],
 ) -> None:
-    # Set on every execution, so a choice never outlives its statement.
+    # Set on every execution, so a choice never outlives its statement; but
+    # not by the registry's own statements on data_keys, which can run in the
+    # middle of an application statement's parameters.
+    if execution_options.get(INTERNAL_OPTION):
+        return
     chosen = execution_options.get(EXECUTION_OPTION)
     _writer.set(chosen)
     _statement_scope.set(execution_options.get(SCOPE_OPTION))

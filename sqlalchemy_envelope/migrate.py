@@ -444,6 +444,7 @@ def _worker(
     results: Any,
 ) -> None:
     registry.engine.dispose(close=False)  # a forked child opens its own connections
+    registry._keys.after_fork()
     report = MigrationReport()
 
     def count(n: int) -> None:

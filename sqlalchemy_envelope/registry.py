@@ -32,6 +32,7 @@ from . import binding, census, lifecycle, migrate, storage, transactions
 from . import format as fmt
 from .cache import DataKey, KeyCache
 from .census import ColumnCensus, Target
+from .connections import KeyConnections
 from .errors import (
     ConfigurationError,
     DecryptionError,
@@ -116,7 +117,9 @@ class KeyRegistry:
     ) -> None:
         if not isinstance(engine, Engine):
             hint = (
-                " (async engines are not supported yet)" if hasattr(engine, "sync_engine") else ""
+                ": for an AsyncEngine use AsyncKeyRegistry"
+                if hasattr(engine, "sync_engine")
+                else ""
             )
             raise ConfigurationError(f"KeyRegistry needs a SQLAlchemy Engine{hint}")
         if not isinstance(root_key, RootKeyProvider):
@@ -125,6 +128,7 @@ class KeyRegistry:
                 "or StaticRootKey(key)"
             )
         self.engine = engine
+        self._keys = KeyConnections(engine)
         self.root_key = root_key
         self.scope = _check_scope(scope)
         self.policy = RotationPolicy(rotate_after, max_encryptions)
@@ -185,8 +189,17 @@ class KeyRegistry:
         finally:
             self._pinned.reset(token)
 
-    def _bind(self) -> Engine | Connection:
-        return self._pinned.get() or self.engine
+    def _key_call(self, work: Callable[[Engine | Connection], T]) -> T:
+        """Run ``work`` against data_keys: on the pinned connection if there is
+        one, else on the registry's own connections (see connections.py)."""
+        pinned = self._pinned.get()
+        if pinned is not None:
+            return work(pinned)
+        engine = self._keys.engine
+        return self._keys.call(lambda: work(engine))
+
+    def _attempt(self, work: Callable[[Connection], T]) -> T | transactions.Busy:
+        return self._key_call(lambda bind: transactions.attempt(bind, work))
 
     @contextmanager
     def _connect(self) -> Iterator[Connection]:
@@ -245,13 +258,11 @@ class KeyRegistry:
 
     def _create_table(self) -> None:
         try:
-            with self._begin() as conn:
-                self.table.create(conn, checkfirst=True)
+            self._key_call(lambda bind: self.table.create(bind, checkfirst=True))
         except sa.exc.DBAPIError:
             # Another process created it between our check and our CREATE.
-            with self._connect() as conn:
-                if not sa.inspect(conn).has_table(self.table.name):
-                    raise
+            if not self._key_call(lambda bind: sa.inspect(bind).has_table(self.table.name)):
+                raise
 
     def bind(self, target: Any) -> Any:
         """Make this registry the one that encrypts what a Session,
@@ -264,6 +275,7 @@ class KeyRegistry:
         self._closed = True
         binding.detach(self)
         self._cache.clear()
+        self._keys.close()
 
     # -- rotation ----------------------------------------------------------
 
@@ -301,8 +313,8 @@ class KeyRegistry:
         effort: False if the database is busy or the root key's KMS cannot be
         reached, and ``key`` simply stays in use."""
         try:
-            outcome = transactions.attempt(
-                self._bind(), lambda conn: self._rotate_in(conn, key.scope, expected_id=key.id)
+            outcome = self._attempt(
+                lambda conn: self._rotate_in(conn, key.scope, expected_id=key.id)
             )
         except (RootKeyUnavailableError, RootKeyAccessDeniedError) as error:
             log.warning("policy rotation of scope %r postponed: %s", key.scope, error)
@@ -349,7 +361,7 @@ class KeyRegistry:
             if storage.active_key(conn, self.table, scope) is None:
                 self._insert_active(conn, scope, storage.next_version(conn, self.table, scope))
 
-        outcome = transactions.attempt(self._bind(), work)
+        outcome = self._attempt(work)
         row = self._read(lambda conn: storage.active_key(conn, self.table, scope))
         if row is None and isinstance(outcome, transactions.Busy):
             raise ConfigurationError(
@@ -842,6 +854,9 @@ class KeyRegistry:
                 "authentication: it was altered, or it was written for another "
                 "column or row (a different context)"
             ) from None
+        except ValueError:  # too short to hold a nonce: cut short after a known header
+            fmt.check(ciphertext)
+            raise DecryptionError("value is truncated: it was altered") from None
 
     def decrypt_scoped(self, ciphertext: bytes, context: bytes, scope: str | None) -> bytes:
         """Decrypt a value whose context binds its scope (``EncryptedType(...,
@@ -880,7 +895,7 @@ class KeyRegistry:
                     claim = partial(
                         storage.claim, table=self.table, key_id=latest.id, count=block, limit=limit
                     )
-                    granted = transactions.attempt(self._bind(), claim)
+                    granted = self._attempt(claim)
                 if granted is True:
                     return self._cache.put(replace(latest, budget=used + block))
                 if granted is transactions.BUSY or not self._rotate_for_policy(latest):
@@ -1036,18 +1051,22 @@ class KeyRegistry:
         """After a failed statement: the error to raise if data_keys is missing."""
         if self._pinned.get() is not None:
             return None  # a failed statement aborted the pinned transaction
-        with self._connect() as conn:
-            if sa.inspect(conn).has_table(self.table.name):
-                return None
+        if self._key_call(lambda bind: sa.inspect(bind).has_table(self.table.name)):
+            return None
         return ConfigurationError(
             f"table {self.table.name!r} does not exist: call KeyRegistry.init() "
             "(or run `sqlalchemy-envelope init`, or the Alembic migration) first"
         )
 
     def _read(self, query: Callable[[Connection], T]) -> T:
-        try:
-            with self._connect() as conn:
+        def read(bind: Engine | Connection) -> T:
+            if isinstance(bind, Connection):
+                return query(bind)
+            with bind.connect() as conn:
                 return query(conn)
+
+        try:
+            return self._key_call(read)
         except sa.exc.DBAPIError as error:
             missing = self._missing_table()
             if missing is not None:
@@ -1056,7 +1075,7 @@ class KeyRegistry:
 
     def _run(self, work: Callable[[Connection], T]) -> T:
         try:
-            return transactions.run(self._bind(), work)
+            return self._key_call(lambda bind: transactions.run(bind, work))
         except sa.exc.DBAPIError as error:
             missing = self._missing_table()
             if missing is not None:

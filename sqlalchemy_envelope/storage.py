@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection
 
 __all__ = [
@@ -41,25 +42,39 @@ def data_keys_table(metadata: sa.MetaData, name: str = DEFAULT_TABLE_NAME) -> sa
     return sa.Table(name, metadata, *data_keys_schema(name))
 
 
+_MYSQL = ("mysql", "mariadb")
+
+
+def _scope_type() -> sa.types.TypeEngine[str]:
+    # MySQL/MariaDB compare strings case-insensitively by default: "Acme" and
+    # "acme" must stay two tenants with two keys.
+    return sa.String(255).with_variant(mysql.VARCHAR(255, collation="utf8mb4_bin"), *_MYSQL)
+
+
+def _time_type() -> sa.types.TypeEngine[datetime]:
+    # MySQL/MariaDB keep whole seconds unless asked for microseconds.
+    return sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), *_MYSQL)
+
+
 def data_keys_schema(name: str = DEFAULT_TABLE_NAME) -> list[sa.schema.SchemaItem]:
     """The columns and constraints of data_keys, new objects on every call:
     the one definition behind `KeyRegistry.init` and the Alembic operation."""
     states = ", ".join(f"'{s.value}'" for s in KeyState)
     return [
         sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
-        sa.Column("scope", sa.String(255), nullable=False),
+        sa.Column("scope", _scope_type(), nullable=False),
         sa.Column("version", sa.Integer, nullable=False),
         sa.Column("algorithm", sa.String(32), nullable=False),
         sa.Column("wrapped_key", sa.LargeBinary, nullable=True),
         sa.Column("root_key_fingerprint", sa.String(64), nullable=False),
         sa.Column("root_key_description", sa.String(200), nullable=False),
         sa.Column("state", sa.String(16), nullable=False),
-        sa.Column("active_scope", sa.String(255), nullable=True),
+        sa.Column("active_scope", _scope_type(), nullable=True),
         # Encryptions claimed under this key by all processes: an upper bound
         # of its real use, checked against the rotation policy.
         sa.Column("encryptions", sa.BigInteger, nullable=False, server_default="0"),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("state_changed_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("created_at", _time_type(), nullable=False),
+        sa.Column("state_changed_at", _time_type(), nullable=False),
         sa.UniqueConstraint("scope", "version", name=f"uq_{name}_scope_version"),
         sa.UniqueConstraint("active_scope", name=f"uq_{name}_one_active"),
         sa.CheckConstraint(f"state IN ({states})", name=f"ck_{name}_state"),

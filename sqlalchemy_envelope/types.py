@@ -18,6 +18,7 @@ import enum
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.type_api import to_instance
@@ -37,6 +38,8 @@ from .errors import (
 __all__ = ["EncryptedType"]
 
 _STORAGES = ("binary", "text")
+_MYSQL = ("mysql", "mariadb")
+_ASCII = {"charset": "ascii", "collation": "ascii_bin"}
 
 
 class _Raise:
@@ -174,11 +177,18 @@ class EncryptedType(TypeDecorator[Any]):
         self.impl = self._storage_type()
 
     def _storage_type(self) -> TypeEngine[Any]:
+        # MySQL/MariaDB need a size class (BLOB holds 64 KB), and text storage
+        # in ASCII with a binary collation: base64 is case-sensitive, and
+        # utf8mb4 would count 4 bytes a character against the row size limit.
+        max_bytes = self._codec.max_bytes
         if self.storage == "binary":
-            return sa.LargeBinary()
-        if self._codec.max_bytes is None:
-            return sa.Text()
-        return sa.String(fmt.text_length(self._codec.max_bytes))
+            if max_bytes is None:
+                return sa.LargeBinary().with_variant(mysql.LONGBLOB(), *_MYSQL)
+            return sa.LargeBinary(max_bytes + fmt.OVERHEAD)
+        if max_bytes is None:
+            return sa.Text().with_variant(mysql.LONGTEXT(**_ASCII), *_MYSQL)
+        length = fmt.text_length(max_bytes)
+        return sa.String(length).with_variant(mysql.VARCHAR(length, **_ASCII), *_MYSQL)
 
     @property
     def python_type(self) -> type[Any]:

@@ -110,6 +110,114 @@ class _PostgresServer:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
+class _MariaDBServer:
+    """Debian's mariadb-server, started on loopback in a folder of its own
+    (as the ``mysql`` user when running as root), without grant tables."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="envelope-mariadb-"))
+        self.data = self.root / "data"
+        self.port = _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        os.chmod(self.root, 0o755)
+        self.user = "mysql" if os.geteuid() == 0 else None
+        if self.user:
+            shutil.chown(self.root, self.user, self.user)
+
+    def start(self) -> str:
+        server = shutil.which("mariadbd", path="/usr/sbin:/usr/bin:/usr/local/sbin")
+        install = shutil.which("mariadb-install-db", path="/usr/bin:/usr/sbin")
+        if server is None or install is None:
+            raise RuntimeError(
+                "MariaDB is not installed: `apt-get install mariadb-server` (or set "
+                "ENVELOPE_TEST_MARIADB_URL to a server to use)"
+            )
+        user = [f"--user={self.user}"] if self.user else []
+        subprocess.run(
+            [
+                install,
+                "--no-defaults",
+                f"--datadir={self.data}",
+                "--skip-test-db",
+                "--auth-root-authentication-method=normal",
+                *user,
+            ],
+            check=True,
+            capture_output=True,
+            cwd=self.root,
+        )
+        self.proc = subprocess.Popen(
+            [
+                server,
+                "--no-defaults",
+                f"--datadir={self.data}",
+                f"--socket={self.root / 'sock'}",
+                f"--port={self.port}",
+                "--bind-address=127.0.0.1",
+                "--skip-grant-tables",
+                "--skip-name-resolve",
+                "--innodb-flush-log-at-trx-commit=0",
+                "--innodb-doublewrite=0",
+                "--innodb-buffer-pool-size=256M",
+                "--max-connections=300",
+                "--character-set-server=utf8mb4",  # its default collation is case-insensitive
+                # The tests number rows from 0, which AUTO_INCREMENT would take as "next".
+                "--sql-mode=STRICT_TRANS_TABLES,NO_ENGINE_SUBSTITUTION,NO_AUTO_VALUE_ON_ZERO",
+                f"--log-error={self.root / 'log'}",
+                *user,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        url = f"mysql+pymysql://root@127.0.0.1:{self.port}/mysql?charset=utf8mb4"
+        admin = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with admin.connect() as conn:
+                    conn.exec_driver_sql("CREATE DATABASE envelope_test")
+                break
+            except sa.exc.OperationalError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("MariaDB did not start") from None
+                time.sleep(0.2)
+        return url.replace("/mysql?", "/envelope_test?")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(30)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mariadb_url() -> Iterator[str]:
+    url = os.environ.get("ENVELOPE_TEST_MARIADB_URL")
+    if url:
+        yield url
+        return
+    server = _MariaDBServer()
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@contextmanager
+def _mariadb_database(base: str) -> Iterator[str]:
+    """A URL of a new database of its own on the MariaDB server."""
+    name = f"t_{secrets.token_hex(6)}"
+    admin = sa.create_engine(base, poolclass=sa.pool.NullPool)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    try:
+        yield sa.make_url(base).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE {name}")
+        admin.dispose()
+
+
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     url = os.environ.get("ENVELOPE_TEST_POSTGRES_URL")
@@ -138,11 +246,54 @@ def _postgres_schema(base: str) -> Iterator[str]:
         admin.dispose()
 
 
-@pytest.fixture(params=DATABASES)
+# Test modules whose db_url tests also run on MariaDB: the core, the key
+# lifecycle, re-encryption and blind indexes.
+MARIADB_MODULES = frozenset(
+    {
+        "test_types",
+        "test_registry",
+        "test_storage",
+        "test_lifecycle",
+        "test_policy",
+        "test_migrate",
+        "test_reencrypt_online",
+        "test_census",
+        "test_blind_index",
+        "test_storm",
+        "test_faults",
+    }
+)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "db_url" in metafunc.fixturenames:
+        databases = list(DATABASES)
+        if metafunc.module.__name__ in MARIADB_MODULES:
+            databases.append("mariadb")
+        metafunc.parametrize("db_url", databases, indirect=True)
+
+
+@pytest.fixture
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty database: a SQLite file, or a PostgreSQL schema."""
+    """A fresh, empty database: a SQLite file, a PostgreSQL schema, or a
+    MariaDB database."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'test.db'}"
+        return
+    if request.param == "mariadb":
+        with _mariadb_database(request.getfixturevalue("mariadb_url")) as url:
+            yield url
+        return
+    with _postgres_schema(request.getfixturevalue("postgres_url")) as url:
+        yield url
+
+
+@pytest.fixture(params=["postgresql", "mariadb"])
+def server_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh database on each real server, for tests of many processes."""
+    if request.param == "mariadb":
+        with _mariadb_database(request.getfixturevalue("mariadb_url")) as url:
+            yield url
         return
     with _postgres_schema(request.getfixturevalue("postgres_url")) as url:
         yield url
@@ -153,6 +304,23 @@ def pg_url(postgres_url: str) -> Iterator[str]:
     """A fresh, empty PostgreSQL schema, for tests that need a server."""
     with _postgres_schema(postgres_url) as url:
         yield url
+
+
+def async_engine_for(url: str, **options: Any) -> Any:
+    """An AsyncEngine on the same database as the sync ``url``: aiosqlite for
+    SQLite, asyncpg for PostgreSQL (which takes the schema as a server setting
+    rather than psycopg's ``options``). Dispose of it inside its event loop."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return create_async_engine(parsed.set(drivername="sqlite+aiosqlite"), **options)
+    connect_args: dict[str, Any] = {}
+    search_path = str(parsed.query.get("options", "")).removeprefix("-csearch_path=")
+    if search_path:
+        connect_args["server_settings"] = {"search_path": search_path}
+    async_url = parsed.set(drivername="postgresql+asyncpg").difference_update_query(["options"])
+    return create_async_engine(async_url, connect_args=connect_args, **options)
 
 
 @pytest.fixture

@@ -20,3 +20,35 @@ def test_quickstart_runs(tmp_path: Path) -> None:
     assert "what the application reads: Ada Lovelace" in result.stdout
     assert "active version 2" in result.stdout
     assert b"Ada Lovelace" not in (tmp_path / "q.db").read_bytes()
+
+
+def test_fastapi_example(tmp_path: Path) -> None:
+    """The FastAPI example, through an HTTP test client, on an aiosqlite file."""
+    import importlib.util
+
+    from fastapi.testclient import TestClient
+
+    spec = importlib.util.spec_from_file_location(
+        "fastapi_app", ROOT / "examples" / "fastapi_app.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # the models' annotations resolve in it
+    spec.loader.exec_module(module)
+    database = tmp_path / "api.db"
+    app = module.create_app(f"sqlite+aiosqlite:///{database}")
+    with TestClient(app) as client:
+        ada = {"name": "Ada Lovelace", "email": "Ada@Example.com", "born": "1815-12-10"}
+        created = client.post("/patients", json=ada)
+        assert created.status_code == 201
+        patient_id = created.json()["id"]
+        assert client.get(f"/patients/{patient_id}").json() == {**ada, "id": patient_id}
+        found = client.get("/patients", params={"email": "  ada@example.COM"}).json()
+        assert [p["id"] for p in found] == [patient_id]
+        assert client.get("/patients/999").status_code == 404
+        assert client.post("/keys/rotate").json() == {"active_version": 2}
+        client.post("/patients", json={**ada, "name": "Second"})
+        assert client.get("/keys").json()["keys"] == {"active": 1, "retired": 1}
+        assert client.get(f"/patients/{patient_id}").json()["name"] == "Ada Lovelace"
+    stored = database.read_bytes()
+    assert b"Ada Lovelace" not in stored and b"Example.com" not in stored.lower()

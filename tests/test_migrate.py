@@ -149,9 +149,9 @@ def test_bad_targets(engine: sa.Engine, registry: KeyRegistry) -> None:
     with engine.begin() as conn:
         conn.execute(
             sa.text(
-                "CREATE TABLE nokey (v BLOB)"
-                if engine.dialect.name == "sqlite"
-                else "CREATE TABLE nokey (v bytea)"
+                "CREATE TABLE nokey (v bytea)"
+                if engine.dialect.name == "postgresql"
+                else "CREATE TABLE nokey (v BLOB)"
             )
         )
     with pytest.raises(ConfigurationError, match="no primary key"):

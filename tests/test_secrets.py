@@ -42,7 +42,7 @@ def test_nothing_secret_is_logged_repred_or_raised(
     monkeypatch.setattr(registry_module, "new_data_key", recording)
     caplog.set_level(logging.DEBUG)
     for name in ("sqlalchemy", "sqlalchemy_envelope"):
-        logging.getLogger(name).setLevel(logging.DEBUG)
+        caplog.set_level(logging.DEBUG, logger=name)  # restored after the test
 
     texts: list[str] = []
     engine = sa.create_engine(db_url, echo="debug")

@@ -1,5 +1,6 @@
-"""Many real OS processes on one PostgreSQL database: concurrent rotate()
-calls, and rotation policies firing in every process while they all write."""
+"""Many real OS processes on one database server (PostgreSQL, MariaDB):
+concurrent rotate() calls, and rotation policies firing in every process
+while they all write."""
 
 from __future__ import annotations
 
@@ -68,10 +69,10 @@ def _setup(url: str, root: bytes) -> sa.Engine:
     return engine
 
 
-def test_concurrent_rotate_calls(pg_url: str) -> None:
+def test_concurrent_rotate_calls(server_url: str) -> None:
     root = os.urandom(32)
-    engine = _setup(pg_url, root)
-    outputs = _run_all("rotate", pg_url, root)
+    engine = _setup(server_url, root)
+    outputs = _run_all("rotate", server_url, root)
     versions = sorted(v for out in outputs for v in json.loads(out))
     assert versions == list(range(2, 2 + 3 * PROCESSES))  # each call: one new key, none shared
     keys = _keys(engine)
@@ -81,29 +82,29 @@ def test_concurrent_rotate_calls(pg_url: str) -> None:
     engine.dispose()
 
 
-def test_use_policy_storm_while_writing(pg_url: str) -> None:
+def test_use_policy_storm_while_writing(server_url: str) -> None:
     root = os.urandom(32)
-    engine = _setup(pg_url, root)
+    engine = _setup(server_url, root)
     limit, block = 200, 3
-    _run_all("write", pg_url, root, {"max_encryptions": limit, "cache_max_age": 0.2})
+    _run_all("write", server_url, root, {"max_encryptions": limit, "cache_max_age": 0.2})
     keys = _keys(engine)
     assert [k["state"] for k in keys].count("active") == 1
     assert len(keys) >= 5
     assert all(k["encryptions"] <= limit for k in keys)
     # One rotation per exhausted key: no key was retired with most of its budget left.
     assert all(k["encryptions"] > limit - PROCESSES * block for k in keys[:-1])
-    readers = _run_all("read", pg_url, root)
+    readers = _run_all("read", server_url, root)
     assert all(int(out) == PROCESSES * 150 for out in readers)
     engine.dispose()
 
 
-def test_age_policy_storm_while_writing(pg_url: str) -> None:
+def test_age_policy_storm_while_writing(server_url: str) -> None:
     root = os.urandom(32)
-    engine = _setup(pg_url, root)
+    engine = _setup(server_url, root)
     rotate_after = 1.5
     _run_all(
         "write",
-        pg_url,
+        server_url,
         root,
         {"rotate_after": rotate_after, "cache_max_age": 0.1, "seconds": 5.0},
     )
@@ -115,6 +116,6 @@ def test_age_policy_storm_while_writing(pg_url: str) -> None:
     # Every process saw each key come due at about the same moment; each
     # decision still produced exactly one successor, never a burst of keys.
     assert all(gap >= timedelta(seconds=rotate_after * 0.9) for gap in gaps), gaps
-    readers = _run_all("read", pg_url, root)
+    readers = _run_all("read", server_url, root)
     assert len({int(out) for out in readers}) == 1 and int(readers[0]) >= PROCESSES * 150
     engine.dispose()
