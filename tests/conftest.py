@@ -261,6 +261,7 @@ MARIADB_MODULES = frozenset(
         "test_blind_index",
         "test_storm",
         "test_faults",
+        "test_secrets",
     }
 )
 

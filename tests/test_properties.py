@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import _postgres_schema
+from conftest import _mariadb_database, _postgres_schema
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -80,14 +80,19 @@ GENERATED: dict[str, tuple[Any, st.SearchStrategy[Any]]] = {
 }
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
 def prop_engine(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[sa.Engine]:
+    """One database for all examples of a property (db_url's are per test)."""
     if request.param == "sqlite":
         engine = sa.create_engine(f"sqlite:///{tmp_path / 'properties.db'}")
         yield engine
         engine.dispose()
         return
-    with _postgres_schema(request.getfixturevalue("postgres_url")) as url:
+    if request.param == "mariadb":
+        database = _mariadb_database(request.getfixturevalue("mariadb_url"))
+    else:
+        database = _postgres_schema(request.getfixturevalue("postgres_url"))
+    with database as url:
         engine = sa.create_engine(url)
         yield engine
         engine.dispose()
@@ -189,7 +194,8 @@ def test_mutated_ciphertexts_raise_only_typed_errors(
     with pytest.raises(EnvelopeError) as info:
         registry.decrypt_bytes(mutated, b"t.c")
     assert isinstance(info.value, DecryptionError)  # NotCiphertextError and UnknownKeyError too
-    assert plaintext not in str(info.value).encode() or not plaintext
+    if len(plaintext) >= 8:  # shorter ones occur in any English message
+        assert plaintext not in str(info.value).encode()
 
 
 @SETTINGS
