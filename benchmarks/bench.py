@@ -22,6 +22,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from sqlalchemy.types import TypeDecorator
 
 from sqlalchemy_envelope import EncryptedType, KeyRegistry, PBKDF2RootKey, StaticRootKey
 
@@ -103,6 +104,34 @@ def per_value(registry: KeyRegistry, n: int, repeat: int) -> list[tuple[str, flo
     ]
 
 
+class BareAESGCM(TypeDecorator[str]):
+    """The least any AES-GCM column type can do: the floor's work in a
+    TypeDecorator, with no key lookup, no policy and no error handling. It
+    shows what SQLAlchemy's per-value type processing costs by itself."""
+
+    impl = sa.LargeBinary
+    cache_ok = True
+    aead = AESGCM(os.urandom(32))
+    header = b"\x01" + os.urandom(5)
+
+    def bind_processor(self, dialect: Any) -> Any:
+        aead, header, urandom = self.aead, self.header, os.urandom
+
+        def process(value: str) -> bytes:
+            nonce = urandom(12)
+            return header + nonce + aead.encrypt(nonce, value.encode(), header + CONTEXT)
+
+        return process
+
+    def result_processor(self, dialect: Any, coltype: Any) -> Any:
+        aead = self.aead
+
+        def process(value: bytes) -> str:
+            return aead.decrypt(value[6:18], value[18:], value[:6] + CONTEXT).decode()
+
+        return process
+
+
 def columns(
     url: str, registry_root: StaticRootKey, n: int, repeat: int
 ) -> list[tuple[str, float, float, float, float]]:
@@ -116,6 +145,7 @@ def columns(
     registry = fresh_registry(engine, registry_root)
     kinds: dict[str, Any] = {
         "plain String": sa.String(200),
+        "bare AES-GCM TypeDecorator": BareAESGCM(),
         "EncryptedType": EncryptedType(sa.String(200)),
         "sqlalchemy-utils": StringEncryptedType(sa.String(200), "a secret key", AesGcmEngine),
     }
@@ -230,6 +260,64 @@ def reencrypt_vs_update(url: str, root: StaticRootKey, n: int, repeat: int) -> t
     return n / update_s, n / reencrypt_s
 
 
+def _resident_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def streaming(url: str, root: StaticRootKey, n: int) -> tuple[float, float, float, float]:
+    """Stream ``n`` encrypted values (Core ``stream_results`` + ``yield_per``,
+    then ORM ``yield_per``): resident memory after the first tenth and at the
+    end, for each. Flat means the second is about the first."""
+    from sqlalchemy.orm import Session
+    from sqlalchemy.orm import registry as orm_registry
+
+    engine = sa.create_engine(url)
+    registry = fresh_registry(engine, root)
+    md = sa.MetaData()
+    table = sa.Table(
+        "bench_stream",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("value", EncryptedType(sa.String(200))),
+    )
+    record = type("StreamRecord", (), {})
+    orm_registry().map_imperatively(record, table)
+    md.drop_all(engine)
+    md.create_all(engine)
+    chunk = 20_000
+    for start in range(0, n, chunk):
+        with engine.begin() as conn:
+            conn.execute(
+                table.insert(),
+                [
+                    {"id": i, "value": f"user{i}@example.com"}
+                    for i in range(start, min(n, start + chunk))
+                ],
+            )
+
+    def watch(values: Any) -> tuple[float, float]:
+        early = 0.0
+        count = 0
+        for _ in values:
+            count += 1
+            if count == n // 10:
+                early = _resident_mb()
+        assert count == n
+        return early, _resident_mb()
+
+    query = sa.select(table.c.value).order_by(table.c.id)
+    with engine.connect() as conn:
+        result = conn.execution_options(stream_results=True, yield_per=1000).execute(query)
+        core = watch(result.scalars())
+    with Session(engine) as session:
+        orm = watch(session.scalars(sa.select(record).execution_options(yield_per=1000)))
+    md.drop_all(engine)
+    registry.close()
+    engine.dispose()
+    return (*core, *orm)
+
+
 def startup(url: str, root: StaticRootKey, repeat: int) -> tuple[float, float]:
     engine = sa.create_engine(url)
     fresh_registry(engine, root).close()
@@ -282,7 +370,7 @@ def report(args: argparse.Namespace) -> str:
             )
             lines.append("")
             lines.append(
-                "| column | Core insert | Core select | ORM insert | ORM select | Core insert overhead µs | Core select overhead µs |"
+                "| column | Core insert | Core select | ORM insert | ORM select | Core insert overhead µs (x floor) | Core select overhead µs (x floor) |"
             )
             lines.append("|---|---:|---:|---:|---:|---:|---:|")
             for label, *rates in results:
@@ -290,9 +378,10 @@ def report(args: argparse.Namespace) -> str:
                     f"{rate:,.0f} ({rate / base:.2f}x)"
                     for rate, base in zip(rates, plain[1:], strict=False)
                 ]
-                overheads = [(1 / rates[i] - 1 / plain[1 + i]) * 1e6 for i in (0, 1)]
+                insert_over, select_over = ((1 / rates[i] - 1 / plain[1 + i]) * 1e6 for i in (0, 1))
                 lines.append(
-                    f"| {label} | {' | '.join(cells)} | {overheads[0]:.2f} | {overheads[1]:.2f} |"
+                    f"| {label} | {' | '.join(cells)} | {insert_over:.2f} ({insert_over / floor_enc:.2f}x) "
+                    f"| {select_over:.2f} ({select_over / floor_dec:.2f}x) |"
                 )
         lines.append("")
         lines.append(f"Re-encrypt after a rotation, {args.rows:,} rows, batches of 1,000 (rows/s)")
@@ -304,6 +393,20 @@ def report(args: argparse.Namespace) -> str:
             lines.append(
                 f"| {db_name} | {update_rate:,.0f} | {reencrypt_rate:,.0f} | "
                 f"{reencrypt_rate / update_rate:.2f} |"
+            )
+
+        lines.append("")
+        lines.append(
+            f"Streaming {args.stream_rows:,} encrypted values, yield_per=1000 "
+            "(resident memory, MB, after the first tenth -> at the end)"
+        )
+        lines.append("")
+        lines.append("| database | Core stream_results | ORM yield_per |")
+        lines.append("|---|---:|---:|")
+        for db_name, url in databases:
+            core_early, core_end, orm_early, orm_end = streaming(url, root, args.stream_rows)
+            lines.append(
+                f"| {db_name} | {core_early:.0f} -> {core_end:.0f} | {orm_early:.0f} -> {orm_end:.0f} |"
             )
 
         start_ms, pbkdf2_ms = startup(sqlite_url, root, args.repeat)
@@ -320,11 +423,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--values", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--stream-rows", type=int, default=1_000_000)
     parser.add_argument("--postgres-url", default=os.environ.get("ENVELOPE_BENCH_POSTGRES_URL"))
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     args = parser.parse_args()
     if args.smoke:
-        args.rows, args.values, args.repeat = 200, 200, 1
+        args.rows, args.values, args.repeat, args.stream_rows = 200, 200, 1, 2000
     print(report(args))
 
 

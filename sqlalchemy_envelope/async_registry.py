@@ -170,6 +170,17 @@ class AsyncKeyRegistry:
     async def backfill_index(self, target: Any, *, batch_size: int = 1000) -> MigrationReport:
         return await self._call(self.sync_registry.backfill_index, target, batch_size=batch_size)
 
+    # -- values outside columns: CPU work, I/O only when a key is not cached ----------
+
+    def encrypt(self, plaintext: bytes, context: str) -> bytes:
+        return self.sync_registry.encrypt(plaintext, context)
+
+    def decrypt(self, ciphertext: bytes, context: str) -> bytes:
+        return self.sync_registry.decrypt(ciphertext, context)
+
+    def hash_field(self, value: bytes, context: str, *, version: int = 1) -> str:
+        return self.sync_registry.hash_field(value, context, version=version)
+
     # -- no I/O: plain calls ---------------------------------------------------------
 
     def bind(self, target: Any) -> Any:

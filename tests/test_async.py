@@ -253,6 +253,9 @@ def test_async_administration_yields_to_the_event_loop(
             await conn.execute(
                 sa.insert(Patient), [{"id": i, "name": f"p{i}"} for i in range(3000)]
             )
+        sealed = registry.encrypt(b"outside a column", "notes.extra")
+        assert registry.decrypt(sealed, "notes.extra") == b"outside a column"
+        assert registry.hash_field(b"x", "c") == registry.sync_registry.hash_field(b"x", "c")
         rotated = await registry.rotate()
         assert rotated.version == 2
         census = await registry.census(Patient.name)
