@@ -139,7 +139,7 @@ def _rotate_elsewhere(db_url: str, root_key_hex: str, first_id: int) -> None:
         "import sys, sqlalchemy as sa\n"
         "from sqlalchemy_envelope import KeyRegistry, StaticRootKey\n"
         "sys.path.insert(0, 'tests')\n"
-        "from test_async import Patient\n"
+        "from test_async_registry import Patient\n"
         "engine = sa.create_engine(sys.argv[1])\n"
         "registry = KeyRegistry(engine, StaticRootKey(bytes.fromhex(sys.argv[2])))\n"
         "registry.rotate()\n"
