@@ -1,7 +1,7 @@
 """Side-by-side figures: plain columns, EncryptedType and sqlalchemy-utils.
 
     pip install -e ".[bench]" && python benchmarks/bench.py [--rows 100000]
-        [--postgres-url postgresql+psycopg://...] [--repeat 5]
+        [--postgres-url postgresql+psycopg://...] [--repeat 5] [--stream-rows 1000000]
 
 Every figure is the median of ``--repeat`` runs, and every ratio compares
 figures from the same run, because these machines are noisy. ``--smoke`` runs
