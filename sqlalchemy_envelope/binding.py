@@ -121,11 +121,18 @@ class EngineSlot:
     """The registries serving one engine: its own, and any that sessions on it
     brought along."""
 
-    __slots__ = ("__weakref__", "readers", "registry")
+    __slots__ = ("__weakref__", "readers", "registry", "sole")
 
     def __init__(self) -> None:
         self.registry: KeyRegistry | None = None
         self.readers: tuple[KeyRegistry, ...] = ()
+        # The engine's registry when it is the only one reading: the common
+        # case, which result processors serve without further checks.
+        self.sole: KeyRegistry | None = None
+
+    def _update(self) -> None:
+        registry = self.registry
+        self.sole = registry if registry is not None and self.readers == (registry,) else None
 
     def writer(self) -> KeyRegistry:
         """The registry to encrypt with for the statement being executed."""
@@ -169,6 +176,7 @@ class EngineSlot:
     def add_reader(self, registry: KeyRegistry) -> None:
         if registry not in self.readers:
             self.readers = (*self.readers, registry)
+            self._update()
 
 
 def _no_registry() -> ConfigurationError:
@@ -199,6 +207,7 @@ def attach(engine: Engine, registry: KeyRegistry) -> None:
             )
         slot.registry = registry
         slot.add_reader(registry)
+        slot._update()
     redact_rows(engine)
 
 
@@ -208,6 +217,7 @@ def detach(registry: KeyRegistry) -> None:
             if slot.registry is registry:
                 slot.registry = None
             slot.readers = tuple(r for r in slot.readers if r is not registry)
+            slot._update()
 
 
 def bind(target: Any, registry: KeyRegistry) -> None:

@@ -858,6 +858,29 @@ class KeyRegistry:
             fmt.check(ciphertext)
             raise DecryptionError("value is truncated: it was altered") from None
 
+    def decryptor(self, context: bytes) -> Callable[[bytes], bytes]:
+        """`decrypt_bytes` for one context, with every lookup bound once: what
+        a column's result processor calls per value. Anything but a cached,
+        usable key and an authentic value takes `decrypt_bytes`, which loads
+        the key or raises the right error."""
+        get = self._by_header.get
+        clock = self._clock
+        slow = self.decrypt_bytes
+
+        def decrypt(ciphertext: bytes) -> bytes:
+            header = ciphertext[:_HEADER]
+            key = get(header)
+            if key is None or clock() > key.fresh_until or key.aead is None:
+                return slow(ciphertext, context)
+            try:
+                return key.aead.decrypt(
+                    ciphertext[_HEADER:_PAYLOAD], ciphertext[_PAYLOAD:], header + context
+                )
+            except (InvalidTag, ValueError):
+                return slow(ciphertext, context)
+
+        return decrypt
+
     def decrypt_scoped(self, ciphertext: bytes, context: bytes, scope: str | None) -> bytes:
         """Decrypt a value whose context binds its scope (``EncryptedType(...,
         bind_scope=True)``). With ``scope``, a value written in another scope is

@@ -319,14 +319,20 @@ class EncryptedType(TypeDecorator[Any]):
         if text or migrating or self.deterministic or self.bind_scope or impl is not None:
             return process
 
+        bound: tuple[Any, Any] = (None, None)  # a registry and its decryptor for this column
+
         def process_common(value: Any) -> Any:
             # The common case in one frame: bytes from the driver, one
             # registry serving the engine. Anything else takes the full path.
-            registry = slot.registry
-            if value.__class__ is not bytes or registry is None or len(slot.readers) != 1:
+            nonlocal bound
+            registry = slot.sole
+            if registry is None or value.__class__ is not bytes:
                 return None if value is None else process(value)
+            pair = bound
+            if pair[0] is not registry:
+                pair = bound = (registry, registry.decryptor(context))
             try:
-                plaintext = registry.decrypt_bytes(value, context)
+                plaintext = pair[1](value)
             except DestroyedKeyError:
                 if if_destroyed is RAISE:
                     raise
