@@ -190,17 +190,22 @@ class _MariaDBServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def mariadb_url() -> Iterator[str]:
-    url = os.environ.get("ENVELOPE_TEST_MARIADB_URL")
+def _server_url(variable: str, server_class: Any) -> Iterator[str]:
+    """The URL of the server named by ``variable``, else of one started here."""
+    url = os.environ.get(variable)
     if url:
         yield url
         return
-    server = _MariaDBServer()
+    server = server_class()
     try:
         yield server.start()
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def mariadb_url() -> Iterator[str]:
+    yield from _server_url("ENVELOPE_TEST_MARIADB_URL", _MariaDBServer)
 
 
 @contextmanager
@@ -220,15 +225,7 @@ def _mariadb_database(base: str) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
-    url = os.environ.get("ENVELOPE_TEST_POSTGRES_URL")
-    if url:
-        yield url
-        return
-    server = _PostgresServer()
-    try:
-        yield server.start()
-    finally:
-        server.stop()
+    yield from _server_url("ENVELOPE_TEST_POSTGRES_URL", _PostgresServer)
 
 
 @contextmanager
@@ -274,29 +271,30 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("db_url", databases, indirect=True)
 
 
-@pytest.fixture
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty database: a SQLite file, a PostgreSQL schema, or a
-    MariaDB database."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'test.db'}"
-        return
-    if request.param == "mariadb":
+@contextmanager
+def fresh_database(request: pytest.FixtureRequest, kind: str, folder: Path) -> Iterator[str]:
+    """A fresh, empty database: a SQLite file in ``folder``, a PostgreSQL
+    schema, or a MariaDB database."""
+    if kind == "sqlite":
+        yield f"sqlite:///{folder / 'test.db'}"
+    elif kind == "mariadb":
         with _mariadb_database(request.getfixturevalue("mariadb_url")) as url:
             yield url
-        return
-    with _postgres_schema(request.getfixturevalue("postgres_url")) as url:
+    else:
+        with _postgres_schema(request.getfixturevalue("postgres_url")) as url:
+            yield url
+
+
+@pytest.fixture
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    with fresh_database(request, request.param, tmp_path) as url:
         yield url
 
 
 @pytest.fixture(params=["postgresql", "mariadb"])
-def server_url(request: pytest.FixtureRequest) -> Iterator[str]:
+def server_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh database on each real server, for tests of many processes."""
-    if request.param == "mariadb":
-        with _mariadb_database(request.getfixturevalue("mariadb_url")) as url:
-            yield url
-        return
-    with _postgres_schema(request.getfixturevalue("postgres_url")) as url:
+    with fresh_database(request, request.param, tmp_path) as url:
         yield url
 
 

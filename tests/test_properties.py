@@ -9,11 +9,12 @@ import os
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import _mariadb_database, _postgres_schema
+from conftest import fresh_database
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -81,18 +82,9 @@ GENERATED: dict[str, tuple[Any, st.SearchStrategy[Any]]] = {
 
 
 @pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
-def prop_engine(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[sa.Engine]:
-    """One database for all examples of a property (db_url's are per test)."""
-    if request.param == "sqlite":
-        engine = sa.create_engine(f"sqlite:///{tmp_path / 'properties.db'}")
-        yield engine
-        engine.dispose()
-        return
-    if request.param == "mariadb":
-        database = _mariadb_database(request.getfixturevalue("mariadb_url"))
-    else:
-        database = _postgres_schema(request.getfixturevalue("postgres_url"))
-    with database as url:
+def prop_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sa.Engine]:
+    """One engine for all examples of a property."""
+    with fresh_database(request, request.param, tmp_path) as url:
         engine = sa.create_engine(url)
         yield engine
         engine.dispose()

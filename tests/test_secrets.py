@@ -25,21 +25,27 @@ SEED = "seed-that-must-never-print"
 SALT = "salt-that-must-never-print"
 
 
+@pytest.fixture
+def data_keys(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Every data key the registry generates during the test."""
+    made: list[bytes] = []
+    real = registry_module.new_data_key
+
+    def recording() -> bytes:
+        made.append(real())
+        return made[-1]
+
+    monkeypatch.setattr(registry_module, "new_data_key", recording)
+    return made
+
+
 def _forms(secret: bytes) -> list[str]:
     return [secret.hex(), base64.b64encode(secret).decode(), repr(secret)[2:-1]]
 
 
 def test_nothing_secret_is_logged_repred_or_raised(
-    db_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    db_url: str, caplog: pytest.LogCaptureFixture, data_keys: list[bytes]
 ) -> None:
-    data_keys: list[bytes] = []
-    real = registry_module.new_data_key
-
-    def recording() -> bytes:
-        data_keys.append(real())
-        return data_keys[-1]
-
-    monkeypatch.setattr(registry_module, "new_data_key", recording)
     caplog.set_level(logging.DEBUG)
     for name in ("sqlalchemy", "sqlalchemy_envelope"):
         caplog.set_level(logging.DEBUG, logger=name)  # restored after the test
@@ -108,7 +114,7 @@ def test_nothing_secret_is_logged_repred_or_raised(
 
 
 def test_representative_operations_leak_nothing_anywhere(
-    db_url: str, tmp_path: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    db_url: str, tmp_path: Any, caplog: pytest.LogCaptureFixture, data_keys: list[bytes]
 ) -> None:
     """Every logger at DEBUG through the whole lifecycle: a root key from a
     file, blind indexes and deterministic columns, rotation, re-encryption,
@@ -122,14 +128,6 @@ def test_representative_operations_leak_nothing_anywhere(
 
     from sqlalchemy_envelope import AsyncKeyRegistry, blind_index_column
 
-    data_keys: list[bytes] = []
-    real = registry_module.new_data_key
-
-    def recording() -> bytes:
-        data_keys.append(real())
-        return data_keys[-1]
-
-    monkeypatch.setattr(registry_module, "new_data_key", recording)
     caplog.set_level(logging.DEBUG)
     for name in list(logging.root.manager.loggerDict):
         caplog.set_level(logging.DEBUG, logger=name)
