@@ -1,0 +1,156 @@
+"""Instructions per row, counted by valgrind's callgrind: repeatable where
+wall-clock times on a shared machine are not.
+
+    python benchmarks/instructions.py [--rows 10000]
+
+For a Core executemany insert and a Core select on a SQLite file, each of a
+plain String column, a bare AES-GCM TypeDecorator (the floor's work and nothing
+else) and EncryptedType is run under callgrind once with one repetition and
+once with three; the difference, divided by two and by the row count, is the
+cost of one row. The floor is the bare AES-GCM loop of bench.py, counted the
+same way, and "bare" is bench.py's bare AES-GCM TypeDecorator. Needs valgrind
+(Debian's ``valgrind`` package).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import sqlalchemy as sa
+from bench import CONTEXT, BareAESGCM
+
+from sqlalchemy_envelope import EncryptedType, KeyRegistry, StaticRootKey
+
+KINDS = ("plain", "bare", "EncryptedType")
+
+
+def workload(kind: str, mode: str, reps: int, rows: int, folder: str) -> None:
+    """What runs under callgrind; without the cyclic garbage collector, whose
+    passes would land in one run and not the other."""
+    gc.disable()
+    values = [f"user{i}@example.com" for i in range(rows)]
+    aead, header = BareAESGCM.aead, BareAESGCM.header
+    if kind == "floor":
+        sealed = []
+        for value in values:
+            nonce = os.urandom(12)
+            sealed.append(header + nonce + aead.encrypt(nonce, value.encode(), header + CONTEXT))
+        for _ in range(reps):
+            if mode == "insert":
+                for value in values:
+                    nonce = os.urandom(12)
+                    header + nonce + aead.encrypt(nonce, value.encode(), header + CONTEXT)
+            else:
+                for c in sealed:
+                    aead.decrypt(c[6:18], c[18:], c[:6] + CONTEXT)
+        return
+    engine = sa.create_engine(f"sqlite:///{Path(folder) / (kind + '.db')}")
+    KeyRegistry(engine, StaticRootKey(bytes(range(32)))).init()
+    column_type = {
+        "plain": sa.String(200),
+        "bare": BareAESGCM(),
+        "EncryptedType": EncryptedType(sa.String(200)),
+    }[kind]
+    table = sa.Table(
+        "t",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("value", column_type),
+    )
+    table.metadata.create_all(engine)
+    params = [{"id": i, "value": v} for i, v in enumerate(values)]
+    with engine.begin() as conn:
+        conn.execute(table.delete())
+        conn.execute(table.insert(), params)
+    for _ in range(reps):
+        if mode == "insert":
+            with engine.begin() as conn:
+                conn.execute(table.delete())
+                conn.execute(table.insert(), params)
+        else:
+            with engine.connect() as conn:
+                conn.execute(sa.select(table.c.value)).scalars().all()
+
+
+def count(kind: str, mode: str, reps: int, rows: int, folder: str) -> int:
+    result = subprocess.run(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            sys.executable,
+            __file__,
+            "--run",
+            kind,
+            mode,
+            str(reps),
+            "--rows",
+            str(rows),
+            "--folder",
+            folder,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    found = re.search(r"Collected : (\d+)", result.stderr)
+    assert found, result.stderr[-500:]
+    return int(found.group(1))
+
+
+def per_row(kind: str, mode: str, rows: int, folder: str) -> float:
+    return (count(kind, mode, 3, rows, folder) - count(kind, mode, 1, rows, folder)) / 2 / rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=10_000)
+    parser.add_argument("--run", nargs=3, metavar=("KIND", "MODE", "REPS"))
+    parser.add_argument("--folder")
+    parser.add_argument(
+        "--smoke", action="store_true", help="run each workload once, natively, for CI"
+    )
+    args = parser.parse_args()
+    if args.run:
+        kind, mode, reps = args.run
+        workload(kind, mode, int(reps), args.rows, args.folder)
+        return
+    if args.smoke:
+        with tempfile.TemporaryDirectory() as folder:
+            for kind in ("floor", *KINDS):
+                for mode in ("insert", "select"):
+                    workload(kind, mode, 1, 20, folder)
+        return
+    if shutil.which("valgrind") is None:
+        sys.exit("valgrind is not installed: apt-get install valgrind")
+    with tempfile.TemporaryDirectory() as folder:
+        print(
+            f"SQLite, Core, {args.rows:,} rows: instructions per row (overhead over plain, x floor)"
+        )
+        print()
+        print("| column | insert | select |")
+        print("|---|---:|---:|")
+        floor = {mode: per_row("floor", mode, args.rows, folder) for mode in ("insert", "select")}
+        plain = {mode: per_row("plain", mode, args.rows, folder) for mode in ("insert", "select")}
+        for kind in KINDS:
+            cells = []
+            for mode in ("insert", "select"):
+                n = plain[mode] if kind == "plain" else per_row(kind, mode, args.rows, folder)
+                over = n - plain[mode]
+                cells.append(f"{n:,.0f} ({over:+,.0f}, {over / floor[mode]:.2f}x)")
+            print(f"| {kind} | {' | '.join(cells)} |")
+        print(
+            f"| AES-GCM floor | {floor['insert']:,.0f} (encrypt) | {floor['select']:,.0f} (decrypt) |"
+        )
+
+
+if __name__ == "__main__":
+    main()
