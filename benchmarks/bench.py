@@ -42,6 +42,16 @@ def fresh_registry(engine: sa.Engine, root: StaticRootKey) -> KeyRegistry:
 CONTEXT = b"bench.value"
 
 
+def value_table(name: str, column_type: Any) -> sa.Table:
+    """A table of an id and one ``value`` column, in a MetaData of its own."""
+    return sa.Table(
+        name,
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("value", column_type),
+    )
+
+
 def median_seconds(work: Callable[[], Any], repeat: int) -> float:
     times = []
     for _ in range(repeat):
@@ -152,13 +162,8 @@ def columns(
     results = []
     rows = [{"id": i, "value": f"user{i}@example.com"} for i in range(n)]
     for label, column_type in kinds.items():
-        md = sa.MetaData()
-        table = sa.Table(
-            f"bench_{label.split()[0].replace('-', '_').lower()}",
-            md,
-            sa.Column("id", sa.Integer, primary_key=True),
-            sa.Column("value", column_type),
-        )
+        table = value_table(f"bench_{label.split()[0].replace('-', '_').lower()}", column_type)
+        md = table.metadata
         record = type(f"Record_{table.name}", (), {})
         orm_registry().map_imperatively(record, table)
         md.drop_all(engine)
@@ -207,19 +212,9 @@ def reencrypt_vs_update(url: str, root: StaticRootKey, n: int, repeat: int) -> t
     UPDATE of the same rows (same keyset batches of 1,000, no crypto)."""
     engine = sa.create_engine(url)
     registry = fresh_registry(engine, root)
-    md = sa.MetaData()
-    table = sa.Table(
-        "bench_reencrypt",
-        md,
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("value", EncryptedType(sa.String(200))),
-    )
-    plain = sa.Table(
-        "bench_update",
-        md,
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("value", sa.LargeBinary),
-    )
+    table = value_table("bench_reencrypt", EncryptedType(sa.String(200)))
+    md = table.metadata
+    plain = value_table("bench_update", sa.LargeBinary).to_metadata(md)
     md.drop_all(engine)
     md.create_all(engine)
     rows = [{"id": i, "value": f"user{i}@example.com"} for i in range(n)]
@@ -274,13 +269,8 @@ def streaming(url: str, root: StaticRootKey, n: int) -> tuple[float, float, floa
 
     engine = sa.create_engine(url)
     registry = fresh_registry(engine, root)
-    md = sa.MetaData()
-    table = sa.Table(
-        "bench_stream",
-        md,
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("value", EncryptedType(sa.String(200))),
-    )
+    table = value_table("bench_stream", EncryptedType(sa.String(200)))
+    md = table.metadata
     record = type("StreamRecord", (), {})
     orm_registry().map_imperatively(record, table)
     md.drop_all(engine)

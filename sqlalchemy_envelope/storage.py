@@ -42,18 +42,19 @@ def data_keys_table(metadata: sa.MetaData, name: str = DEFAULT_TABLE_NAME) -> sa
     return sa.Table(name, metadata, *data_keys_schema(name))
 
 
-_MYSQL = ("mysql", "mariadb")
+# The dialect names under which MySQL and MariaDB column variants are registered.
+MYSQL_DIALECTS = ("mysql", "mariadb")
 
 
 def _scope_type() -> sa.types.TypeEngine[str]:
     # MySQL/MariaDB compare strings case-insensitively by default: "Acme" and
     # "acme" must stay two tenants with two keys.
-    return sa.String(255).with_variant(mysql.VARCHAR(255, collation="utf8mb4_bin"), *_MYSQL)
+    return sa.String(255).with_variant(mysql.VARCHAR(255, collation="utf8mb4_bin"), *MYSQL_DIALECTS)
 
 
 def _time_type() -> sa.types.TypeEngine[datetime]:
     # MySQL/MariaDB keep whole seconds unless asked for microseconds.
-    return sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), *_MYSQL)
+    return sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), *MYSQL_DIALECTS)
 
 
 def data_keys_schema(name: str = DEFAULT_TABLE_NAME) -> list[sa.schema.SchemaItem]:

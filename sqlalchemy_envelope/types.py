@@ -34,11 +34,11 @@ from .errors import (
     InvalidValueError,
     NotCiphertextError,
 )
+from .storage import MYSQL_DIALECTS
 
 __all__ = ["EncryptedType"]
 
 _STORAGES = ("binary", "text")
-_MYSQL = ("mysql", "mariadb")
 _ASCII = {"charset": "ascii", "collation": "ascii_bin"}
 
 
@@ -183,12 +183,12 @@ class EncryptedType(TypeDecorator[Any]):
         max_bytes = self._codec.max_bytes
         if self.storage == "binary":
             if max_bytes is None:
-                return sa.LargeBinary().with_variant(mysql.LONGBLOB(), *_MYSQL)
+                return sa.LargeBinary().with_variant(mysql.LONGBLOB(), *MYSQL_DIALECTS)
             return sa.LargeBinary(max_bytes + fmt.OVERHEAD)
         if max_bytes is None:
-            return sa.Text().with_variant(mysql.LONGTEXT(**_ASCII), *_MYSQL)
+            return sa.Text().with_variant(mysql.LONGTEXT(**_ASCII), *MYSQL_DIALECTS)
         length = fmt.text_length(max_bytes)
-        return sa.String(length).with_variant(mysql.VARCHAR(length, **_ASCII), *_MYSQL)
+        return sa.String(length).with_variant(mysql.VARCHAR(length, **_ASCII), *MYSQL_DIALECTS)
 
     @property
     def python_type(self) -> type[Any]:

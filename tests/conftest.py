@@ -427,6 +427,18 @@ def kill_when(
     return proc.returncode == -signal.SIGKILL
 
 
+def encrypted_table(name: str, column: str = "body", length: int = 100) -> sa.Table:
+    """A table of an integer id and one encrypted string column."""
+    from sqlalchemy_envelope import EncryptedType
+
+    return sa.Table(
+        name,
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column(column, EncryptedType(sa.String(length))),
+    )
+
+
 def stored_bytes(engine: sa.Engine, *tables: str) -> bytes:
     """Every non-NULL value the tables hold, as the database stores it, in
     one byte string: what a dump would show an attacker."""

@@ -13,12 +13,11 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import Clocks, KMSServer
+from conftest import Clocks, KMSServer, encrypted_table
 
 from sqlalchemy_envelope import (
     AWSKMSRootKey,
     ConfigurationError,
-    EncryptedType,
     KeyRegistry,
     RootKeyAccessDeniedError,
     RootKeyUnavailableError,
@@ -26,15 +25,6 @@ from sqlalchemy_envelope import (
     WrongRootKeyError,
     root_key_from_env,
 )
-
-
-def _notes() -> sa.Table:
-    return sa.Table(
-        "notes",
-        sa.MetaData(),
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("body", EncryptedType(sa.String(100))),
-    )
 
 
 def _counted(root_key: AWSKMSRootKey) -> Counter[str]:
@@ -61,7 +51,7 @@ def test_kms_wraps_data_keys_and_is_called_only_for_key_events(
     calls = _counted(root_key)
     registry = KeyRegistry(engine, root_key)
     registry.init()
-    table = _notes()
+    table = encrypted_table("notes")
     table.metadata.create_all(engine)
     with engine.begin() as conn:
         conn.execute(table.insert(), [{"id": i, "body": f"note {i}"} for i in range(300)])
@@ -116,7 +106,7 @@ def test_rewrap_from_a_static_key_to_kms_and_back(kms: KMSServer, engine: sa.Eng
     static = StaticRootKey(os.urandom(32))
     registry = KeyRegistry(engine, static)
     registry.init()
-    table = _notes()
+    table = encrypted_table("notes")
     table.metadata.create_all(engine)
     with engine.begin() as conn:
         conn.execute(table.insert(), [{"id": 1, "body": "one"}, {"id": 2, "body": "two"}])
@@ -233,7 +223,7 @@ def test_cached_keys_keep_working_while_kms_is_down(
         cache_max_age=60,
     )
     registry.init()
-    table = _notes()
+    table = encrypted_table("notes")
     table.metadata.create_all(engine)
     with engine.begin() as conn:
         conn.execute(table.insert(), {"id": 1, "body": "before"})
@@ -270,7 +260,7 @@ def test_policy_rotation_waits_for_kms(kms: KMSServer, engine: sa.Engine, clocks
         cache_max_age=60,
     )
     registry.init()
-    table = _notes()
+    table = encrypted_table("notes")
     table.metadata.create_all(engine)
     kms.stop()
     clocks.advance(timedelta(days=2))  # due, but KMS cannot wrap a successor

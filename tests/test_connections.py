@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 
 import sqlalchemy as sa
+from conftest import encrypted_table
 
-from sqlalchemy_envelope import EncryptedType, KeyRegistry, StaticRootKey
+from sqlalchemy_envelope import KeyRegistry, StaticRootKey
 
 
 def test_a_key_lookup_mid_result_on_a_pool_of_one(db_url: str) -> None:
@@ -15,12 +16,7 @@ def test_a_key_lookup_mid_result_on_a_pool_of_one(db_url: str) -> None:
     engine = sa.create_engine(db_url, pool_size=1, max_overflow=0, pool_timeout=3)
     registry = KeyRegistry(engine, root, cache_max_age=3600)
     registry.init()
-    table = sa.Table(
-        "notes",
-        sa.MetaData(),
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("body", EncryptedType(sa.String(50))),
-    )
+    table = encrypted_table("notes")
     table.metadata.create_all(engine)
     with engine.begin() as conn:
         conn.execute(table.insert(), [{"id": i, "body": f"mine {i}"} for i in range(5)])

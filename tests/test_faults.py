@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from conftest import encrypted_table
 from sqlalchemy import event
 
-from sqlalchemy_envelope import EncryptedType, KeyRegistry, StaticRootKey
+from sqlalchemy_envelope import KeyRegistry, StaticRootKey
 
 
 def _backend_id(dbapi_connection: Any, dialect: str) -> int:
@@ -103,12 +104,7 @@ def test_rewrap_survives_a_dropped_connection(server_url: str) -> None:
     registry = KeyRegistry(engine, old)
     registry.init()
     registry.rotate()
-    table = sa.Table(
-        "notes",
-        sa.MetaData(),
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("body", EncryptedType(sa.String(50))),
-    )
+    table = encrypted_table("notes")
     table.metadata.create_all(engine)
     with engine.begin() as conn:
         conn.execute(table.insert(), [{"id": i, "body": f"note {i}"} for i in range(5)])
@@ -141,12 +137,7 @@ def test_reencrypt_survives_a_dropped_connection_mid_batch(server_url: str) -> N
     engine = sa.create_engine(server_url, pool_pre_ping=True)
     registry = KeyRegistry(engine, StaticRootKey(os.urandom(32)))
     registry.init()
-    table = sa.Table(
-        "records",
-        sa.MetaData(),
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("value", EncryptedType(sa.String(50))),
-    )
+    table = encrypted_table("records", "value")
     table.metadata.create_all(engine)
     rows = [{"id": i, "value": f"record {i}"} for i in range(1000)]
     with engine.begin() as conn:
