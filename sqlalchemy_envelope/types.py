@@ -125,11 +125,11 @@ class EncryptedType(TypeDecorator[Any]):
         __slots__ = ()
 
         def operate(self, op: Any, *other: Any, **kwargs: Any) -> Any:
-            _check_comparison(op, other, getattr(self.expr.type, "deterministic", False))
+            _check_comparison(op, self.expr, other)
             return super().operate(op, *other, **kwargs)
 
         def reverse_operate(self, op: Any, other: Any, **kwargs: Any) -> Any:
-            _check_comparison(op, (other,), getattr(self.expr.type, "deterministic", False))
+            _check_comparison(op, self.expr, (other,))
             return super().reverse_operate(op, other, **kwargs)
 
     comparator_factory = Comparator
@@ -402,13 +402,19 @@ _EQUALITY = frozenset(
 )
 
 
-def _check_comparison(op: Any, other: tuple[Any, ...], deterministic: bool) -> None:
-    if deterministic and op in _EQUALITY:
+def _check_comparison(op: Any, expr: Any, other: tuple[Any, ...]) -> None:
+    if op not in _COMPARISONS or (other and other[0] is None):
+        return
+    if getattr(expr.type, "deterministic", False) and op in _EQUALITY:
         return  # equal plaintexts give equal ciphertexts
-    if op in _COMPARISONS and not (other and other[0] is None):
-        raise EncryptedComparisonError(
-            "encrypted columns cannot be compared in SQL: each value is encrypted "
-            "with a fresh nonce, so no comparison could ever match. Use a blind index "
-            "or EncryptedType(..., deterministic=True) for equality lookups; IS NULL "
-            "and IS NOT NULL work"
-        )
+    if len(other) == 1 and isinstance(other[0], sa.ColumnElement) and hash(other[0]) == hash(expr):
+        # The column compared with itself (an annotated copy hashes as its
+        # original): SQLAlchemy does this when it looks columns up in dicts
+        # (cached result maps, ORM update bookkeeping). It is no lookup of a value.
+        return
+    raise EncryptedComparisonError(
+        "encrypted columns cannot be compared in SQL: each value is encrypted "
+        "with a fresh nonce, so no comparison could ever match. Use a blind index "
+        "or EncryptedType(..., deterministic=True) for equality lookups; IS NULL "
+        "and IS NOT NULL work"
+    )

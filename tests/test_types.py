@@ -222,6 +222,37 @@ def test_orm_insert_select_update_merge_and_bulk(engine: sa.Engine, registry: Ke
         assert 2 in nulls and 1 not in nulls
 
 
+def test_sqlalchemy_internals_may_compare_a_column_with_itself(
+    engine: sa.Engine, registry: KeyRegistry
+) -> None:
+    """SQLAlchemy looks columns up in dicts, which compares an annotated
+    column with its original using ==: on a cached statement's second run,
+    and in ORM update() bookkeeping. Neither is a comparison of values."""
+    Base.metadata.create_all(engine)
+    with Session(engine) as session:
+        session.add_all([Patient(id=i, name=f"p{i}", born=dt.date(2000, 1, i)) for i in (1, 2)])
+        session.commit()
+    for _ in range(2):
+        with engine.connect() as conn:
+            assert conn.execute(sa.select(Patient.name).where(Patient.id == 2)).all() == [("p2",)]
+    for sync in ("auto", "evaluate", "fetch", False):
+        for run in range(2):
+            with Session(engine) as session:
+                ada = session.get(Patient, 1)
+                assert ada is not None
+                session.execute(
+                    sa.update(Patient)
+                    .where(Patient.id == 1)
+                    .values(name=f"{sync}-{run}")
+                    .execution_options(synchronize_session=sync)
+                )
+                if sync is not False:
+                    assert ada.name == f"{sync}-{run}"
+                session.commit()
+            with Session(engine) as session:
+                assert session.get(Patient, 1).name == f"{sync}-{run}"  # type: ignore[union-attr]
+
+
 def test_comparisons_on_encrypted_columns_are_refused() -> None:
     for make in (
         lambda: Patient.name == "Ada",
