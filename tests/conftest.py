@@ -259,6 +259,7 @@ MARIADB_MODULES = frozenset(
         "test_storm",
         "test_faults",
         "test_secrets",
+        "test_async_registry",
     }
 )
 
@@ -307,13 +308,16 @@ def pg_url(postgres_url: str) -> Iterator[str]:
 
 def async_engine_for(url: str, **options: Any) -> Any:
     """An AsyncEngine on the same database as the sync ``url``: aiosqlite for
-    SQLite, asyncpg for PostgreSQL (which takes the schema as a server setting
-    rather than psycopg's ``options``). Dispose of it inside its event loop."""
+    SQLite, asyncmy for MariaDB, asyncpg for PostgreSQL (which takes the
+    schema as a server setting rather than psycopg's ``options``). Dispose of
+    it inside its event loop."""
     from sqlalchemy.ext.asyncio import create_async_engine
 
     parsed = sa.make_url(url)
     if parsed.get_backend_name() == "sqlite":
         return create_async_engine(parsed.set(drivername="sqlite+aiosqlite"), **options)
+    if parsed.get_backend_name() in ("mysql", "mariadb"):
+        return create_async_engine(parsed.set(drivername="mysql+asyncmy"), **options)
     connect_args: dict[str, Any] = {}
     search_path = str(parsed.query.get("options", "")).removeprefix("-csearch_path=")
     if search_path:
