@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from . import binding, census, lifecycle, migrate, storage, transactions
+from . import binding, census, lifecycle, migrate, storage, strict_mode, transactions
 from . import format as fmt
 from .cache import DataKey, KeyCache
 from .census import ColumnCensus, Target
@@ -97,6 +97,8 @@ class KeyRegistry:
     Call `init` once (it is idempotent) to create ``data_keys`` and the first
     data key. ``rotate_after`` and ``max_encryptions`` set the rotation
     policy, applied by the encrypt path itself, without a background thread.
+    On MySQL and MariaDB, connections without a strict ``sql_mode`` are
+    refused unless ``allow_non_strict_mysql=True`` (see strict_mode.py).
     """
 
     def __init__(
@@ -112,6 +114,7 @@ class KeyRegistry:
         create_scopes: bool = True,
         max_cached_keys: int = 10_000,
         attach: bool = True,
+        allow_non_strict_mysql: bool = False,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = storage.utcnow,
     ) -> None:
@@ -128,6 +131,7 @@ class KeyRegistry:
                 "or StaticRootKey(key)"
             )
         self.engine = engine
+        strict_mode.require_strict_mode(engine, allow=allow_non_strict_mysql)
         self._keys = KeyConnections(engine)
         self.root_key = root_key
         self.scope = _check_scope(scope)
