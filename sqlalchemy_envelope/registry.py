@@ -69,6 +69,8 @@ DEFAULT_SCOPE = "default"
 INDEX_SCOPE_PREFIX = "~index:"
 """Scopes of the keys behind blind indexes and deterministic columns: they
 never rotate with data keys, so lookups keep working across rotations."""
+MAX_SCOPE_CHARS = storage.SCOPE_CHARS - len(INDEX_SCOPE_PREFIX)
+"""A scope's index scope must fit data_keys.scope too."""
 DEFAULT_CACHE_MAX_AGE = timedelta(seconds=60)
 _urandom = os.urandom
 _HEADER = fmt.HEADER_BYTES
@@ -84,8 +86,10 @@ def _seconds(value: float | timedelta) -> float:
 
 
 def _check_scope(scope: str) -> str:
-    if not isinstance(scope, str) or not scope or len(scope) > 255:
-        raise ConfigurationError("a scope is a non-empty string of at most 255 characters")
+    if not isinstance(scope, str) or not scope or len(scope) > MAX_SCOPE_CHARS:
+        raise ConfigurationError(
+            f"a scope is a non-empty string of at most {MAX_SCOPE_CHARS} characters"
+        )
     return scope
 
 
@@ -360,6 +364,7 @@ class KeyRegistry:
         """Create a scope met for the first time by the encrypt path. It must
         not wait on locks the application may hold: SQLite has one writer at a
         time, so there the scope must exist before a write transaction meets it."""
+        _check_scope(scope)
 
         def work(conn: Connection) -> None:
             if storage.active_key(conn, self.table, scope) is None:

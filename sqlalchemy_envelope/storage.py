@@ -46,10 +46,16 @@ def data_keys_table(metadata: sa.MetaData, name: str = DEFAULT_TABLE_NAME) -> sa
 MYSQL_DIALECTS = ("mysql", "mariadb")
 
 
+SCOPE_CHARS = 255
+"""The width of data_keys.scope, in characters."""
+
+
 def _scope_type() -> sa.types.TypeEngine[str]:
     # MySQL/MariaDB compare strings case-insensitively by default: "Acme" and
     # "acme" must stay two tenants with two keys.
-    return sa.String(255).with_variant(mysql.VARCHAR(255, collation="utf8mb4_bin"), *MYSQL_DIALECTS)
+    return sa.String(SCOPE_CHARS).with_variant(
+        mysql.VARCHAR(SCOPE_CHARS, collation="utf8mb4_bin"), *MYSQL_DIALECTS
+    )
 
 
 def _time_type() -> sa.types.TypeEngine[datetime]:

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from conftest import Clocks
 from sqlalchemy.orm import Session, sessionmaker
 
+import sqlalchemy_envelope
 from sqlalchemy_envelope import (
     EXECUTION_OPTION,
     ConfigurationError,
@@ -374,3 +375,36 @@ def test_from_env(engine: sa.Engine) -> None:
     registry.close()
     with pytest.raises(ConfigurationError, match="ENVELOPE_ROOT_KEY"):
         KeyRegistry.from_env(engine, environ={})
+
+
+def test_the_longest_scope_fits_data_keys_with_its_index_scope(
+    engine: sa.Engine, root_key: StaticRootKey
+) -> None:
+    longest, too_long = "s" * 248, "t" * 249
+    registry = KeyRegistry(engine, root_key, scope=longest)
+    registry.init()
+    table = _secrets_table()
+    table.metadata.create_all(engine)
+    tenant = "é" * 248  # characters, not bytes
+    for _ in range(2):
+        with sqlalchemy_envelope.scope(tenant), engine.begin() as conn:
+            conn.execute(table.insert(), {"value": "fits"})
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(table.c.value)).scalars().all() == ["fits", "fits"]
+    assert registry.status(tenant).active_version == 1
+
+    with pytest.raises(ConfigurationError, match="at most 248 characters"):
+        KeyRegistry(engine, root_key, scope=too_long, attach=False)
+    with pytest.raises(ConfigurationError, match="at most 248 characters"):
+        registry.create_scope(too_long)
+    with (
+        pytest.raises(ConfigurationError, match="at most 248 characters"),
+        sqlalchemy_envelope.scope(too_long),
+        engine.begin() as conn,
+    ):
+        conn.execute(table.insert(), {"value": "refused"})
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one() == 2
+        scopes = conn.execute(sa.text("SELECT DISTINCT scope FROM data_keys")).scalars().all()
+    assert too_long not in scopes
+    registry.close()
