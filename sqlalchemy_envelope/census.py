@@ -151,7 +151,9 @@ def _holds_bytes(column_type: sa.types.TypeEngine[Any]) -> bool:
 def discover(conn: Connection, skip_table: str) -> list[EncryptedColumnRef]:
     """Every column of every table (but ``skip_table``) that could hold
     ciphertext: all binary and text columns. For the destroy guard, which must
-    find every row under a key even when no model is loaded."""
+    find every row under a key even when no model is loaded. Enum columns
+    hold only their labels, never ciphertext (and PostgreSQL has no substr
+    of an enum)."""
     inspector = sa.inspect(conn)
     refs = []
     for table in inspector.get_table_names():
@@ -159,7 +161,7 @@ def discover(conn: Connection, skip_table: str) -> list[EncryptedColumnRef]:
             continue
         for column in inspector.get_columns(table):
             kind = _python_type(column["type"])
-            if kind in (bytes, str):
+            if kind in (bytes, str) and not isinstance(column["type"], sa.Enum):
                 storage = "binary" if kind is bytes else "text"
                 refs.append(EncryptedColumnRef(None, table, column["name"], storage, b""))
     return refs
