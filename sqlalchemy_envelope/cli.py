@@ -287,8 +287,8 @@ def reencrypt(
         text = _report_text(report)
         if any(r.reason in _LOOKALIKE for r in report.left_rows):
             text += (
-                "\na value listed that is legacy plaintext looking like ciphertext is "
-                "encrypted as plaintext by running again with --plaintext-row TABLE.COLUMN=KEY"
+                "\nif a row listed holds legacy plaintext that looks like ciphertext, run "
+                "again with --plaintext-row TABLE.COLUMN=KEY to encrypt it as plaintext"
             )
         c.emit(report.to_dict(), text)
         return EXIT_LEFT_BEHIND if report.left_behind else 0

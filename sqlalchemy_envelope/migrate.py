@@ -49,7 +49,10 @@ _PASSES = 3  # passes over rows skipped because the application wrote them meanw
 LISTED_PER_COLUMN = 100  # rows left behind that a report names, per column
 
 _REASONS = {
-    "plaintext": "plaintext in a column not being converted from plaintext",
+    "plaintext": (
+        "legacy plaintext in a column not being converted (encrypt_plaintext=True, "
+        "--encrypt-plaintext, or migrating=True)"
+    ),
     "DecryptionError": (
         "fails authentication: altered, written for another column, or legacy "
         "plaintext that looks like ciphertext"
@@ -133,6 +136,7 @@ class MigrationReport:
     left_rows: list[LeftRow] = field(default_factory=list)
     other_scopes: int = 0
     elapsed: float = 0.0
+    _listed: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def rows_per_second(self) -> float:
@@ -144,8 +148,13 @@ class MigrationReport:
         self.left_behind += 1
         if failure:
             self.failures[reason] = self.failures.get(reason, 0) + 1
-        if sum(1 for r in self.left_rows if r.column == column) < LISTED_PER_COLUMN:
-            self.left_rows.append(LeftRow(column, key, reason))
+        self._name(LeftRow(column, key, reason))
+
+    def _name(self, row: LeftRow) -> None:
+        listed = self._listed.get(row.column, 0)
+        if listed < LISTED_PER_COLUMN:
+            self._listed[row.column] = listed + 1
+            self.left_rows.append(row)
 
     def merge(self, other: MigrationReport) -> None:
         self.rows_scanned += other.rows_scanned
@@ -160,8 +169,7 @@ class MigrationReport:
         for reason, n in other.failures.items():
             self.failures[reason] = self.failures.get(reason, 0) + n
         for row in other.left_rows:
-            if sum(1 for r in self.left_rows if r.column == row.column) < LISTED_PER_COLUMN:
-                self.left_rows.append(row)
+            self._name(row)
 
     def left_lines(self, limit: int | None = None) -> list[str]:
         """The rows left behind, one line each as ``table.column=KEY: reason``
@@ -179,6 +187,7 @@ class MigrationReport:
         self.left_behind = self.other_scopes = 0
         self.failures = {}
         self.left_rows = []
+        self._listed = {}
 
     def to_dict(self) -> dict[str, Any]:
         return {
