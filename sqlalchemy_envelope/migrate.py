@@ -75,7 +75,7 @@ def _jsonable(value: Any) -> Any:
     return value if value is None or isinstance(value, bool | int | float | str) else str(value)
 
 
-def key_form(key: Any) -> tuple[str, ...]:
+def _key_form(key: Any) -> tuple[str, ...]:
     """A primary key as compared when rows are named by key: the text of each
     part, so a key read back from a report (JSON, or the command line)
     matches the database's own values."""
@@ -485,7 +485,7 @@ def _reencrypt_rewrite(
     def rewrite(
         ref: EncryptedColumnRef, old: Any, key: tuple[Any, ...], report: MigrationReport
     ) -> _Change | None:
-        listed = bool(plaintext_rows) and (ref.name, key_form(key)) in plaintext_rows
+        listed = bool(plaintext_rows) and (ref.name, _key_form(key)) in plaintext_rows
         ciphertext = _ciphertext_of(ref, old)
         if ciphertext is None:
             if encrypt_plaintext or ref.migrating or listed:
@@ -606,7 +606,7 @@ def _named_rows(
                 f"({', '.join(sorted(widths))})"
             )
         for key in keys:
-            form = key_form(key)
+            form = _key_form(key)
             if len(form) != widths[column]:
                 raise ConfigurationError(
                     f"plaintext_rows for {column}: a primary key of {widths[column]} "
