@@ -25,9 +25,10 @@ from .errors import (
     RootKeyAccessDeniedError,
     RootKeyUnavailableError,
     UnknownKeyError,
+    ValuesLeftBehindError,
     WrongRootKeyError,
 )
-from .migrate import MigrationReport
+from .migrate import LeftRow, MigrationReport
 from .policy import DEFAULT_MAX_ENCRYPTIONS, RotationPolicy
 from .registry import DEFAULT_SCOPE, KeyRegistry
 from .rootkey import (
@@ -67,6 +68,7 @@ __all__ = [
     "KeyRows",
     "KeyState",
     "KeyStateError",
+    "LeftRow",
     "MaintenanceReport",
     "MigrationReport",
     "NoActiveKeyError",
@@ -79,6 +81,7 @@ __all__ = [
     "RotationPolicy",
     "StaticRootKey",
     "UnknownKeyError",
+    "ValuesLeftBehindError",
     "WrongRootKeyError",
     "blind_index",
     "blind_index_column",

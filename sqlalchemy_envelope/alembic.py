@@ -35,7 +35,7 @@ from alembic.util import DispatchPriority
 from sqlalchemy.engine import Connection
 
 from . import binding, census, columns
-from .errors import ConfigurationError
+from .errors import ConfigurationError, ValuesLeftBehindError
 from .migrate import MigrationReport
 from .registry import KeyRegistry
 from .storage import DEFAULT_TABLE_NAME, data_keys_schema
@@ -117,7 +117,22 @@ class _ColumnOp(MigrateOperation):
 class EncryptColumnOp(_ColumnOp):
     """Encrypt every plaintext value of a populated column in place, in
     batches. Widen the column first (``op.alter_column(..., type_=
-    EncryptedType(...))``): the ciphertext is longer than the plaintext."""
+    EncryptedType(...))``): the ciphertext is longer than the plaintext.
+    Fails with `ValuesLeftBehindError`, naming the rows, if any value is
+    left unencrypted; ``plaintext_rows`` lists primary keys (tuples for a
+    composite key) whose values are legacy plaintext that merely looks like
+    ciphertext, to encrypt them as plaintext."""
+
+    def __init__(
+        self,
+        table_name: str,
+        column_name: str,
+        *,
+        plaintext_rows: Sequence[Any] = (),
+        **kw: Any,
+    ) -> None:
+        super().__init__(table_name, column_name, **kw)
+        self.plaintext_rows = list(plaintext_rows)
 
     @classmethod
     def encrypt_column(
@@ -177,10 +192,30 @@ def _run_column_op(operations: Operations, op: _ColumnOp, *, decrypt: bool) -> M
         if op.context is not None:
             ref = census.with_context(ref, op.context)
         if decrypt:
-            return registry.decrypt_in_place(ref, batch_size=op.batch_size, progress=False)
-        return registry.reencrypt(
-            ref, batch_size=op.batch_size, encrypt_plaintext=True, progress=False
+            report = registry.decrypt_in_place(ref, batch_size=op.batch_size, progress=False)
+            hint = "make them decrypt (enable a disabled key) or clear them"
+        else:
+            named = op.plaintext_rows if isinstance(op, EncryptColumnOp) else []
+            report = registry.reencrypt(
+                ref,
+                batch_size=op.batch_size,
+                encrypt_plaintext=True,
+                progress=False,
+                plaintext_rows={ref.name: named} if named else None,
+            )
+            hint = (
+                "if a value is legacy plaintext that looks like ciphertext, list its primary "
+                "key in op.encrypt_column(..., plaintext_rows=[...]) to encrypt it as "
+                "plaintext; fix or clear any other"
+            )
+    if report.left_behind:
+        lines = "\n  ".join(report.left_lines(limit=20))
+        raise ValuesLeftBehindError(
+            f"{ref.name}: {report.left_behind:,} values left behind:\n  {lines}\n"
+            f"{hint}, then run the migration again",
+            report,
         )
+    return report
 
 
 @Operations.implementation_for(EncryptColumnOp)
@@ -217,7 +252,10 @@ def _render_column_op(name: str, op: _ColumnOp) -> str:
 
 @renderers.dispatch_for(EncryptColumnOp)
 def _render_encrypt(autogen_context: AutogenContext, op: EncryptColumnOp) -> str:
-    return _render_column_op("encrypt_column", op)
+    rendered = _render_column_op("encrypt_column", op)
+    if not op.plaintext_rows:
+        return rendered
+    return f"{rendered[:-1]}, plaintext_rows={op.plaintext_rows!r})"
 
 
 @renderers.dispatch_for(DecryptColumnOp)

@@ -147,6 +147,7 @@ class AsyncKeyRegistry:
         encrypt_plaintext: bool = False,
         progress: bool | None = False,
         scope: str | None = None,
+        plaintext_rows: Mapping[str, Iterable[Any]] | None = None,
     ) -> MigrationReport:
         """`KeyRegistry.reencrypt` in batches, each awaited on the event
         loop. For parallel workers, run ``sqlalchemy-envelope reencrypt
@@ -158,6 +159,7 @@ class AsyncKeyRegistry:
             encrypt_plaintext=encrypt_plaintext,
             progress=progress,
             scope=scope,
+            plaintext_rows=plaintext_rows,
         )
 
     async def decrypt_in_place(

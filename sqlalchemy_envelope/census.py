@@ -151,7 +151,9 @@ def _holds_bytes(column_type: sa.types.TypeEngine[Any]) -> bool:
 def discover(conn: Connection, skip_table: str) -> list[EncryptedColumnRef]:
     """Every column of every table (but ``skip_table``) that could hold
     ciphertext: all binary and text columns. For the destroy guard, which must
-    find every row under a key even when no model is loaded."""
+    find every row under a key even when no model is loaded. Enum columns
+    hold only their labels, never ciphertext (and PostgreSQL has no substr
+    of an enum)."""
     inspector = sa.inspect(conn)
     refs = []
     for table in inspector.get_table_names():
@@ -159,26 +161,33 @@ def discover(conn: Connection, skip_table: str) -> list[EncryptedColumnRef]:
             continue
         for column in inspector.get_columns(table):
             kind = _python_type(column["type"])
-            if kind in (bytes, str):
+            if kind in (bytes, str) and not isinstance(column["type"], sa.Enum):
                 storage = "binary" if kind is bytes else "text"
                 refs.append(EncryptedColumnRef(None, table, column["name"], storage, b""))
     return refs
+
+
+def prefix(value: sa.ColumnElement[Any], storage: str) -> sa.ColumnElement[Any]:
+    """The part of a stored value that holds the ciphertext header: six bytes,
+    or eight base64 characters. NULL for an empty value on SQLite (substr of
+    an empty BLOB), so compare it NULL-safely."""
+    length = fmt.TEXT_HEADER_CHARS if storage == "text" else fmt.HEADER_BYTES
+    return sa.func.substr(value, 1, length)
+
+
+def prefix_literal(header: bytes, storage: str) -> sa.ColumnElement[Any]:
+    """``header`` as `prefix` reads it from a column of this storage."""
+    return sa.literal(fmt.to_text(header) if storage == "text" else header)
 
 
 def rows_under(conn: Connection, ref: EncryptedColumnRef, header: bytes) -> int:
     """Rows of the column whose value starts with ``header``: one indexed-free
     scan with no grouping, cheap enough to run over a whole database."""
     table = sa.table(ref.table, sa.column(ref.column), schema=ref.schema)
-    value = table.c[ref.column]
-    if ref.storage == "text":
-        prefix: Any = fmt.to_text(header)
-        length = fmt.TEXT_HEADER_CHARS
-    else:
-        prefix, length = header, fmt.HEADER_BYTES
     stmt = (
         sa.select(sa.func.count())
         .select_from(table)
-        .where(sa.func.substr(value, 1, length) == sa.literal(prefix))
+        .where(prefix(table.c[ref.column], ref.storage) == prefix_literal(header, ref.storage))
     )
     return int(conn.execute(stmt).scalar_one())
 
@@ -257,9 +266,8 @@ def count(conn: Connection, ref: EncryptedColumnRef, keys: Mapping[int, KeyRow])
     shortest = fmt.DETERMINISTIC_OVERHEAD  # the shortest ciphertext of any kind
     if text:
         shortest = 4 * -(-shortest // 3)
-    prefix = fmt.TEXT_HEADER_CHARS if text else fmt.HEADER_BYTES
     header = sa.case(
-        (sa.func.length(value) >= shortest, sa.func.substr(value, 1, prefix)), else_=None
+        (sa.func.length(value) >= shortest, prefix(value, ref.storage)), else_=None
     ).label("header")
     grouped = conn.execute(
         sa.select(header, sa.func.count()).where(value.is_not(None)).group_by(header)

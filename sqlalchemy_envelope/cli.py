@@ -7,8 +7,8 @@ with ``--json``; nothing secret is ever printed.
 
 Exit codes: 0 done; 1 the library refused (wrong root key, a value that does
 not decrypt...); 2 bad usage or configuration; 3 refused by a safety guard
-(an illegal key transition, a key still in use); 4 a re-encrypt that finished
-with values left behind.
+(an illegal key transition, a key still in use); 4 a re-encrypt or decrypt
+that finished with values left behind (the report names their rows and why).
 """
 
 from __future__ import annotations
@@ -121,9 +121,38 @@ def _report_text(report: MigrationReport) -> str:
         f"plaintext encrypted {report.plaintext_encrypted:,}, "
         f"decrypted {report.values_decrypted:,}",
         f"left behind {report.left_behind:,} {report.failures or ''}".rstrip(),
+        *(f"  {line}" for line in report.left_lines()),
+        *(
+            [f"values of other scopes left alone {report.other_scopes:,}"]
+            if report.other_scopes
+            else []
+        ),
         f"{report.elapsed:.1f}s, {report.rows_per_second:,.0f} rows/s",
     ]
     return "\n".join(lines)
+
+
+_LOOKALIKE = ("DecryptionError", "UnknownKeyError")  # reasons a plaintext value can give
+
+
+def _plaintext_rows(named: tuple[str, ...]) -> dict[str, list[Any]]:
+    """``TABLE.COLUMN=KEY`` options, as a report prints them: KEY is the value
+    of a one-column primary key, or a JSON array for a composite one."""
+    rows: dict[str, list[Any]] = {}
+    for item in named:
+        column, equals, key = item.partition("=")
+        if not equals or not column or not key:
+            raise ConfigurationError(f"--plaintext-row takes TABLE.COLUMN=KEY, not {item!r}")
+        parsed: Any = key
+        if key.startswith("["):
+            try:
+                parsed = tuple(json.loads(key))
+            except (ValueError, TypeError):
+                raise ConfigurationError(
+                    f"--plaintext-row {column}: a key starting with '[' must be a JSON array"
+                ) from None
+        rows.setdefault(column, []).append(parsed)
+    return rows
 
 
 @click.group()
@@ -224,6 +253,14 @@ def census(c: Context, columns: tuple[str, ...]) -> None:
 @click.option("--batch-size", default=1000, show_default=True)
 @click.option("--workers", default=1, show_default=True, help="parallel processes")
 @click.option("--encrypt-plaintext", is_flag=True, help="also encrypt legacy plaintext values")
+@click.option(
+    "--plaintext-row",
+    "plaintext_rows",
+    multiple=True,
+    metavar="TABLE.COLUMN=KEY",
+    help="a row left behind whose value is legacy plaintext that looks like ciphertext: "
+    "encrypt it as plaintext (repeatable; KEY as the report prints it)",
+)
 @click.option("--progress/--no-progress", default=None, help="[default: on a terminal]")
 @pass_context
 def reencrypt(
@@ -232,6 +269,7 @@ def reencrypt(
     batch_size: int,
     workers: int,
     encrypt_plaintext: bool,
+    plaintext_rows: tuple[str, ...],
     progress: bool | None,
 ) -> None:
     """Move every value of TABLE.COLUMN... onto the active key (resumable)."""
@@ -244,8 +282,15 @@ def reencrypt(
             workers=workers,
             encrypt_plaintext=encrypt_plaintext,
             progress=progress,
+            plaintext_rows=_plaintext_rows(plaintext_rows),
         )
-        c.emit(report.to_dict(), _report_text(report))
+        text = _report_text(report)
+        if any(r.reason in _LOOKALIKE for r in report.left_rows):
+            text += (
+                "\nif a row listed holds legacy plaintext that looks like ciphertext, run "
+                "again with --plaintext-row TABLE.COLUMN=KEY to encrypt it as plaintext"
+            )
+        c.emit(report.to_dict(), text)
         return EXIT_LEFT_BEHIND if report.left_behind else 0
 
     _run(action)

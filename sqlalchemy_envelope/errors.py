@@ -7,6 +7,8 @@ material, seeds or plaintext, so they are safe to log.
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy.exc import DontWrapMixin
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "RootKeyAccessDeniedError",
     "RootKeyUnavailableError",
     "UnknownKeyError",
+    "ValuesLeftBehindError",
     "WrongRootKeyError",
 ]
 
@@ -164,3 +167,13 @@ class NotCiphertextError(DecryptionError):
 class EncryptedComparisonError(EnvelopeError, TypeError):
     """An encrypted column was compared in SQL; its ciphertext is randomized,
     so such a comparison could never match."""
+
+
+class ValuesLeftBehindError(EnvelopeError):
+    """A column conversion (``op.encrypt_column``, ``op.decrypt_column``)
+    finished with values it could not convert; ``report`` (a
+    `MigrationReport`) names their rows and why in ``left_rows``."""
+
+    def __init__(self, message: str, report: Any) -> None:
+        self.report = report
+        super().__init__(message)

@@ -8,6 +8,10 @@ that was read, so a concurrent application write is never lost (the row is
 simply picked up again). Because done rows are never selected again, a job
 killed at any point finishes on the next run, redoing at most the one batch
 whose transaction did not commit.
+
+The report is exact: a value is counted as moved only once its write applied,
+and every value left as it was is counted with its reason and its row named,
+so that a conversion from plaintext never ends with plaintext left unsaid.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import json
 import multiprocessing
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,15 +30,81 @@ from sqlalchemy.engine import Connection
 from . import census
 from . import format as fmt
 from .census import EncryptedColumnRef, Target
-from .errors import ConfigurationError, DecryptionError, NotCiphertextError, UnknownKeyError
+from .errors import (
+    ConfigurationError,
+    DecryptionError,
+    DestroyedKeyError,
+    KeyDisabledError,
+    NotCiphertextError,
+    UnknownKeyError,
+)
 
 if TYPE_CHECKING:
     from .registry import KeyRegistry
 
 
-__all__ = ["MigrationReport", "run"]
+__all__ = ["LeftRow", "MigrationReport", "explain", "run"]
 
 _PASSES = 3  # passes over rows skipped because the application wrote them meanwhile
+LISTED_PER_COLUMN = 100  # rows left behind that a report names, per column
+
+_REASONS = {
+    "plaintext": (
+        "legacy plaintext in a column not being converted (encrypt_plaintext=True, "
+        "--encrypt-plaintext, or migrating=True)"
+    ),
+    "DecryptionError": (
+        "fails authentication: altered, written for another column, or legacy "
+        "plaintext that looks like ciphertext"
+    ),
+    "UnknownKeyError": (
+        "names a data key that data_keys does not hold: another database's "
+        "ciphertext, or legacy plaintext that looks like ciphertext"
+    ),
+    "KeyDisabledError": "its data key is disabled: enable the key, then run the job again",
+    "DestroyedKeyError": "its data key was destroyed: the value is unreadable for good",
+}
+
+
+def explain(reason: str) -> str:
+    """Why a value was left behind, and what to do, for people."""
+    return _REASONS.get(reason, "does not decrypt")
+
+
+def _jsonable(value: Any) -> Any:
+    return value if value is None or isinstance(value, bool | int | float | str) else str(value)
+
+
+def _key_form(key: Any) -> tuple[str, ...]:
+    """A primary key as compared when rows are named by key: the text of each
+    part, so a key read back from a report (JSON, or the command line)
+    matches the database's own values."""
+    parts = key if isinstance(key, tuple | list) else (key,)
+    return tuple(str(part) for part in parts)
+
+
+@dataclass(frozen=True)
+class LeftRow:
+    """One value left as it was: its column, its row's primary key (in key
+    column order) and why (``explain(reason)`` says it in words)."""
+
+    column: str
+    primary_key: tuple[Any, ...]
+    reason: str
+
+    def key_text(self) -> str:
+        """The key as ``--plaintext-row`` takes it: the value for a one-column
+        key, else a JSON array."""
+        if len(self.primary_key) == 1 and not str(self.primary_key[0]).startswith("["):
+            return str(self.primary_key[0])
+        return json.dumps([_jsonable(v) for v in self.primary_key])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "column": self.column,
+            "primary_key": [_jsonable(v) for v in self.primary_key],
+            "reason": self.reason,
+        }
 
 
 @dataclass
@@ -43,10 +113,15 @@ class MigrationReport:
 
     ``values_by_version`` counts values moved off each old key version;
     ``plaintext_encrypted`` counts legacy plaintext values encrypted;
-    ``skipped`` counts rows the application changed between read and write
-    (they are retried); ``left_behind`` counts values still not under the
-    active key at the end: plaintext in a column not marked ``migrating``, or
-    values that failed to decrypt (``failures`` says why).
+    ``values_decrypted`` values written back as plaintext; all three count
+    only writes whose compare-and-swap applied. ``skipped`` counts rows the
+    application changed between read and write (they are retried);
+    ``left_behind`` counts values still not under the target key at the end:
+    plaintext in a column not being converted, or values that do not decrypt
+    (``failures`` counts those by error type); ``left_rows`` names the first
+    ``LISTED_PER_COLUMN`` of them per column, with the reason.
+    ``other_scopes`` counts values under other scopes' keys, which a job of
+    one scope leaves alone (they are other tenants' business).
     """
 
     columns: list[str] = field(default_factory=list)
@@ -58,11 +133,28 @@ class MigrationReport:
     skipped: int = 0
     left_behind: int = 0
     failures: dict[str, int] = field(default_factory=dict)
+    left_rows: list[LeftRow] = field(default_factory=list)
+    other_scopes: int = 0
     elapsed: float = 0.0
+    _listed: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def rows_per_second(self) -> float:
         return self.rows_scanned / self.elapsed if self.elapsed > 0 else 0.0
+
+    def leave(self, column: str, key: tuple[Any, ...], reason: str, failure: bool) -> None:
+        """Count a value left as it was, and name its row while the column
+        has fewer than ``LISTED_PER_COLUMN`` named."""
+        self.left_behind += 1
+        if failure:
+            self.failures[reason] = self.failures.get(reason, 0) + 1
+        self._name(LeftRow(column, key, reason))
+
+    def _name(self, row: LeftRow) -> None:
+        listed = self._listed.get(row.column, 0)
+        if listed < LISTED_PER_COLUMN:
+            self._listed[row.column] = listed + 1
+            self.left_rows.append(row)
 
     def merge(self, other: MigrationReport) -> None:
         self.rows_scanned += other.rows_scanned
@@ -71,10 +163,31 @@ class MigrationReport:
         self.values_decrypted += other.values_decrypted
         self.skipped += other.skipped
         self.left_behind += other.left_behind
+        self.other_scopes += other.other_scopes
         for version, n in other.values_by_version.items():
             self.values_by_version[version] = self.values_by_version.get(version, 0) + n
         for reason, n in other.failures.items():
             self.failures[reason] = self.failures.get(reason, 0) + n
+        for row in other.left_rows:
+            self._name(row)
+
+    def left_lines(self, limit: int | None = None) -> list[str]:
+        """The rows left behind, one line each as ``table.column=KEY: reason``
+        (at most ``limit``), then what each reason means."""
+        rows = self.left_rows[:limit]
+        lines = [f"{r.column}={r.key_text()}: {r.reason}" for r in rows]
+        if len(rows) < self.left_behind:
+            lines.append(f"... and {self.left_behind - len(rows):,} more")
+        lines += [f"{reason}: {explain(reason)}" for reason in sorted({r.reason for r in rows})]
+        return lines
+
+    def _forget_left(self) -> None:
+        """A new pass examines every value still to do: what an earlier pass
+        left behind is counted again by this one, not twice."""
+        self.left_behind = self.other_scopes = 0
+        self.failures = {}
+        self.left_rows = []
+        self._listed = {}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -87,6 +200,8 @@ class MigrationReport:
             "skipped": self.skipped,
             "left_behind": self.left_behind,
             "failures": dict(self.failures),
+            "left_rows": [r.to_dict() for r in self.left_rows],
+            "other_scopes": self.other_scopes,
             "elapsed_seconds": round(self.elapsed, 3),
             "rows_per_second": round(self.rows_per_second, 1),
         }
@@ -95,8 +210,27 @@ class MigrationReport:
         return json.dumps(self.to_dict(), indent=indent)
 
 
-Rewrite = Callable[[EncryptedColumnRef, Any, MigrationReport], Any]
-_UNCHANGED = object()
+@dataclass(frozen=True)
+class _Change:
+    """A value's new form, and what to credit once its write applied:
+    ``version`` moved off a key version, or ``kind`` "plaintext"/"decrypted"."""
+
+    value: Any
+    kind: str
+    version: int = 0
+
+    def credit(self, report: MigrationReport) -> None:
+        if self.kind == "moved":
+            report.values_by_version[self.version] = (
+                report.values_by_version.get(self.version, 0) + 1
+            )
+        elif self.kind == "plaintext":
+            report.plaintext_encrypted += 1
+        else:
+            report.values_decrypted += 1
+
+
+Rewrite = Callable[[EncryptedColumnRef, Any, tuple[Any, ...], MigrationReport], _Change | None]
 
 
 @dataclass(frozen=True)
@@ -139,7 +273,9 @@ def _pending(
     table: sa.TableClause, refs: Sequence[EncryptedColumnRef], target: HeaderFor
 ) -> sa.ColumnElement[bool]:
     """Rows with a value not under its column's target key (any non-NULL
-    value when the target is None, for decryption)."""
+    value when the target is None, for decryption). The prefix comparison is
+    NULL-safe: SQLite's substr of an empty BLOB is NULL, and an empty value
+    has work to do like any other."""
     conditions: list[sa.ColumnElement[bool]] = []
     for ref in refs:
         value = table.c[ref.column]
@@ -147,15 +283,12 @@ def _pending(
         if header is None:
             conditions.append(value.is_not(None))
             continue
-        if ref.storage == "text":
-            prefix: Any = fmt.to_text(header)
-            length = fmt.TEXT_HEADER_CHARS
-        else:
-            prefix, length = header, fmt.HEADER_BYTES
         conditions.append(
             sa.and_(
                 value.is_not(None),
-                sa.func.substr(value, 1, length) != sa.literal(prefix),
+                census.prefix(value, ref.storage).is_distinct_from(
+                    census.prefix_literal(header, ref.storage)
+                ),
             )
         )
     return sa.or_(*conditions)
@@ -194,6 +327,18 @@ def _run_table(
         on_batch(len(rows))
 
 
+@dataclass(frozen=True)
+class _Write:
+    """A value to write in place of ``old``, and what to credit once the
+    compare-and-swap applied."""
+
+    old: Any
+    change: _Change
+
+
+Written = dict[tuple[Any, ...], dict[str, _Write]]  # primary key -> column -> write
+
+
 def _apply(
     conn: Connection,
     table: sa.TableClause,
@@ -202,69 +347,72 @@ def _apply(
     rewrite: Rewrite,
     report: MigrationReport,
 ) -> None:
-    """Compute new values, then write them with compare-and-swap updates."""
+    """Compute new values, then write them with compare-and-swap updates;
+    the report is credited only for the writes that applied."""
     position = {name: i for i, name in enumerate(job.columns)}
-    keys = [(f"pk_{c}", position[c]) for c in job.primary_key]
-    slots = [
-        (ref, position[ref.column], f"old_{ref.column}", f"new_{ref.column}") for ref in job.refs
-    ]
-    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    key_positions = [position[c] for c in job.primary_key]
+    slots = [(ref, position[ref.column]) for ref in job.refs]
+    groups: dict[tuple[str, ...], Written] = {}
     for row in rows:
-        params: dict[str, Any] | None = None
-        changed: list[str] = []
-        for ref, index, old_name, new_name in slots:
+        key = tuple(row[i] for i in key_positions)
+        writes: dict[str, _Write] = {}
+        for ref, index in slots:
             old = row[index]
             if old is None:
                 continue
-            new = rewrite(ref, old, report)
-            if new is _UNCHANGED:
-                continue
-            if params is None:
-                params = {name: row[i] for name, i in keys}
-            params[old_name] = old
-            params[new_name] = new
-            changed.append(ref.column)
-        if params is not None:
-            groups.setdefault(tuple(changed), []).append(params)
+            change = rewrite(ref, old, key, report)
+            if change is not None:
+                writes[ref.column] = _Write(old, change)
+        if writes:
+            groups.setdefault(tuple(writes), {})[key] = writes
 
     sane_rowcount = conn.dialect.supports_sane_multi_rowcount
-    for columns, batch in groups.items():
+    for columns, written in groups.items():
         stmt = (
             sa.update(table)
             .where(*(table.c[c] == sa.bindparam(f"pk_{c}") for c in job.primary_key))
             .where(*(table.c[c] == sa.bindparam(f"old_{c}") for c in columns))
             .values({c: sa.bindparam(f"new_{c}") for c in columns})
         )
-        result = conn.execute(stmt, batch)
-        if sane_rowcount and result.rowcount == len(batch):
-            report.rows_updated += len(batch)  # every compare-and-swap applied
+        params = []
+        for key, writes in written.items():
+            entry = {f"pk_{c}": v for c, v in zip(job.primary_key, key, strict=True)}
+            for c, write in writes.items():
+                entry[f"old_{c}"] = write.old
+                entry[f"new_{c}"] = write.change.value
+            params.append(entry)
+        result = conn.execute(stmt, params)
+        if sane_rowcount and result.rowcount == len(params):
+            for writes in written.values():  # every compare-and-swap applied
+                _credit(writes, report)
         else:
-            written = {
-                tuple(p[name] for name, _ in keys): {c: p[f"new_{c}"] for c in columns}
-                for p in batch
-            }
             _verify(conn, table, job, written, report)
+
+
+def _credit(writes: dict[str, _Write], report: MigrationReport) -> None:
+    report.rows_updated += 1
+    for write in writes.values():
+        write.change.credit(report)
 
 
 def _verify(
     conn: Connection,
     table: sa.TableClause,
     job: _TableJob,
-    written: dict[tuple[Any, ...], dict[str, Any]],
+    written: Written,
     report: MigrationReport,
 ) -> None:
     """Find out which compare-and-swaps applied: a fresh ciphertext is unique,
-    so a row holds what we wrote exactly when our update won."""
+    so a row holds what we wrote exactly when our update won. A row changed
+    or deleted by the application meanwhile is skipped (and retried)."""
     pk = sa.tuple_(*(table.c[c] for c in job.primary_key))
     keys = sorted(written)
     rows = conn.execute(sa.select(table).where(pk >= keys[0], pk <= keys[-1]))
-    for row in rows.mappings():
-        key = tuple(row[c] for c in job.primary_key)
-        expected = written.get(key)
-        if expected is None:
-            continue
-        if all(_same(row[c], v) for c, v in expected.items()):
-            report.rows_updated += 1
+    stored = {tuple(row[c] for c in job.primary_key): row for row in rows.mappings()}
+    for key, writes in written.items():
+        row = stored.get(key)
+        if row is not None and all(_same(row[c], w.change.value) for c, w in writes.items()):
+            _credit(writes, report)
         else:
             report.skipped += 1
 
@@ -285,34 +433,34 @@ def _ciphertext_of(ref: EncryptedColumnRef, stored: Any) -> bytes | None:
     return ciphertext
 
 
-def _decrypted(
-    registry: KeyRegistry,
-    ref: EncryptedColumnRef,
-    ciphertext: bytes,
-    report: MigrationReport,
-    key_scope: str = "",
-) -> bytes | None:
-    """The plaintext, or None (counted in the report) if it does not decrypt:
-    such a value is left exactly as it is."""
-    try:
-        if ciphertext[0] == fmt.DETERMINISTIC_VERSION:
-            return registry.decrypt_deterministic(ciphertext, ref.context)
-        if ref.bind_scope:
-            return registry.decrypt_scoped(ciphertext, ref.context, None)
-        return registry.decrypt_bytes(ciphertext, ref.context)
-    except DecryptionError as error:
-        report.left_behind += 1
-        reason = type(error).__name__
-        report.failures[reason] = report.failures.get(reason, 0) + 1
-        return None
+def _decrypt(registry: KeyRegistry, ref: EncryptedColumnRef, ciphertext: bytes) -> bytes:
+    if ciphertext[0] == fmt.DETERMINISTIC_VERSION:
+        return registry.decrypt_deterministic(ciphertext, ref.context)
+    if ref.bind_scope:
+        return registry.decrypt_scoped(ciphertext, ref.context, None)
+    return registry.decrypt_bytes(ciphertext, ref.context)
 
 
 def _stored(ref: EncryptedColumnRef, ciphertext: bytes) -> Any:
     return fmt.to_text(ciphertext) if ref.storage == "text" else ciphertext
 
 
-def _reencrypt_rewrite(registry: KeyRegistry, encrypt_plaintext: bool, scope: str) -> Rewrite:
-    keys: dict[bytes, tuple[str, int]] = {}  # header -> (scope, version), as keys are met
+def _legacy(old: Any) -> bytes:
+    return old.encode("utf-8") if isinstance(old, str) else bytes(old)
+
+
+_THIS_REGISTRYS = (KeyDisabledError, DestroyedKeyError)
+"""Failures that prove a value is this registry's ciphertext: never taken as plaintext."""
+
+
+def _reencrypt_rewrite(
+    registry: KeyRegistry,
+    target: HeaderFor,
+    encrypt_plaintext: bool,
+    scope: str,
+    plaintext_rows: frozenset[tuple[str, tuple[str, ...]]],
+) -> Rewrite:
+    keys: dict[bytes, tuple[str, int] | None] = {}  # header -> (scope, version), None: unknown
 
     def seal(ref: EncryptedColumnRef, plaintext: bytes) -> bytes:
         if ref.deterministic:
@@ -320,50 +468,69 @@ def _reencrypt_rewrite(registry: KeyRegistry, encrypt_plaintext: bool, scope: st
         context = fmt.scoped_context(ref.context, scope) if ref.bind_scope else ref.context
         return registry.encrypt_bytes(plaintext, context, scope)
 
-    def rewrite(ref: EncryptedColumnRef, old: Any, report: MigrationReport) -> Any:
+    def key_of(header: bytes) -> tuple[str, int]:
+        if header not in keys:
+            try:
+                keys[header] = registry.key_scope_version(fmt.key_id_of(header))
+            except UnknownKeyError:
+                keys[header] = None
+        found = keys[header]
+        if found is None:
+            raise UnknownKeyError(fmt.key_id_of(header))
+        return found
+
+    def as_plaintext(ref: EncryptedColumnRef, old: Any) -> _Change:
+        return _Change(_stored(ref, seal(ref, _legacy(old))), "plaintext")
+
+    def rewrite(
+        ref: EncryptedColumnRef, old: Any, key: tuple[Any, ...], report: MigrationReport
+    ) -> _Change | None:
+        listed = bool(plaintext_rows) and (ref.name, _key_form(key)) in plaintext_rows
         ciphertext = _ciphertext_of(ref, old)
         if ciphertext is None:
-            if not (encrypt_plaintext or ref.migrating):
-                report.left_behind += 1
-                return _UNCHANGED
-            legacy = old.encode("utf-8") if isinstance(old, str) else bytes(old)
-            report.plaintext_encrypted += 1
-            return _stored(ref, seal(ref, legacy))
-        deterministic = ciphertext[0] == fmt.DETERMINISTIC_VERSION
-        if deterministic and ref.deterministic:
-            return _UNCHANGED  # deterministic keys do not rotate with data keys
+            if encrypt_plaintext or ref.migrating or listed:
+                return as_plaintext(ref, old)
+            report.leave(ref.name, key, "plaintext", failure=False)
+            return None
         header = ciphertext[: fmt.HEADER_BYTES]
-        if not deterministic:
-            if header not in keys:
-                try:
-                    keys[header] = registry.key_scope_version(fmt.key_id_of(header))
-                except UnknownKeyError:
-                    keys[header] = ("", 0)
-            if keys[header][0] != scope:
-                return _UNCHANGED  # another scope's (tenant's) value: not this job's
-        plaintext = _decrypted(registry, ref, ciphertext, report, keys.get(header, ("", 0))[0])
-        if plaintext is None:
-            return _UNCHANGED
+        if header == target(ref):
+            return None  # done: the row was selected for another column
+        version = 0
+        try:
+            if ciphertext[0] == fmt.FORMAT_VERSION:
+                owner, version = key_of(header)
+                if owner != scope:
+                    report.other_scopes += 1  # another tenant's value: not this job's
+                    return None
+            plaintext = _decrypt(registry, ref, ciphertext)
+        except DecryptionError as error:
+            if listed and not isinstance(error, _THIS_REGISTRYS):
+                return as_plaintext(ref, old)  # the user says it is plaintext
+            report.leave(ref.name, key, type(error).__name__, failure=True)
+            return None
         new = seal(ref, plaintext)
         if new[: fmt.HEADER_BYTES] == header:
-            return _UNCHANGED  # already under the active key (this process's view)
-        version = keys.get(header, ("", 0))[1]
-        report.values_by_version[version] = report.values_by_version.get(version, 0) + 1
-        return _stored(ref, new)
+            return None  # already under the active key (it changed during the job)
+        return _Change(_stored(ref, new), "moved", version)
 
     return rewrite
 
 
 def _decrypt_rewrite(registry: KeyRegistry) -> Rewrite:
-    def rewrite(ref: EncryptedColumnRef, old: Any, report: MigrationReport) -> Any:
+    def rewrite(
+        ref: EncryptedColumnRef, old: Any, key: tuple[Any, ...], report: MigrationReport
+    ) -> _Change | None:
         ciphertext = _ciphertext_of(ref, old)
         if ciphertext is None:
-            return _UNCHANGED  # plaintext already
-        plaintext = _decrypted(registry, ref, ciphertext, report)
-        if plaintext is None:
-            return _UNCHANGED
-        report.values_decrypted += 1
-        return plaintext.decode("utf-8") if ref.storage == "text" else plaintext
+            return None  # plaintext already
+        try:
+            plaintext = _decrypt(registry, ref, ciphertext)
+        except DecryptionError as error:
+            report.leave(ref.name, key, type(error).__name__, failure=True)
+            return None
+        return _Change(
+            plaintext.decode("utf-8") if ref.storage == "text" else plaintext, "decrypted"
+        )
 
     return rewrite
 
@@ -425,12 +592,28 @@ def _target(registry: KeyRegistry, decrypt: bool, scope: str) -> HeaderFor:
     return target
 
 
-def _rewrite_for(
-    registry: KeyRegistry, decrypt: bool, encrypt_plaintext: bool, scope: str
-) -> Rewrite:
-    if decrypt:
-        return _decrypt_rewrite(registry)
-    return _reencrypt_rewrite(registry, encrypt_plaintext, scope)
+def _named_rows(
+    jobs: Sequence[_TableJob], plaintext_rows: Mapping[str, Iterable[Any]]
+) -> frozenset[tuple[str, tuple[str, ...]]]:
+    """The rows the user names as holding plaintext, as (column, key form),
+    checked against the job's columns and their primary keys."""
+    widths = {ref.name: len(job.primary_key) for job in jobs for ref in job.refs}
+    named = set()
+    for column, keys in plaintext_rows.items():
+        if column not in widths:
+            raise ConfigurationError(
+                f"plaintext_rows names {column!r}, which is not a column of this job "
+                f"({', '.join(sorted(widths))})"
+            )
+        for key in keys:
+            form = _key_form(key)
+            if len(form) != widths[column]:
+                raise ConfigurationError(
+                    f"plaintext_rows for {column}: a primary key of {widths[column]} "
+                    f"column(s) is needed, got {len(form)} value(s)"
+                )
+            named.add((column, form))
+    return frozenset(named)
 
 
 def _worker(
@@ -465,6 +648,7 @@ def run(
     workers: int = 1,
     progress: bool | None = None,
     scope: str | None = None,
+    plaintext_rows: Mapping[str, Iterable[Any]] | None = None,
 ) -> MigrationReport:
     if batch_size < 1 or workers < 1:
         raise ConfigurationError("batch_size and workers must be at least 1")
@@ -479,7 +663,13 @@ def run(
     report = MigrationReport(columns=[r.name for r in refs])
     scope = scope or registry.scope
     target = _target(registry, decrypt, scope)
-    rewrite = _rewrite_for(registry, decrypt, encrypt_plaintext, scope)
+    if decrypt:
+        if plaintext_rows:
+            raise ConfigurationError("plaintext_rows is for encrypting, not decrypt_in_place")
+        rewrite = _decrypt_rewrite(registry)
+    else:
+        named = _named_rows(jobs, plaintext_rows or {})
+        rewrite = _reencrypt_rewrite(registry, target, encrypt_plaintext, scope, named)
     bar = _progress(
         lambda: _count_pending(registry, jobs, target),
         progress,
@@ -488,13 +678,17 @@ def run(
     tick = (lambda n: bar.update(n)) if bar is not None else (lambda n: None)
     try:
         for _ in range(_PASSES):
-            skipped_before = report.skipped
+            this_pass = MigrationReport()
             for job in jobs:
                 if workers == 1:
-                    _run_table(registry, job, rewrite, target, batch_size, report, None, tick)
+                    _run_table(registry, job, rewrite, target, batch_size, this_pass, None, tick)
                 else:
-                    _run_parallel(registry, job, rewrite, target, batch_size, workers, report, tick)
-            if report.skipped == skipped_before:
+                    _run_parallel(
+                        registry, job, rewrite, target, batch_size, workers, this_pass, tick
+                    )
+            report._forget_left()
+            report.merge(this_pass)
+            if not this_pass.skipped:
                 break
     finally:
         if bar is not None:

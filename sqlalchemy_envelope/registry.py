@@ -570,6 +570,7 @@ class KeyRegistry:
         encrypt_plaintext: bool = False,
         progress: bool | None = None,
         scope: str | None = None,
+        plaintext_rows: Mapping[str, Iterable[Any]] | None = None,
     ) -> migrate.MigrationReport:
         """Move every value of the target columns that is under an older key
         of ``scope`` (default: the registry's) onto the scope's active key:
@@ -578,7 +579,13 @@ class KeyRegistry:
         Legacy plaintext is encrypted too in columns declared
         ``migrating=True``, or everywhere with ``encrypt_plaintext=True``.
         ``workers`` > 1 splits each table into primary-key ranges handled by
-        parallel processes. Values of other scopes are left untouched."""
+        parallel processes. Values of other scopes are left untouched
+        (``report.other_scopes``); values that do not decrypt are left as
+        they are and named in ``report.left_rows``. ``plaintext_rows`` maps
+        "table.column" to primary keys (a tuple for a composite key) of rows
+        whose value is legacy plaintext that merely looks like ciphertext:
+        such a value is encrypted as plaintext unless it decrypts, or its key
+        is disabled or destroyed (then it is this registry's ciphertext)."""
         self._check_open()
         return migrate.run(
             self,
@@ -588,6 +595,7 @@ class KeyRegistry:
             encrypt_plaintext=encrypt_plaintext,
             progress=progress,
             scope=self._scope(scope),
+            plaintext_rows=plaintext_rows,
         )
 
     def decrypt_in_place(

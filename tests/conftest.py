@@ -253,6 +253,7 @@ MARIADB_MODULES = frozenset(
         "test_lifecycle",
         "test_policy",
         "test_migrate",
+        "test_migrate_reports",
         "test_reencrypt_online",
         "test_census",
         "test_blind_index",

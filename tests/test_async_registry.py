@@ -24,6 +24,7 @@ from sqlalchemy_envelope import (
     ConfigurationError,
     EncryptedType,
     KeyRegistry,
+    LeftRow,
     StaticRootKey,
 )
 
@@ -369,3 +370,29 @@ def test_policy_rotation_from_async_writes(
         await registry.close()
 
     _run(db_url, body, **ONE_CONNECTION)
+
+
+def test_async_reencrypt_names_rows_left_behind_and_takes_them_as_plaintext(
+    db_url: str, root_key: StaticRootKey
+) -> None:
+    lookalike = b"\x01legacy text that starts with byte 1"
+
+    async def body(engine: AsyncEngine) -> None:
+        registry = await _setup(engine, root_key)
+        raw = sa.table("patients", sa.column("id"), sa.column("name", sa.LargeBinary))
+        async with engine.begin() as conn:
+            await conn.execute(sa.insert(Patient), [{"id": i, "name": f"p{i}"} for i in range(3)])
+            await conn.execute(sa.update(raw).where(raw.c.id == 2).values(name=lookalike))
+        await registry.rotate()
+        report = await registry.reencrypt(Patient.name)
+        assert report.values_by_version == {1: 2} and report.left_behind == 1
+        assert report.left_rows == [LeftRow("patients.name", (2,), "UnknownKeyError")]
+        named = await registry.reencrypt(Patient.name, plaintext_rows={"patients.name": [2]})
+        assert named.plaintext_encrypted == 1 and named.left_behind == 0
+        async with AsyncSession(engine) as session:
+            for _ in range(2):
+                names = (await session.execute(sa.select(Patient.id, Patient.name))).all()
+                assert dict(names) == {0: "p0", 1: "p1", 2: lookalike.decode()}
+        await registry.close()
+
+    _run(db_url, body)
