@@ -37,6 +37,7 @@ from sqlalchemy.orm.attributes import flag_modified
 from sqlalchemy.sql.elements import Null
 from sqlalchemy.sql.selectable import Alias
 from sqlalchemy.types import TypeDecorator
+from sqlalchemy.util import immutabledict
 
 from . import binding
 from .errors import BlindIndexError, ConfigurationError, InvalidValueError
@@ -360,6 +361,7 @@ def _assigned(values: Any, table: Any) -> dict[str, Any]:
 # runs), or ("missing", None).
 _Part = tuple[str, Any]
 _MISSING: _Part = ("missing", None)
+_COMPUTABLE = frozenset({"const", "param"})
 
 
 def _part(element: Any, crud_name: str | None, row: Mapping[str, Any]) -> _Part:
@@ -388,8 +390,10 @@ def _default_part(column: sa.Column[Any]) -> _Part:
 
 def _refusal(index: _Index, parts: Sequence[_Part], what: str) -> BlindIndexError | None:
     """Why ``parts`` give no index value, or None if they do."""
-    sources = index.sources
     kinds = [kind for kind, _ in parts]
+    if _COMPUTABLE.issuperset(kinds):
+        return None
+    sources = index.sources
     fix = f"or set {index.name} explicitly in the same statement"
     for kind, source in zip(kinds, sources, strict=True):
         if kind == "expression":
@@ -405,18 +409,18 @@ def _refusal(index: _Index, parts: Sequence[_Part], what: str) -> BlindIndexErro
                 f"{_name(source)} a value, {fix}"
             )
     every = ", ".join(_name(s) for s in sources)
-    if "inserted" in kinds and len(set(kinds)) > 1:
-        return BlindIndexError(
-            f"{what} sets some of {every} from the inserted row and others not, so the "
-            f"blind index {index.name} cannot be computed: set all of them from the "
-            f"inserted row, or all from Python values, {fix}"
-        )
     if "missing" in kinds:
         given = ", ".join(_name(s) for k, s in zip(kinds, sources, strict=True) if k != "missing")
         return BlindIndexError(
             f"{what} sets {given} but not all of {every}, which the blind index "
             f"{index.name} covers, so it cannot be computed: set all of them in the same "
             f"statement, {fix}"
+        )
+    if "inserted" in kinds and len(set(kinds)) > 1:
+        return BlindIndexError(
+            f"{what} sets some of {every} from the inserted row and others not, so the "
+            f"blind index {index.name} cannot be computed: set all of them from the "
+            f"inserted row, or all from Python values, {fix}"
         )
     return None
 
@@ -501,10 +505,12 @@ def _completed(
         fills.extend(set_fills)
     if not fills and conflict is None:
         return statement, multiparams, params
+    statement = statement._generate()  # a copy, without the memoized cache key
     if added:
-        statement = statement.values(added)
+        # Columns and expressions already, so past values()'s coercions.
+        values = statement._values
+        statement._values = values.union(added) if values else immutabledict(added)
     if conflict is not None:
-        statement = statement._generate()
         statement._post_values_clause = conflict
     completed = []
     for row in rows:
