@@ -299,31 +299,32 @@ def test_upserts(db: sa.Engine, via: str) -> None:
 
 @pytest.mark.parametrize("via", VIA)
 def test_explicit_index_values_are_kept(db: sa.Engine, via: str) -> None:
+    alice = users.c.id == 1
     for round_ in range(2):
         bob = {"id": 2, "email": "bob@example.com", "first": "Bob", "last": "Smith"}
         bob_digest = _stored(db, 2)[0]
         assert isinstance(bob_digest, BlindDigest)
         _run(db, via, sa.delete(users).where(users.c.id == 2))
-        _run(
-            db,
-            via,
-            sa.update(users)
-            .where(users.c.id == 1)
-            .values(email=f"alice{round_}@example.com", email_index=bob_digest),
-        )
+        new = f"alice{round_}@example.com"
+        _run(db, via, sa.update(users).where(alice).values(email=new, email_index=bob_digest))
         assert _ids(db, "bob@example.com") == [1]  # the digest given, not recomputed
-        _run(
-            db,
-            via,
-            sa.update(users)
-            .where(users.c.id == 1)
-            .values(email="alice@example.com", email_index=None),
-        )
+        with Session(db) as session:
+            user = session.get(User, 1)
+            assert user is not None
+            user.email = f"alice.uow{round_}@example.com"
+            user.first = "Augusta"
+            user.email_index = user.name_index = None
+            session.commit()
+        assert _stored(db, 1) == (None, None)
+        restore = {"email": "alice@example.com", "first": "Ada", "last": "Lovelace"}
+        _run(db, via, sa.update(users).where(alice).values(restore))
+        assert _ids(db, "alice@example.com") == [1]
+        _run(db, via, sa.update(users).where(alice).values(email=new, email_index=None))
         assert _stored(db, 1)[0] is None
         _run(db, via, sa.insert(users), [{**bob, "name_index": None}])
         assert _stored(db, 2)[1] is None
         assert _ids(db, "bob@example.com") == [2]
-        _run(db, via, sa.update(users).where(users.c.id == 1).values(email="alice@example.com"))
+        _run(db, via, sa.update(users).where(alice).values(email="alice@example.com"))
         _run(db, via, sa.update(users).where(users.c.id == 2).values(first="Bob", last="Smith"))
 
 
