@@ -15,10 +15,14 @@ never invalidates an index::
 
     session.scalars(select(User).where(User.email_index.matches("Alice@Example.com")))
 
-The index fills itself: on ORM inserts and updates of the source attribute, and
-on Core and ORM bulk inserts through a column default. A Core UPDATE of the
-source must set the index too: ``.values(email=x, email_index=x)`` (the index
-column's type hashes whatever plaintext it is given).
+The index fills itself on every INSERT and UPDATE that sets its sources,
+whatever builds the statement (the unit of work, ORM bulk operations, Core,
+upserts): one engine hook completes the statement with the index (see
+``_complete``). A value given for the index in the same statement is kept.
+Writes whose index cannot be computed (a source set to a SQL expression, or
+INSERT ... FROM SELECT, or only some sources of a compound index) raise
+`BlindIndexError`. Raw SQL (``text()``, a lightweight ``sa.table()``) is not
+seen: set the index yourself there.
 """
 
 from __future__ import annotations
@@ -65,6 +69,32 @@ class BlindDigest(str):
     back (a merge, a copy) does not hash it a second time."""
 
     __slots__ = ()
+
+
+class _Checked:
+    """An index value given as a `BlindDigest` by a statement that also sets
+    the index's sources: kept if it is their digest, refused if it is not (a
+    digest read before the sources changed, which would leave it stale)."""
+
+    __slots__ = ("digest", "name", "plaintext")
+
+    def __init__(self, digest: BlindDigest, plaintext: Any, name: str) -> None:
+        self.digest = digest
+        self.plaintext = plaintext
+        self.name = name
+
+    def verify(self, hashed: Callable[[Any], str]) -> BlindDigest:
+        plaintext = self.plaintext
+        parts = plaintext if isinstance(plaintext, tuple) else (plaintext,)
+        expected = None if all(p is None for p in parts) else hashed(plaintext)
+        if expected != self.digest:
+            raise BlindIndexError(
+                f"the statement sets the sources of the blind index {self.name} and gives "
+                "the index a BlindDigest that is not their digest (one read before they "
+                f"changed): leave {self.name} out of the statement to have it computed, "
+                "or give it None"
+            )
+        return self.digest
 
 
 def _normalizers(
@@ -185,11 +215,16 @@ class BlindIndex(TypeDecorator[str]):
         version = self.key_version
         digest = self.digest
 
+        def hashed(value: Any) -> str:
+            return digest(slot.writer().derived_key(label, version), value)
+
         def process(value: Any) -> Any:
             if value is None or isinstance(value, BlindDigest):
                 return value
             if isinstance(value, tuple) and all(part is None for part in value):
                 return None
+            if isinstance(value, _Checked):
+                return value.verify(hashed)
             return digest(slot.writer().derived_key(label, version), value)
 
         return process
@@ -343,6 +378,10 @@ def _same_table(a: Any, b: Any) -> bool:
     return a is b or (a is not None and b is not None and hash(a) == hash(b))
 
 
+def _key(key: Any) -> str:
+    return key if isinstance(key, str) else str(key.key)
+
+
 def _assigned(values: Any, table: Any) -> dict[str, Any]:
     """A statement's column -> value mapping, keyed by column key; columns of
     other tables (a multi-table UPDATE) left out."""
@@ -440,6 +479,23 @@ def _row_value(parts: Sequence[_Part]) -> Callable[[Mapping[str, Any]], Any]:
     return lambda row: tuple(f(row) for f in fetch)
 
 
+def _checked(
+    index: _Index, given: _Part, parts: Sequence[_Part]
+) -> Callable[[Mapping[str, Any]], Any]:
+    """The explicit index value of a row whose sources the statement also
+    sets: a `BlindDigest` is checked against them when hashed (`_Checked`)."""
+    value = _fetch(given)
+    plaintext = _row_value(parts)
+
+    def checked(row: Mapping[str, Any]) -> Any:
+        digest = value(row)
+        if isinstance(digest, BlindDigest):
+            return _Checked(digest, plaintext(row), index.name)
+        return digest
+
+    return checked
+
+
 def _complete(
     conn: Connection,
     statement: Any,
@@ -472,8 +528,6 @@ def _completed(
     added: dict[Any, Any] = {}
     fills: list[tuple[str, Callable[[Mapping[str, Any]], Any]]] = []
     for index in indexes:
-        if index.key in assigned or index.key in first:
-            continue  # given explicitly
         parts: list[_Part] = []
         for source in index.sources:
             key = source.key
@@ -483,6 +537,19 @@ def _completed(
                 parts.append(("param", key))
             else:
                 parts.append(_MISSING)
+        if index.key in assigned or index.key in first:  # given explicitly
+            if _COMPUTABLE.issuperset(kind for kind, _ in parts):
+                given = (
+                    _part(assigned[index.key], index.key, first)
+                    if index.key in assigned
+                    else ("param", index.key)
+                )
+                if given[0] == "param":
+                    fills.append((given[1], _checked(index, given, parts)))
+                elif isinstance(given[1], BlindDigest):
+                    added[index.column] = index.value
+                    fills.append((index.param, _checked(index, given, parts)))
+            continue
         if all(p is _MISSING for p in parts):
             if not is_insert:
                 continue
@@ -505,11 +572,14 @@ def _completed(
         fills.extend(set_fills)
     if not fills and conflict is None:
         return statement, multiparams, params
-    statement = statement._generate()  # a copy, without the memoized cache key
+    if added or conflict is not None:
+        statement = statement._generate()  # a copy, without the memoized cache key
     if added:
-        # Columns and expressions already, so past values()'s coercions.
-        values = statement._values
-        statement._values = values.union(added) if values else immutabledict(added)
+        # Columns and expressions already, so past values()'s coercions; an
+        # entry replaces the one for the same column, whatever its key.
+        replaced = {column.key for column in added}
+        kept = {k: v for k, v in (statement._values or {}).items() if _key(k) not in replaced}
+        statement._values = immutabledict({**kept, **added})
     if conflict is not None:
         statement._post_values_clause = conflict
     completed = []
@@ -597,9 +667,15 @@ def _completed_multi_values(indexes: tuple[_Index, ...], statement: Any) -> Any:
             if not isinstance(row, Mapping):  # positional, in the table's column order
                 row = {column.key: value for column, value in zip(table.c, row, strict=False)}
             assigned = _assigned(row, table)
-            added: dict[Any, Any] = {}
+            added: dict[str, Any] = {}
             for index in indexes:
                 if index.key in assigned:
+                    given = assigned[index.key]
+                    if isinstance(given, BlindDigest) and all(
+                        s.key in assigned for s in index.sources
+                    ):
+                        parts = [_part(assigned[s.key], None, {}) for s in index.sources]
+                        added[index.key] = _checked(index, ("const", given), parts)({})
                     continue
                 if not any(s.key in assigned for s in index.sources) and all(
                     _default_part(s) == ("const", None) for s in index.sources
@@ -612,9 +688,9 @@ def _completed_multi_values(indexes: tuple[_Index, ...], statement: Any) -> Any:
                 refusal = _refusal(index, parts, "INSERT")
                 if refusal is not None:
                     raise refusal
-                added[index.column] = _row_value(parts)({})
+                added[index.key] = _row_value(parts)({})
             if added:
-                row = {**row, **added}
+                row = {**assigned, **added}
                 changed = True
             rows.append(row)
         groups.append(rows)
