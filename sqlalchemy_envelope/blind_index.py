@@ -348,8 +348,9 @@ def _register(column: sa.Column[Any], table: Any) -> None:
     global _listening
     with _lock:
         entry = _tables.setdefault(table, _TableIndexes())
-        entry.columns.append(column)
-        entry.resolved = None
+        if not any(c is column for c in entry.columns):
+            entry.columns.append(column)
+            entry.resolved = None
         if not _listening:
             event.listen(Engine, "before_execute", _complete, retval=True)
             _listening = True
@@ -396,15 +397,19 @@ def _assigned(values: Any, table: Any) -> dict[str, Any]:
 
 # What a statement gives for one source: ("const", value), ("param", name of
 # the row parameter), ("inserted", the upsert's alias of the inserted row),
-# ("expression", None), ("default", None: a default computed when the INSERT
-# runs), or ("missing", None).
+# ("expression", None), ("selected", None: by INSERT ... FROM SELECT),
+# ("default", None: a default computed when the INSERT runs), or ("missing",
+# None).
 _Part = tuple[str, Any]
 _MISSING: _Part = ("missing", None)
+_SELECTED = object()
 _COMPUTABLE = frozenset({"const", "param"})
 
 
 def _part(element: Any, crud_name: str | None, row: Mapping[str, Any]) -> _Part:
     """The value of a source set to ``element`` in a VALUES / SET clause."""
+    if element is _SELECTED:
+        return ("selected", None)
     if not isinstance(element, sa.ClauseElement):
         return ("const", element)  # a multi-row VALUES holds plain values
     if isinstance(element, sa.BindParameter):
@@ -440,6 +445,12 @@ def _refusal(index: _Index, parts: Sequence[_Part], what: str) -> BlindIndexErro
                 f"{what} sets {_name(source)} to a SQL expression, so the blind index "
                 f"{index.name} cannot be computed: set {_name(source)} to a Python value, "
                 f"{fix} (to NULL, then fill it with registry.backfill_index)"
+            )
+        if kind == "selected":
+            return BlindIndexError(
+                f"{what} takes {_name(source)} from its SELECT, so the blind index "
+                f"{index.name} cannot be computed: select {index.name} too (NULL, then "
+                "fill it with registry.backfill_index), or insert Python values"
             )
         if kind == "default":
             return BlindIndexError(
@@ -524,7 +535,7 @@ def _completed(
     assigned = _assigned(statement._values or {}, table)
     if from_select:
         what = "INSERT ... FROM SELECT"
-        assigned = {name: sa.column(name) for name in statement._select_names}
+        assigned = dict.fromkeys(statement._select_names, _SELECTED)
     added: dict[Any, Any] = {}
     fills: list[tuple[str, Callable[[Mapping[str, Any]], Any]]] = []
     for index in indexes:
