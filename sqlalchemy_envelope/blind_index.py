@@ -17,10 +17,11 @@ never invalidates an index::
 
 The index fills itself on every INSERT and UPDATE that sets its sources,
 whatever builds the statement (the unit of work, ORM bulk operations, Core,
-upserts): one engine hook completes the statement with the index (see
-``_complete``). A value given for the index in the same statement is kept.
-Writes whose index cannot be computed (a source set to a SQL expression, or
-INSERT ... FROM SELECT, or only some sources of a compound index) raise
+upserts): one engine hook completes the statement with the index. A value
+given for the index in the same statement is kept, unless it is a
+`BlindDigest` of other values than the sources written with it. Writes whose
+index cannot be computed (a source set to a SQL expression, or by INSERT ...
+FROM SELECT, or only some sources of a compound index) raise
 `BlindIndexError`. Raw SQL (``text()``, a lightweight ``sa.table()``) is not
 seen: set the index yourself there.
 """
