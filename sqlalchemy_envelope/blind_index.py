@@ -404,6 +404,7 @@ def _assigned(values: Any, table: Any) -> dict[str, Any]:
 _Part = tuple[str, Any]
 _MISSING: _Part = ("missing", None)
 _SELECTED = object()
+_ABSENT = object()
 _COMPUTABLE = frozenset({"const", "param"})
 
 
@@ -496,11 +497,11 @@ def _checked(
 ) -> Callable[[Mapping[str, Any]], Any]:
     """The explicit index value of a row whose sources the statement also
     sets: a `BlindDigest` is checked against them when hashed (`_Checked`)."""
-    value = _fetch(given)
+    kind, arg = given
     plaintext = _row_value(parts)
 
     def checked(row: Mapping[str, Any]) -> Any:
-        digest = value(row)
+        digest = row.get(arg, _ABSENT) if kind == "param" else arg
         if isinstance(digest, BlindDigest):
             return _Checked(digest, plaintext(row), index.name)
         return digest
@@ -598,7 +599,9 @@ def _completed(
     for row in rows:
         row = dict(row)
         for name, value in fills:
-            row[name] = value(row)
+            computed = value(row)
+            if computed is not _ABSENT:  # a row without the parameter stays without
+                row[name] = computed
         completed.append(row)
     if multiparams:
         return statement, completed, {}
