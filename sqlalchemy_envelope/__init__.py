@@ -11,6 +11,7 @@ from .binding import EXECUTION_OPTION, SCOPE_OPTION, scope, session_scope, set_s
 from .blind_index import NORMALIZERS, BlindDigest, BlindIndex, blind_index, blind_index_column
 from .census import ColumnCensus, KeyRows
 from .errors import (
+    BlindIndexError,
     ConfigurationError,
     DecryptionError,
     DestroyedKeyError,
@@ -52,6 +53,7 @@ __all__ = [
     "AsyncKeyRegistry",
     "BlindDigest",
     "BlindIndex",
+    "BlindIndexError",
     "CheckableRootKey",
     "ColumnCensus",
     "ConfigurationError",

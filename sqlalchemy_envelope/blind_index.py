@@ -15,27 +15,37 @@ never invalidates an index::
 
     session.scalars(select(User).where(User.email_index.matches("Alice@Example.com")))
 
-The index fills itself: on ORM inserts and updates of the source attribute, and
-on Core and ORM bulk inserts through a column default. A Core UPDATE of the
-source must set the index too: ``.values(email=x, email_index=x)`` (the index
-column's type hashes whatever plaintext it is given).
+The index fills itself on every INSERT and UPDATE that sets its sources,
+whatever builds the statement (the unit of work, ORM bulk operations, Core,
+upserts): one engine hook completes the statement with the index. A value
+given for the index in the same statement is kept, unless it is a
+`BlindDigest` of other values than the sources written with it. Writes whose
+index cannot be computed (a source set to a SQL expression, or by INSERT ...
+FROM SELECT, or only some sources of a compound index) raise
+`BlindIndexError`. Raw SQL (``text()``, a lightweight ``sa.table()``) is not
+seen: set the index yourself there.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import Mapper, mapped_column
+from sqlalchemy.engine import Connection, Dialect, Engine
+from sqlalchemy.orm import Mapper, configure_mappers, mapped_column, object_session
+from sqlalchemy.orm.attributes import flag_modified
+from sqlalchemy.sql.elements import Null
+from sqlalchemy.sql.selectable import Alias
 from sqlalchemy.types import TypeDecorator
+from sqlalchemy.util import immutabledict
 
 from . import binding
-from .errors import ConfigurationError, InvalidValueError
+from .errors import BlindIndexError, ConfigurationError, InvalidValueError
 from .primitives import hmac_sha256
 
 __all__ = ["NORMALIZERS", "BlindDigest", "BlindIndex", "blind_index", "blind_index_column"]
@@ -60,6 +70,32 @@ class BlindDigest(str):
     back (a merge, a copy) does not hash it a second time."""
 
     __slots__ = ()
+
+
+class _Checked:
+    """An index value given as a `BlindDigest` by a statement that also sets
+    the index's sources: kept if it is their digest, refused if it is not (a
+    digest read before the sources changed, which would leave it stale)."""
+
+    __slots__ = ("digest", "name", "plaintext")
+
+    def __init__(self, digest: BlindDigest, plaintext: Any, name: str) -> None:
+        self.digest = digest
+        self.plaintext = plaintext
+        self.name = name
+
+    def verify(self, hashed: Callable[[Any], str]) -> BlindDigest:
+        plaintext = self.plaintext
+        parts = plaintext if isinstance(plaintext, tuple) else (plaintext,)
+        expected = None if all(p is None for p in parts) else hashed(plaintext)
+        if expected != self.digest:
+            raise BlindIndexError(
+                f"the statement sets the sources of the blind index {self.name} and gives "
+                "the index a BlindDigest that is not their digest (one read before they "
+                f"changed): leave {self.name} out of the statement to have it computed, "
+                "or give it None"
+            )
+        return self.digest
 
 
 def _normalizers(
@@ -138,6 +174,7 @@ class BlindIndex(TypeDecorator[str]):
         super()._set_parent(parent, outer=outer, **kw)
         if isinstance(parent, sa.Column):
             self._column = parent
+            event.listen(parent, "after_parent_attach", _register)
 
     def label(self) -> bytes:
         """What this index's key is derived for: the purpose, the index column
@@ -179,11 +216,16 @@ class BlindIndex(TypeDecorator[str]):
         version = self.key_version
         digest = self.digest
 
+        def hashed(value: Any) -> str:
+            return digest(slot.writer().derived_key(label, version), value)
+
         def process(value: Any) -> Any:
             if value is None or isinstance(value, BlindDigest):
                 return value
             if isinstance(value, tuple) and all(part is None for part in value):
                 return None
+            if isinstance(value, _Checked):
+                return value.verify(hashed)
             return digest(slot.writer().derived_key(label, version), value)
 
         return process
@@ -206,20 +248,6 @@ class BlindIndex(TypeDecorator[str]):
     comparator_factory = Comparator
 
 
-def _default_for(sources: Sequence[str]) -> Callable[[Any], Any]:
-    """A context-sensitive column default: the plaintext of the source
-    columns in the same INSERT, which the index type then hashes."""
-
-    def default(context: Any) -> Any:
-        params = context.get_current_parameters()
-        values = tuple(params.get(name) for name in sources)
-        if all(v is None for v in values):
-            return None
-        return values[0] if len(values) == 1 else values
-
-    return default
-
-
 def blind_index(
     *sources: str,
     normalize: str | Normalizer | Sequence[str | Normalizer] | None = None,
@@ -233,11 +261,13 @@ def blind_index(
     ``unique=True`` or ``index=True`` pass through."""
     column_options.setdefault("nullable", True)
     column_options.setdefault("index", not column_options.get("unique", False))
+    # A SQL default, so that the ORM leaves an unset index out of its INSERT
+    # (for the write hook to fill) instead of sending an explicit NULL.
+    column_options.setdefault("insert_default", sa.null())
     return mapped_column(
         BlindIndex(
             *sources, normalize=normalize, bits=bits, key_version=key_version, context=context
         ),
-        default=_default_for(sources),
         **column_options,
     )
 
@@ -249,17 +279,450 @@ def blind_index_column(name: str, *sources: str, **options: Any) -> sa.Column[st
         k: options.pop(k) for k in ("normalize", "bits", "key_version", "context") if k in options
     }
     options.setdefault("nullable", True)
-    return sa.Column(
-        name, BlindIndex(*sources, **type_options), default=_default_for(sources), **options
+    options.setdefault("default", sa.null())
+    return sa.Column(name, BlindIndex(*sources, **type_options), **options)
+
+
+# -- Keeping every index in step with its sources, whatever writes them -------
+#
+# One hook sees every INSERT and UPDATE executed on a table with blind indexes,
+# whoever built it (the ORM unit of work, ORM bulk operations, Core), and
+# completes it: where the statement sets an index's sources and not the index,
+# it adds the index, its value being the sources' plaintext in a parameter of
+# each row, which the index type hashes. What it cannot follow (a source set
+# to a SQL expression, a compound index only partly set) it refuses.
+
+
+class _Index:
+    """One blind index of a table, resolved for the write hook."""
+
+    __slots__ = ("column", "key", "name", "param", "set_param", "set_value", "sources", "value")
+
+    def __init__(self, column: sa.Column[Any], sources: tuple[Any, ...]) -> None:
+        self.column = column
+        self.key = column.key
+        self.sources = sources
+        self.name = _name(column)
+        # The value rides in a bind parameter of each row; type_coerce makes it
+        # an expression, so SQLAlchemy counts the column as computed by the
+        # statement and the ORM expires (or fetches) the attribute instead of
+        # keeping a stale digest.
+        self.param = f"{column.key}__blind"
+        self.set_param = f"{column.key}__blind_set"
+        self.value = sa.type_coerce(sa.bindparam(self.param, type_=column.type), column.type)
+        self.set_value = sa.type_coerce(
+            sa.bindparam(self.set_param, type_=column.type), column.type
+        )
+
+
+class _TableIndexes:
+    """The blind index columns of one table; resolved on first use, once the
+    table (and any mapper naming its sources) is complete."""
+
+    __slots__ = ("columns", "resolved")
+
+    def __init__(self) -> None:
+        self.columns: list[sa.Column[Any]] = []
+        self.resolved: tuple[_Index, ...] | None = None
+
+    def indexes(self) -> tuple[_Index, ...]:
+        resolved = self.resolved
+        if resolved is None:
+            resolved = self.resolved = tuple(_resolve(c) for c in self.columns)
+        return resolved
+
+
+_tables: dict[Any, _TableIndexes] = {}
+_orm_sources: dict[sa.Column[Any], tuple[Any, ...]] = {}
+_lock = threading.Lock()
+_listening = False
+
+
+def _name(column: Any) -> str:
+    table = getattr(column, "table", None)
+    return f"{table.name}.{column.name}" if table is not None else column.name
+
+
+def _register(column: sa.Column[Any], table: Any) -> None:
+    """A blind index column joined a table: route the table's writes through
+    the hook."""
+    global _listening
+    with _lock:
+        entry = _tables.setdefault(table, _TableIndexes())
+        if not any(c is column for c in entry.columns):
+            entry.columns.append(column)
+            entry.resolved = None
+        if not _listening:
+            event.listen(Engine, "before_execute", _complete, retval=True)
+            _listening = True
+
+
+def _resolve(column: sa.Column[Any]) -> _Index:
+    assert isinstance(column.type, BlindIndex)
+    names = column.type.sources
+    sources = _orm_sources.get(column)
+    if sources is None and not all(n in column.table.c for n in names):
+        configure_mappers()  # sources named by ORM attribute
+        sources = _orm_sources.get(column)
+    if sources is None:
+        missing = [n for n in names if n not in column.table.c]
+        if missing:
+            raise ConfigurationError(
+                f"blind index {_name(column)}: {missing[0]!r} is not a column of "
+                f"{column.table.name}; name columns of the same table"
+            )
+        sources = tuple(column.table.c[n] for n in names)
+    return _Index(column, sources)
+
+
+def _same_table(a: Any, b: Any) -> bool:
+    # An ORM statement's table is an annotated copy, which hashes as the table.
+    return a is b or (a is not None and b is not None and hash(a) == hash(b))
+
+
+def _key(key: Any) -> str:
+    return key if isinstance(key, str) else str(key.key)
+
+
+def _assigned(values: Any, table: Any) -> dict[str, Any]:
+    """A statement's column -> value mapping, keyed by column key; columns of
+    other tables (a multi-table UPDATE) left out."""
+    found: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(key, str):
+            found[key] = value
+        elif _same_table(getattr(key, "table", None), table):
+            found[key.key] = value
+    return found
+
+
+# What a statement gives for one source: ("const", value), ("param", name of
+# the row parameter), ("inserted", the upsert's alias of the inserted row),
+# ("expression", None), ("selected", None: by INSERT ... FROM SELECT),
+# ("default", None: a default computed when the INSERT runs), or ("missing",
+# None).
+_Part = tuple[str, Any]
+_MISSING: _Part = ("missing", None)
+_SELECTED = object()
+_ABSENT = object()
+_COMPUTABLE = frozenset({"const", "param"})
+
+
+def _part(element: Any, crud_name: str | None, row: Mapping[str, Any]) -> _Part:
+    """The value of a source set to ``element`` in a VALUES / SET clause."""
+    if element is _SELECTED:
+        return ("selected", None)
+    if not isinstance(element, sa.ClauseElement):
+        return ("const", element)  # a multi-row VALUES holds plain values
+    if isinstance(element, sa.BindParameter):
+        # A literal's anonymous parameter is rendered under the column key, so a
+        # row parameter of that name overrides it; a named one under its name.
+        name = crud_name if element.unique else element.key
+        if name is not None and name in row:
+            return ("param", name)
+        return ("const", element.effective_value)
+    if isinstance(element, Null):
+        return ("const", None)
+    return ("expression", None)
+
+
+def _default_part(column: sa.Column[Any]) -> _Part:
+    """The value an INSERT that leaves ``column`` out stores in it."""
+    default = column.default
+    if column.server_default is not None or (default is not None and not default.is_scalar):
+        return ("default", None)
+    return ("const", None if default is None else getattr(default, "arg", None))
+
+
+def _refusal(index: _Index, parts: Sequence[_Part], what: str) -> BlindIndexError | None:
+    """Why ``parts`` give no index value, or None if they do."""
+    kinds = [kind for kind, _ in parts]
+    if _COMPUTABLE.issuperset(kinds):
+        return None
+    sources = index.sources
+    fix = f"or set {index.name} explicitly in the same statement"
+    for kind, source in zip(kinds, sources, strict=True):
+        if kind == "expression":
+            return BlindIndexError(
+                f"{what} sets {_name(source)} to a SQL expression, so the blind index "
+                f"{index.name} cannot be computed: set {_name(source)} to a Python value, "
+                f"{fix} (to NULL, then fill it with registry.backfill_index)"
+            )
+        if kind == "selected":
+            return BlindIndexError(
+                f"{what} takes {_name(source)} from its SELECT, so the blind index "
+                f"{index.name} cannot be computed: select {index.name} too (NULL, then "
+                "fill it with registry.backfill_index), or insert Python values"
+            )
+        if kind == "default":
+            return BlindIndexError(
+                f"{what} leaves {_name(source)} to a default computed by the database or "
+                f"at execution, so the blind index {index.name} cannot be computed: give "
+                f"{_name(source)} a value, {fix}"
+            )
+    every = ", ".join(_name(s) for s in sources)
+    if "missing" in kinds:
+        given = ", ".join(_name(s) for k, s in zip(kinds, sources, strict=True) if k != "missing")
+        return BlindIndexError(
+            f"{what} sets {given} but not all of {every}, which the blind index "
+            f"{index.name} covers, so it cannot be computed: set all of them in the same "
+            f"statement, {fix}"
+        )
+    if "inserted" in kinds and len(set(kinds)) > 1:
+        return BlindIndexError(
+            f"{what} sets some of {every} from the inserted row and others not, so the "
+            f"blind index {index.name} cannot be computed: set all of them from the "
+            f"inserted row, or all from Python values, {fix}"
+        )
+    return None
+
+
+def _fetch(part: _Part) -> Callable[[Mapping[str, Any]], Any]:
+    kind, arg = part
+    if kind == "param":
+        return lambda row: row.get(arg)
+    return lambda row: arg
+
+
+def _row_value(parts: Sequence[_Part]) -> Callable[[Mapping[str, Any]], Any]:
+    """The index's plaintext for one row of parameters."""
+    if len(parts) == 1:
+        return _fetch(parts[0])
+    fetch = [_fetch(part) for part in parts]
+    return lambda row: tuple(f(row) for f in fetch)
+
+
+def _checked(
+    index: _Index, given: _Part, parts: Sequence[_Part]
+) -> Callable[[Mapping[str, Any]], Any]:
+    """The explicit index value of a row whose sources the statement also
+    sets: a `BlindDigest` is checked against them when hashed (`_Checked`)."""
+    kind, arg = given
+    plaintext = _row_value(parts)
+
+    def checked(row: Mapping[str, Any]) -> Any:
+        digest = row.get(arg, _ABSENT) if kind == "param" else arg
+        if isinstance(digest, BlindDigest):
+            return _Checked(digest, plaintext(row), index.name)
+        return digest
+
+    return checked
+
+
+def _complete(
+    conn: Connection,
+    statement: Any,
+    multiparams: Any,
+    params: Any,
+    execution_options: Any,
+) -> tuple[Any, Any, Any]:
+    entry = _tables.get(getattr(statement, "table", None))
+    if entry is None or not (statement.is_insert or statement.is_update):
+        return statement, multiparams, params
+    return _completed(entry.indexes(), statement, multiparams, params)
+
+
+def _completed(
+    indexes: tuple[_Index, ...], statement: Any, multiparams: Any, params: Any
+) -> tuple[Any, Any, Any]:
+    """The statement and parameters, with every index whose sources it sets."""
+    rows = multiparams or [params]
+    first = rows[0]
+    table = statement.table
+    is_insert = statement.is_insert
+    if is_insert and statement._multi_values:
+        return _completed_multi_values(indexes, statement), multiparams, params
+    what = "INSERT" if is_insert else "UPDATE"
+    from_select = statement.select is not None if is_insert else False
+    assigned = _assigned(statement._values or {}, table)
+    if from_select:
+        what = "INSERT ... FROM SELECT"
+        assigned = dict.fromkeys(statement._select_names, _SELECTED)
+    added: dict[Any, Any] = {}
+    fills: list[tuple[str, Callable[[Mapping[str, Any]], Any]]] = []
+    for index in indexes:
+        parts: list[_Part] = []
+        for source in index.sources:
+            key = source.key
+            if key in assigned:
+                parts.append(_part(assigned[key], key, first))
+            elif key in first:
+                parts.append(("param", key))
+            else:
+                parts.append(_MISSING)
+        if index.key in assigned or index.key in first:  # given explicitly
+            if _COMPUTABLE.issuperset(kind for kind, _ in parts):
+                given = (
+                    _part(assigned[index.key], index.key, first)
+                    if index.key in assigned
+                    else ("param", index.key)
+                )
+                if given[0] == "param":
+                    fills.append((given[1], _checked(index, given, parts)))
+                elif isinstance(given[1], BlindDigest):
+                    added[index.column] = index.value
+                    fills.append((index.param, _checked(index, given, parts)))
+            continue
+        if all(p is _MISSING for p in parts):
+            if not is_insert:
+                continue
+            parts = [_default_part(s) for s in index.sources]
+            if all(p == ("const", None) for p in parts):
+                continue  # left NULL, as its sources
+        elif is_insert:
+            parts = [
+                _default_part(s) if p is _MISSING else p
+                for p, s in zip(parts, index.sources, strict=True)
+            ]
+        refusal = _refusal(index, parts, what)
+        if refusal is not None:
+            raise refusal
+        added[index.column] = index.value
+        fills.append((index.param, _row_value(parts)))
+    conflict = statement._post_values_clause if is_insert else None
+    if conflict is not None:
+        conflict, set_fills = _completed_upsert(indexes, table, conflict, first)
+        fills.extend(set_fills)
+    if not fills and conflict is None:
+        return statement, multiparams, params
+    if added or conflict is not None:
+        statement = statement._generate()  # a copy, without the memoized cache key
+    if added:
+        # Columns and expressions already, so past values()'s coercions; an
+        # entry replaces the one for the same column, whatever its key.
+        replaced = {column.key for column in added}
+        kept = {k: v for k, v in (statement._values or {}).items() if _key(k) not in replaced}
+        statement._values = immutabledict({**kept, **added})
+    if conflict is not None:
+        statement._post_values_clause = conflict
+    completed = []
+    for row in rows:
+        row = dict(row)
+        for name, value in fills:
+            computed = value(row)
+            if computed is not _ABSENT:  # a row without the parameter stays without
+                row[name] = computed
+        completed.append(row)
+    if multiparams:
+        return statement, completed, {}
+    return statement, [], completed[0]
+
+
+def _is_inserted_row(from_: Any, table: Any, inserted: Any) -> bool:
+    """Whether ``from_`` is an upsert's alias of the row proposed for
+    insertion: ``excluded`` (PostgreSQL, SQLite) or ``inserted`` (MySQL)."""
+    if from_ is inserted:
+        return True
+    return (
+        isinstance(from_, Alias)
+        and from_.name in ("excluded", "inserted")
+        and _same_table(from_.element, table)
     )
+
+
+def _completed_upsert(
+    indexes: tuple[_Index, ...], table: Any, clause: Any, first: Mapping[str, Any]
+) -> tuple[Any, list[tuple[str, Callable[[Mapping[str, Any]], Any]]]]:
+    """The upsert's UPDATE part with its indexes (None if unchanged): set from
+    the inserted row's index where the sources are set from the inserted row."""
+    attribute = "update_values_to_set"  # PostgreSQL, SQLite
+    what = "ON CONFLICT DO UPDATE"
+    sets = getattr(clause, attribute, None)
+    if sets is None:
+        attribute, what = "update", "ON DUPLICATE KEY UPDATE"  # MySQL, MariaDB
+        sets = getattr(clause, attribute, None)
+    if not isinstance(sets, Mapping):
+        return None, []  # DO NOTHING
+    inserted = getattr(clause, "inserted_alias", None)
+    assigned = _assigned(sets, table)
+    added: dict[Any, Any] = {}
+    fills: list[tuple[str, Callable[[Mapping[str, Any]], Any]]] = []
+    for index in indexes:
+        if index.key in assigned:
+            continue
+        parts: list[_Part] = []
+        for source in index.sources:
+            element = assigned.get(source.key, _MISSING)
+            if element is _MISSING:
+                parts.append(_MISSING)
+            elif (
+                isinstance(element, sa.ColumnClause)
+                and element.key == source.key
+                and _is_inserted_row(element.table, table, inserted)
+            ):
+                parts.append(("inserted", inserted if inserted is not None else element.table))
+            else:
+                parts.append(_part(element, None, first))
+        if all(p is _MISSING for p in parts):
+            continue
+        refusal = _refusal(index, parts, what)
+        if refusal is not None:
+            raise refusal
+        kind, row = parts[0]
+        if kind == "inserted":
+            added[index.column] = row.c[index.key]
+        else:
+            added[index.column] = index.set_value
+            fills.append((index.set_param, _row_value(parts)))
+    if not added:
+        return None, []
+    clause = clause._clone()
+    setattr(clause, attribute, {**sets, **added})
+    return clause, fills
+
+
+def _completed_multi_values(indexes: tuple[_Index, ...], statement: Any) -> Any:
+    """A multi-row ``insert().values([...])`` with the indexes in each row."""
+    table = statement.table
+    groups = []
+    changed = False
+    for group in statement._multi_values:
+        rows = []
+        for row in group:
+            if not isinstance(row, Mapping):  # positional, in the table's column order
+                row = {column.key: value for column, value in zip(table.c, row, strict=False)}
+            assigned = _assigned(row, table)
+            added: dict[str, Any] = {}
+            for index in indexes:
+                if index.key in assigned:
+                    given = assigned[index.key]
+                    if isinstance(given, BlindDigest) and all(
+                        s.key in assigned for s in index.sources
+                    ):
+                        parts = [_part(assigned[s.key], None, {}) for s in index.sources]
+                        added[index.key] = _checked(index, ("const", given), parts)({})
+                    continue
+                if not any(s.key in assigned for s in index.sources) and all(
+                    _default_part(s) == ("const", None) for s in index.sources
+                ):
+                    continue
+                parts = [
+                    _part(assigned[s.key], None, {}) if s.key in assigned else _default_part(s)
+                    for s in index.sources
+                ]
+                refusal = _refusal(index, parts, "INSERT")
+                if refusal is not None:
+                    raise refusal
+                added[index.key] = _row_value(parts)({})
+            if added:
+                row = {**assigned, **added}
+                changed = True
+            rows.append(row)
+        groups.append(rows)
+    if not changed:
+        return statement
+    statement = statement._generate()
+    statement._multi_values = tuple(groups)
+    return statement
 
 
 def _source_keys(mapper: Mapper[Any], index: BlindIndex) -> list[str]:
     keys = []
     for source in index.sources:
-        if source not in mapper.attrs:
+        if source not in mapper.column_attrs:
             raise ConfigurationError(
-                f"blind index source {source!r} is not an attribute of {mapper.class_.__name__}"
+                f"blind index source {source!r} is not a column attribute of "
+                f"{mapper.class_.__name__}"
             )
         keys.append(source)
     return keys
@@ -267,31 +730,66 @@ def _source_keys(mapper: Mapper[Any], index: BlindIndex) -> list[str]:
 
 @event.listens_for(Mapper, "mapper_configured")
 def _wire_mapper(mapper: Mapper[Any], class_: type) -> None:
-    """Keep every blind index of a mapped class in step with its sources on
-    ORM inserts and updates (the unit of work)."""
+    """Resolve a mapped class's index sources (attribute names) to columns,
+    and keep its objects' index attributes in step with their sources."""
     indexes: list[tuple[str, list[str]]] = []
     for prop in mapper.column_attrs:
         column = prop.columns[0]
-        if isinstance(column, sa.Column) and isinstance(column.type, BlindIndex):
-            indexes.append((prop.key, _source_keys(mapper, column.type)))
+        if not (isinstance(column, sa.Column) and isinstance(column.type, BlindIndex)):
+            continue
+        keys = _source_keys(mapper, column.type)
+        sources = tuple(mapper.column_attrs[k].columns[0] for k in keys)
+        for source in sources:
+            if not _same_table(getattr(source, "table", None), column.table):
+                raise ConfigurationError(
+                    f"blind index {_name(column)} covers {_name(source)}, of another "
+                    "table: put the index in the table of its sources"
+                )
+        with _lock:
+            _orm_sources[column] = sources
+            entry = _tables.get(column.table)
+            if entry is not None:
+                entry.resolved = None
+        indexes.append((prop.key, keys))
     if not indexes:
         return
+    compound = [(key, sources) for key, sources in indexes if len(sources) > 1]
+    if compound:
+        event.listen(
+            mapper, "before_update", lambda m, c, target: _complete_sources(target, compound)
+        )
+    event.listen(
+        mapper, "refresh", lambda target, context, attrs: _expire_index(target, attrs, indexes)
+    )
 
-    def fill(target: Any, on_update: bool) -> None:
-        state = sa.inspect(target)
-        for index_key, source_keys in indexes:
-            if on_update and not any(state.attrs[k].history.has_changes() for k in source_keys):
-                continue
-            if not on_update and state.attrs[index_key].history.has_changes():
-                continue  # set explicitly
-            values = tuple(getattr(target, k) for k in source_keys)
-            value: Any = None
-            if not all(v is None for v in values):
-                value = values[0] if len(values) == 1 else values
-            setattr(target, index_key, value)
 
-    event.listen(mapper, "before_insert", lambda m, c, t: fill(t, on_update=False))
-    event.listen(mapper, "before_update", lambda m, c, t: fill(t, on_update=True))
+def _complete_sources(target: Any, compound: Sequence[tuple[str, Sequence[str]]]) -> None:
+    """A unit-of-work UPDATE carries only the attributes that changed; where
+    some sources of a compound index changed, make it carry all of them, so
+    that the write hook can compute the index."""
+    attrs = sa.inspect(target).attrs
+    for index_key, keys in compound:
+        if attrs[index_key].history.has_changes():
+            continue
+        changed = [attrs[k].history.has_changes() for k in keys]
+        if any(changed) and not all(changed):
+            for key, was_changed in zip(keys, changed, strict=True):
+                if not was_changed:
+                    getattr(target, key)  # loads it if expired or deferred
+                    flag_modified(target, key)
+
+
+def _expire_index(target: Any, attrs: Any, indexes: Sequence[tuple[str, Sequence[str]]]) -> None:
+    """An object's source attributes were refreshed without its index (the
+    ORM copies a bulk UPDATE's new values into the objects it holds, but not
+    the index the write hook added): expire the index, to be loaded afresh."""
+    if attrs is None:
+        return  # a full load
+    names = set(attrs)
+    stale = [key for key, sources in indexes if key not in names and not names.isdisjoint(sources)]
+    session = object_session(target)
+    if stale and session is not None:
+        session.expire(target, stale)
 
 
 def _index_and_sources(target: Any) -> tuple[sa.Column[Any], list[sa.Column[Any]]]:

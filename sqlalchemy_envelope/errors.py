@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy.exc import DontWrapMixin
 
 __all__ = [
+    "BlindIndexError",
     "ConfigurationError",
     "DecryptionError",
     "DestroyedKeyError",
@@ -49,6 +50,13 @@ class InvalidValueError(EnvelopeError, ValueError):
     """A Python value cannot be stored in an encrypted column: wrong type, too
     long for the column, or out of range. The message names the column and
     the type, never the value."""
+
+
+class BlindIndexError(EnvelopeError, ValueError):
+    """A write changes a blind index's source in a way the library cannot
+    follow (a SQL expression, or only some sources of a compound index), so
+    it was refused rather than leave the index out of step. The message names
+    the index and what to do."""
 
 
 class NoActiveKeyError(ConfigurationError):

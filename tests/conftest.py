@@ -257,6 +257,7 @@ MARIADB_MODULES = frozenset(
         "test_reencrypt_online",
         "test_census",
         "test_blind_index",
+        "test_blind_index_writes",
         "test_storm",
         "test_faults",
         "test_secrets",
