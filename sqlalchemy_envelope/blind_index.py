@@ -32,10 +32,12 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapper, mapped_column
+from sqlalchemy.sql import operators
 from sqlalchemy.types import TypeDecorator
 
 from . import binding
 from .errors import ConfigurationError, InvalidValueError
+from .expressions import EnvelopeColumnType, Kind, check_comparison, is_value
 from .primitives import hmac_sha256
 
 __all__ = ["NORMALIZERS", "BlindDigest", "BlindIndex", "blind_index", "blind_index_column"]
@@ -93,7 +95,7 @@ def _canonical(value: Any) -> bytes:
     return str(value).encode("utf-8")
 
 
-class BlindIndex(TypeDecorator[str]):
+class BlindIndex(EnvelopeColumnType, TypeDecorator[str]):
     """The type of a blind index column: it stores hex digests, and hashes
     any plaintext it is given (on write, and in comparisons)."""
 
@@ -138,6 +140,17 @@ class BlindIndex(TypeDecorator[str]):
         super()._set_parent(parent, outer=outer, **kw)
         if isinstance(parent, sa.Column):
             self._column = parent
+
+    @property
+    def envelope_kind(self) -> Kind:
+        return Kind.BLIND_INDEX
+
+    @property
+    def envelope_column(self) -> str:
+        table = getattr(self._column, "table", None)
+        if self._column is not None and table is not None:
+            return f"{table.name}.{self._column.name}"
+        return self.context or "a blind index"
 
     def label(self) -> bytes:
         """What this index's key is derived for: the purpose, the index column
@@ -188,6 +201,17 @@ class BlindIndex(TypeDecorator[str]):
 
         return process
 
+    def literal_processor(self, dialect: Dialect) -> Any:
+        """The digest, as a SQL literal, for statements compiled with ``literal_binds``."""
+        hash_value = self.bind_processor(dialect)
+        quote = self.impl_instance.literal_processor(dialect)
+        assert quote is not None  # every String type renders literals
+
+        def process(value: Any) -> str:
+            return str(quote(hash_value(value)))
+
+        return process
+
     def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
         def process(value: Any) -> Any:
             return None if value is None else BlindDigest(value)
@@ -195,15 +219,40 @@ class BlindIndex(TypeDecorator[str]):
         return process
 
     class Comparator(TypeDecorator.Comparator[str]):
-        """Adds ``matches(*values)``: equality with the digest of the values."""
+        """Adds ``matches(*values)``: equality with the digest of the values.
+        Refuses all but equality, as `EncryptedType.Comparator` does."""
 
         __slots__ = ()
+
+        def operate(self, op: Any, *other: Any, **kwargs: Any) -> Any:
+            operand = other[0] if other else None
+            if is_value(operand):
+                check_comparison(op, self.expr)
+            if (
+                op in _HASHED
+                and (is_value(operand) or isinstance(operand, sa.BindParameter))
+                and not isinstance(self.expr, sa.TypeCoerce)
+            ):
+                # The ORM evaluates an update's or delete's WHERE in Python
+                # (synchronize_session="evaluate"/"auto"), where it would compare
+                # a digest with a plaintext. It cannot evaluate a type coercion,
+                # which renders as the bare column: "auto" fetches the rows instead.
+                return op(sa.type_coerce(self.expr, self.type), *other, **kwargs)
+            return super().operate(op, *other, **kwargs)
+
+        def reverse_operate(self, op: Any, other: Any, **kwargs: Any) -> Any:
+            if is_value(other):
+                check_comparison(op, self.expr)
+            return super().reverse_operate(op, other, **kwargs)
 
         def matches(self, *values: Any) -> sa.ColumnElement[bool]:
             value = values[0] if len(values) == 1 else tuple(values)
             return self.expr == sa.bindparam(None, value, type_=self.expr.type)
 
     comparator_factory = Comparator
+
+
+_HASHED = frozenset({operators.eq, operators.ne, operators.in_op, operators.not_in_op})
 
 
 def _default_for(sources: Sequence[str]) -> Callable[[Any], Any]:
