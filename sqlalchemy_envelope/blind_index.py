@@ -37,7 +37,7 @@ from sqlalchemy.types import TypeDecorator
 
 from . import binding
 from .errors import ConfigurationError, InvalidValueError
-from .expressions import EnvelopeColumnType, Kind, check_comparison, is_value
+from .expressions import EnvelopeColumnType, Kind, check_written, is_value
 from .primitives import hmac_sha256
 
 __all__ = ["NORMALIZERS", "BlindDigest", "BlindIndex", "blind_index", "blind_index_column"]
@@ -225,9 +225,8 @@ class BlindIndex(EnvelopeColumnType, TypeDecorator[str]):
         __slots__ = ()
 
         def operate(self, op: Any, *other: Any, **kwargs: Any) -> Any:
+            check_written(op, self.expr, other)
             operand = other[0] if other else None
-            if is_value(operand):
-                check_comparison(op, self.expr)
             if (
                 op in _HASHED
                 and (is_value(operand) or isinstance(operand, sa.BindParameter))
@@ -241,8 +240,7 @@ class BlindIndex(EnvelopeColumnType, TypeDecorator[str]):
             return super().operate(op, *other, **kwargs)
 
         def reverse_operate(self, op: Any, other: Any, **kwargs: Any) -> Any:
-            if is_value(other):
-                check_comparison(op, self.expr)
+            check_written(op, self.expr, (other,))
             return super().reverse_operate(op, other, **kwargs)
 
         def matches(self, *values: Any) -> sa.ColumnElement[bool]:

@@ -2,21 +2,21 @@
 
 Randomized ciphertext equals nothing, deterministic ciphertext equals only the
 same value, and a blind index holds keyed digests of whole normalized values;
-none of them has an order or patterns. A comparison with a Python value is
-refused as it is written (the types' comparators): only the user's code makes
-one. A comparison with another SQL expression, and ORDER BY, are refused when
-the user's statement is compiled, once per statement (the compiled cache keeps
-the result): SQLAlchemy itself compares columns with ``==`` to find them in its
-lists and dicts, and never compiles those comparisons. Literal values are
+none of them has an order or patterns. The types' comparators refuse what
+cannot mean anything as it is written, except ``==`` and ``!=`` between two
+SQL expressions: SQLAlchemy itself compares columns that way to find them in
+its lists and dicts, without ever compiling the result. Those comparisons, and
+ORDER BY (which has no operator), are refused when a statement is compiled:
+once per statement, as the compiled cache keeps the result. Literal values are
 rendered as ciphertext or digests by the types; this module only keeps
-SQLAlchemy from wrapping a failure to render one in an error quoting the
+SQLAlchemy from wrapping a failure to render one in an error that quotes the
 plaintext.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from sqlalchemy import exc
@@ -29,7 +29,14 @@ from sqlalchemy.sql.selectable import CompoundSelect, Select
 
 from .errors import EncryptedComparisonError, EnvelopeError
 
-__all__ = ["EnvelopeColumnType", "Kind", "check_comparison", "envelope_type", "is_value"]
+__all__ = [
+    "EnvelopeColumnType",
+    "Kind",
+    "check_comparison",
+    "check_written",
+    "envelope_type",
+    "is_value",
+]
 
 
 class Kind(enum.Enum):
@@ -40,7 +47,7 @@ class Kind(enum.Enum):
     BLIND_INDEX = "blind index"
 
 
-COMPARISONS = frozenset(
+_COMPARISONS = frozenset(
     {
         operators.eq,
         operators.ne,
@@ -71,7 +78,7 @@ COMPARISONS = frozenset(
     }
 )
 
-EQUALITY = frozenset(
+_EQUALITY = frozenset(
     {
         operators.eq,
         operators.ne,
@@ -81,6 +88,8 @@ EQUALITY = frozenset(
         operators.is_not_distinct_from,
     }
 )
+
+_LOOKUPS = frozenset({operators.eq, operators.ne})
 
 _SYMBOLS = {
     operators.eq: "=",
@@ -149,28 +158,33 @@ def is_value(operand: Any) -> bool:
     )
 
 
+def check_written(op: Any, expr: Any, other: tuple[Any, ...]) -> None:
+    """What a comparator refuses as it is written: every comparison that
+    cannot mean anything, except ``==`` and ``!=`` between two SQL
+    expressions, which SQLAlchemy itself uses to find columns in its lists
+    and dicts; those are refused when compiled."""
+    operand = other[0] if other else None
+    if operand is None or (op in _LOOKUPS and not is_value(operand)):
+        return
+    check_comparison(op, expr)
+
+
 def check_comparison(op: Any, *operands: Any) -> None:
-    """Refuse ``left <op> right`` unless it can mean something for the kind
-    of values each operand holds."""
-    if op not in COMPARISONS:
+    """Refuse comparing ``operands`` with ``op`` unless it can mean something
+    for the kind of values each of them holds."""
+    if op not in _COMPARISONS:
         return
     for operand in operands:
         type_ = envelope_type(operand)
         if type_ is None:
             continue
         kind = type_.envelope_kind
-        if kind is Kind.RANDOMIZED or op not in EQUALITY:
+        if kind is Kind.RANDOMIZED or op not in _EQUALITY:
             what = _SYMBOLS.get(op) or op.__name__.removesuffix("_op").replace("_", " ").upper()
             raise EncryptedComparisonError(
                 f"{type_.envelope_column} cannot be compared with {what} in SQL: "
                 f"{_WHY[kind]}; IS NULL and IS NOT NULL work"
             )
-
-
-@compiles(elements.BinaryExpression)
-def _compile_binary(binary: Any, compiler: SQLCompiler, **kw: Any) -> str:
-    check_comparison(binary.operator, binary.left, binary.right)
-    return binary._original_compiler_dispatch(compiler, **kw)  # type: ignore[no-any-return]
 
 
 def _ordered_element(clause: Any, statement: Any) -> Any:
@@ -209,40 +223,72 @@ def _refuse_ordering(clauses: Iterable[Any], statement: Any = None) -> None:
             )
 
 
-@compiles(Select)
-@compiles(CompoundSelect)
-def _compile_statement(statement: Any, compiler: SQLCompiler, **kw: Any) -> str:
+Compile = Callable[..., str]
+
+
+def _original(element: Any, compiler: SQLCompiler, **kw: Any) -> str:
+    return element._original_compiler_dispatch(compiler, **kw)  # type: ignore[no-any-return]
+
+
+def _extend(class_: type[Any], extension: Callable[..., str]) -> None:
+    """Compile ``class_`` through ``extension(before, element, compiler, **kw)``,
+    where ``before`` is how it compiled until now: SQLAlchemy's own
+    compilation, or one another library registered."""
+    dispatcher = class_.__dict__.get("_compiler_dispatcher")
+    before: Compile = (
+        _original if dispatcher is None else dispatcher.specs.get("default", _original)
+    )
+
+    def compile_element(element: Any, compiler: SQLCompiler, **kw: Any) -> str:
+        return extension(before, element, compiler, **kw)
+
+    compiles(class_)(compile_element)
+
+
+def _checked(check: Callable[[Any], None]) -> Callable[..., str]:
+    def extension(before: Compile, element: Any, compiler: SQLCompiler, **kw: Any) -> str:
+        check(element)
+        return before(element, compiler, **kw)
+
+    return extension
+
+
+def _check_binary(binary: Any) -> None:
+    check_comparison(binary.operator, binary.left, binary.right)
+
+
+def _check_statement(statement: Any) -> None:
     _refuse_ordering(statement._order_by_clauses, statement)
-    return statement._original_compiler_dispatch(compiler, **kw)  # type: ignore[no-any-return]
+
+
+def _check_ordered(element: Any) -> None:
+    order_by = element.order_by
+    if order_by is not None:
+        _refuse_ordering(
+            order_by.clauses if isinstance(order_by, elements.ClauseList) else [order_by]
+        )
+
+
+def _unquoted_literal(before: Compile, element: Any, compiler: SQLCompiler, **kw: Any) -> str:
+    """SQLAlchemy reports a literal value that failed to render with the
+    value's repr; for an encrypted column that is the plaintext. The error
+    from the type's literal processor is raised instead, without the wrapper."""
+    try:
+        return before(element, compiler, **kw)
+    except exc.CompileError as error:
+        cause = error.__cause__
+        if cause is None or not (isinstance(cause, EnvelopeError) or envelope_type(element)):
+            raise
+    raise cause
 
 
 _WITH_ORDER_BY: list[type[Any]] = [elements.Over, elements.WithinGroup, aggregate_order_by]
 if hasattr(elements, "AggregateOrderBy"):  # SQLAlchemy 2.1
     _WITH_ORDER_BY.append(elements.AggregateOrderBy)
 
-
-def _compile_ordered(element: Any, compiler: SQLCompiler, **kw: Any) -> str:
-    order_by = element.order_by
-    if order_by is not None:
-        _refuse_ordering(
-            order_by.clauses if isinstance(order_by, elements.ClauseList) else [order_by]
-        )
-    return element._original_compiler_dispatch(compiler, **kw)  # type: ignore[no-any-return]
-
-
+_extend(elements.BinaryExpression, _checked(_check_binary))
+_extend(Select, _checked(_check_statement))
+_extend(CompoundSelect, _checked(_check_statement))
 for _class in _WITH_ORDER_BY:
-    compiles(_class)(_compile_ordered)
-
-
-@compiles(elements.BindParameter)
-def _compile_bindparam(element: Any, compiler: SQLCompiler, **kw: Any) -> str:
-    """SQLAlchemy reports a literal value that failed to render with the
-    value's repr; for an encrypted column that is the plaintext. The error
-    from the type's literal processor is raised instead, without the wrapper."""
-    try:
-        return element._original_compiler_dispatch(compiler, **kw)  # type: ignore[no-any-return]
-    except exc.CompileError as error:
-        cause = error.__cause__
-        if cause is None or not (isinstance(cause, EnvelopeError) or envelope_type(element)):
-            raise
-    raise cause
+    _extend(_class, _checked(_check_ordered))
+_extend(elements.BindParameter, _unquoted_literal)

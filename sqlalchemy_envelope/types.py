@@ -32,7 +32,7 @@ from .errors import (
     InvalidValueError,
     NotCiphertextError,
 )
-from .expressions import EnvelopeColumnType, Kind, check_comparison, is_value
+from .expressions import EnvelopeColumnType, Kind, check_written
 from .storage import MYSQL_DIALECTS
 
 __all__ = ["EncryptedType"]
@@ -93,21 +93,18 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
     cache_ok = True
 
     class Comparator(TypeDecorator.Comparator[Any]):
-        """Refuses comparisons with values that could never mean anything on
-        ciphertext as they are written: all of them on randomized columns,
-        all but equality on deterministic ones. Comparisons with other SQL
-        expressions are checked when compiled (see expressions.py)."""
+        """Refuses comparisons that could never mean anything on ciphertext:
+        all of them on randomized columns, all but equality on deterministic
+        ones (``IS NULL`` works on both). See expressions.py for when."""
 
         __slots__ = ()
 
         def operate(self, op: Any, *other: Any, **kwargs: Any) -> Any:
-            if other and is_value(other[0]):
-                check_comparison(op, self.expr)
+            check_written(op, self.expr, other)
             return super().operate(op, *other, **kwargs)
 
         def reverse_operate(self, op: Any, other: Any, **kwargs: Any) -> Any:
-            if is_value(other):
-                check_comparison(op, self.expr)
+            check_written(op, self.expr, (other,))
             return super().reverse_operate(op, other, **kwargs)
 
     comparator_factory = Comparator

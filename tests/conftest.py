@@ -260,6 +260,7 @@ MARIADB_MODULES = frozenset(
         "test_faults",
         "test_secrets",
         "test_sqlalchemy_forms",
+        "test_expressions",
     }
 )
 

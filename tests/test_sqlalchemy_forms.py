@@ -18,11 +18,13 @@ from sqlalchemy.orm import (
     Mapped,
     Session,
     aliased,
+    contains_eager,
     joinedload,
     mapped_column,
     relationship,
     selectinload,
     subqueryload,
+    with_parent,
 )
 
 from sqlalchemy_envelope import EncryptedType, KeyRegistry, blind_index
@@ -430,6 +432,28 @@ def test_orm_loading_and_session_operations(people: sa.Engine) -> None:
                     (BOB[2], ["5222-2222"], ["5222-2222"]),
                     (CY[2], [], []),
                 ], (option, run)
+
+        with Session(people) as session:
+            eager = (
+                sa.select(Person)
+                .join(Person.cards)
+                .options(contains_eager(Person.cards))
+                .where(Card.holder_ssn == ANN[3])
+            )
+            found = session.scalars(eager).unique().all()
+            assert [(p.id, [c.number for c in p.cards]) for p in found] == [(1, ["4111-1111"])]
+            union = sa.union_all(
+                sa.select(Person).where(Person.ssn == ANN[3]),
+                sa.select(Person).where(Person.email_index.matches(CY[2])),
+            )
+            from_union = session.scalars(sa.select(Person).from_statement(union)).all()
+            assert sorted(_plain(p) for p in from_union) == [ANN, CY]
+            has = sa.select(Card.id).where(Card.person.has(Person.ssn == BOB[3]))
+            assert session.scalars(has).all() == [11]
+            parent = sa.select(Card.number).where(with_parent(found[0], Person.cards_by_ssn))
+            assert sorted(session.scalars(parent)) == ["4111-1111", "6333-3333"]
+            legacy = session.query(Person).filter_by(ssn=BOB[3]).one()
+            assert legacy.email == BOB[2]
 
         with Session(people) as session:
             # joinedload with LIMIT wraps the query in a subquery and adapts the WHERE.
