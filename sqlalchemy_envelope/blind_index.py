@@ -39,6 +39,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.orm import Mapper, configure_mappers, mapped_column, object_session
 from sqlalchemy.orm.attributes import flag_modified
+from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import Null
 from sqlalchemy.sql.selectable import Alias
 from sqlalchemy.types import TypeDecorator
@@ -46,6 +47,7 @@ from sqlalchemy.util import immutabledict
 
 from . import binding
 from .errors import BlindIndexError, ConfigurationError, InvalidValueError
+from .expressions import EnvelopeColumnType, Kind, check_written, is_value
 from .primitives import hmac_sha256
 
 __all__ = ["NORMALIZERS", "BlindDigest", "BlindIndex", "blind_index", "blind_index_column"]
@@ -129,7 +131,7 @@ def _canonical(value: Any) -> bytes:
     return str(value).encode("utf-8")
 
 
-class BlindIndex(TypeDecorator[str]):
+class BlindIndex(EnvelopeColumnType, TypeDecorator[str]):
     """The type of a blind index column: it stores hex digests, and hashes
     any plaintext it is given (on write, and in comparisons)."""
 
@@ -175,6 +177,17 @@ class BlindIndex(TypeDecorator[str]):
         if isinstance(parent, sa.Column):
             self._column = parent
             event.listen(parent, "after_parent_attach", _register)
+
+    @property
+    def envelope_kind(self) -> Kind:
+        return Kind.BLIND_INDEX
+
+    @property
+    def envelope_column(self) -> str:
+        table = getattr(self._column, "table", None)
+        if self._column is not None and table is not None:
+            return f"{table.name}.{self._column.name}"
+        return self.context or "a blind index"
 
     def label(self) -> bytes:
         """What this index's key is derived for: the purpose, the index column
@@ -230,6 +243,17 @@ class BlindIndex(TypeDecorator[str]):
 
         return process
 
+    def literal_processor(self, dialect: Dialect) -> Any:
+        """The digest, as a SQL literal, for statements compiled with ``literal_binds``."""
+        hash_value = self.bind_processor(dialect)
+        quote = self.impl_instance.literal_processor(dialect)
+        assert quote is not None  # every String type renders literals
+
+        def process(value: Any) -> str:
+            return str(quote(hash_value(value)))
+
+        return process
+
     def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
         def process(value: Any) -> Any:
             return None if value is None else BlindDigest(value)
@@ -237,15 +261,38 @@ class BlindIndex(TypeDecorator[str]):
         return process
 
     class Comparator(TypeDecorator.Comparator[str]):
-        """Adds ``matches(*values)``: equality with the digest of the values."""
+        """Adds ``matches(*values)``: equality with the digest of the values.
+        Refuses all but equality, as `EncryptedType.Comparator` does."""
 
         __slots__ = ()
+
+        def operate(self, op: Any, *other: Any, **kwargs: Any) -> Any:
+            check_written(op, self.expr, other)
+            operand = other[0] if other else None
+            if (
+                op in _HASHED
+                and (is_value(operand) or isinstance(operand, sa.BindParameter))
+                and not isinstance(self.expr, sa.TypeCoerce)
+            ):
+                # The ORM evaluates an update's or delete's WHERE in Python
+                # (synchronize_session="evaluate"/"auto"), where it would compare
+                # a digest with a plaintext. It cannot evaluate a type coercion,
+                # which renders as the bare column: "auto" fetches the rows instead.
+                return op(sa.type_coerce(self.expr, self.type), *other, **kwargs)
+            return super().operate(op, *other, **kwargs)
+
+        def reverse_operate(self, op: Any, other: Any, **kwargs: Any) -> Any:
+            check_written(op, self.expr, (other,))
+            return super().reverse_operate(op, other, **kwargs)
 
         def matches(self, *values: Any) -> sa.ColumnElement[bool]:
             value = values[0] if len(values) == 1 else tuple(values)
             return self.expr == sa.bindparam(None, value, type_=self.expr.type)
 
     comparator_factory = Comparator
+
+
+_HASHED = frozenset({operators.eq, operators.ne, operators.in_op, operators.not_in_op})
 
 
 def blind_index(

@@ -173,8 +173,9 @@ class NotCiphertextError(DecryptionError):
 
 
 class EncryptedComparisonError(EnvelopeError, TypeError):
-    """An encrypted column was compared in SQL; its ciphertext is randomized,
-    so such a comparison could never match."""
+    """An encrypted column or blind index was compared or sorted in SQL in a
+    way that cannot mean anything: any comparison of randomized ciphertext,
+    or an ordering or pattern on deterministic ciphertext or digests."""
 
 
 class ValuesLeftBehindError(EnvelopeError):

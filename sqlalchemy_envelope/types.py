@@ -20,7 +20,6 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
-from sqlalchemy.sql import operators
 from sqlalchemy.sql.type_api import to_instance
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
@@ -30,10 +29,10 @@ from .codec import codec_for
 from .errors import (
     ConfigurationError,
     DestroyedKeyError,
-    EncryptedComparisonError,
     InvalidValueError,
     NotCiphertextError,
 )
+from .expressions import EnvelopeColumnType, Kind, check_written
 from .storage import MYSQL_DIALECTS
 
 __all__ = ["EncryptedType"]
@@ -50,37 +49,6 @@ class _Raise:
 RAISE: Any = _Raise()
 """The default of ``if_destroyed``: reading a crypto-shredded value raises
 `DestroyedKeyError`. Pass any other value to read that instead."""
-
-_COMPARISONS = frozenset(
-    {
-        operators.eq,
-        operators.ne,
-        operators.lt,
-        operators.le,
-        operators.gt,
-        operators.ge,
-        operators.in_op,
-        operators.not_in_op,
-        operators.between_op,
-        operators.not_between_op,
-        operators.like_op,
-        operators.not_like_op,
-        operators.ilike_op,
-        operators.not_ilike_op,
-        operators.contains_op,
-        operators.not_contains_op,
-        operators.startswith_op,
-        operators.not_startswith_op,
-        operators.endswith_op,
-        operators.not_endswith_op,
-        operators.is_distinct_from,
-        operators.is_not_distinct_from,
-        operators.match_op,
-        operators.not_match_op,
-        operators.regexp_match_op,
-        operators.not_regexp_match_op,
-    }
-)
 
 
 class _ColumnBinding:
@@ -105,8 +73,14 @@ class _ColumnBinding:
             )
         return f"{table.name}.{self.column.name}".encode()
 
+    def name(self) -> str:
+        table = getattr(self.column, "table", None)
+        if self.column is not None and table is not None:
+            return f"{table.name}.{self.column.name}"
+        return self.explicit or "an encrypted value"
 
-class EncryptedType(TypeDecorator[Any]):
+
+class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
     """Encrypts values of ``value_type`` (String, Integer, Date, JSON, an Enum
     ...) with AES-256-GCM under the registry's active data key.
 
@@ -119,17 +93,18 @@ class EncryptedType(TypeDecorator[Any]):
     cache_ok = True
 
     class Comparator(TypeDecorator.Comparator[Any]):
-        """Refuses SQL comparisons, which could never match randomized
-        ciphertext; ``IS NULL`` and ``IS NOT NULL`` still work."""
+        """Refuses comparisons that could never mean anything on ciphertext:
+        all of them on randomized columns, all but equality on deterministic
+        ones (``IS NULL`` works on both). See expressions.py for when."""
 
         __slots__ = ()
 
         def operate(self, op: Any, *other: Any, **kwargs: Any) -> Any:
-            _check_comparison(op, self.expr, other)
+            check_written(op, self.expr, other)
             return super().operate(op, *other, **kwargs)
 
         def reverse_operate(self, op: Any, other: Any, **kwargs: Any) -> Any:
-            _check_comparison(op, self.expr, (other,))
+            check_written(op, self.expr, (other,))
             return super().reverse_operate(op, other, **kwargs)
 
     comparator_factory = Comparator
@@ -193,6 +168,14 @@ class EncryptedType(TypeDecorator[Any]):
     @property
     def python_type(self) -> type[Any]:
         return self._codec.python_type
+
+    @property
+    def envelope_kind(self) -> Kind:
+        return Kind.DETERMINISTIC if self.deterministic else Kind.RANDOMIZED
+
+    @property
+    def envelope_column(self) -> str:
+        return self._binding.name()
 
     def __repr__(self) -> str:
         """Valid Python for a migration file that has ``import sqlalchemy as
@@ -344,6 +327,25 @@ class EncryptedType(TypeDecorator[Any]):
 
         return process_common
 
+    def literal_processor(self, dialect: Dialect) -> Any:
+        """The value encrypted exactly as when bound, as a SQL literal, for
+        statements compiled with ``literal_binds``."""
+        encrypt = self.bind_processor(dialect)
+        if self.storage == "text":
+            quote = self.impl_instance.literal_processor(dialect)
+            assert quote is not None  # every String type renders literals
+
+            def render_text(value: Any) -> str:
+                return str(quote(encrypt(value)))
+
+            return render_text
+        hex_literal = "decode('{}', 'hex')" if dialect.name == "postgresql" else "X'{}'"
+
+        def render_binary(value: Any) -> str:
+            return hex_literal.format(encrypt(value).hex())
+
+        return render_binary
+
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
         processed = self.bind_processor(dialect)(value)
         return processed
@@ -387,34 +389,4 @@ def _undecodable(value_type: TypeEngine[Any]) -> InvalidValueError:
     return InvalidValueError(
         f"a value decrypted but does not read as {type(value_type).__name__}: was the "
         "column's type changed without migrating its data?"
-    )
-
-
-_EQUALITY = frozenset(
-    {
-        operators.eq,
-        operators.ne,
-        operators.in_op,
-        operators.not_in_op,
-        operators.is_distinct_from,
-        operators.is_not_distinct_from,
-    }
-)
-
-
-def _check_comparison(op: Any, expr: Any, other: tuple[Any, ...]) -> None:
-    if op not in _COMPARISONS or (other and other[0] is None):
-        return
-    if getattr(expr.type, "deterministic", False) and op in _EQUALITY:
-        return  # equal plaintexts give equal ciphertexts
-    if len(other) == 1 and isinstance(other[0], sa.ColumnElement) and hash(other[0]) == hash(expr):
-        # The column compared with itself (an annotated copy hashes as its
-        # original): SQLAlchemy does this when it looks columns up in dicts
-        # (cached result maps, ORM update bookkeeping). It is no lookup of a value.
-        return
-    raise EncryptedComparisonError(
-        "encrypted columns cannot be compared in SQL: each value is encrypted "
-        "with a fresh nonce, so no comparison could ever match. Use a blind index "
-        "or EncryptedType(..., deterministic=True) for equality lookups; IS NULL "
-        "and IS NOT NULL work"
     )

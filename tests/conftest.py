@@ -244,7 +244,7 @@ def _postgres_schema(base: str) -> Iterator[str]:
 
 
 # Test modules whose db_url tests also run on MariaDB: the core, the key
-# lifecycle, re-encryption and blind indexes.
+# lifecycle, re-encryption, blind indexes and SQLAlchemy's statement forms.
 MARIADB_MODULES = frozenset(
     {
         "test_types",
@@ -262,6 +262,8 @@ MARIADB_MODULES = frozenset(
         "test_faults",
         "test_secrets",
         "test_async_registry",
+        "test_sqlalchemy_forms",
+        "test_expressions",
     }
 )
 
