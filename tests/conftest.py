@@ -259,6 +259,7 @@ MARIADB_MODULES = frozenset(
         "test_storm",
         "test_faults",
         "test_secrets",
+        "test_alembic",
     }
 )
 
