@@ -491,3 +491,20 @@ def test_a_migration_adds_and_fills_a_blind_index(db_url: str, tmp_path: Path) -
     engine = sa.create_engine(db_url)
     assert "email_index" not in {c["name"] for c in sa.inspect(engine).get_columns("users")}
     engine.dispose()
+
+
+def test_alembics_default_rendering_names_our_types_by_the_package() -> None:
+    """Without our render_item (Alembic's render_python_code API), Alembic
+    names a type by its class's module: the package, which exports it."""
+    from alembic.autogenerate import render_python_code
+    from alembic.operations import ops
+
+    upgrade = ops.UpgradeOps(
+        [
+            ops.AddColumnOp("users", blind_index_column("email_index", "email", bits=64)),
+            ops.AddColumnOp("users", sa.Column("email", EncryptedType(sa.String(200)))),
+        ]
+    )
+    text = render_python_code(upgrade)
+    assert "sqlalchemy_envelope.BlindIndex('email', bits=64)" in text
+    assert "sqlalchemy_envelope.EncryptedType(sa.String(length=200))" in text
