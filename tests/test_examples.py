@@ -65,15 +65,18 @@ def test_fastapi_example(tmp_path: Path) -> None:
 @pytest.mark.parametrize("how", ["arguments", "environment"])
 def test_fastapi_example_serves_where_it_is_told(tmp_path: Path, how: str) -> None:
     """``python examples/fastapi_app.py --host H --port P`` (or HOST and PORT)
-    serves on that address."""
+    serves on that address; the arguments win over the variables."""
     host, port = ("127.0.0.2", _free_port()) if how == "arguments" else ("127.0.0.3", _free_port())
-    args = ["--host", host, "--port", str(port)] if how == "arguments" else []
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'api.db'}",
+        "HOST": host,
+        "PORT": str(port),
     }
-    if how == "environment":
-        env |= {"HOST": host, "PORT": str(port)}
+    args = []
+    if how == "arguments":
+        args = ["--host", host, "--port", str(port)]
+        env |= {"HOST": "127.0.0.4", "PORT": str(_free_port())}
     server = subprocess.Popen(
         [sys.executable, str(ROOT / "examples" / "fastapi_app.py"), *args],
         env=env,
