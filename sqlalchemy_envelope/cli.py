@@ -44,7 +44,7 @@ __all__ = ["main"]
 EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_LEFT_BEHIND, EXIT_UNREACHABLE = 1, 2, 3, 4, 5
 
 
-class Unreachable(Exception):
+class _Unreachable(Exception):
     """The database refused or failed the connection; the text names the
     driver's cause, without the URL's password."""
 
@@ -91,7 +91,7 @@ class Context:
         try:
             engine.connect().close()
         except sa.exc.DBAPIError as error:
-            raise Unreachable(_without(url.password, error.orig)) from None
+            raise _Unreachable(_without(url.password, error.orig)) from None
         return engine
 
     def emit(self, data: dict[str, Any], text: str) -> None:
@@ -160,7 +160,7 @@ def _run(action: Callable[[], int | None]) -> None:
     """Map library errors to exit codes, printing only their (secret-free) text."""
     try:
         code = action()
-    except Unreachable as error:
+    except _Unreachable as error:
         click.echo(f"error: cannot connect to the database: {error}", err=True)
         sys.exit(EXIT_UNREACHABLE)
     except (KeyStateError, KeyInUseError) as error:
