@@ -324,7 +324,7 @@ def test_a_projects_own_render_item_still_applies(db_url: str, tmp_path: Path) -
     assert "ok" in project.run("-c", USE_MODELS, project.url).stdout
 
 
-NOTES = """
+MEMOS = """
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy_envelope import EncryptedType
@@ -332,16 +332,16 @@ from sqlalchemy_envelope import EncryptedType
 class Base(DeclarativeBase):
     pass
 
-class Note(Base):
-    __tablename__ = "notes"
+class Memo(Base):
+    __tablename__ = "memos"
     id: Mapped[int] = mapped_column(primary_key=True)
     body: Mapped[str] = mapped_column(EncryptedType(sa.String(LENGTH), storage="text"))
 """
 
 
-def notes_table(length: int) -> sa.Table:
+def memos_table(length: int) -> sa.Table:
     return sa.Table(
-        "notes",
+        "memos",
         sa.MetaData(),
         sa.Column("id", sa.Integer, primary_key=True),
         sa.Column("body", EncryptedType(sa.String(length), storage="text")),
@@ -353,18 +353,18 @@ def test_widening_an_encrypted_column_runs_as_generated(db_url: str, tmp_path: P
     column: the migration that widens an encrypted column runs as generated."""
     project = Project(tmp_path, db_url)
     project.alembic("upgrade", "head")
-    project.use_models(NOTES.replace("LENGTH", "50"))
-    project.alembic("revision", "--autogenerate", "-m", "notes")
+    project.use_models(MEMOS.replace("LENGTH", "50"))
+    project.alembic("revision", "--autogenerate", "-m", "memos")
     project.alembic("upgrade", "head")
     engine = sa.create_engine(db_url)
     registry = KeyRegistry(engine, StaticRootKey(ROOT))
     registry.init()
     with engine.begin() as conn:
-        conn.execute(notes_table(50).insert(), {"id": 1, "body": "x" * 50})
+        conn.execute(memos_table(50).insert(), {"id": 1, "body": "x" * 50})
     registry.close()
     engine.dispose()
 
-    (tmp_path / "models.py").write_text(NOTES.replace("LENGTH", "100"))
+    (tmp_path / "models.py").write_text(MEMOS.replace("LENGTH", "100"))
     project.alembic("revision", "--autogenerate", "-m", "wider")
     text = project.generated("wider")
     assert "sqlalchemy_envelope.EncryptedType(sa.String(length=100), storage='text')" in text
@@ -373,12 +373,12 @@ def test_widening_an_encrypted_column_runs_as_generated(db_url: str, tmp_path: P
 
     engine = sa.create_engine(db_url)
     registry = KeyRegistry(engine, StaticRootKey(ROOT))
-    notes = notes_table(100)
+    memos = memos_table(100)
     with engine.begin() as conn:
-        conn.execute(notes.insert(), {"id": 2, "body": "y" * 100})
+        conn.execute(memos.insert(), {"id": 2, "body": "y" * 100})
     with engine.connect() as conn:
         for _ in range(2):
-            rows = conn.execute(sa.select(notes.c.body).order_by(notes.c.id)).scalars().all()
+            rows = conn.execute(sa.select(memos.c.body).order_by(memos.c.id)).scalars().all()
             assert rows == ["x" * 50, "y" * 100]
     registry.close()
     engine.dispose()
