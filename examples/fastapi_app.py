@@ -1,8 +1,9 @@
 """A FastAPI service with an encrypted model, on SQLAlchemy's asyncio extension.
 
-    pip install -e ".[fastapi]" && python examples/fastapi_app.py
+    pip install -e ".[fastapi]" && python examples/fastapi_app.py [--host H] [--port P]
 
-then open http://127.0.0.1:8000/docs. DATABASE_URL picks the database
+then open http://127.0.0.1:8000/docs (host and port also from HOST and PORT;
+the arguments win). DATABASE_URL picks the database
 (default: an aiosqlite file in the working directory; postgresql+asyncpg://
 URLs work too). The root key comes from the ENVELOPE_* variables; if none is
 set, the app makes a throwaway key for this run only, so the data it writes
@@ -134,7 +135,19 @@ def create_app(database_url: str | None = None) -> FastAPI:
     return app
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
     import uvicorn
 
-    uvicorn.run(create_app(), host="127.0.0.1", port=8000)
+    parser = argparse.ArgumentParser(description="The sqlalchemy-envelope FastAPI example.")
+    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"), help="[env: HOST]")
+    parser.add_argument(
+        "--port", type=int, default=int(os.environ.get("PORT", "8000")), help="[env: PORT]"
+    )
+    args = parser.parse_args(argv)
+    uvicorn.run(create_app(), host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()

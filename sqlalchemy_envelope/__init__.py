@@ -94,7 +94,9 @@ __all__ = [
     "set_session_scope",
 ]
 
-# Rendered by Alembic as sqlalchemy_envelope.EncryptedType(...).
+# Named by the package, which exports them (sqlalchemy_envelope.blind_index is
+# the function): how repr() and Alembic's default type rendering name them.
 EncryptedType.__module__ = __name__
+BlindIndex.__module__ = __name__
 
 __version__ = "0.1.0"

@@ -10,38 +10,43 @@ It registers, through Alembic's own extension points:
       op.drop_data_keys_table()
       op.encrypt_column("users", "email")  # populated plaintext -> ciphertext, in batches
       op.decrypt_column("users", "email")  # and back, for downgrade()
+      op.backfill_index(users.c.email_index)  # fill a new blind index column
 
-* autogenerate support: migrations that use ``EncryptedType`` import
-  ``sqlalchemy_envelope`` and render the type with its arguments, and the
+* autogenerate support: ``EncryptedType`` and ``BlindIndex`` columns render
+  with their arguments and the migration imports ``sqlalchemy_envelope``
+  (a ``render_item`` chained after the project's own, if any), and the
   ``data_keys`` table, which is not in your models, is never proposed for
   dropping.
 
-The column operations find the root key in the ``ENVELOPE_*`` variables (or
+The data operations find the root key in the ``ENVELOPE_*`` variables (or
 use the registry already attached to the migration's engine) and do all their
 work on the migration's own connection and transaction.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
 
-import sqlalchemy as sa
-from alembic.autogenerate import comparators, renderers
+from alembic.autogenerate import comparators, render, renderers
 from alembic.autogenerate.api import AutogenContext
 from alembic.operations import MigrateOperation, Operations
 from alembic.operations.ops import UpgradeOps
 from alembic.util import DispatchPriority
 from sqlalchemy.engine import Connection
 
-from . import binding, census, columns
+from . import binding, census
+from .blind_index import BlindIndex
 from .errors import ConfigurationError, ValuesLeftBehindError
 from .migrate import MigrationReport
 from .registry import KeyRegistry
 from .storage import DEFAULT_TABLE_NAME, data_keys_schema
+from .types import EncryptedType
 
 __all__ = [
     "PROTECTED_TABLES",
+    "BackfillIndexOp",
     "CreateDataKeysTableOp",
     "DecryptColumnOp",
     "DropDataKeysTableOp",
@@ -160,6 +165,27 @@ class DecryptColumnOp(_ColumnOp):
         return EncryptColumnOp(self.table_name, self.column_name, **self._args())
 
 
+@Operations.register_operation("backfill_index")
+class BackfillIndexOp(MigrateOperation):
+    """Fill a blind index column wherever it is NULL, e.g. right after
+    ``op.add_column`` added it. A migration has no models, so ``target`` is
+    the index column of an ``sa.Table`` the migration declares as the models
+    do: its primary key, the encrypted source columns and the index column
+    (``blind_index_column``), which carry the sources' types and contexts and
+    the index's normalizers."""
+
+    def __init__(self, target: Any, *, batch_size: int = 1000) -> None:
+        self.target = target
+        self.batch_size = batch_size
+
+    @classmethod
+    def backfill_index(
+        cls, operations: Operations, target: Any, *, batch_size: int = 1000
+    ) -> MigrationReport:
+        result: MigrationReport = operations.invoke(cls(target, batch_size=batch_size))
+        return result
+
+
 @Operations.implementation_for(CreateDataKeysTableOp)
 def _create_data_keys(operations: Operations, op: CreateDataKeysTableOp) -> None:
     operations.create_table(op.table_name, *data_keys_schema(op.table_name), schema=op.schema)
@@ -170,23 +196,33 @@ def _drop_data_keys(operations: Operations, op: DropDataKeysTableOp) -> None:
     operations.drop_table(op.table_name, schema=op.schema)
 
 
-def _registry_for(connection: Connection) -> KeyRegistry:
-    attached = binding.slot_for(connection.dialect).registry
-    if attached is not None:
-        return attached
-    return KeyRegistry.from_env(connection.engine, attach=False)
+@contextmanager
+def _migration_registry(operations: Operations, name: str) -> Iterator[KeyRegistry]:
+    """The registry serving the migration's engine, else one from the
+    ``ENVELOPE_*`` variables that serves it while the operation runs (so the
+    operation's typed columns read and write through it); either way pinned
+    to the migration's connection and transaction."""
+    if operations.migration_context.as_sql:
+        raise ConfigurationError(
+            f"{name} needs a database connection; it cannot run in offline (--sql) mode"
+        )
+    connection: Connection = operations.get_bind()
+    registry = binding.slot_for(connection.dialect).registry
+    own = registry is None
+    if registry is None:
+        registry = KeyRegistry.from_env(connection.engine)
+    try:
+        with registry.on_connection(connection):
+            registry.init()
+            yield registry
+    finally:
+        if own:
+            registry.close()
 
 
 def _run_column_op(operations: Operations, op: _ColumnOp, *, decrypt: bool) -> MigrationReport:
-    if operations.migration_context.as_sql:
-        raise ConfigurationError(
-            "encrypt_column and decrypt_column need a database connection; they cannot "
-            "run in offline (--sql) mode"
-        )
     connection = operations.get_bind()
-    registry = _registry_for(connection)
-    with registry.on_connection(connection):
-        registry.init()
+    with _migration_registry(operations, "encrypt_column and decrypt_column") as registry:
         name = ".".join(p for p in (op.schema, op.table_name, op.column_name) if p)
         (ref,) = census.resolve(connection, [name])
         if op.context is not None:
@@ -228,6 +264,12 @@ def _decrypt_column(operations: Operations, op: DecryptColumnOp) -> MigrationRep
     return _run_column_op(operations, op, decrypt=True)
 
 
+@Operations.implementation_for(BackfillIndexOp)
+def _backfill_index(operations: Operations, op: BackfillIndexOp) -> MigrationReport:
+    with _migration_registry(operations, "backfill_index") as registry:
+        return registry.backfill_index(op.target, batch_size=op.batch_size)
+
+
 def _render_table_op(name: str, op: CreateDataKeysTableOp | DropDataKeysTableOp) -> str:
     args = [] if op.table_name == DEFAULT_TABLE_NAME else [repr(op.table_name)]
     if op.schema is not None:
@@ -263,22 +305,39 @@ def _render_decrypt(autogen_context: AutogenContext, op: DecryptColumnOp) -> str
     return _render_column_op("decrypt_column", op)
 
 
-def _uses_encryption(metadata: sa.MetaData | Sequence[sa.MetaData] | None) -> bool:
-    if metadata is None:
+def _render_type(kind: str, obj: Any, autogen_context: AutogenContext) -> str | Literal[False]:
+    """Our column types as the migration needs them: prefixed with the
+    package, whose import it adds, and EncryptedType's value type rendered by
+    Alembic itself (its prefixes, its dialect imports)."""
+    if kind != "type" or not isinstance(obj, EncryptedType | BlindIndex):
         return False
-    for md in [metadata] if isinstance(metadata, sa.MetaData) else metadata:
-        for table in md.tables.values():
-            if any(columns.info_of(c) is not None for c in table.columns):
-                return True
-    return False
+    autogen_context.imports.add("import sqlalchemy_envelope")
+    if isinstance(obj, EncryptedType):
+        return "sqlalchemy_envelope." + obj.render(
+            lambda value_type: render._repr_type(value_type, autogen_context)
+        )
+    return f"sqlalchemy_envelope.{obj!r}"
+
+
+def _render_with_ours(autogen_context: AutogenContext) -> None:
+    """Chain `_render_type` after the project's own ``render_item``. Alembic
+    renders the migration after comparing, with this same context, and
+    resets its ``imports`` in between: only what rendering adds reaches the
+    file."""
+    own = autogen_context.opts.get("render_item")
+
+    def render_item(kind: str, obj: Any, context: AutogenContext) -> str | Literal[False]:
+        rendered: str | Literal[False] = own(kind, obj, context) if own else False
+        return rendered if rendered is not False else _render_type(kind, obj, context)
+
+    autogen_context.opts = {**autogen_context.opts, "render_item": render_item}
 
 
 @comparators.dispatch_for("autogenerate", priority=DispatchPriority.LAST)
 def _after_autogenerate(autogen_context: AutogenContext, upgrade_ops: UpgradeOps) -> None:
     """Runs after Alembic's own comparisons: keep data_keys out of the diff,
-    and import what rendered EncryptedType columns need."""
+    and render our column types."""
     upgrade_ops.ops = [
         op for op in upgrade_ops.ops if getattr(op, "table_name", None) not in PROTECTED_TABLES
     ]
-    if _uses_encryption(autogen_context.metadata) and autogen_context.imports is not None:
-        autogen_context.imports.add("import sqlalchemy_envelope")
+    _render_with_ours(autogen_context)

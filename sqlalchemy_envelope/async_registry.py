@@ -48,6 +48,7 @@ class AsyncKeyRegistry:
             )
         self.engine = engine
         self.sync_registry = KeyRegistry(sync_engine, root_key, **options)
+        self.sync_registry._public_name = type(self).__name__
         self._root_ready = False
 
     @classmethod

@@ -48,7 +48,8 @@ class AWSKMSRootKey:
     name (``alias/app``) or an alias ARN; anything but a key ARN is resolved
     once with ``DescribeKey``. ``region`` and ``endpoint_url`` default to
     boto3's own configuration (``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL_KMS``);
-    pass ``client`` to use a boto3 KMS client of your own.
+    pass ``client`` to use a boto3 KMS client of your own. ``max_attempts``
+    counts every request of a call, the first included.
     """
 
     def __init__(
@@ -183,7 +184,8 @@ def _new_client(
     config = Config(
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
-        retries={"max_attempts": max_attempts, "mode": "standard"},
+        # botocore's "max_attempts" counts retries after the first attempt.
+        retries={"total_max_attempts": max_attempts, "mode": "standard"},
     )
     try:
         session = boto3.session.Session()  # not boto3's shared default: its settings are cached

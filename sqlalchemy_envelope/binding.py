@@ -121,9 +121,10 @@ class EngineSlot:
     """The registries serving one engine: its own, and any that sessions on it
     brought along."""
 
-    __slots__ = ("__weakref__", "readers", "registry", "sole")
+    __slots__ = ("__weakref__", "is_async", "readers", "registry", "sole")
 
-    def __init__(self) -> None:
+    def __init__(self, is_async: bool = False) -> None:
+        self.is_async = is_async  # an AsyncEngine's: its errors name AsyncKeyRegistry
         self.registry: KeyRegistry | None = None
         self.readers: tuple[KeyRegistry, ...] = ()
         # The engine's registry when it is the only one reading: the common
@@ -141,7 +142,7 @@ class EngineSlot:
             return chosen
         registry = self.registry
         if registry is None:
-            raise _no_registry()
+            raise _no_registry(self.is_async)
         return registry
 
     def decrypt(self, ciphertext: bytes, context: bytes) -> bytes:
@@ -153,7 +154,7 @@ class EngineSlot:
     def _decrypt_with_any(self, ciphertext: bytes, context: bytes) -> bytes:
         readers = self.readers
         if not readers:
-            raise _no_registry()
+            raise _no_registry(self.is_async)
         for registry in readers[:-1]:
             try:
                 return registry.decrypt_bytes(ciphertext, context)
@@ -164,13 +165,13 @@ class EngineSlot:
     def decrypt_scoped(self, ciphertext: bytes, context: bytes) -> bytes:
         registry = self.registry or (self.readers[0] if self.readers else None)
         if registry is None:
-            raise _no_registry()
+            raise _no_registry(self.is_async)
         return registry.decrypt_scoped(ciphertext, context, current_scope())
 
     def decrypt_deterministic(self, ciphertext: bytes, context: bytes) -> bytes:
         registry = self.registry or (self.readers[0] if self.readers else None)
         if registry is None:
-            raise _no_registry()
+            raise _no_registry(self.is_async)
         return registry.decrypt_deterministic(ciphertext, context)
 
     def add_reader(self, registry: KeyRegistry) -> None:
@@ -179,10 +180,11 @@ class EngineSlot:
             self._update()
 
 
-def _no_registry() -> ConfigurationError:
+def _no_registry(is_async: bool) -> ConfigurationError:
+    name = "AsyncKeyRegistry" if is_async else "KeyRegistry"
     return ConfigurationError(
-        "no KeyRegistry serves this engine: create one with KeyRegistry(engine, "
-        "root_key=...) (or KeyRegistry.from_env(engine)) before using encrypted columns"
+        f"no {name} serves this engine: create one with {name}(engine, "
+        f"root_key=...) (or {name}.from_env(engine)) before using encrypted columns"
     )
 
 
@@ -190,7 +192,7 @@ def slot_for(dialect: Dialect) -> EngineSlot:
     slot = _slots.get(dialect)
     if slot is None:
         with _lock:
-            slot = _slots.setdefault(dialect, EngineSlot())
+            slot = _slots.setdefault(dialect, EngineSlot(bool(dialect.is_async)))
     return slot
 
 

@@ -161,8 +161,12 @@ class BlindIndex(EnvelopeColumnType, TypeDecorator[str]):
         self._column: sa.Column[Any] | None = None
 
     def __repr__(self) -> str:
+        """The constructor call, for Alembic's autogenerate. A normalizer
+        given as a function has no source form; the column's DDL does not
+        depend on it."""
         args = [repr(s) for s in self.sources]
-        if isinstance(self.normalize, str):
+        named = [self.normalize] if isinstance(self.normalize, str) else self.normalize
+        if isinstance(named, Sequence) and named and all(isinstance(n, str) for n in named):
             args.append(f"normalize={self.normalize!r}")
         if self.bits != 256:
             args.append(f"bits={self.bits}")

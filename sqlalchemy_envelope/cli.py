@@ -3,12 +3,15 @@
 The database URL comes from ``--url`` or ``DATABASE_URL``; the root key from
 the ``ENVELOPE_*`` variables (``ENVELOPE_NEW_*`` for ``rewrap``). It works by
 reflection, so no models are needed. Output is for people by default and JSON
-with ``--json``; nothing secret is ever printed.
+with ``--json``; nothing secret is ever printed. The options ``--url``,
+``--scope``, ``--table``, ``--cache-max-age`` and ``--json`` go before or after
+the command; after it, they win.
 
 Exit codes: 0 done; 1 the library refused (wrong root key, a value that does
 not decrypt...); 2 bad usage or configuration; 3 refused by a safety guard
 (an illegal key transition, a key still in use); 4 a re-encrypt or decrypt
-that finished with values left behind (the report names their rows and why).
+that finished with values left behind (the report names their rows and why);
+5 the database could not be reached.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 try:
     import click
@@ -38,7 +42,12 @@ from .status import KeyInfo, RegistryStatus
 
 __all__ = ["main"]
 
-EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_LEFT_BEHIND = 1, 2, 3, 4
+EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_LEFT_BEHIND, EXIT_UNREACHABLE = 1, 2, 3, 4, 5
+
+
+class _Unreachable(Exception):
+    """The database refused or failed the connection; the text names the
+    driver's cause, without the URL's password."""
 
 
 class Context:
@@ -50,27 +59,111 @@ class Context:
         self.table = table
         self.cache_max_age = cache_max_age
         self.as_json = as_json
-        self.scope_filter = None if scope == DEFAULT_SCOPE else scope
+
+    @property
+    def scope_filter(self) -> str | None:
+        return None if self.scope == DEFAULT_SCOPE else self.scope
 
     def registry(self) -> KeyRegistry:
+        return KeyRegistry.from_env(
+            self._engine(),
+            scope=self.scope,
+            table_name=self.table,
+            cache_max_age=self.cache_max_age,
+        )
+
+    def _engine(self) -> sa.Engine:
+        """An engine on ``url`` that has connected once, so that an unreachable
+        database is reported as such before any work starts."""
         if not self.url:
             raise ConfigurationError("no database: pass --url or set DATABASE_URL")
-        engine = sa.create_engine(self.url)
-        return KeyRegistry.from_env(
-            engine, scope=self.scope, table_name=self.table, cache_max_age=self.cache_max_age
-        )
+        try:
+            url = sa.make_url(self.url)
+        except (sa.exc.ArgumentError, ValueError):
+            raise ConfigurationError(
+                "the database URL (--url or DATABASE_URL) is not a SQLAlchemy URL"
+            ) from None
+        try:
+            engine = sa.create_engine(url)
+        except (sa.exc.ArgumentError, ImportError) as error:
+            raise ConfigurationError(
+                f"cannot use the database URL: {_without(url.password, error)}"
+            ) from None
+        try:
+            engine.connect().close()
+        except sa.exc.DBAPIError as error:
+            raise _Unreachable(_without(url.password, error.orig)) from None
+        return engine
 
     def emit(self, data: dict[str, Any], text: str) -> None:
         click.echo(json.dumps(data, indent=2) if self.as_json else text)
 
 
-pass_context = click.make_pass_decorator(Context)
+def _without(password: str | None, error: BaseException | None) -> str:
+    """The first line of an error's text, any form of the password masked."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    if password:
+        for form in {password, quote(password, safe=""), quote_plus(password)}:
+            text = text.replace(form, "***")
+    return text
+
+
+# The group's options: (flag, attribute of Context, click settings, help).
+_OPTIONS: list[tuple[str, str, dict[str, Any], str]] = [
+    ("--url", "url", {}, "SQLAlchemy database URL [env: DATABASE_URL]"),
+    ("--scope", "scope", {}, "key scope"),
+    ("--table", "table", {}, "keys table"),
+    (
+        "--cache-max-age",
+        "cache_max_age",
+        {"type": float},
+        "seconds; the longest cache_max_age of your applications (destroy waits it out)",
+    ),
+    ("--json", "as_json", {"is_flag": True}, "machine-readable output"),
+]
+_GROUP_DEFAULTS: dict[str, dict[str, Any]] = {
+    "url": {"envvar": "DATABASE_URL"},
+    "scope": {"default": DEFAULT_SCOPE, "show_default": True},
+    "table": {"default": "data_keys", "show_default": True},
+    "cache_max_age": {"default": 60.0, "show_default": True},
+}
+
+
+def _group_options(group: Callable[..., Any]) -> Callable[..., Any]:
+    for flag, name, settings, help_text in reversed(_OPTIONS):
+        extra = _GROUP_DEFAULTS.get(name, {})
+        group = click.option(flag, name, help=help_text, **settings, **extra)(group)
+    return group
+
+
+def _override(name: str) -> Callable[[click.Context, click.Parameter, Any], None]:
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+        if value is not None and value is not False:
+            setattr(ctx.find_object(Context), name, value)
+
+    return callback
+
+
+def pass_context(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Pass the group's `Context` to a command, which also accepts the group's
+    options after its name, where users type them: given there, they win."""
+    command = click.make_pass_decorator(Context)(command)
+    for flag, name, settings, help_text in reversed(_OPTIONS):
+        option = click.option(
+            flag, name, help=help_text, expose_value=False, callback=_override(name), **settings
+        )
+        command = option(command)
+    return command
 
 
 def _run(action: Callable[[], int | None]) -> None:
     """Map library errors to exit codes, printing only their (secret-free) text."""
     try:
         code = action()
+    except _Unreachable as error:
+        click.echo(f"error: cannot connect to the database: {error}", err=True)
+        sys.exit(EXIT_UNREACHABLE)
     except (KeyStateError, KeyInUseError) as error:
         click.echo(f"refused: {error}", err=True)
         sys.exit(EXIT_REFUSED)
@@ -156,16 +249,7 @@ def _plaintext_rows(named: tuple[str, ...]) -> dict[str, list[Any]]:
 
 
 @click.group()
-@click.option("--url", envvar="DATABASE_URL", help="SQLAlchemy database URL [env: DATABASE_URL]")
-@click.option("--scope", default=DEFAULT_SCOPE, show_default=True, help="key scope")
-@click.option("--table", "table", default="data_keys", show_default=True, help="keys table")
-@click.option(
-    "--cache-max-age",
-    default=60.0,
-    show_default=True,
-    help="seconds; the longest cache_max_age of your applications (destroy waits it out)",
-)
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@_group_options
 @click.pass_context
 def main(
     ctx: click.Context,

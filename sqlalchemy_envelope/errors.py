@@ -65,7 +65,7 @@ class NoActiveKeyError(ConfigurationError):
     def __init__(self, scope: str) -> None:
         self.scope = scope
         super().__init__(
-            f"no active data key in scope {scope!r}: call KeyRegistry.init() "
+            f"no active data key in scope {scope!r}: call the registry's init() "
             "(or run `sqlalchemy-envelope init`) before encrypting"
         )
 

@@ -150,6 +150,7 @@ class KeyRegistry:
         self._lock = threading.RLock()
         self._fingerprint: str | None = None
         self._closed = False
+        self._public_name = "KeyRegistry"  # what errors tell the user to create
         self._pinned: ContextVar[Connection | None] = ContextVar("envelope_pinned", default=None)
         self._index_rows: dict[int, KeyRow] = {}  # index key version -> its row
         self._index_ids: dict[int, int] = {}  # index key id -> version
@@ -1094,7 +1095,7 @@ class KeyRegistry:
         if self._key_call(lambda bind: sa.inspect(bind).has_table(self.table.name)):
             return None
         return ConfigurationError(
-            f"table {self.table.name!r} does not exist: call KeyRegistry.init() "
+            f"table {self.table.name!r} does not exist: call {self._public_name}.init() "
             "(or run `sqlalchemy-envelope init`, or the Alembic migration) first"
         )
 
@@ -1124,7 +1125,8 @@ class KeyRegistry:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ConfigurationError("this KeyRegistry was closed; create a new one")
+            name = self._public_name
+            raise ConfigurationError(f"this {name} was closed; create a new {name}")
 
     @staticmethod
     def _unusable(key: DataKey) -> EnvelopeError:

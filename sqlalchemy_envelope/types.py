@@ -15,6 +15,7 @@ keep reading old data after renaming a table or column.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -178,9 +179,13 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         return self._binding.name()
 
     def __repr__(self) -> str:
-        """Valid Python for a migration file that has ``import sqlalchemy as
-        sa`` and ``import sqlalchemy_envelope``: how Alembic renders the type."""
-        args = [_render(self.value_type)]
+        return self.render(_render)
+
+    def render(self, render_type: Callable[[TypeEngine[Any]], str]) -> str:
+        """This type as Python source, with ``value_type`` rendered by
+        ``render_type``: Alembic's autogenerate passes its own type renderer,
+        which applies the migration's prefixes and adds its imports."""
+        args = [render_type(self.value_type)]
         if self.context is not None:
             args.append(f"context={self.context!r}")
         if self.storage != "binary":

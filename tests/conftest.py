@@ -264,6 +264,7 @@ MARIADB_MODULES = frozenset(
         "test_async_registry",
         "test_sqlalchemy_forms",
         "test_expressions",
+        "test_alembic",
     }
 )
 

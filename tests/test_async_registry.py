@@ -396,3 +396,30 @@ def test_async_reencrypt_names_rows_left_behind_and_takes_them_as_plaintext(
         await registry.close()
 
     _run(db_url, body)
+
+
+def test_a_closed_registry_names_the_async_class(db_url: str, root_key: StaticRootKey) -> None:
+    """After close(), the errors tell an async user to create an
+    AsyncKeyRegistry, never a KeyRegistry (which refuses an AsyncEngine)."""
+
+    async def body(engine: AsyncEngine) -> None:
+        registry = AsyncKeyRegistry(engine, root_key)
+        with pytest.raises(ConfigurationError, match=r"call AsyncKeyRegistry\.init\(\)"):
+            await registry.status()  # no data_keys table yet
+        await registry.close()
+        registry = await _setup(engine, root_key)
+        await registry.close()
+        for _ in range(2):
+            with pytest.raises(ConfigurationError, match="create a new AsyncKeyRegistry") as info:
+                await registry.rotate()
+            assert "KeyRegistry(" not in str(info.value)
+        with pytest.raises(ConfigurationError, match="AsyncKeyRegistry was closed"):
+            registry.encrypt(b"x", "patients.name")
+        async with AsyncSession(engine) as session:
+            session.add(Patient(name="Ada"))
+            with pytest.raises(ConfigurationError) as info:
+                await session.commit()
+        assert "AsyncKeyRegistry(engine" in str(info.value)
+        assert " KeyRegistry(" not in str(info.value)
+
+    _run(db_url, body)

@@ -304,3 +304,41 @@ def test_kms_from_env_and_the_cli(kms: KMSServer, db_url: str) -> None:
     assert json.loads(cli("--json", "status", ENVELOPE_ROOT_KEY=static))["active_version"] == 1
     out = cli("status", ENVELOPE_AWS_KMS_KEY_ID=arn, code=1)
     assert "WrongRootKey" in out or "were wrapped by root key" in out
+
+
+def _sent(root_key: AWSKMSRootKey) -> list[str]:
+    """Every HTTP request the provider's real client sends, retries included."""
+    sent: list[str] = []
+
+    def record(request: Any, **_: Any) -> None:
+        sent.append(request.url)
+
+    root_key._client.meta.events.register("before-send.kms", record)
+    return sent
+
+
+@pytest.mark.parametrize("attempts", [1, 3])
+def test_max_attempts_counts_attempts(kms: KMSServer, attempts: int) -> None:
+    """``max_attempts=N`` makes N requests in all to a KMS that is down, the
+    first one included, then raises the documented error."""
+    root_key = AWSKMSRootKey(kms.create_key(), max_attempts=attempts)
+    sent = _sent(root_key)
+    context = {"key_id": "1", "scope": "default"}
+    wrapped = root_key.wrap(os.urandom(32), context)
+    assert len(sent) == 1  # reachable: one request, no retry
+
+    kms.stop()
+    sent.clear()
+    with pytest.raises(RootKeyUnavailableError, match="could not reach KMS"):
+        root_key.unwrap(wrapped, context)
+    assert len(sent) == attempts
+
+
+def test_three_attempts_by_default(kms: KMSServer) -> None:
+    """The README's "3 attempts": the default client makes three requests."""
+    root_key = AWSKMSRootKey(kms.create_key())
+    sent = _sent(root_key)
+    kms.stop()
+    with pytest.raises(RootKeyUnavailableError):
+        root_key.check()
+    assert len(sent) == 3

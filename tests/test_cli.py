@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -114,3 +115,90 @@ def test_cli_end_to_end(db_url: str, tmp_path: Path) -> None:
     everything = "\n".join(cli.outputs)
     for secret in (ROOT, NEW_ROOT, SECRET_VALUE):
         assert secret not in everything
+
+
+def test_global_options_after_the_command(db_url: str, tmp_path: Path) -> None:
+    """--url, --scope, --table, --cache-max-age and --json work before the
+    command and after it, where users type them; after it, they win."""
+    cli = Cli(db_url, tmp_path)  # which puts --cache-max-age 0.5 before the command
+    assert json.loads(cli("init", "--json"))["version"] == 1
+    acme = json.loads(cli("--scope", "other", "init", "--scope", "acme", "--json"))
+    assert acme["scope"] == "acme" and acme["version"] == 1
+    status = json.loads(cli("status", "--scope", "acme", "--cache-max-age", "7", "--json"))
+    assert status["scope"] == "acme" and status["cache_max_age_seconds"] == 7
+    assert json.loads(cli("--json", "status"))["cache_max_age_seconds"] == 0.5
+    assert "active version 1" in cli("status", "--scope", "acme")
+
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    cli("init", "--url", other, "--table", "other_keys")
+    assert (
+        json.loads(cli("rotate", "--table", "other_keys", "--json", "--url", other))["version"] == 2
+    )
+    engine = sa.create_engine(other)
+    assert sa.inspect(engine).get_table_names() == ["other_keys"]
+    engine.dispose()
+    assert json.loads(cli("status", "--json"))["active_version"] == 1  # DATABASE_URL's database
+
+
+def test_an_unreachable_database_is_one_line(tmp_path: Path) -> None:
+    """No traceback: one line naming the cause, never the password, and the
+    documented exit code."""
+    password = "s3cret-Pa55word"
+    with socket.socket() as closed:  # bound, never listening: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        urls = {
+            f"postgresql+psycopg://app:{password}@127.0.0.1:{port}/app": "Connection refused",
+            f"mysql+pymysql://app:{password}@127.0.0.1:{port}/app": "Connection refused",
+            f"postgresql+psycopg://app:{password}@no-such-host.invalid/app": "no-such-host.invalid",
+            f"sqlite:///{tmp_path / 'missing' / 'app.db'}": "unable to open database file",
+        }
+        for url, cause in urls.items():
+            forms = [
+                ("status",),
+                ("--json", "--url", url, "init"),
+                ("rotate", "--url", url, "--json"),
+            ]
+            for args in forms:
+                result = subprocess.run(
+                    [sys.executable, "-m", "sqlalchemy_envelope", *args],
+                    env={
+                        "PATH": os.environ.get("PATH", ""),
+                        "DATABASE_URL": url,
+                        "ENVELOPE_ROOT_KEY": ROOT,
+                    },
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+                assert result.returncode == 5, (url, result.stderr)
+                assert result.stdout == ""
+                (line,) = result.stderr.splitlines()
+                assert line.startswith("error: cannot connect to the database: ")
+                assert cause in line
+                assert password not in result.stderr
+
+
+def test_a_bad_database_url_is_one_line() -> None:
+    password = "s3cret-Pa55word"
+    for url, cause in {
+        f"postgresql+nosuchdriver://app:{password}@db/app": "Can't load plugin",
+        f"mysql+mysqldb://app:{password}@db/app": "No module named 'MySQLdb'",
+        f"postgresql://app:{password}@db:port/app": "is not a SQLAlchemy URL",
+        f"app:{password}@db": "is not a SQLAlchemy URL",
+    }.items():
+        result = subprocess.run(
+            [sys.executable, "-m", "sqlalchemy_envelope", "status"],
+            env={
+                "PATH": os.environ.get("PATH", ""),
+                "DATABASE_URL": url,
+                "ENVELOPE_ROOT_KEY": ROOT,
+            },
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 2, (url, result.stderr)
+        (line,) = result.stderr.splitlines()
+        assert line.startswith("configuration error: ") and cause in line
+        assert password not in result.stderr

@@ -1,10 +1,18 @@
-"""The README's first command: the quickstart runs as documented."""
+"""The examples run as the README says: the quickstart, and the FastAPI
+service both through a test client and as a real server."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
+
+import pytest
+from conftest import _free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,3 +60,40 @@ def test_fastapi_example(tmp_path: Path) -> None:
         assert client.get(f"/patients/{patient_id}").json()["name"] == "Ada Lovelace"
     stored = database.read_bytes()
     assert b"Ada Lovelace" not in stored and b"Example.com" not in stored.lower()
+
+
+@pytest.mark.parametrize("how", ["arguments", "environment"])
+def test_fastapi_example_serves_where_it_is_told(tmp_path: Path, how: str) -> None:
+    """``python examples/fastapi_app.py --host H --port P`` (or HOST and PORT)
+    serves on that address; the arguments win over the variables."""
+    host, port = ("127.0.0.2", _free_port()) if how == "arguments" else ("127.0.0.3", _free_port())
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'api.db'}",
+        "HOST": host,
+        "PORT": str(port),
+    }
+    args = []
+    if how == "arguments":
+        args = ["--host", host, "--port", str(port)]
+        env |= {"HOST": "127.0.0.4", "PORT": str(_free_port())}
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / "fastapi_app.py"), *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://{host}:{port}/keys", timeout=5) as response:
+                    keys = json.load(response)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "not serving"
+                time.sleep(0.1)
+        assert keys == {"active_version": 1, "keys": {"active": 1}}
+    finally:
+        server.terminate()
+        server.wait(30)
