@@ -244,7 +244,7 @@ def _postgres_schema(base: str) -> Iterator[str]:
 
 
 # Test modules whose db_url tests also run on MariaDB: the core, the key
-# lifecycle, re-encryption and blind indexes.
+# lifecycle, re-encryption, blind indexes and the codecs' storage sizes.
 MARIADB_MODULES = frozenset(
     {
         "test_types",
@@ -259,6 +259,7 @@ MARIADB_MODULES = frozenset(
         "test_storm",
         "test_faults",
         "test_secrets",
+        "test_codec",
     }
 )
 

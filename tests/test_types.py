@@ -46,7 +46,11 @@ CASES: dict[str, tuple[Any, list[Any]]] = {
     "float": (sa.Float(), [3.141592653589793, -0.0, 1e308]),
     "numeric": (
         sa.Numeric(38, 20),
-        [Decimal("12345678901234567.12345678901234567891"), Decimal("0.10"), Decimal("-1E-20")],
+        [
+            Decimal("12345678901234567.12345678901234567891"),
+            Decimal("0.10000000000000000000"),
+            Decimal("-1E-20"),
+        ],
     ),
     "boolean": (sa.Boolean(), [True, False]),
     "date": (sa.Date(), [dt.date(1999, 12, 31), dt.date(1, 1, 1)]),
