@@ -174,7 +174,9 @@ class BlindIndex(TypeDecorator[str]):
         table = getattr(self._column, "table", None)
         if self._column is not None and table is not None:
             return f"blind index {table.name}.{self._column.name}"
-        return f"blind index with context {self.context!r}"
+        if self.context is not None:
+            return f"blind index with context {self.context!r}"
+        return "a blind index not attached to a column"
 
     def digest(self, key: bytes, value: Any) -> str:
         parts = value if isinstance(value, tuple) else (value,)

@@ -416,7 +416,8 @@ def _label(value_type: TypeEngine[Any]) -> str:
     """The wrapped type for messages; an Enum by its class or name, not its
     (possibly many) values."""
     if isinstance(value_type, sa.Enum):
-        return f"Enum({getattr(value_type.enum_class, '__name__', value_type.name)})"
+        name = getattr(value_type.enum_class, "__name__", value_type.name)
+        return f"Enum({name})" if name else "Enum"
     return repr(value_type)
 
 

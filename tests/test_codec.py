@@ -252,6 +252,7 @@ def test_numeric_examples() -> None:
     ]:
         assert money.encode(given_value) == stored.encode()
     assert codec_for(sa.Numeric(10)).encode(Decimal("2.5")) == b"3"
+    assert codec_for(sa.Numeric(10, 2)).encode(Decimal(100) / 3) == b"33.33"
     unbounded = codec_for(sa.Numeric())
     assert unbounded.encode(Decimal("123.456789012345678901")) == b"123.456789012345678901"
     assert unbounded.encode(10**5000) == b"1" + b"0" * 5000  # past int's str() limit
