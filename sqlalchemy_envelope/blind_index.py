@@ -131,6 +131,21 @@ def _canonical(value: Any) -> bytes:
     return str(value).encode("utf-8")
 
 
+def _unhashable(where: str, error: Exception) -> InvalidValueError:
+    """The error for a value an index cannot hash, never quoting it (a
+    normalizer's or encoder's own message may)."""
+    if isinstance(error, InvalidValueError):
+        return InvalidValueError(f"{where}: {error}")
+    if isinstance(error, UnicodeEncodeError):
+        return InvalidValueError(
+            f"{where}: a value is not valid Unicode: it holds a lone surrogate, which "
+            "UTF-8 cannot encode"
+        )
+    return InvalidValueError(
+        f"{where}: normalizing or encoding a value raised {type(error).__name__}"
+    )
+
+
 class BlindIndex(EnvelopeColumnType, TypeDecorator[str]):
     """The type of a blind index column: it stores hex digests, and hashes
     any plaintext it is given (on write, and in comparisons)."""
@@ -208,18 +223,30 @@ class BlindIndex(EnvelopeColumnType, TypeDecorator[str]):
             where = f"{table.name}.{column.name}"
         return _LABEL + where.encode("utf-8") + b"\x00" + str(self.bits).encode()
 
+    def _where(self) -> str:
+        """The index for error messages: ``table.column``, else its context."""
+        table = getattr(self._column, "table", None)
+        if self._column is not None and table is not None:
+            return f"blind index {table.name}.{self._column.name}"
+        if self.context is not None:
+            return f"blind index with context {self.context!r}"
+        return "a blind index not attached to a column"
+
     def digest(self, key: bytes, value: Any) -> str:
         parts = value if isinstance(value, tuple) else (value,)
         if len(parts) != len(self.sources):
             raise InvalidValueError(
-                f"this blind index covers {len(self.sources)} columns; give one value for each"
+                f"{self._where()} covers {len(self.sources)} columns; give one value for each"
             )
         message = b""
         for part in parts:
-            if isinstance(part, str):
-                for normalizer in self._normalizers:
-                    part = normalizer(part)
-            data = _canonical(part)
+            try:
+                if isinstance(part, str):
+                    for normalizer in self._normalizers:
+                        part = normalizer(part)
+                data = _canonical(part)
+            except Exception as error:
+                raise _unhashable(self._where(), error) from None
             message += len(data).to_bytes(4, "big") + data
         mac = bytearray(hmac_sha256(key, message)[: self._bytes])
         spare = 8 * self._bytes - self.bits

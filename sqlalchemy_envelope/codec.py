@@ -3,6 +3,11 @@
 Each codec gives values back with their exact Python type: Decimal stays
 exact, tz-aware datetimes keep their offset, enums come back as members. No
 codec can execute code on decode (JSON, never pickle).
+
+A codec refuses what it cannot store with `InvalidValueError`, whose message
+gives the reason but never the value (the column type adds the column's
+name). ``max_bytes`` is the longest plaintext a codec produces for any value
+it accepts, so storage sized from it holds every value.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import struct
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Context, Decimal, InvalidOperation
 from typing import Any
 
 import sqlalchemy as sa
@@ -30,11 +35,29 @@ _INT64 = struct.Struct(">q")
 _FLOAT64 = struct.Struct(">d")
 _INTERVAL = struct.Struct(">iiI")
 
+# isoformat of the base classes: a subclass (pandas' Timestamp) may format
+# more digits than the codec reads back or the column is sized for.
+_DATETIME_ISO = dt.datetime.isoformat
+_DATE_ISO = dt.date.isoformat
+_TIME_ISO = dt.time.isoformat
+_ISO_DATE = 10  # YYYY-MM-DD: years are 1 to 9999
+_ISO_TIME = 15  # HH:MM:SS.ffffff
+_ISO_OFFSET = 16  # -HH:MM:SS.ffffff: an offset may have seconds and microseconds
+
+# The longest ISO text without a UTC offset in seconds: longer texts may end
+# with an offset under one second.
+_ISO_USUAL_DATETIME = _ISO_DATE + 1 + _ISO_TIME + 6
+_ISO_USUAL_TIME = _ISO_TIME + 6
+_ZERO_WHOLE_OFFSETS = frozenset({b"+00:00:00", b"-00:00:00"})
+
+_BAD_OFFSET = "the value's tzinfo gives no valid UTC offset"
+_SURROGATE = "value is not valid Unicode: it holds a lone surrogate, which UTF-8 cannot encode"
+
 
 @dataclass(frozen=True)
 class Codec:
-    """How one wrapped type is turned into bytes. ``max_bytes`` bounds the
-    plaintext size when it is known (used to size text storage)."""
+    """How one wrapped type is turned into bytes. ``max_bytes`` is the longest
+    plaintext ``encode`` returns, or None if unbounded (it sizes storage)."""
 
     encode: Encode
     decode: Decode
@@ -43,9 +66,7 @@ class Codec:
 
 
 def _wrong(value: Any, expected: str) -> InvalidValueError:
-    return InvalidValueError(
-        f"expected {expected} for this encrypted column, got {type(value).__name__}"
-    )
+    return InvalidValueError(f"expected {expected}, got {type(value).__name__}")
 
 
 def _string(value_type: sa.String) -> Codec:
@@ -59,7 +80,10 @@ def _string(value_type: sa.String) -> Codec:
                 f"value of {len(value)} characters is too long for "
                 f"{type(value_type).__name__}({length})"
             )
-        return value.encode("utf-8")
+        try:
+            return value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidValueError(_SURROGATE) from None
 
     # bytes.decode defaults to strict UTF-8, and as a builtin it costs no frame.
     return Codec(encode, bytes.decode, str, None if length is None else 4 * length)
@@ -107,7 +131,10 @@ def _float(as_decimal: bool) -> Codec:
     def encode(value: Any) -> bytes:
         if not isinstance(value, (int, float, Decimal)) or isinstance(value, bool):
             raise _wrong(value, "float")
-        return pack(float(value))
+        try:
+            return pack(float(value))
+        except (ValueError, OverflowError):  # a signaling NaN; an int beyond float's range
+            raise InvalidValueError("value has no float representation") from None
 
     def decode(data: bytes) -> Any:
         number = unpack(data)[0]
@@ -116,17 +143,23 @@ def _float(as_decimal: bool) -> Codec:
     return Codec(encode, decode, Decimal if as_decimal else float, _FLOAT64.size)
 
 
-def _numeric(value_type: sa.Numeric[Any]) -> Codec:
-    as_decimal = bool(value_type.asdecimal)
+def _decimal(value: Any) -> Decimal:
+    if isinstance(value, Decimal):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return Decimal(value)
+    if isinstance(value, float):
+        return Decimal(repr(value))  # the shortest decimal that reads back as the float
+    raise _wrong(value, "Decimal")
 
-    def encode(value: Any) -> bytes:
-        if isinstance(value, Decimal) or (isinstance(value, int) and not isinstance(value, bool)):
-            text = str(value)
-        elif isinstance(value, float):
-            text = repr(value)
-        else:
-            raise _wrong(value, "Decimal")
-        return text.encode("ascii")
+
+def _numeric(value_type: sa.Numeric[Any]) -> Codec:
+    """``Numeric(p, s)`` stores what the plain column holds: the value rounded
+    to s places, ties away from zero, as PostgreSQL and MySQL round. A value
+    with more than p - s digits before the point, NaN or an infinity is
+    refused, as those databases refuse it. Without a precision every digit is
+    kept, NaN and infinities too."""
+    as_decimal = bool(value_type.asdecimal)
 
     def decode(data: bytes) -> Any:
         try:
@@ -135,9 +168,44 @@ def _numeric(value_type: sa.Numeric[Any]) -> Codec:
             raise InvalidValueError("stored Numeric plaintext is not a number") from None
         return number if as_decimal else float(number)
 
+    python_type = Decimal if as_decimal else float
     precision = value_type.precision
-    max_bytes = None if precision is None else precision + 8
-    return Codec(encode, decode, Decimal if as_decimal else float, max_bytes)
+    if precision is None:
+
+        def encode_exact(value: Any) -> bytes:
+            number = _decimal(value)
+            if number.is_snan():
+                raise InvalidValueError("a signaling NaN cannot be stored")
+            return str(number).encode("ascii")
+
+        return Codec(encode_exact, decode, python_type, None)
+
+    scale = value_type.scale or 0  # SQL: NUMERIC(p) is NUMERIC(p, 0)
+    exponent = Decimal(1).scaleb(-scale)
+    # At most p digits once quantized, or quantize signals InvalidOperation.
+    context = Context(prec=precision, rounding=ROUND_HALF_UP, traps=[InvalidOperation])
+    overflow = (
+        f"value does not fit Numeric({precision}, {scale}): it allows at most "
+        f"{max(precision - scale, 0)} digits before the decimal point, and no NaN or infinity"
+    )
+
+    def encode(value: Any) -> bytes:
+        try:
+            number = _decimal(value).quantize(exponent, context=context)
+        except InvalidOperation:
+            raise InvalidValueError(overflow) from None
+        if number.is_nan():  # NaN quantizes to itself
+            raise InvalidValueError(overflow)
+        if not number:
+            number = number.copy_abs()  # the databases have no negative zero
+        return format(number, "f").encode("ascii")
+
+    # Fixed-point text of a value of at most p digits quantized to s places:
+    # a sign, the integer digits (a lone 0 if none), then the point and s digits.
+    longest = 1 + max(precision - scale, 1) + (scale + 1 if scale > 0 else 0)
+    # precision + 8 is what earlier versions sized storage for: never shrink
+    # a column below what they may have written.
+    return Codec(encode, decode, python_type, max(precision + 8, longest))
 
 
 def _boolean() -> Codec:
@@ -152,40 +220,61 @@ def _boolean() -> Codec:
     return Codec(encode, decode, bool, 1)
 
 
+def _subsecond_offset(data: bytes) -> dt.timezone | None:
+    """The UTC offset under one second that an ISO text ends with, if any:
+    CPython's fromisoformat reads it as UTC (python/cpython#152079)."""
+    if data[-16:-7] not in _ZERO_WHOLE_OFFSETS:
+        return None
+    offset = dt.timedelta(microseconds=int(data[-6:]))
+    return dt.timezone(-offset if data[-16:-15] == b"-" else offset)
+
+
 def _datetime() -> Codec:
     def encode(value: Any) -> bytes:
         if not isinstance(value, dt.datetime):
             raise _wrong(value, "datetime")
-        return value.isoformat().encode("ascii")
+        try:
+            return _DATETIME_ISO(value).encode("ascii")
+        except (TypeError, ValueError):
+            raise InvalidValueError(_BAD_OFFSET) from None
 
     def decode(data: bytes) -> dt.datetime:
-        return dt.datetime.fromisoformat(data.decode("ascii"))
+        value = dt.datetime.fromisoformat(data.decode("ascii"))
+        if len(data) > _ISO_USUAL_DATETIME and (offset := _subsecond_offset(data)):
+            return value.replace(tzinfo=offset)
+        return value
 
-    return Codec(encode, decode, dt.datetime, 32)
+    return Codec(encode, decode, dt.datetime, _ISO_DATE + 1 + _ISO_TIME + _ISO_OFFSET)
 
 
 def _date() -> Codec:
     def encode(value: Any) -> bytes:
         if not isinstance(value, dt.date) or isinstance(value, dt.datetime):
             raise _wrong(value, "date")
-        return value.isoformat().encode("ascii")
+        return _DATE_ISO(value).encode("ascii")
 
     def decode(data: bytes) -> dt.date:
         return dt.date.fromisoformat(data.decode("ascii"))
 
-    return Codec(encode, decode, dt.date, 10)
+    return Codec(encode, decode, dt.date, _ISO_DATE)
 
 
 def _time() -> Codec:
     def encode(value: Any) -> bytes:
         if not isinstance(value, dt.time):
             raise _wrong(value, "time")
-        return value.isoformat().encode("ascii")
+        try:
+            return _TIME_ISO(value).encode("ascii")
+        except (TypeError, ValueError):
+            raise InvalidValueError(_BAD_OFFSET) from None
 
     def decode(data: bytes) -> dt.time:
-        return dt.time.fromisoformat(data.decode("ascii"))
+        value = dt.time.fromisoformat(data.decode("ascii"))
+        if len(data) > _ISO_USUAL_TIME and (offset := _subsecond_offset(data)):
+            return value.replace(tzinfo=offset)
+        return value
 
-    return Codec(encode, decode, dt.time, 21)
+    return Codec(encode, decode, dt.time, _ISO_TIME + _ISO_OFFSET)
 
 
 def _interval() -> Codec:
@@ -225,15 +314,25 @@ def _uuid(value_type: sa.Uuid[Any]) -> Codec:
 
 
 def _json() -> Codec:
-    dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+    # allow_nan=False: NaN and Infinity are Python's extensions, which other
+    # JSON parsers (PostgreSQL's json among them) reject.
+    dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
     loads = json.loads
 
     def encode(value: Any) -> bytes:
         try:
             return dumps(value).encode("utf-8")
-        except (TypeError, ValueError):
+        except UnicodeEncodeError:
+            raise InvalidValueError(_SURROGATE) from None
+        except ValueError:
             raise InvalidValueError(
-                "value is not JSON serializable (dicts, lists, str, numbers, bool and None are)"
+                "value is not standard JSON: it holds NaN or an infinity, a circular "
+                "reference, or an integer of more than 4300 digits"
+            ) from None
+        except (TypeError, RecursionError):
+            raise InvalidValueError(
+                "value is not JSON serializable (dicts, lists, str, numbers, bool and None "
+                "are, nested less deeply than Python's recursion limit)"
             ) from None
 
     def decode(data: bytes) -> Any:
@@ -244,10 +343,9 @@ def _json() -> Codec:
 
 def _enum(value_type: sa.Enum) -> Codec:
     enum_class = value_type.enum_class
-    names = frozenset(value_type.enums)
-    max_bytes = 4 * max((len(name) for name in names), default=0)
-
     if enum_class is None:
+        names = frozenset(value_type.enums)
+        max_bytes = 4 * max((len(name) for name in names), default=0)
 
         def encode_name(value: Any) -> bytes:
             if not isinstance(value, str) or value not in names:
@@ -256,7 +354,10 @@ def _enum(value_type: sa.Enum) -> Codec:
 
         return Codec(encode_name, lambda data: data.decode("utf-8"), str, max_bytes)
 
+    # Member names are stored, whatever values_callable makes the plain
+    # column store, so they size the column (aliases included).
     members = enum_class.__members__
+    max_bytes = 4 * max((len(name) for name in members), default=0)
 
     def encode(value: Any) -> bytes:
         if isinstance(value, enum_class):

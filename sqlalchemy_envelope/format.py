@@ -84,14 +84,33 @@ def to_text(ciphertext: bytes) -> str:
     return binascii.b2a_base64(ciphertext, newline=False).decode("ascii")
 
 
+# Base64 characters whose unused low bits are zero: the last data character
+# before "==" (4 unused bits) or "=" (2 unused bits) of canonical base64.
+_CANONICAL_LAST = {
+    1: frozenset("AQgw"),
+    2: frozenset("AEIMQUYcgkosw048"),
+}
+
+
 def from_text(value: str) -> bytes:
+    """The bytes of canonical base64 text, as `to_text` writes it. Strict
+    decoding refuses other characters and wrong padding, and non-zero unused
+    bits are refused here: otherwise several texts would read as one value,
+    and an altered stored value could read back as the original."""
     try:
-        return binascii.a2b_base64(value.encode("ascii"), strict_mode=True)
+        data = binascii.a2b_base64(value.encode("ascii"), strict_mode=True)
     except (binascii.Error, UnicodeEncodeError):
         raise NotCiphertextError(
             "text value is not base64: it is probably plaintext written before "
             "the column was encrypted; encrypt it with the re-encrypt utility"
         ) from None
+    rest = len(data) % 3
+    if rest and value[rest - 4] not in _CANONICAL_LAST[rest]:
+        raise NotCiphertextError(
+            "text value is not canonical base64 (its last character has unused bits "
+            "set): it was altered, or was not written by this library"
+        )
+    return data
 
 
 def text_length(max_plaintext_bytes: int) -> int:

@@ -38,6 +38,7 @@ from .errors import (
     DecryptionError,
     DestroyedKeyError,
     EnvelopeError,
+    InvalidValueError,
     KeyDisabledError,
     KeyInUseError,
     KeyStateError,
@@ -91,6 +92,14 @@ def _check_scope(scope: str) -> str:
             f"a scope is a non-empty string of at most {MAX_SCOPE_CHARS} characters"
         )
     return scope
+
+
+def _check_bytes(value: Any, method: str, what: str) -> None:
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise InvalidValueError(
+            f"{method}() takes {what} as bytes, got {type(value).__name__}: encode a "
+            "str first (e.g. value.encode('utf-8'))"
+        )
 
 
 class KeyRegistry:
@@ -766,6 +775,7 @@ class KeyRegistry:
     def hash_field(self, value: bytes, context: str, *, version: int = 1) -> str:
         """The seed's HashField done right: a keyed, context-bound HMAC-SHA256
         (hex) for equality lookups outside ORM columns. Never a bare hash."""
+        _check_bytes(value, "hash_field", "value")
         key = self.derived_key(b"sqlalchemy-envelope/hash-field/v1\x00" + context.encode(), version)
         return hmac_sha256(key, value).hex()
 
@@ -817,8 +827,7 @@ class KeyRegistry:
     def encrypt(self, plaintext: bytes, context: str) -> bytes:
         """Encrypt ``plaintext`` under the active data key, bound to ``context``
         (for columns, ``"table.column"``)."""
-        if not isinstance(plaintext, (bytes, bytearray)):
-            raise TypeError("encrypt() takes the plaintext as bytes")
+        _check_bytes(plaintext, "encrypt", "plaintext")
         return self.encrypt_bytes(bytes(plaintext), context.encode("utf-8"))
 
     def decrypt(self, ciphertext: bytes, context: str) -> bytes:
@@ -831,7 +840,10 @@ class KeyRegistry:
         """The seed's EncryptBatch: many values, one context."""
         encrypt = self.encrypt_bytes
         aad = context.encode("utf-8")
-        return [encrypt(p, aad) for p in plaintexts]
+        plaintexts = list(plaintexts)
+        for plaintext in plaintexts:
+            _check_bytes(plaintext, "encrypt_many", "each plaintext")
+        return [encrypt(bytes(p), aad) for p in plaintexts]
 
     def decrypt_many(self, ciphertexts: Iterable[bytes], context: str) -> list[bytes]:
         decrypt = self.decrypt_bytes

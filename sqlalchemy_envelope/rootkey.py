@@ -175,7 +175,13 @@ def _decode_base64_key(text: bytes, what: str) -> bytes:
 
 def _as_bytes(value: str | bytes, name: str) -> bytes:
     if isinstance(value, str):
-        value = value.encode("utf-8")
+        try:
+            value = value.encode("utf-8")
+        except UnicodeEncodeError:  # its message and object would quote the secret
+            raise ConfigurationError(
+                f"the PBKDF2 {name} is not valid Unicode (it holds a lone surrogate, such as "
+                "an environment variable's bytes that are not UTF-8): give it as bytes"
+            ) from None
     if not isinstance(value, (bytes, bytearray)) or not value:
         raise ConfigurationError(f"the PBKDF2 {name} must be a non-empty str or bytes")
     return bytes(value)

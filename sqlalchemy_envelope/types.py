@@ -15,6 +15,7 @@ keep reading old data after renaming a table or column.
 from __future__ import annotations
 
 import enum
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -75,10 +76,14 @@ class _ColumnBinding:
         return f"{table.name}.{self.column.name}".encode()
 
     def name(self) -> str:
+        """The column for error messages: ``table.column`` when attached, even
+        under an explicit context, else the context."""
         table = getattr(self.column, "table", None)
         if self.column is not None and table is not None:
             return f"{table.name}.{self.column.name}"
-        return self.explicit or "an encrypted value"
+        if self.explicit is not None:
+            return f"context {self.explicit!r}"
+        return "an encrypted column not attached to a table"
 
 
 class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
@@ -226,9 +231,17 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
 
     # -- processors: the hot path -------------------------------------------
 
+    def _where(self) -> str:
+        """What errors about a value name: the column and the wrapped type."""
+        return f"{self._binding.name()} ({_label(self.value_type)})"
+
     def bind_processor(self, dialect: Dialect) -> Any:
         encode = self._codec.encode
         context = self._binding.context()
+        where = self._where()
+        # Every plaintext must fit the storage sized for it: no database ever
+        # sees a longer value (MySQL in non-strict mode would cut it short).
+        limit = sys.maxsize if self._codec.max_bytes is None else self._codec.max_bytes
         writer = binding.slot_for(dialect).writer
         current_scope = binding.current_scope
         deterministic = self.deterministic
@@ -239,7 +252,13 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
             def process_binary(value: Any) -> Any:
                 if value is None:
                     return None
-                return writer().encrypt_bytes(encode(value), context, current_scope())
+                try:
+                    plaintext = encode(value)
+                except Exception as error:
+                    raise _refused(where, error) from None
+                if len(plaintext) > limit:
+                    raise _overlong(where, len(plaintext), limit)
+                return writer().encrypt_bytes(plaintext, context, current_scope())
 
             return process_binary
 
@@ -249,16 +268,22 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         def process(value: Any) -> Any:
             if value is None:
                 return None
+            try:
+                plaintext = encode(value)
+            except Exception as error:
+                raise _refused(where, error) from None
+            if len(plaintext) > limit:
+                raise _overlong(where, len(plaintext), limit)
             registry = writer()
             scope = current_scope()
             if deterministic:
-                data: Any = registry.encrypt_deterministic(encode(value), context)
+                data: Any = registry.encrypt_deterministic(plaintext, context)
             elif bind_scope:
                 scope = scope or registry.scope
                 aad = fmt.scoped_context(context, scope)
-                data = registry.encrypt_bytes(encode(value), aad, scope)
+                data = registry.encrypt_bytes(plaintext, aad, scope)
             else:
-                data = registry.encrypt_bytes(encode(value), context, scope)
+                data = registry.encrypt_bytes(plaintext, context, scope)
             if to_text is not None:
                 data = to_text(data)
             return impl(data) if impl is not None else data
@@ -278,7 +303,7 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         impl = self.impl_instance.result_processor(dialect, coltype)
         text = self.storage == "text"
         migrating = self.migrating
-        value_type = self.value_type
+        where = self._where()
 
         def process(value: Any) -> Any:
             if value is None:
@@ -302,7 +327,7 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
             try:
                 return decode(plaintext)
             except (ValueError, KeyError, TypeError):
-                raise _undecodable(value_type) from None
+                raise _undecodable(where) from None
 
         if text or migrating or self.deterministic or self.bind_scope or impl is not None:
             return process
@@ -328,7 +353,7 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
             try:
                 return decode(plaintext)
             except (ValueError, KeyError, TypeError):
-                raise _undecodable(value_type) from None
+                raise _undecodable(where) from None
 
         return process_common
 
@@ -390,8 +415,36 @@ def _holds_plaintext_in_place(value_type: TypeEngine[Any], storage: str) -> bool
     return isinstance(value_type, sa.LargeBinary)
 
 
-def _undecodable(value_type: TypeEngine[Any]) -> InvalidValueError:
+def _label(value_type: TypeEngine[Any]) -> str:
+    """The wrapped type for messages; an Enum by its class or name, not its
+    (possibly many) values."""
+    if isinstance(value_type, sa.Enum):
+        name = getattr(value_type.enum_class, "__name__", value_type.name)
+        return f"Enum({name})" if name else "Enum"
+    return repr(value_type)
+
+
+def _refused(where: str, error: Exception) -> InvalidValueError:
+    """The error for a value the column cannot hold, never quoting it: a
+    codec's `InvalidValueError` gives its reason; any other exception (the
+    value's own method failing) only its type, as its message may quote it."""
+    if isinstance(error, InvalidValueError):
+        return InvalidValueError(f"{where}: {error}")
     return InvalidValueError(
-        f"a value decrypted but does not read as {type(value_type).__name__}: was the "
+        f"{where}: encoding the value raised {type(error).__name__}; "
+        "give a value of the column's Python type"
+    )
+
+
+def _overlong(where: str, size: int, limit: int) -> InvalidValueError:
+    return InvalidValueError(
+        f"{where}: the value encodes to {size} bytes, more than the {limit} its storage "
+        "is sized for"
+    )
+
+
+def _undecodable(where: str) -> InvalidValueError:
+    return InvalidValueError(
+        f"{where}: a value decrypted but does not read as the column's type: was the "
         "column's type changed without migrating its data?"
     )

@@ -244,7 +244,8 @@ def _postgres_schema(base: str) -> Iterator[str]:
 
 
 # Test modules whose db_url tests also run on MariaDB: the core, the key
-# lifecycle, re-encryption, blind indexes and SQLAlchemy's statement forms.
+# lifecycle, re-encryption, blind indexes, SQLAlchemy's statement forms and the
+# codecs' storage sizes.
 MARIADB_MODULES = frozenset(
     {
         "test_types",
@@ -265,6 +266,7 @@ MARIADB_MODULES = frozenset(
         "test_sqlalchemy_forms",
         "test_expressions",
         "test_alembic",
+        "test_codec",
     }
 )
 

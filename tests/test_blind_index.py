@@ -8,6 +8,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from sqlalchemy_envelope import (
     ConfigurationError,
     EncryptedComparisonError,
     EncryptedType,
+    InvalidValueError,
     KeyRegistry,
     StaticRootKey,
     blind_index,
@@ -206,6 +208,54 @@ def test_core_columns_and_bad_configuration(engine: sa.Engine, registry: KeyRegi
         blind_index("email", normalize="soundex")
     with pytest.raises(ConfigurationError, match="bits"):
         blind_index("email", bits=0)
+
+
+def _refusing_normalizer(value: str) -> str:
+    raise ValueError(f"cannot normalize {value}")
+
+
+def test_values_an_index_cannot_hash_are_refused_without_quoting_them(
+    engine: sa.Engine, registry: KeyRegistry
+) -> None:
+    """A lone surrogate (no UTF-8 form) or a normalizer failing with the value
+    in its message: InvalidValueError naming the index, never the value."""
+    md = sa.MetaData()
+    tags = sa.Table(
+        "tags",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("tag", EncryptedType(sa.String(100))),
+        blind_index_column("tag_index", "tag", normalize=_refusing_normalizer),
+    )
+    md.create_all(engine)
+    Base.metadata.create_all(engine)
+    secret = "SECRET-" + "QUARTZ"
+    unencodable = secret + "\ud800"
+    queries = [
+        ("users.email_index", sa.select(User.id).where(User.email_index.matches(unencodable))),
+        (
+            "users.name_index",
+            sa.select(User.id).where(User.name_index.matches("ada", unencodable)),
+        ),
+        ("tags.tag_index", sa.select(tags.c.id).where(tags.c.tag_index.matches(secret))),
+    ]
+    for name, query in queries:
+        for _ in range(2):
+            with engine.connect() as conn, pytest.raises(InvalidValueError) as info:
+                conn.execute(query).all()
+            _assert_clean(info.value, f"blind index {name}", secret)
+            with Session(engine) as session, pytest.raises(InvalidValueError) as info:
+                session.execute(query).all()
+            _assert_clean(info.value, f"blind index {name}", secret)
+    for _ in range(2):
+        with engine.begin() as conn, pytest.raises(InvalidValueError) as info:
+            conn.execute(tags.insert(), {"id": 1, "tag": secret})
+        _assert_clean(info.value, "blind index tags.tag_index", secret)
+
+
+def _assert_clean(error: BaseException, where: str, secret: str) -> None:
+    assert str(error).startswith(f"{where}: ")
+    assert secret not in "".join(traceback.format_exception(error))
 
 
 class Note(Base):

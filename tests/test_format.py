@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
+import os
 import re
+import string
 from pathlib import Path
 from typing import Any
 
@@ -81,3 +85,23 @@ def test_non_ciphertext_is_recognised() -> None:
         fmt.check(b"plaintext that is long enough to look like one..")
     with pytest.raises(NotCiphertextError, match="not base64"):
         fmt.from_text("plain text, not base64!")
+
+
+def test_text_form_is_canonical_base64() -> None:
+    """A ciphertext has one text form: any single-character change of it is
+    refused or reads as other bytes, never as the same ciphertext."""
+    alphabet = string.ascii_letters + string.digits + "+/=-_ \n"
+    for size in range(fmt.OVERHEAD, fmt.OVERHEAD + 3):  # every padding
+        ciphertext = os.urandom(size)
+        text = fmt.to_text(ciphertext)
+        assert fmt.from_text(text) == ciphertext
+        for position, replacement in itertools.product(range(len(text)), alphabet):
+            if replacement == text[position]:
+                continue
+            changed = text[:position] + replacement + text[position + 1 :]
+            with contextlib.suppress(NotCiphertextError):
+                assert fmt.from_text(changed) != ciphertext
+    for unused_bits_set in ("QR==", "QUJ="):  # b"A" and b"AB" with non-zero unused bits
+        with pytest.raises(NotCiphertextError, match="canonical"):
+            fmt.from_text(unused_bits_set)
+    assert fmt.from_text("QQ==") == b"A" and fmt.from_text("QUI=") == b"AB"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import traceback
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +20,7 @@ from sqlalchemy_envelope import (
     ConfigurationError,
     DecryptionError,
     EncryptedType,
+    InvalidValueError,
     KeyRegistry,
     KeyState,
     NoActiveKeyError,
@@ -230,8 +232,21 @@ def test_batch_operations(registry: KeyRegistry) -> None:
     assert registry.decrypt_many(sealed, "batch.values") == values
     with pytest.raises(DecryptionError):
         registry.decrypt_many(sealed, "batch.other")
-    with pytest.raises(TypeError):
-        registry.encrypt("text", "t.c")  # type: ignore[arg-type]
+
+
+def test_values_that_are_not_bytes_are_refused_without_quoting_them(
+    registry: KeyRegistry,
+) -> None:
+    secret = "SECRET-" + "\ud800"
+    for call in (
+        lambda: registry.encrypt(secret, "t.c"),  # type: ignore[arg-type]
+        lambda: registry.encrypt_many([b"fine", secret], "t.c"),  # type: ignore[list-item]
+        lambda: registry.hash_field(secret, "t.c"),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(InvalidValueError, match="as bytes, got str") as info:
+            call()
+        text = "".join(traceback.format_exception(info.value))
+        assert "SECRET" not in text
 
 
 def test_an_engine_without_registry_is_a_clear_error(engine: sa.Engine) -> None:

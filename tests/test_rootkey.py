@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -87,6 +88,18 @@ def test_static_key_validation() -> None:
         StaticRootKey(b"short")
     with pytest.raises(ConfigurationError, match="bytes"):
         StaticRootKey("a string")  # type: ignore[arg-type]
+
+
+def test_a_seed_without_utf8_form_is_refused_without_quoting_it() -> None:
+    secret = "hunter2-" + "\udcff"  # how os.environ holds bytes that are not UTF-8
+    for environ in (
+        {"ENVELOPE_ROOT_SEED": secret, "ENVELOPE_ROOT_SALT": "t"},
+        {"ENVELOPE_ROOT_SEED": "s", "ENVELOPE_ROOT_SALT": secret},
+    ):
+        with pytest.raises(ConfigurationError, match="not valid Unicode") as info:
+            root_key_from_env(environ)
+        assert "hunter2" not in "".join(traceback.format_exception(info.value))
+        assert "\udcff" not in "".join(traceback.format_exception(info.value))
 
 
 def test_root_key_from_env() -> None:

@@ -3,9 +3,13 @@ through Core and the ORM, and the database only ever holds ciphertext."""
 
 from __future__ import annotations
 
+import binascii
 import datetime as dt
 import enum
+import itertools
 import re
+import string
+import traceback
 import uuid
 from decimal import Decimal
 from typing import Any
@@ -13,6 +17,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from conftest import stored_bytes
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from sqlalchemy_envelope import (
@@ -46,7 +52,11 @@ CASES: dict[str, tuple[Any, list[Any]]] = {
     "float": (sa.Float(), [3.141592653589793, -0.0, 1e308]),
     "numeric": (
         sa.Numeric(38, 20),
-        [Decimal("12345678901234567.12345678901234567891"), Decimal("0.10"), Decimal("-1E-20")],
+        [
+            Decimal("12345678901234567.12345678901234567891"),
+            Decimal("0.10000000000000000000"),
+            Decimal("-1E-20"),
+        ],
     ),
     "boolean": (sa.Boolean(), [True, False]),
     "date": (sa.Date(), [dt.date(1999, 12, 31), dt.date(1, 1, 1)]),
@@ -291,6 +301,7 @@ def test_wrong_python_types_and_overlong_values_are_clear_errors(
         ):
             conn.execute(table.insert(), {"id": 1, column: value})
         assert str(value) not in str(info.value)
+        assert f"{table.name}.{column} (" in str(info.value)
 
 
 def test_context_binds_values_to_their_column(engine: sa.Engine, registry: KeyRegistry) -> None:
@@ -414,3 +425,206 @@ def test_python_type_is_the_wrapped_type() -> None:
     assert EncryptedType(sa.Numeric).python_type is Decimal
     assert EncryptedType(Mood).python_type is Mood
     assert EncryptedType(sa.Date).python_type is dt.date
+
+
+# -- refused values never show up in errors or tracebacks --------------------------
+
+SETTINGS = settings(
+    max_examples=10,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+class _Leaky:
+    """A value of no column's type whose str() and repr() are its plaintext."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+
+    def __repr__(self) -> str:
+        return self.secret
+
+    __str__ = __repr__
+
+
+class _LeakyStr(str):
+    """A str whose own encode() fails with an error quoting the plaintext."""
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        raise ValueError(f"cannot encode {str.__str__(self)}")
+
+
+class _Swollen(str):
+    """A str whose encode() returns more bytes than its length allows."""
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return str.__str__(self).encode() * 1000
+
+
+class _LeakyZone(dt.tzinfo):
+    """A tzinfo that fails with an error quoting the plaintext."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+
+    def utcoffset(self, when: Any) -> dt.timedelta:
+        raise ValueError(self.secret)
+
+
+def _nested(depth: int, secret: str) -> Any:
+    value: Any = [secret]
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def _circular(secret: str) -> list[Any]:
+    value: list[Any] = [secret]
+    value.append(value)
+    return value
+
+
+def _bad_values(secret: str, digits: str) -> dict[str, list[Any]]:
+    """Values each column refuses, holding ``secret`` (or ``digits``, for
+    numbers) in their text, repr or errors."""
+    surrogate = secret + "\ud800"
+    big = int(digits) * 10**20
+    return {
+        "string": [surrogate, secret * 30, secret.encode(), _LeakyStr(secret), _Swollen(secret)],
+        "text": [surrogate, _LeakyStr(secret)],
+        "unicode": [surrogate, secret * 10],
+        "binary": [secret],
+        "integer": [big, secret, _Leaky(secret)],
+        "bigint": [-big],
+        "float": [10**400 + int(digits), Decimal(f"sNaN{digits}"), secret],
+        "numeric": [Decimal(f"NaN{digits}"), Decimal(f"{digits}{digits}.5"), float("inf"), secret],
+        "boolean": [secret, 2],
+        "date": [dt.datetime(3141, 5, 9), secret],
+        "naive_dt": [dt.datetime(2024, 1, 1, tzinfo=_LeakyZone(secret)), secret],
+        "aware_dt": [dt.datetime(2024, 1, 1, tzinfo=_LeakyZone(secret))],
+        "time": [dt.time(8, tzinfo=_LeakyZone(secret)), secret],
+        "interval": [secret],
+        "uuid": [secret, surrogate],
+        "json": [
+            {"k": surrogate},
+            {secret: float("nan")},
+            [secret, {1, 2}],
+            _circular(secret),
+            _nested(100_000, secret),
+        ],
+        "enum": [secret, _Leaky(secret)],
+        "string_enum": [secret, surrogate],
+    }
+
+
+def _assert_clean(error: BaseException, table: str, column: str, *secrets: str) -> None:
+    assert isinstance(error, InvalidValueError)
+    text = str(error)
+    assert text.startswith(f"{table}.{column} (")
+    whole = "".join(traceback.format_exception(error))
+    for secret in secrets:
+        assert secret not in text and secret not in whole
+
+
+def _refuse_everywhere(
+    engine: sa.Engine, table: sa.Table, row_class: Any, column: str, value: Any, *secrets: str
+) -> None:
+    """Write ``value`` through Core (insert, executemany, update) and a
+    Session flush, each twice: every one is refused with a clean error."""
+    for _ in range(2):
+        row_id = next(_ids)
+        for statement, parameters in (
+            (table.insert(), {"id": row_id, column: value}),
+            (table.insert(), [{"id": row_id, column: None}, {"id": row_id + 1, column: value}]),
+            (table.update().where(table.c.id == 1), {column: value}),
+        ):
+            with pytest.raises(InvalidValueError) as info, engine.begin() as conn:
+                conn.execute(statement, parameters)
+            _assert_clean(info.value, table.name, column, *secrets)
+        with pytest.raises(InvalidValueError) as info, Session(engine) as session:
+            session.add(row_class(id=row_id, **{column: value}))
+            session.flush()
+        _assert_clean(info.value, table.name, column, *secrets)
+
+
+_ids = itertools.count(10, 2)
+
+
+def test_refused_values_are_never_in_errors_or_tracebacks(
+    engine: sa.Engine, registry: KeyRegistry
+) -> None:
+    table = _table("text")
+    table.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), {"id": 1})
+
+    class RowBase(DeclarativeBase):
+        pass
+
+    row_class = type("Row", (RowBase,), {"__table__": table})
+    letters = st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ", min_size=6, max_size=12)
+
+    @SETTINGS
+    @given(word=letters, digits=st.integers(10**17, 10**18 - 1).map(str))
+    def refused(word: str, digits: str) -> None:
+        secret = f"SECRET-{word}"
+        for column, values in _bad_values(secret, digits).items():
+            for value in values:
+                _refuse_everywhere(engine, table, row_class, column, value, secret, digits, "3141")
+
+    refused()
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(table)).scalar() == 1
+
+
+def test_every_single_character_change_of_a_text_value_fails_to_read(
+    engine: sa.Engine, registry: KeyRegistry
+) -> None:
+    """Text storage is canonical base64: a stored value with any one
+    character changed no longer reads, not even as the original."""
+    table = sa.Table(
+        "canonical",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("v", EncryptedType(sa.String(30), storage="text")),
+        sa.Column("d", EncryptedType(sa.String(30), storage="text", deterministic=True)),
+    )
+    table.metadata.create_all(engine)
+    values = ["", "a", "ab", "abc"]  # every length modulo 3
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": i, "v": v, "d": v} for i, v in enumerate(values)])
+    raw = sa.Table("canonical", sa.MetaData(), autoload_with=engine)
+    with engine.connect() as conn:
+        stored = conn.execute(sa.select(raw.c.id, raw.c.v, raw.c.d).order_by(raw.c.id)).all()
+    alphabet = string.ascii_letters + string.digits + "+/= -_!"
+    lookalikes = 0
+    for row_id, *texts in stored:
+        for name, text in zip(("v", "d"), texts, strict=True):
+            read = table.c[name].type.result_processor(engine.dialect, None)
+            assert read(text) == values[row_id]
+            for position, replacement in itertools.product(range(len(text)), alphabet):
+                if replacement == text[position]:
+                    continue
+                changed = text[:position] + replacement + text[position + 1 :]
+                with pytest.raises(DecryptionError):
+                    read(changed)
+                if _decodes_as(changed, text):  # what lenient base64 read as the original
+                    lookalikes += 1
+                    with engine.begin() as conn:
+                        conn.execute(raw.update().where(raw.c.id == row_id).values({name: changed}))
+                    for _ in range(2):
+                        with engine.connect() as conn, pytest.raises(DecryptionError):
+                            conn.execute(sa.select(table.c[name]).where(table.c.id == row_id)).one()
+            with engine.begin() as conn:
+                conn.execute(raw.update().where(raw.c.id == row_id).values({name: text}))
+    assert lookalikes > 0
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(table.c.v).order_by(table.c.id)).scalars().all() == values
+
+
+def _decodes_as(changed: str, original: str) -> bool:
+    try:
+        return binascii.a2b_base64(changed, strict_mode=True) == binascii.a2b_base64(original)
+    except binascii.Error:
+        return False
