@@ -781,18 +781,25 @@ class KeyRegistry:
             row = self._read(lambda c: storage.key_by_id(c, self.table, key_id))
             if row is None:
                 raise UnknownKeyError(key_id)
+            if row.scope != self.index_scope:
+                # Only this registry's index keys encrypt deterministically: a
+                # header naming any other key was altered. Nothing is cached.
+                raise self._deterministic_failure(context)
             version = row.version
-            self._index_ids[key_id] = version
         header, siv = self._siv(context, version)
         if ciphertext[: fmt.HEADER_BYTES] != header:
-            raise DecryptionError("deterministic value names another key than its scope's")
+            raise self._deterministic_failure(context)
         try:
             return siv.decrypt(ciphertext[fmt.HEADER_BYTES :], [header, context])
         except InvalidTag:
-            raise DecryptionError(
-                f"value for context {context.decode('utf-8', 'replace')!r} failed "
-                "authentication: it was altered, or written for another column"
-            ) from None
+            raise self._deterministic_failure(context) from None
+
+    @staticmethod
+    def _deterministic_failure(context: bytes) -> DecryptionError:
+        return DecryptionError(
+            f"value for context {context.decode('utf-8', 'replace')!r} failed "
+            "authentication: it was altered, or written for another column"
+        )
 
     # -- the hot path ----------------------------------------------------
 

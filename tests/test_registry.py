@@ -213,6 +213,48 @@ def test_flipping_any_byte_is_detected(engine: sa.Engine, registry: KeyRegistry)
     assert registry.decrypt(ciphertext, "t.c") == b"a value worth protecting"
 
 
+def test_a_deterministic_value_naming_another_key_is_a_decryption_error(
+    engine: sa.Engine, registry: KeyRegistry, root_key: StaticRootKey
+) -> None:
+    table = sa.Table(
+        "people",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("ssn", EncryptedType(sa.String(11), deterministic=True)),
+    )
+    table.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": 1, "ssn": "111-11-1111"}])
+    registry.rotate()  # data key version 2 of the registry's scope
+    other = KeyRegistry(engine, root_key, scope="acme", attach=False)
+    other.init()  # another scope's blind-index key
+    with engine.connect() as conn:
+        stored = bytes(conn.execute(sa.text("SELECT ssn FROM people")).scalar_one())
+    # The header names a data key of the scope, or another scope's index key.
+    names = [
+        registry.status().active_key_id,
+        registry.status().keys[0].id,
+        other.status(other.index_scope).active_key_id,
+    ]
+    assert all(key_id is not None for key_id in names)
+    for n, key_id in enumerate(names, start=2):
+        forged = fmt.header(key_id, fmt.DETERMINISTIC_VERSION) + stored[fmt.HEADER_BYTES :]
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text("INSERT INTO people (id, ssn) VALUES (:n, :v)"), {"n": n, "v": forged}
+            )
+    query = sa.select(table.c.ssn).where(table.c.id == sa.bindparam("n"))
+    for n in (2, 3, 4):
+        for _ in range(2):
+            with engine.connect() as conn, pytest.raises(DecryptionError, match=r"people\.ssn"):
+                conn.execute(query, {"n": n}).scalar_one()
+            with Session(engine) as session, pytest.raises(DecryptionError, match=r"people\.ssn"):
+                session.execute(query, {"n": n}).scalar_one()
+    with engine.connect() as conn:
+        assert conn.execute(query, {"n": 1}).scalar_one() == "111-11-1111"
+    other.close()
+
+
 def test_unknown_key_and_non_ciphertext(engine: sa.Engine, registry: KeyRegistry) -> None:
     ciphertext = registry.encrypt(b"x", "t.c")
     forged = fmt.header(fmt.key_id_of(ciphertext) ^ 0x5A5A) + ciphertext[fmt.HEADER_BYTES :]
