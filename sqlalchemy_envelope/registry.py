@@ -141,6 +141,7 @@ class KeyRegistry:
         self._now = wall_clock
         self._lock = threading.RLock()
         self._fingerprint: str | None = None
+        self._proven: RootKeyProvider | None = None  # unwrapped a stored key
         self._closed = False
         self._pinned: ContextVar[Connection | None] = ContextVar("envelope_pinned", default=None)
         self._index_rows: dict[int, KeyRow] = {}  # index key version -> its row
@@ -228,15 +229,20 @@ class KeyRegistry:
         self._create_table()
 
         def work(conn: Connection) -> tuple[KeyRow | None, DataKey | None]:
-            self._check_root_key(conn)
             row = storage.active_key(conn, self.table, self.scope)
+            index = storage.key_by_version(conn, self.table, self.index_scope, 1)
+            if row is not None and index is not None:
+                self._check_root_key(conn)  # the active key's unwrapping proves the rest
+                return row, None
+            self._prove_root_key(conn)
+            if index is None:
+                self._insert_active(conn, self.index_scope, 1)
             if row is not None:
                 return row, None
             version = storage.next_version(conn, self.table, self.scope)
             return None, self._insert_active(conn, self.scope, version)
 
         row, new = self._run(work)
-        self._run(self._ensure_index_key)
         if new is not None:
             self._cache.put(new)
             log.info("created data key version %d in scope %r", new.version, self.scope)
@@ -250,11 +256,6 @@ class KeyRegistry:
         """The scope of the keys behind this registry's blind indexes and
         deterministic columns."""
         return INDEX_SCOPE_PREFIX + self.scope
-
-    def _ensure_index_key(self, conn: Connection) -> None:
-        scope = self.index_scope
-        if storage.key_by_version(conn, self.table, scope, 1) is None:
-            self._insert_active(conn, scope, 1)
 
     def _create_table(self) -> None:
         try:
@@ -294,10 +295,10 @@ class KeyRegistry:
         """Retire the active key and insert its successor; with ``expected_id``,
         only if that key is still the active one (compare-and-swap), so that
         many processes acting on the same policy decision rotate once."""
-        self._check_root_key(conn)
         retired = storage.retire_active(conn, self.table, scope, self._now(), expected_id)
         if expected_id is not None and retired == 0:
             return None
+        self._prove_root_key(conn)
         version = storage.next_version(conn, self.table, scope)
         return self._insert_active(conn, scope, version)
 
@@ -337,7 +338,7 @@ class KeyRegistry:
         names = [_check_scope(s) for s in scopes]
 
         def work(conn: Connection) -> list[int]:
-            self._check_root_key(conn)
+            self._prove_root_key(conn)
             created = []
             for name in names:
                 if storage.active_key(conn, self.table, name) is None:
@@ -359,6 +360,7 @@ class KeyRegistry:
 
         def work(conn: Connection) -> None:
             if storage.active_key(conn, self.table, scope) is None:
+                self._prove_root_key(conn)
                 self._insert_active(conn, scope, storage.next_version(conn, self.table, scope))
 
         outcome = self._attempt(work)
@@ -533,6 +535,7 @@ class KeyRegistry:
         with self._lock:
             self.root_key = new_root_key
             self._fingerprint = new_fingerprint
+            self._proven = new_root_key  # it wrapped, and unwrapped, every stored key
             self._index_rows.clear()  # their wrapped keys changed
         log.info("re-wrapped %d data keys under root key %s", count, new_fingerprint)
         return count
@@ -1006,16 +1009,23 @@ class KeyRegistry:
         assert row.wrapped_key is not None
         if row.root_key_fingerprint != self._root_fingerprint():
             raise self._wrong_root_key(row.root_key_fingerprint)
+        root_key = self.root_key
         try:
-            return self.root_key.unwrap(row.wrapped_key, self._wrap_context(row.id, row.scope))
+            plaintext = root_key.unwrap(row.wrapped_key, self._wrap_context(row.id, row.scope))
         except DecryptionError:
             raise WrongRootKeyError(
                 f"data key version {row.version} of scope {row.scope!r} does not unwrap "
-                "with this root key although the fingerprints match: its data_keys row "
-                "was altered; restore data_keys from a backup"
+                f"with this root key although the fingerprints match ({row.root_key_fingerprint}):"
+                " this is another key under the same fingerprint (check the root key "
+                "configuration), or its data_keys row was altered (restore data_keys from "
+                "a backup)"
             ) from None
+        self._proven = root_key
+        return plaintext
 
     def _insert_active(self, conn: Connection, scope: str, version: int) -> DataKey:
+        """Insert a new active data key. Callers prove the root key first, in the
+        same transaction (`_prove_root_key`)."""
         plaintext = new_data_key()
         key_id = 1 + secrets.randbelow(fmt.MAX_KEY_ID)
         now = self._now()
@@ -1066,6 +1076,31 @@ class KeyRegistry:
         foreign = storage.foreign_fingerprints(conn, self.table, self._root_fingerprint())
         if foreign:
             raise self._wrong_root_key(foreign[0])
+
+    def _prove_root_key(self, conn: Connection) -> None:
+        """Refuse to insert a data key unless this root key is the one that
+        wrapped the stored keys, so that a misconfigured process cannot add a
+        key that locks everyone else out. Matching fingerprints do not prove
+        it when a fingerprint names the key rather than derives from it (a KMS
+        key id, a Vault key name): a stored key must also unwrap, once per
+        process and root key. With no stored key there is nothing to prove
+        against: the table is locked, so that a process with another root key
+        cannot start it at the same time."""
+        self._check_root_key(conn)
+        row = storage.sample_key(conn, self.table)
+        if row is None:
+            storage.lock_table(conn, self.table)
+            row = storage.sample_key(conn, self.table, for_update=True)
+            if row is None:
+                return
+        if row.root_key_fingerprint != self._root_fingerprint():
+            raise self._wrong_root_key(row.root_key_fingerprint)
+        if self._proven is self.root_key:
+            return
+        try:
+            self._unwrap(row)
+        except WrongRootKeyError as error:
+            raise WrongRootKeyError(f"{error}. Nothing was written.") from None
 
     def _wrong_root_key(self, stored: str) -> WrongRootKeyError:
         return WrongRootKeyError(

@@ -172,6 +172,13 @@ def foreign_fingerprints(conn: Connection, table: sa.Table, fingerprint: str) ->
     return list(conn.execute(stmt).scalars())
 
 
+def sample_key(conn: Connection, table: sa.Table, *, for_update: bool = False) -> KeyRow | None:
+    """One key that still has its wrapped key, if any: what a registry unwraps
+    to prove that it holds the root key."""
+    stmt = sa.select(table).where(table.c.wrapped_key.is_not(None)).order_by(table.c.id).limit(1)
+    return _one(conn, stmt.with_for_update() if for_update else stmt)
+
+
 def key_by_version(
     conn: Connection, table: sa.Table, scope: str, version: int, *, for_update: bool = False
 ) -> KeyRow | None:
