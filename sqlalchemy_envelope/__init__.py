@@ -24,6 +24,7 @@ from .errors import (
     NotCiphertextError,
     RootKeyAccessDeniedError,
     RootKeyUnavailableError,
+    ShreddedScopeError,
     UnknownKeyError,
     WrongRootKeyError,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "RootKeyProvider",
     "RootKeyUnavailableError",
     "RotationPolicy",
+    "ShreddedScopeError",
     "StaticRootKey",
     "UnknownKeyError",
     "WrongRootKeyError",

@@ -44,6 +44,7 @@ from .errors import (
     NoActiveKeyError,
     RootKeyAccessDeniedError,
     RootKeyUnavailableError,
+    ShreddedScopeError,
     UnknownKeyError,
     WrongRootKeyError,
 )
@@ -224,7 +225,8 @@ class KeyRegistry:
 
     def init(self) -> KeyInfo:
         """Create ``data_keys`` if missing and the scope's first data key if
-        none is active; prove the root key. Safe to call from many processes."""
+        none is active; prove the root key. Safe to call from many processes.
+        A shredded scope is not brought back (`ShreddedScopeError`)."""
         self._check_open()
         self._create_table()
 
@@ -234,6 +236,8 @@ class KeyRegistry:
             if row is not None and index is not None:
                 self._check_root_key(conn)  # the active key's unwrapping proves the rest
                 return row, None
+            if row is None:
+                self._refuse_shredded(conn, self.scope)
             self._prove_root_key(conn)
             if index is None:
                 self._insert_active(conn, self.index_scope, 1)
@@ -298,6 +302,8 @@ class KeyRegistry:
         retired = storage.retire_active(conn, self.table, scope, self._now(), expected_id)
         if expected_id is not None and retired == 0:
             return None
+        if retired == 0:
+            self._refuse_shredded(conn, scope)
         self._prove_root_key(conn)
         version = storage.next_version(conn, self.table, scope)
         return self._insert_active(conn, scope, version)
@@ -334,7 +340,9 @@ class KeyRegistry:
 
     def create_scope(self, *scopes: str) -> list[KeyInfo]:
         """Give each scope that has none an active data key, in one
-        transaction. Scopes are also created on first use (``create_scopes``)."""
+        transaction. Scopes are also created on first use (``create_scopes``),
+        except shredded ones, which only this brings back (with a new key
+        version; their old values stay unreadable)."""
         names = [_check_scope(s) for s in scopes]
 
         def work(conn: Connection) -> list[int]:
@@ -360,6 +368,7 @@ class KeyRegistry:
 
         def work(conn: Connection) -> None:
             if storage.active_key(conn, self.table, scope) is None:
+                self._refuse_shredded(conn, scope)
                 self._prove_root_key(conn)
                 self._insert_active(conn, scope, storage.next_version(conn, self.table, scope))
 
@@ -393,13 +402,28 @@ class KeyRegistry:
             return count
 
         count = self._run(work)
+        self._forget_shredded(scope)
+        log.warning("shredded scope %r: %d keys destroyed", scope, count)
+        return count
+
+    def _forget_shredded(self, scope: str) -> None:
+        """Drop every cached key of a shredded scope, and its index keys."""
+        scopes = (scope, INDEX_SCOPE_PREFIX + scope)
         with self._lock:
             for key in list(self._by_header.values()):
                 if key.scope in scopes:
                     self._cache.put(replace(key, state=KeyState.DESTROYED, aead=None))
             self._active.pop(scope, None)
-        log.warning("shredded scope %r: %d keys destroyed", scope, count)
-        return count
+            if scope == self.scope:
+                self._index_rows.clear()
+                self._index_ids.clear()
+                self._derived.clear()
+                self._sivs.clear()
+
+    def _refuse_shredded(self, conn: Connection, scope: str) -> None:
+        """A shredded scope gets no new key but from `create_scope`."""
+        if storage.is_shredded(conn, self.table, scope):
+            raise ShreddedScopeError(scope)
 
     # -- key states ----------------------------------------------------------
 
@@ -931,9 +955,16 @@ class KeyRegistry:
                     granted = self._attempt(claim)
                 if granted is True:
                     return self._cache.put(replace(latest, budget=used + block))
-                if granted is transactions.BUSY or not self._rotate_for_policy(latest):
+                if granted is transactions.BUSY:
                     break
+                # Refused, or due by age. Read the scope's active key again
+                # rather than carry on: another process may have rotated, or
+                # shredded the scope (ShreddedScopeError from here on).
                 key = self._fresh_active(latest.scope, force=True)
+                if key.id == latest.id:  # still active: at its limit, or due by age
+                    if not self._rotate_for_policy(latest):
+                        break
+                    key = self._fresh_active(latest.scope, force=True)
             return self._cache.put(replace(latest, budget=used + 1 + block // 8))
 
     def _fresh_active(self, scope: str, *, force: bool = False) -> DataKey:
@@ -948,10 +979,8 @@ class KeyRegistry:
                 return key
             self._check_open()
             row = self._read(lambda conn: storage.active_key(conn, self.table, scope))
-            if row is None and scope != self.scope and self.create_scopes:
-                row = self._create_on_first_use(scope)
             if row is None:
-                raise NoActiveKeyError(scope)
+                row = self._first_key(scope)
             if self.policy.due_by_age(row.created_at, self._now()) and self._rotate_for_policy(
                 self._remember(row, self._cached(row.id))
             ):
@@ -962,6 +991,19 @@ class KeyRegistry:
             return key
         finally:
             self._lock.release()
+
+    def _first_key(self, scope: str) -> KeyRow:
+        """The active key of a scope that has none in data_keys: a tenant's
+        created on first use, unless the scope was shredded."""
+        if self._read(lambda conn: storage.is_shredded(conn, self.table, scope)):
+            self._forget_shredded(scope)
+            raise ShreddedScopeError(scope)
+        row = None
+        if scope != self.scope and self.create_scopes:
+            row = self._create_on_first_use(scope)
+        if row is None:
+            raise NoActiveKeyError(scope)
+        return row
 
     def _fresh_key(self, ciphertext: bytes) -> DataKey:
         fmt.check(ciphertext)

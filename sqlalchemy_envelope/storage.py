@@ -179,6 +179,12 @@ def sample_key(conn: Connection, table: sa.Table, *, for_update: bool = False) -
     return _one(conn, stmt.with_for_update() if for_update else stmt)
 
 
+def is_shredded(conn: Connection, table: sa.Table, scope: str) -> bool:
+    """True if the scope has keys and all of them were destroyed."""
+    stmt = sa.select(table.c.state).where(table.c.scope == scope).distinct()
+    return set(conn.execute(stmt).scalars()) == {KeyState.DESTROYED.value}
+
+
 def key_by_version(
     conn: Connection, table: sa.Table, scope: str, version: int, *, for_update: bool = False
 ) -> KeyRow | None:
