@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.util.concurrency import in_greenlet
 
 from . import binding, census, lifecycle, migrate, storage, transactions
 from . import format as fmt
@@ -938,23 +939,21 @@ class KeyRegistry:
         """The encrypt path ran out of claimed encryptions under ``key``: claim
         another block, or rotate when the key's limit is reached, and return
         the key to use for the encryption at hand. The key in hand stays in use
-        whenever the database cannot answer at once."""
+        whenever the database cannot answer at once; what it encrypts then is
+        claimed with the next block."""
         block = self.policy.block
-        limit = self.policy.max_encryptions
         with self._lock:
             for _ in range(8):
                 latest = self._by_header.get(key.header, key)
                 used = next(latest.counter)
                 if used < latest.budget and latest.state is KeyState.ACTIVE:
                     return latest
+                target = used + block
                 granted: bool | transactions.Busy = False
                 if not self.policy.due_by_age(latest.created_at, self._now()):
-                    claim = partial(
-                        storage.claim, table=self.table, key_id=latest.id, count=block, limit=limit
-                    )
-                    granted = self._attempt(claim)
+                    granted = self._claim_block(latest, target - latest.claimed)
                 if granted is True:
-                    return self._cache.put(replace(latest, budget=used + block))
+                    return self._cache.put(replace(latest, budget=target, claimed=target))
                 if granted is transactions.BUSY:
                     break
                 # Refused, or due by age. Read the scope's active key again
@@ -966,6 +965,61 @@ class KeyRegistry:
                         break
                     key = self._fresh_active(latest.scope, force=True)
             return self._cache.put(replace(latest, budget=used + 1 + block // 8))
+
+    def _claim_block(self, key: DataKey, count: int) -> bool | transactions.Busy:
+        """Claim ``count`` encryptions under ``key`` in data_keys.
+
+        On SQLite, while the application executes a statement, the claim is
+        written on that statement's own connection. SQLite has one writer at a
+        time: a claim committed on another connection would wait for the
+        application's open results to finish (rollback journal), and in WAL
+        mode would make that connection's next write, often the very statement
+        being encrypted for, fail with "database is locked" whenever it holds
+        an older read snapshot. On its own connection the claim waits for
+        nothing that statement would not, and poisons nothing: it is a
+        transaction of its own when none is open there, else it joins the
+        application's (which writes anyway); if that is rolled back, so is the
+        claim, and `_unclaim` makes this process claim those encryptions again
+        before its next one, so the shared counter keeps bounding real use.
+        Elsewhere claims go on the registry's own connections: row locks keep
+        them short, and a claim held until the application commits would make
+        other processes wait for it. (Rotations by policy and first-use scope
+        creation, rare, always commit there, without waiting: a new key must
+        not depend on the application's transaction.)"""
+        limit = self.policy.max_encryptions
+        conn = self._statement_connection()
+        if conn is None:
+            claim = partial(
+                storage.claim, table=self.table, key_id=key.id, count=count, limit=limit
+            )
+            return self._attempt(claim)
+        statement = storage.claim_statement(self.table, key.id, count, limit)
+        changed = transactions.attempt_within(conn, statement, partial(self._unclaim, key, count))
+        return changed if isinstance(changed, transactions.Busy) else changed == 1
+
+    def _statement_connection(self) -> Connection | None:
+        """The SQLite connection of the application statement being executed,
+        on this registry's database, if a claim can be written there now."""
+        if self.engine.dialect.name != "sqlite" or self._pinned.get() is not None:
+            return None
+        conn = binding.statement_connection()
+        if conn is None or conn.closed or conn.invalidated or conn.engine.url != self.engine.url:
+            return None
+        if conn.dialect.is_async and not in_greenlet():
+            return None
+        return conn
+
+    def _unclaim(self, key: DataKey, count: int) -> None:
+        """A claim written in the application's transaction was rolled back
+        with it: the encryptions it covered are claimed again, with the next
+        block, before this process encrypts under the key again."""
+        with self._lock:
+            latest = self._by_header.get(key.header)
+            if latest is not None and latest.id == key.id:
+                claimed = latest.claimed - count
+                self._cache.put(
+                    replace(latest, claimed=claimed, budget=min(latest.budget, claimed))
+                )
 
     def _fresh_active(self, scope: str, *, force: bool = False) -> DataKey:
         stale = self._active.get(scope)
@@ -1044,7 +1098,9 @@ class KeyRegistry:
             created_at=row.created_at,
         )
         if same and previous is not None:
-            key = replace(key, counter=previous.counter, budget=previous.budget)
+            key = replace(
+                key, counter=previous.counter, budget=previous.budget, claimed=previous.claimed
+            )
         return self._cache.put(key)
 
     def _unwrap(self, row: KeyRow) -> bytes:

@@ -243,11 +243,11 @@ def insert_active(
     )
 
 
-def claim(conn: Connection, table: sa.Table, key_id: int, count: int, limit: int) -> bool:
+def claim_statement(table: sa.Table, key_id: int, count: int, limit: int) -> sa.Update:
     """Reserve ``count`` more encryptions under an active key, unless that would
     take it past ``limit``. One statement, so concurrent claims cannot both
-    squeeze under the limit."""
-    stmt = (
+    squeeze under the limit; it changes one row if granted."""
+    return (
         sa.update(table)
         .where(
             table.c.id == key_id,
@@ -256,7 +256,10 @@ def claim(conn: Connection, table: sa.Table, key_id: int, count: int, limit: int
         )
         .values(encryptions=table.c.encryptions + count)
     )
-    return conn.execute(stmt).rowcount == 1
+
+
+def claim(conn: Connection, table: sa.Table, key_id: int, count: int, limit: int) -> bool:
+    return conn.execute(claim_statement(table, key_id, count, limit)).rowcount == 1
 
 
 def set_state(
