@@ -38,6 +38,7 @@ __all__ = [
     "scope",
     "session_scope",
     "slot_for",
+    "statement_connection",
 ]
 
 EXECUTION_OPTION = "envelope_registry"
@@ -48,6 +49,13 @@ SESSION_SCOPE_KEY = "sqlalchemy_envelope.scope"
 _writer: ContextVar[KeyRegistry | None] = ContextVar("envelope_writer", default=None)
 _statement_scope: ContextVar[str | None] = ContextVar("envelope_statement_scope", default=None)
 _ambient_scope: ContextVar[str | None] = ContextVar("envelope_ambient_scope", default=None)
+_connection: ContextVar[Connection | None] = ContextVar("envelope_connection", default=None)
+
+
+def statement_connection() -> Connection | None:
+    """The application's Connection executing the statement whose parameters
+    are being processed (set from before to after its execution), if any."""
+    return _connection.get()
 
 
 def current_scope() -> str | None:
@@ -243,9 +251,22 @@ def _before_execute(
     chosen = execution_options.get(EXECUTION_OPTION)
     _writer.set(chosen)
     _statement_scope.set(execution_options.get(SCOPE_OPTION))
+    _connection.set(conn)
     if chosen is not None:
         slot_for(conn.dialect).add_reader(chosen)
         redact_rows(conn.engine)
+
+
+def _after_execute(
+    conn: Connection,
+    clauseelement: Any,
+    multiparams: Any,
+    params: Any,
+    execution_options: dict[str, Any],
+    result: Any,
+) -> None:
+    if not execution_options.get(INTERNAL_OPTION):
+        _connection.set(None)  # the connection may go back to the pool
 
 
 def _after_begin(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
@@ -262,5 +283,6 @@ def _listen() -> None:
     with _lock:
         if not _listening:
             event.listen(Engine, "before_execute", _before_execute)
+            event.listen(Engine, "after_execute", _after_execute)
             event.listen(Session, "after_begin", _after_begin)
             _listening = True

@@ -28,8 +28,10 @@ class DataKey:
     ``aead`` is None for a key that may not decrypt (disabled or destroyed).
     ``fresh_until`` is a monotonic time after which the row is read again.
     ``counter`` counts this process's encryptions under the key; it is shared
-    by every copy of the entry, and ``budget`` is where the encryptions this
-    process has claimed in data_keys run out.
+    by every copy of the entry. ``budget`` is where the encryptions this
+    process may use run out, and ``claimed`` where those it has claimed in
+    data_keys do: less than ``budget`` while the database was too busy to
+    claim, and the next claim makes up the difference.
     """
 
     id: int
@@ -42,6 +44,7 @@ class DataKey:
     created_at: datetime
     counter: itertools.count[int] = field(default_factory=itertools.count)
     budget: int = 0
+    claimed: int = 0
 
     def __repr__(self) -> str:
         return (

@@ -26,6 +26,7 @@ __all__ = [
     "NotCiphertextError",
     "RootKeyAccessDeniedError",
     "RootKeyUnavailableError",
+    "ShreddedScopeError",
     "UnknownKeyError",
     "ValuesLeftBehindError",
     "WrongRootKeyError",
@@ -68,6 +69,22 @@ class NoActiveKeyError(ConfigurationError):
             f"no active data key in scope {scope!r}: call the registry's init() "
             "(or run `sqlalchemy-envelope init`) before encrypting"
         )
+
+
+class ShreddedScopeError(NoActiveKeyError):
+    """The scope was crypto-shredded: all its data keys were destroyed. It
+    gets no new key behind anyone's back, only from an explicit
+    ``create_scope``."""
+
+    def __init__(self, scope: str) -> None:
+        ConfigurationError.__init__(
+            self,
+            f"scope {scope!r} was crypto-shredded (all its data keys were destroyed): "
+            "nothing can be written for it. If it is meant to come back, re-create it "
+            f"explicitly with KeyRegistry.create_scope({scope!r}); its old values stay "
+            "unreadable",
+        )
+        self.scope = scope
 
 
 class WrongRootKeyError(EnvelopeError):

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.util.concurrency import in_greenlet
 
 from . import binding, census, lifecycle, migrate, storage, strict_mode, transactions
 from . import format as fmt
@@ -45,6 +46,7 @@ from .errors import (
     NoActiveKeyError,
     RootKeyAccessDeniedError,
     RootKeyUnavailableError,
+    ShreddedScopeError,
     UnknownKeyError,
     WrongRootKeyError,
 )
@@ -158,6 +160,7 @@ class KeyRegistry:
         self._now = wall_clock
         self._lock = threading.RLock()
         self._fingerprint: str | None = None
+        self._proven: RootKeyProvider | None = None  # unwrapped a stored key
         self._closed = False
         self._public_name = "KeyRegistry"  # what errors tell the user to create
         self._pinned: ContextVar[Connection | None] = ContextVar("envelope_pinned", default=None)
@@ -241,20 +244,28 @@ class KeyRegistry:
 
     def init(self) -> KeyInfo:
         """Create ``data_keys`` if missing and the scope's first data key if
-        none is active; prove the root key. Safe to call from many processes."""
+        none is active; prove the root key. Safe to call from many processes.
+        A shredded scope is not brought back (`ShreddedScopeError`)."""
         self._check_open()
         self._create_table()
 
         def work(conn: Connection) -> tuple[KeyRow | None, DataKey | None]:
-            self._check_root_key(conn)
             row = storage.active_key(conn, self.table, self.scope)
+            index = storage.key_by_version(conn, self.table, self.index_scope, 1)
+            if row is not None and index is not None:
+                self._check_root_key(conn)  # the active key's unwrapping proves the rest
+                return row, None
+            if row is None:
+                self._refuse_shredded(conn, self.scope)
+            self._prove_root_key(conn)
+            if index is None:
+                self._insert_active(conn, self.index_scope, 1)
             if row is not None:
                 return row, None
             version = storage.next_version(conn, self.table, self.scope)
             return None, self._insert_active(conn, self.scope, version)
 
         row, new = self._run(work)
-        self._run(self._ensure_index_key)
         if new is not None:
             self._cache.put(new)
             log.info("created data key version %d in scope %r", new.version, self.scope)
@@ -268,11 +279,6 @@ class KeyRegistry:
         """The scope of the keys behind this registry's blind indexes and
         deterministic columns."""
         return INDEX_SCOPE_PREFIX + self.scope
-
-    def _ensure_index_key(self, conn: Connection) -> None:
-        scope = self.index_scope
-        if storage.key_by_version(conn, self.table, scope, 1) is None:
-            self._insert_active(conn, scope, 1)
 
     def _create_table(self) -> None:
         try:
@@ -312,10 +318,12 @@ class KeyRegistry:
         """Retire the active key and insert its successor; with ``expected_id``,
         only if that key is still the active one (compare-and-swap), so that
         many processes acting on the same policy decision rotate once."""
-        self._check_root_key(conn)
         retired = storage.retire_active(conn, self.table, scope, self._now(), expected_id)
         if expected_id is not None and retired == 0:
             return None
+        if retired == 0:
+            self._refuse_shredded(conn, scope)
+        self._prove_root_key(conn)
         version = storage.next_version(conn, self.table, scope)
         return self._insert_active(conn, scope, version)
 
@@ -351,11 +359,13 @@ class KeyRegistry:
 
     def create_scope(self, *scopes: str) -> list[KeyInfo]:
         """Give each scope that has none an active data key, in one
-        transaction. Scopes are also created on first use (``create_scopes``)."""
+        transaction. Scopes are also created on first use (``create_scopes``),
+        except shredded ones, which only this brings back (with a new key
+        version; their old values stay unreadable)."""
         names = [_check_scope(s) for s in scopes]
 
         def work(conn: Connection) -> list[int]:
-            self._check_root_key(conn)
+            self._prove_root_key(conn)
             created = []
             for name in names:
                 if storage.active_key(conn, self.table, name) is None:
@@ -378,6 +388,8 @@ class KeyRegistry:
 
         def work(conn: Connection) -> None:
             if storage.active_key(conn, self.table, scope) is None:
+                self._refuse_shredded(conn, scope)
+                self._prove_root_key(conn)
                 self._insert_active(conn, scope, storage.next_version(conn, self.table, scope))
 
         outcome = self._attempt(work)
@@ -410,13 +422,28 @@ class KeyRegistry:
             return count
 
         count = self._run(work)
+        self._forget_shredded(scope)
+        log.warning("shredded scope %r: %d keys destroyed", scope, count)
+        return count
+
+    def _forget_shredded(self, scope: str) -> None:
+        """Drop every cached key of a shredded scope, and its index keys."""
+        scopes = (scope, INDEX_SCOPE_PREFIX + scope)
         with self._lock:
             for key in list(self._by_header.values()):
                 if key.scope in scopes:
                     self._cache.put(replace(key, state=KeyState.DESTROYED, aead=None))
             self._active.pop(scope, None)
-        log.warning("shredded scope %r: %d keys destroyed", scope, count)
-        return count
+            if scope == self.scope:
+                self._index_rows.clear()
+                self._index_ids.clear()
+                self._derived.clear()
+                self._sivs.clear()
+
+    def _refuse_shredded(self, conn: Connection, scope: str) -> None:
+        """A shredded scope gets no new key but from `create_scope`."""
+        if storage.is_shredded(conn, self.table, scope):
+            raise ShreddedScopeError(scope)
 
     # -- key states ----------------------------------------------------------
 
@@ -552,6 +579,7 @@ class KeyRegistry:
         with self._lock:
             self.root_key = new_root_key
             self._fingerprint = new_fingerprint
+            self._proven = new_root_key  # it wrapped, and unwrapped, every stored key
             self._index_rows.clear()  # their wrapped keys changed
         log.info("re-wrapped %d data keys under root key %s", count, new_fingerprint)
         return count
@@ -809,18 +837,25 @@ class KeyRegistry:
             row = self._read(lambda c: storage.key_by_id(c, self.table, key_id))
             if row is None:
                 raise UnknownKeyError(key_id)
+            if row.scope != self.index_scope:
+                # Only this registry's index keys encrypt deterministically: a
+                # header naming any other key was altered. Nothing is cached.
+                raise self._deterministic_failure(context)
             version = row.version
-            self._index_ids[key_id] = version
         header, siv = self._siv(context, version)
         if ciphertext[: fmt.HEADER_BYTES] != header:
-            raise DecryptionError("deterministic value names another key than its scope's")
+            raise self._deterministic_failure(context)
         try:
             return siv.decrypt(ciphertext[fmt.HEADER_BYTES :], [header, context])
         except InvalidTag:
-            raise DecryptionError(
-                f"value for context {context.decode('utf-8', 'replace')!r} failed "
-                "authentication: it was altered, or written for another column"
-            ) from None
+            raise self._deterministic_failure(context) from None
+
+    @staticmethod
+    def _deterministic_failure(context: bytes) -> DecryptionError:
+        return DecryptionError(
+            f"value for context {context.decode('utf-8', 'replace')!r} failed "
+            "authentication: it was altered, or written for another column"
+        )
 
     # -- the hot path ----------------------------------------------------
 
@@ -934,27 +969,87 @@ class KeyRegistry:
         """The encrypt path ran out of claimed encryptions under ``key``: claim
         another block, or rotate when the key's limit is reached, and return
         the key to use for the encryption at hand. The key in hand stays in use
-        whenever the database cannot answer at once."""
+        whenever the database cannot answer at once; what it encrypts then is
+        claimed with the next block."""
         block = self.policy.block
-        limit = self.policy.max_encryptions
         with self._lock:
             for _ in range(8):
                 latest = self._by_header.get(key.header, key)
                 used = next(latest.counter)
                 if used < latest.budget and latest.state is KeyState.ACTIVE:
                     return latest
+                target = used + block
                 granted: bool | transactions.Busy = False
                 if not self.policy.due_by_age(latest.created_at, self._now()):
-                    claim = partial(
-                        storage.claim, table=self.table, key_id=latest.id, count=block, limit=limit
-                    )
-                    granted = self._attempt(claim)
+                    granted = self._claim_block(latest, target - latest.claimed)
                 if granted is True:
-                    return self._cache.put(replace(latest, budget=used + block))
-                if granted is transactions.BUSY or not self._rotate_for_policy(latest):
+                    return self._cache.put(replace(latest, budget=target, claimed=target))
+                if granted is transactions.BUSY:
                     break
+                # Refused, or due by age. Read the scope's active key again
+                # rather than carry on: another process may have rotated, or
+                # shredded the scope (ShreddedScopeError from here on).
                 key = self._fresh_active(latest.scope, force=True)
+                if key.id == latest.id:  # still active: at its limit, or due by age
+                    if not self._rotate_for_policy(latest):
+                        break
+                    key = self._fresh_active(latest.scope, force=True)
             return self._cache.put(replace(latest, budget=used + 1 + block // 8))
+
+    def _claim_block(self, key: DataKey, count: int) -> bool | transactions.Busy:
+        """Claim ``count`` encryptions under ``key`` in data_keys.
+
+        On SQLite, while the application executes a statement, the claim is
+        written on that statement's own connection. SQLite has one writer at a
+        time: a claim committed on another connection would wait for the
+        application's open results to finish (rollback journal), and in WAL
+        mode would make that connection's next write, often the very statement
+        being encrypted for, fail with "database is locked" whenever it holds
+        an older read snapshot. On its own connection the claim waits for
+        nothing that statement would not, and poisons nothing: it is a
+        transaction of its own when none is open there, else it joins the
+        application's (which writes anyway); if that is rolled back, so is the
+        claim, and `_unclaim` makes this process claim those encryptions again
+        before its next one, so the shared counter keeps bounding real use.
+        Elsewhere claims go on the registry's own connections: row locks keep
+        them short, and a claim held until the application commits would make
+        other processes wait for it. (Rotations by policy and first-use scope
+        creation, rare, always commit there, without waiting: a new key must
+        not depend on the application's transaction.)"""
+        limit = self.policy.max_encryptions
+        conn = self._statement_connection()
+        if conn is None:
+            claim = partial(
+                storage.claim, table=self.table, key_id=key.id, count=count, limit=limit
+            )
+            return self._attempt(claim)
+        statement = storage.claim_statement(self.table, key.id, count, limit)
+        changed = transactions.attempt_within(conn, statement, partial(self._unclaim, key, count))
+        return changed if isinstance(changed, transactions.Busy) else changed == 1
+
+    def _statement_connection(self) -> Connection | None:
+        """The SQLite connection of the application statement being executed,
+        on this registry's database, if a claim can be written there now."""
+        if self.engine.dialect.name != "sqlite" or self._pinned.get() is not None:
+            return None
+        conn = binding.statement_connection()
+        if conn is None or conn.closed or conn.invalidated or conn.engine.url != self.engine.url:
+            return None
+        if conn.dialect.is_async and not in_greenlet():
+            return None
+        return conn
+
+    def _unclaim(self, key: DataKey, count: int) -> None:
+        """A claim written in the application's transaction was rolled back
+        with it: the encryptions it covered are claimed again, with the next
+        block, before this process encrypts under the key again."""
+        with self._lock:
+            latest = self._by_header.get(key.header)
+            if latest is not None and latest.id == key.id:
+                claimed = latest.claimed - count
+                self._cache.put(
+                    replace(latest, claimed=claimed, budget=min(latest.budget, claimed))
+                )
 
     def _fresh_active(self, scope: str, *, force: bool = False) -> DataKey:
         stale = self._active.get(scope)
@@ -968,10 +1063,8 @@ class KeyRegistry:
                 return key
             self._check_open()
             row = self._read(lambda conn: storage.active_key(conn, self.table, scope))
-            if row is None and scope != self.scope and self.create_scopes:
-                row = self._create_on_first_use(scope)
             if row is None:
-                raise NoActiveKeyError(scope)
+                row = self._first_key(scope)
             if self.policy.due_by_age(row.created_at, self._now()) and self._rotate_for_policy(
                 self._remember(row, self._cached(row.id))
             ):
@@ -982,6 +1075,19 @@ class KeyRegistry:
             return key
         finally:
             self._lock.release()
+
+    def _first_key(self, scope: str) -> KeyRow:
+        """The active key of a scope that has none in data_keys: a tenant's
+        created on first use, unless the scope was shredded."""
+        if self._read(lambda conn: storage.is_shredded(conn, self.table, scope)):
+            self._forget_shredded(scope)
+            raise ShreddedScopeError(scope)
+        row = None
+        if scope != self.scope and self.create_scopes:
+            row = self._create_on_first_use(scope)
+        if row is None:
+            raise NoActiveKeyError(scope)
+        return row
 
     def _fresh_key(self, ciphertext: bytes) -> DataKey:
         fmt.check(ciphertext)
@@ -1022,23 +1128,32 @@ class KeyRegistry:
             created_at=row.created_at,
         )
         if same and previous is not None:
-            key = replace(key, counter=previous.counter, budget=previous.budget)
+            key = replace(
+                key, counter=previous.counter, budget=previous.budget, claimed=previous.claimed
+            )
         return self._cache.put(key)
 
     def _unwrap(self, row: KeyRow) -> bytes:
         assert row.wrapped_key is not None
         if row.root_key_fingerprint != self._root_fingerprint():
             raise self._wrong_root_key(row.root_key_fingerprint)
+        root_key = self.root_key
         try:
-            return self.root_key.unwrap(row.wrapped_key, self._wrap_context(row.id, row.scope))
+            plaintext = root_key.unwrap(row.wrapped_key, self._wrap_context(row.id, row.scope))
         except DecryptionError:
             raise WrongRootKeyError(
                 f"data key version {row.version} of scope {row.scope!r} does not unwrap "
-                "with this root key although the fingerprints match: its data_keys row "
-                "was altered; restore data_keys from a backup"
+                f"with this root key although the fingerprints match ({row.root_key_fingerprint}):"
+                " this is another key under the same fingerprint (check the root key "
+                "configuration), or its data_keys row was altered (restore data_keys from "
+                "a backup)"
             ) from None
+        self._proven = root_key
+        return plaintext
 
     def _insert_active(self, conn: Connection, scope: str, version: int) -> DataKey:
+        """Insert a new active data key. Callers prove the root key first, in the
+        same transaction (`_prove_root_key`)."""
         plaintext = new_data_key()
         key_id = 1 + secrets.randbelow(fmt.MAX_KEY_ID)
         now = self._now()
@@ -1089,6 +1204,31 @@ class KeyRegistry:
         foreign = storage.foreign_fingerprints(conn, self.table, self._root_fingerprint())
         if foreign:
             raise self._wrong_root_key(foreign[0])
+
+    def _prove_root_key(self, conn: Connection) -> None:
+        """Refuse to insert a data key unless this root key is the one that
+        wrapped the stored keys, so that a misconfigured process cannot add a
+        key that locks everyone else out. Matching fingerprints do not prove
+        it when a fingerprint names the key rather than derives from it (a KMS
+        key id, a Vault key name): a stored key must also unwrap, once per
+        process and root key. With no stored key there is nothing to prove
+        against: the table is locked, so that a process with another root key
+        cannot start it at the same time."""
+        self._check_root_key(conn)
+        row = storage.sample_key(conn, self.table)
+        if row is None:
+            storage.lock_table(conn, self.table)
+            row = storage.sample_key(conn, self.table, for_update=True)
+            if row is None:
+                return
+        if row.root_key_fingerprint != self._root_fingerprint():
+            raise self._wrong_root_key(row.root_key_fingerprint)
+        if self._proven is self.root_key:
+            return
+        try:
+            self._unwrap(row)
+        except WrongRootKeyError as error:
+            raise WrongRootKeyError(f"{error}. Nothing was written.") from None
 
     def _wrong_root_key(self, stored: str) -> WrongRootKeyError:
         return WrongRootKeyError(

@@ -178,6 +178,19 @@ def foreign_fingerprints(conn: Connection, table: sa.Table, fingerprint: str) ->
     return list(conn.execute(stmt).scalars())
 
 
+def sample_key(conn: Connection, table: sa.Table, *, for_update: bool = False) -> KeyRow | None:
+    """One key that still has its wrapped key, if any: what a registry unwraps
+    to prove that it holds the root key."""
+    stmt = sa.select(table).where(table.c.wrapped_key.is_not(None)).order_by(table.c.id).limit(1)
+    return _one(conn, stmt.with_for_update() if for_update else stmt)
+
+
+def is_shredded(conn: Connection, table: sa.Table, scope: str) -> bool:
+    """True if the scope has keys and all of them were destroyed."""
+    stmt = sa.select(table.c.state).where(table.c.scope == scope).distinct()
+    return set(conn.execute(stmt).scalars()) == {KeyState.DESTROYED.value}
+
+
 def key_by_version(
     conn: Connection, table: sa.Table, scope: str, version: int, *, for_update: bool = False
 ) -> KeyRow | None:
@@ -236,11 +249,11 @@ def insert_active(
     )
 
 
-def claim(conn: Connection, table: sa.Table, key_id: int, count: int, limit: int) -> bool:
+def claim_statement(table: sa.Table, key_id: int, count: int, limit: int) -> sa.Update:
     """Reserve ``count`` more encryptions under an active key, unless that would
     take it past ``limit``. One statement, so concurrent claims cannot both
-    squeeze under the limit."""
-    stmt = (
+    squeeze under the limit; it changes one row if granted."""
+    return (
         sa.update(table)
         .where(
             table.c.id == key_id,
@@ -249,7 +262,10 @@ def claim(conn: Connection, table: sa.Table, key_id: int, count: int, limit: int
         )
         .values(encryptions=table.c.encryptions + count)
     )
-    return conn.execute(stmt).rowcount == 1
+
+
+def claim(conn: Connection, table: sa.Table, key_id: int, count: int, limit: int) -> bool:
+    return conn.execute(claim_statement(table, key_id, count, limit)).rowcount == 1
 
 
 def set_state(

@@ -5,21 +5,26 @@ a serialization failure, SQLite's "database is locked") until it commits.
 `attempt` is for writes made on behalf of the encrypt path: it must never wait
 on a lock the application itself may hold (SQLite locks the whole database
 for the length of a write transaction), so it gives up at once and lets the
-caller carry on with the key it already has.
+caller carry on with the key it already has. `attempt_within` writes on the
+application's own SQLite connection instead, for the block claims of the
+encrypt path (see `KeyRegistry._claim_block`).
 """
 
 from __future__ import annotations
 
 import random
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
+from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
-__all__ = ["BUSY", "Busy", "attempt", "is_contention", "run"]
+__all__ = ["BUSY", "Busy", "attempt", "attempt_within", "is_contention", "run"]
 
 T = TypeVar("T")
 _ATTEMPTS = 40
@@ -46,7 +51,12 @@ def is_contention(error: sa.exc.DBAPIError) -> bool:
     if sqlstate in _RETRYABLE_SQLSTATES:
         return True
     text = str(orig).lower()
-    return "database is locked" in text or "deadlock" in text or "lock wait timeout" in text
+    return _locked(orig) or "deadlock" in text or "lock wait timeout" in text
+
+
+def _locked(error: object) -> bool:
+    """SQLite's answer when another connection holds the lock (SQLITE_BUSY)."""
+    return "database is locked" in str(error).lower()
 
 
 def run(bind: Engine | Connection, work: Callable[[Connection], T]) -> T:
@@ -69,18 +79,26 @@ def run(bind: Engine | Connection, work: Callable[[Connection], T]) -> T:
 
 
 @contextmanager
-def _no_waiting(conn: Connection) -> Iterator[None]:
-    if conn.dialect.name == "sqlite":
-        previous = conn.exec_driver_sql("PRAGMA busy_timeout").scalar()
-        conn.exec_driver_sql("PRAGMA busy_timeout = 0")
+def _no_busy_wait(conn: Connection) -> Iterator[None]:
+    """On SQLite, fail at once rather than wait for a lock while the block
+    runs, its COMMIT included: in rollback-journal mode COMMIT is what waits,
+    for every reader to finish. Set on the DBAPI connection, so that it
+    neither begins a transaction nor fires the application's statement events."""
+    if conn.dialect.name != "sqlite":
+        yield
+        return
+    cursor = conn.connection.cursor()
+    try:
+        cursor.execute("PRAGMA busy_timeout")
+        row = cursor.fetchone()
+        previous = int(row[0]) if row else 0
+        cursor.execute("PRAGMA busy_timeout = 0")
         try:
             yield
         finally:
-            conn.exec_driver_sql(f"PRAGMA busy_timeout = {int(previous or 0)}")
-        return
-    if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql("SET LOCAL lock_timeout = '250ms'")
-    yield
+            cursor.execute(f"PRAGMA busy_timeout = {previous}")
+    finally:
+        cursor.close()
 
 
 def attempt(bind: Engine | Connection, work: Callable[[Connection], T]) -> T | Busy:
@@ -88,9 +106,75 @@ def attempt(bind: Engine | Connection, work: Callable[[Connection], T]) -> T | B
     if isinstance(bind, Connection):
         return work(bind)
     try:
-        with bind.connect() as conn, conn.begin(), _no_waiting(conn):
+        with bind.connect() as conn, _no_busy_wait(conn), conn.begin():
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql("SET LOCAL lock_timeout = '250ms'")
             return work(conn)
     except sa.exc.DBAPIError as error:
         if is_contention(error):
             return BUSY
         raise
+
+
+def attempt_within(
+    conn: Connection, statement: sa.ClauseElement, undo: Callable[[], None]
+) -> int | Busy:
+    """Run one write ``statement`` on the application's own SQLite connection
+    ``conn``, in the middle of its statement, without waiting for a lock;
+    return the number of rows it changed. With no transaction open there, it
+    is a transaction of its own, committed at once. Inside the application's
+    transaction it joins it, and ``undo`` is called if that transaction (or a
+    savepoint) is rolled back. Run on the DBAPI connection: it must not begin
+    SQLAlchemy's transaction nor fire statement events (a ``begin`` listener
+    may emit BEGIN; the application's statement in progress has its own)."""
+    dbapi = conn.connection
+    driver: Any = dbapi.driver_connection  # sqlite3's, or aiosqlite's
+    sql = str(statement.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+    joined = bool(driver.in_transaction)
+    cursor = dbapi.cursor()
+    try:
+        with _no_busy_wait(conn):
+            try:
+                cursor.execute(sql)
+                changed = int(cursor.rowcount)
+                if not joined and driver.in_transaction:
+                    dbapi.commit()
+            except conn.dialect.loaded_dbapi.Error as error:
+                if not joined and driver.in_transaction:
+                    dbapi.rollback()
+                if _locked(error):
+                    return BUSY
+                raise
+    finally:
+        cursor.close()
+    if joined:
+        _undo_on_rollback(conn, undo)
+    return changed
+
+
+_undos: weakref.WeakKeyDictionary[Connection, list[Callable[[], None]]] = (
+    weakref.WeakKeyDictionary()
+)
+_undos_lock = threading.Lock()
+
+
+def _undo_on_rollback(conn: Connection, undo: Callable[[], None]) -> None:
+    """Call ``undo`` if the transaction of ``conn`` is rolled back, or rolled
+    back to a savepoint (the write may have been after it: undoing too much
+    only claims again); forget it once the transaction commits. SQLAlchemy
+    says so just before its COMMIT: a COMMIT that then fails loses the undo."""
+    with _undos_lock:
+        undos = _undos.get(conn)
+        if undos is None:
+            undos = _undos[conn] = []
+
+            def rolled_back(*_: object) -> None:
+                pending = list(undos)
+                undos.clear()
+                for call in pending:
+                    call()
+
+            event.listen(conn, "commit", lambda _: undos.clear())
+            event.listen(conn, "rollback", rolled_back)
+            event.listen(conn, "rollback_savepoint", rolled_back)
+    undos.append(undo)

@@ -8,8 +8,10 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -423,3 +425,64 @@ def test_a_closed_registry_names_the_async_class(db_url: str, root_key: StaticRo
         assert " KeyRegistry(" not in str(info.value)
 
     _run(db_url, body)
+
+
+@pytest.mark.parametrize("journal", ["delete", "wal"])
+def test_a_new_key_met_mid_stream_on_aiosqlite_neither_waits_nor_breaks_the_write(
+    tmp_path: Path, journal: str, clocks: Clocks
+) -> None:
+    raw = os.urandom(32)
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    other_engine = sa.create_engine(url)  # another process's
+    with other_engine.connect() as conn:
+        conn.exec_driver_sql(f"PRAGMA journal_mode = {journal}")
+    other = KeyRegistry(other_engine, StaticRootKey(raw), attach=False)
+
+    async def body(engine: AsyncEngine) -> None:
+        registry = await _setup(
+            engine, StaticRootKey(raw), cache_max_age=60, clock=clocks.monotonic
+        )
+        sessions = async_sessionmaker(engine)
+        async with sessions() as session:
+            session.add_all(Patient(id=i, name=f"first {i}") for i in range(6))
+            await session.commit()
+        query = sa.select(Patient.id).order_by(Patient.id)
+        next_id = 100
+        for how in ("connection", "session", "connection", "session"):
+            # Another process rotates; the next write here meets the new key
+            # while a streamed result is open on the connection that writes.
+            await asyncio.to_thread(other.rotate)
+            clocks.advance(61)
+            start = time.monotonic()
+            if how == "connection":
+                async with engine.connect() as conn:
+                    result = await conn.stream(query)
+                    assert len(await result.fetchmany(2)) == 2
+                    for _ in range(2):
+                        await conn.execute(
+                            sa.insert(Patient), {"id": next_id, "name": f"new {next_id}"}
+                        )
+                        next_id += 1
+                    assert len(await result.fetchall()) >= 4
+                    await conn.commit()
+            else:
+                async with sessions() as session:
+                    stream = await session.stream(query)
+                    assert len(await stream.fetchmany(2)) == 2
+                    for _ in range(2):
+                        session.add(Patient(id=next_id, name=f"new {next_id}"))
+                        await session.flush()
+                        next_id += 1
+                    assert len(await stream.fetchall()) >= 4
+                    await session.commit()
+            # Loosely: the busy timeout is 30 s, and nothing may wait for it.
+            assert time.monotonic() - start < 15
+        async with sessions() as session:
+            names = await session.scalars(sa.select(Patient.name).where(Patient.id >= 100))
+            assert sorted(names) == [f"new {i}" for i in range(100, 108)]
+        assert ((await registry.status()).active_encryptions or 0) >= 2
+        await registry.close()
+
+    _run(url, body, connect_args={"timeout": 30})
+    other.close()
+    other_engine.dispose()

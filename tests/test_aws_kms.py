@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from conftest import Clocks, KMSServer, encrypted_table
+from sqlalchemy.orm import Session
 
 from sqlalchemy_envelope import (
+    SCOPE_OPTION,
     AWSKMSRootKey,
     ConfigurationError,
     KeyRegistry,
@@ -24,6 +26,7 @@ from sqlalchemy_envelope import (
     StaticRootKey,
     WrongRootKeyError,
     root_key_from_env,
+    session_scope,
 )
 
 
@@ -63,7 +66,11 @@ def test_kms_wraps_data_keys_and_is_called_only_for_key_events(
     registry.rotate()
     with engine.begin() as conn:
         conn.execute(table.insert(), [{"id": 300 + i, "body": "later"} for i in range(100)])
-    assert calls == {"Encrypt": 3}
+    # Before inserting a key the registry proves, once, that its KMS key
+    # unwraps a stored one (a fingerprint only names the KMS key).
+    assert calls == {"Encrypt": 3, "Decrypt": 1}
+    registry.rotate()
+    assert calls == {"Encrypt": 4, "Decrypt": 1}
     status = registry.status()
     assert status.root_key_fingerprint == "aws-kms:" + arn.rpartition("/")[2]
     assert status.root_key_description == f"aws-kms {arn}"
@@ -342,3 +349,59 @@ def test_three_attempts_by_default(kms: KMSServer) -> None:
     with pytest.raises(RootKeyUnavailableError):
         root_key.check()
     assert len(sent) == 3
+
+
+def test_a_wrong_kms_key_writing_for_a_new_tenant_writes_nothing(
+    kms: KMSServer, engine: sa.Engine
+) -> None:
+    right = KeyRegistry(engine, AWSKMSRootKey(kms.create_key()))
+    right.init()
+    table = encrypted_table("notes")
+    table.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), {"id": 1, "body": "kept"})
+
+    def key_rows() -> list[Any]:
+        with engine.connect() as conn:
+            return list(conn.execute(sa.text("SELECT * FROM data_keys ORDER BY id")).all())
+
+    before = key_rows()
+    # Another process, configured with another KMS key, first writes for a tenant with no key.
+    wrong_engine = sa.create_engine(engine.url)
+    wrong = KeyRegistry(wrong_engine, AWSKMSRootKey(kms.create_key()))
+    for attempt in range(2):
+        with wrong_engine.connect() as conn, pytest.raises(WrongRootKeyError, match="aws-kms:"):
+            conn.execute(
+                table.insert(),
+                {"id": 10 + attempt, "body": "lost"},
+                execution_options={SCOPE_OPTION: "tenant"},
+            )
+        with (
+            Session(wrong_engine) as session,
+            session_scope(session, "tenant"),
+            pytest.raises(WrongRootKeyError, match="Nothing was written"),
+        ):
+            session.execute(table.insert(), {"id": 20 + attempt, "body": "lost"})
+            session.commit()
+    assert key_rows() == before
+    assert _bodies(engine, table) == ["kept"]
+
+    # The correctly configured application carries on.
+    assert right.init().version == 1
+    assert right.rotate().version == 2
+    assert right.status().active_version == 2
+    for attempt in range(2):
+        with engine.begin() as conn:
+            conn.execute(
+                table.insert(),
+                {"id": 30 + attempt, "body": "tenant"},
+                execution_options={SCOPE_OPTION: "tenant"},
+            )
+        with Session(engine) as session:
+            session.execute(table.insert(), {"id": 40 + attempt, "body": "default"})
+            session.commit()
+    assert _bodies(engine, table) == ["kept", "tenant", "tenant", "default", "default"]
+    assert right.status("tenant").active_version == 1
+    wrong.close()
+    wrong_engine.dispose()
+    right.close()

@@ -4,9 +4,14 @@ holds every pooled connection does not wait for one."""
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
+from typing import Any
 
+import pytest
 import sqlalchemy as sa
-from conftest import encrypted_table
+from conftest import Clocks, encrypted_table
+from sqlalchemy.orm import Session
 
 from sqlalchemy_envelope import KeyRegistry, StaticRootKey
 
@@ -55,4 +60,80 @@ def test_an_in_memory_database_shares_the_application_pool() -> None:
     registry.close()
     with engine.connect() as conn:  # close() left the application's database alone
         assert conn.execute(sa.text("SELECT count(*) FROM data_keys")).scalar() == 2
+    engine.dispose()
+
+
+def _sqlite_engine(path: Path, journal: str, begin: str) -> sa.Engine:
+    """An application engine on a SQLite file that waits up to 30 s for locks.
+    With ``begin="explicit"``, transactions begin with BEGIN, as SQLAlchemy's
+    pysqlite documentation recommends, rather than before the first write."""
+    engine = sa.create_engine(f"sqlite:///{path}", connect_args={"timeout": 30})
+    with engine.connect() as conn:  # WAL is a property of the file, kept across connections
+        conn.exec_driver_sql(f"PRAGMA journal_mode = {journal}")
+    if begin == "explicit":
+
+        @sa.event.listens_for(engine, "connect")
+        def connect(dbapi_connection: Any, record: Any) -> None:
+            dbapi_connection.isolation_level = None
+
+        @sa.event.listens_for(engine, "begin")
+        def begin_(conn: sa.Connection) -> None:
+            conn.exec_driver_sql("BEGIN")
+
+        engine.dispose()  # connect again, with the listener
+    return engine
+
+
+@pytest.mark.parametrize("begin", ["driver", "explicit"])
+@pytest.mark.parametrize("journal", ["delete", "wal"])
+def test_a_new_key_met_mid_stream_neither_waits_nor_breaks_the_write(
+    tmp_path: Path, journal: str, begin: str, clocks: Clocks
+) -> None:
+    root = StaticRootKey(os.urandom(32))
+    engine = _sqlite_engine(tmp_path / "app.db", journal, begin)
+    registry = KeyRegistry(engine, root, cache_max_age=60, clock=clocks.monotonic)
+    registry.init()
+    table = encrypted_table("notes")
+    table.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": i, "body": f"first {i}"} for i in range(6)])
+    other_engine = sa.create_engine(engine.url)
+    other = KeyRegistry(other_engine, root, attach=False)
+    query = sa.select(table.c.id).order_by(table.c.id)
+    next_id = 100
+    for how in ("connection", "session", "connection", "session"):
+        # Another process rotates; this one meets the new key at its next write,
+        # which must claim encryptions under it while a result is still open
+        # on the very connection that writes.
+        other.rotate()
+        clocks.advance(61)
+        start = time.monotonic()
+        if how == "connection":
+            with engine.connect() as conn:
+                rows = conn.execution_options(stream_results=True).execute(query)
+                assert len(rows.fetchmany(2)) == 2
+                for _ in range(2):
+                    conn.execute(table.insert(), {"id": next_id, "body": f"new {next_id}"})
+                    next_id += 1
+                assert len(rows.fetchall()) >= 4
+                conn.commit()
+        else:
+            with Session(engine) as session:
+                result = session.execute(query, execution_options={"yield_per": 2})
+                assert len(result.fetchmany(2)) == 2
+                for _ in range(2):
+                    session.execute(table.insert(), {"id": next_id, "body": f"new {next_id}"})
+                    next_id += 1
+                assert len(result.fetchall()) >= 4
+                session.commit()
+        # Loosely: the busy timeout is 30 s, and nothing may wait for it.
+        assert time.monotonic() - start < 15
+    with engine.connect() as conn:
+        bodies = conn.execute(sa.select(table.c.body).where(table.c.id >= 100)).scalars()
+        assert sorted(bodies) == [f"new {i}" for i in range(100, 108)]
+    # The claims were made, and count every encryption under the newest key.
+    assert (registry.status().active_encryptions or 0) >= 2
+    other.close()
+    other_engine.dispose()
+    registry.close()
     engine.dispose()

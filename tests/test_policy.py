@@ -8,7 +8,8 @@ from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
-from conftest import Clocks
+from conftest import Clocks, encrypted_table
+from sqlalchemy.orm import Session
 
 from sqlalchemy_envelope import (
     ConfigurationError,
@@ -61,6 +62,46 @@ def test_rotation_by_use_never_passes_the_limit(engine: sa.Engine, root_key: Sta
     assert [registry.decrypt(c, "t.c") for c in sealed] == [
         f"value {i}".encode() for i in range(2000)
     ]
+    registry.close()
+
+
+def _claimed(registry: KeyRegistry) -> int:
+    """Encryptions claimed in data_keys under every key of the scope."""
+    return sum(key.encryptions for key in registry.status().keys)
+
+
+@pytest.mark.parametrize("how", ["connection", "session"])
+def test_the_counter_bounds_use_in_long_and_rolled_back_transactions(
+    engine: sa.Engine, root_key: StaticRootKey, how: str
+) -> None:
+    registry = KeyRegistry(engine, root_key, max_encryptions=6400)  # blocks of 100
+    registry.init()
+    table = encrypted_table("notes")
+    table.metadata.create_all(engine)
+
+    def write(ids: range, commit: bool) -> None:
+        # One statement per row, all in one transaction: on SQLite the
+        # transaction holds the database's write lock from its first row on.
+        if how == "connection":
+            with engine.connect() as conn:
+                for i in ids:
+                    conn.execute(table.insert(), {"id": i, "body": f"note {i}"})
+                if commit:
+                    conn.commit()
+        else:
+            with Session(engine) as session:
+                for i in ids:
+                    session.execute(table.insert(), {"id": i, "body": f"note {i}"})
+                if commit:
+                    session.commit()
+
+    write(range(350), commit=True)
+    assert _claimed(registry) >= 350
+    write(range(1000, 1350), commit=False)  # rolled back: its encryptions still count
+    write(range(2000, 2010), commit=True)
+    assert _claimed(registry) >= 710
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(table)).scalar() == 360
     registry.close()
 
 

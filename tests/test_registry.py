@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import threading
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import sqlalchemy_envelope
 from sqlalchemy_envelope import (
     EXECUTION_OPTION,
+    SCOPE_OPTION,
     ConfigurationError,
     DecryptionError,
     EncryptedType,
@@ -29,6 +30,7 @@ from sqlalchemy_envelope import (
     StaticRootKey,
     UnknownKeyError,
     WrongRootKeyError,
+    session_scope,
 )
 from sqlalchemy_envelope import format as fmt
 
@@ -115,6 +117,93 @@ def test_wrong_root_key_is_refused_and_writes_nothing(
         conn.execute(sa.select(table.c.value)).scalar_one()
     assert _key_rows(engine) == before
     intruder.close()
+
+
+class NamedRootKey:
+    """A provider whose fingerprint is a name, not derived from the key (as
+    with a Vault Transit key name): two such keys can share a fingerprint."""
+
+    description = "named static key"
+
+    def __init__(self, key: bytes) -> None:
+        self._key = StaticRootKey(key)
+        self.fingerprint = "named:app"
+
+    def wrap(self, data_key: bytes, context: Mapping[str, str]) -> bytes:
+        return self._key.wrap(data_key, context)
+
+    def unwrap(self, wrapped: bytes, context: Mapping[str, str]) -> bytes:
+        return self._key.unwrap(wrapped, context)
+
+
+def _all_key_rows(engine: sa.Engine) -> list[Any]:
+    with engine.connect() as conn:
+        return list(conn.execute(sa.text("SELECT * FROM data_keys ORDER BY id")).all())
+
+
+@pytest.mark.parametrize("provider", [StaticRootKey, NamedRootKey])
+def test_a_wrong_root_key_writes_nothing_on_any_path(
+    engine: sa.Engine, second_engine: sa.Engine, provider: Callable[[bytes], Any]
+) -> None:
+    # With NamedRootKey the fingerprints match and only the key material differs.
+    right = KeyRegistry(engine, provider(os.urandom(32)))
+    right.init()
+    table = _secrets_table()
+    table.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), {"id": 1, "value": "kept"})
+    before = _all_key_rows(engine)
+
+    # A misconfigured process whose first write goes to a tenant with no key yet.
+    wrong = KeyRegistry(second_engine, provider(os.urandom(32)))
+    for attempt in range(2):
+        with second_engine.connect() as conn, pytest.raises(WrongRootKeyError):
+            conn.execute(
+                table.insert(),
+                {"id": 10 + attempt, "value": "lost"},
+                execution_options={SCOPE_OPTION: "new-tenant"},
+            )
+        with (
+            Session(second_engine) as session,
+            session_scope(session, "new-tenant"),
+            pytest.raises(WrongRootKeyError),
+        ):
+            session.execute(table.insert(), {"id": 20 + attempt, "value": "lost"})
+            session.commit()
+    for call in (
+        wrong.init,
+        wrong.rotate,
+        lambda: wrong.rotate("new-tenant"),
+        lambda: wrong.create_scope("new-tenant"),
+        lambda: wrong.encrypt_bytes(b"x", b"t.c", "other-tenant"),
+        lambda: KeyRegistry(second_engine, wrong.root_key, scope="new", attach=False).init(),
+    ):
+        with pytest.raises(WrongRootKeyError):
+            call()
+    assert _all_key_rows(engine) == before
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(table)).scalar() == 1
+
+    # The correctly configured application is not locked out.
+    assert right.init().version == 1
+    assert right.rotate().version == 2
+    assert right.status().active_version == 2
+    for attempt in range(2):
+        with engine.begin() as conn:
+            conn.execute(
+                table.insert(),
+                {"id": 30 + attempt, "value": "tenant"},
+                execution_options={SCOPE_OPTION: "new-tenant"},
+            )
+        with Session(engine) as session:
+            session.execute(table.insert(), {"id": 40 + attempt, "value": "default"})
+            session.commit()
+    with engine.connect() as conn:
+        values = conn.execute(sa.select(table.c.value).order_by(table.c.id)).scalars().all()
+    assert values == ["kept", "tenant", "tenant", "default", "default"]
+    assert right.status("new-tenant").active_version == 1
+    wrong.close()
+    right.close()
 
 
 def test_wrong_pbkdf2_parameters_are_a_wrong_root_key(
@@ -214,6 +303,48 @@ def test_flipping_any_byte_is_detected(engine: sa.Engine, registry: KeyRegistry)
     with pytest.raises(DecryptionError, match="another"):
         registry.decrypt(ciphertext, "t.other")
     assert registry.decrypt(ciphertext, "t.c") == b"a value worth protecting"
+
+
+def test_a_deterministic_value_naming_another_key_is_a_decryption_error(
+    engine: sa.Engine, registry: KeyRegistry, root_key: StaticRootKey
+) -> None:
+    table = sa.Table(
+        "people",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("ssn", EncryptedType(sa.String(11), deterministic=True)),
+    )
+    table.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": 1, "ssn": "111-11-1111"}])
+    registry.rotate()  # data key version 2 of the registry's scope
+    other = KeyRegistry(engine, root_key, scope="acme", attach=False)
+    other.init()  # another scope's blind-index key
+    with engine.connect() as conn:
+        stored = bytes(conn.execute(sa.text("SELECT ssn FROM people")).scalar_one())
+    # The header names a data key of the scope, or another scope's index key.
+    names = [
+        registry.status().active_key_id,
+        registry.status().keys[0].id,
+        other.status(other.index_scope).active_key_id,
+    ]
+    assert all(key_id is not None for key_id in names)
+    for n, key_id in enumerate(names, start=2):
+        forged = fmt.header(key_id, fmt.DETERMINISTIC_VERSION) + stored[fmt.HEADER_BYTES :]
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text("INSERT INTO people (id, ssn) VALUES (:n, :v)"), {"n": n, "v": forged}
+            )
+    query = sa.select(table.c.ssn).where(table.c.id == sa.bindparam("n"))
+    for n in (2, 3, 4):
+        for _ in range(2):
+            with engine.connect() as conn, pytest.raises(DecryptionError, match=r"people\.ssn"):
+                conn.execute(query, {"n": n}).scalar_one()
+            with Session(engine) as session, pytest.raises(DecryptionError, match=r"people\.ssn"):
+                session.execute(query, {"n": n}).scalar_one()
+    with engine.connect() as conn:
+        assert conn.execute(query, {"n": 1}).scalar_one() == "111-11-1111"
+    other.close()
 
 
 def test_unknown_key_and_non_ciphertext(engine: sa.Engine, registry: KeyRegistry) -> None:

@@ -3,10 +3,15 @@ scope-bound values; shredding one tenant; per-tenant rotation; many tenants."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
 import sqlalchemy as sa
+from conftest import Clocks
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 import sqlalchemy_envelope
@@ -16,6 +21,7 @@ from sqlalchemy_envelope import (
     DestroyedKeyError,
     EncryptedType,
     KeyRegistry,
+    ShreddedScopeError,
     StaticRootKey,
     session_scope,
     set_session_scope,
@@ -255,5 +261,164 @@ def test_a_missing_scope_inside_a_sqlite_write_transaction_is_a_clear_error(
         ):
             session.add(_record(2, "late"))
             session.flush()
+    registry.close()
+    engine.dispose()
+
+
+def _write(engine: sa.Engine, id_: int, tenant: str, how: str) -> None:
+    """Write one record for ``tenant``, through a Connection or a Session."""
+    if how == "connection":
+        with engine.begin() as conn:
+            conn.execute(
+                sa.insert(Record.__table__),
+                {"id": id_, "tenant": tenant, "secret": f"{tenant} secret {id_}"},
+                execution_options={SCOPE_OPTION: tenant},
+            )
+    else:
+        with Session(engine) as session, session_scope(session, tenant):
+            session.add(_record(id_, tenant))
+            session.commit()
+
+
+def test_a_shredded_tenant_stays_shredded(
+    engine: sa.Engine, registry: KeyRegistry, root_key: StaticRootKey, clocks: Clocks
+) -> None:
+    Base.metadata.create_all(engine)
+    registry.create_scope("acme", "globex")
+    # Another process (another engine on the same database) has acme's key cached.
+    other_engine = sa.create_engine(engine.url)
+    other = KeyRegistry(
+        other_engine,
+        root_key,
+        max_encryptions=640,  # claims blocks of 10 encryptions
+        cache_max_age=60,
+        clock=clocks.monotonic,
+    )
+    _write(other_engine, 1, "acme", "connection")
+    _write(engine, 2, "acme", "session")
+
+    assert registry.shred("acme") == 1
+    # This process refuses at once; nothing creates a new key behind its back.
+    for n, how in enumerate(["connection", "session"] * 2):
+        with pytest.raises(ShreddedScopeError, match="create_scope"):
+            _write(engine, 10 + n, "acme", how)
+    with pytest.raises(ShreddedScopeError):
+        registry.rotate("acme")
+    with pytest.raises(ShreddedScopeError):
+        KeyRegistry(engine, root_key, scope="acme", attach=False).init()
+    assert registry.status("acme").keys_by_state == {"destroyed": 1}
+
+    # The other process finds out at its next block claim, which the shredded
+    # key no longer gets: at most one block (here 10) of writes after the shred.
+    written = 0
+    with pytest.raises(ShreddedScopeError):
+        for n in range(other.policy.block + 1):
+            _write(other_engine, 100 + n, "acme", "connection")
+            written += 1
+    assert written < other.policy.block
+    for n, how in enumerate(["connection", "session"] * 2):
+        with pytest.raises(ShreddedScopeError):
+            _write(other_engine, 200 + n, "acme", how)
+    assert registry.status("acme").keys_by_state == {"destroyed": 1}
+    with Session(other_engine) as session:  # its cache no longer decrypts acme's values
+        assert session.scalars(sa.select(Record.erased).where(Record.id == 2)).one() == "[erased]"
+    _write(other_engine, 300, "globex", "session")  # other tenants are untouched
+
+    # Re-created explicitly: a new version; the old values stay unreadable.
+    (info,) = registry.create_scope("acme")
+    assert info.version == 2
+    for n, how in enumerate(["connection", "session"] * 2):
+        _write(engine if n % 2 else other_engine, 400 + n, "acme", how)
+    with Session(engine) as session:
+        rows = session.scalars(sa.select(Record.id).where(Record.tenant == "acme")).all()
+        new = session.scalars(
+            sa.select(Record.secret).where(Record.id >= 400).order_by(Record.id)
+        ).all()
+        with pytest.raises(DestroyedKeyError):
+            session.scalars(sa.select(Record.secret).where(Record.id == 1)).one()
+    assert new == [f"acme secret {400 + n}" for n in range(4)]
+    assert len(rows) == 2 + written + 4
+    other.close()
+    other_engine.dispose()
+
+
+def test_a_cached_shredded_key_expires_with_the_cache(
+    engine: sa.Engine, registry: KeyRegistry, root_key: StaticRootKey, clocks: Clocks
+) -> None:
+    Base.metadata.create_all(engine)
+    registry.create_scope("acme")
+    other_engine = sa.create_engine(engine.url)
+    other = KeyRegistry(other_engine, root_key, cache_max_age=60, clock=clocks.monotonic)
+    _write(other_engine, 1, "acme", "connection")
+    registry.shred("acme")
+    clocks.advance(61)  # its next write re-reads the key: no more writes under it
+    for n, how in enumerate(["connection", "session"] * 2):
+        with pytest.raises(ShreddedScopeError):
+            _write(other_engine, 10 + n, "acme", how)
+    with Session(other_engine) as session, pytest.raises(DestroyedKeyError):
+        session.scalars(sa.select(Record.secret).where(Record.id == 1)).one()
+    other.close()
+    other_engine.dispose()
+
+
+_CACHED_TENANT_WRITER = """
+import json, sys
+import sqlalchemy as sa
+from sqlalchemy_envelope import (
+    SCOPE_OPTION, EncryptedType, KeyRegistry, ShreddedScopeError, StaticRootKey,
+)
+
+url, key = sys.argv[1], bytes.fromhex(sys.argv[2])
+engine = sa.create_engine(url)
+registry = KeyRegistry(engine, StaticRootKey(key), max_encryptions=640)
+records = sa.Table(
+    "records", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("tenant", sa.String(20)), sa.Column("secret", EncryptedType(sa.String(60))),
+)
+
+def write(i):
+    with engine.begin() as conn:
+        conn.execute(records.insert(), {"id": i, "tenant": "acme", "secret": "late"},
+                     execution_options={SCOPE_OPTION: "acme"})
+
+write(1000)
+print("cached", flush=True)
+sys.stdin.readline()
+written, error = 0, None
+try:
+    for i in range(1, 30):
+        write(1000 + i)
+        written += 1
+except ShreddedScopeError as e:
+    error = type(e).__name__
+print(json.dumps({"written": written, "error": error}), flush=True)
+"""
+
+
+def test_another_process_stops_writing_for_a_shredded_tenant(server_url: str) -> None:
+    raw = os.urandom(32)
+    engine = sa.create_engine(server_url)
+    registry = KeyRegistry(engine, StaticRootKey(raw))
+    registry.init()
+    Base.metadata.create_all(engine)
+    registry.create_scope("acme")
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _CACHED_TENANT_WRITER, server_url, raw.hex()],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert writer.stdin is not None and writer.stdout is not None
+    assert writer.stdout.readline().strip() == "cached"
+    registry.shred("acme")
+    writer.stdin.write("go\n")
+    writer.stdin.flush()
+    outcome = json.loads(writer.stdout.readline())
+    assert writer.wait(60) == 0
+    # Its cached key's claimed block (max_encryptions // 64 = 10) was the limit.
+    assert outcome["error"] == "ShreddedScopeError" and outcome["written"] < 10
+    with pytest.raises(ShreddedScopeError):
+        _write(engine, 1, "acme", "session")
+    assert registry.status("acme").keys_by_state == {"destroyed": 1}
     registry.close()
     engine.dispose()
