@@ -29,19 +29,22 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
+import sqlalchemy as sa
 from alembic.autogenerate import comparators, render, renderers
 from alembic.autogenerate.api import AutogenContext
 from alembic.operations import MigrateOperation, Operations
-from alembic.operations.ops import UpgradeOps
-from alembic.util import DispatchPriority
-from sqlalchemy.engine import Connection
+from alembic.operations.ops import AlterColumnOp, UpgradeOps
+from alembic.util import DispatchPriority, PriorityDispatchResult
+from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.types import TypeEngine
 
 from . import binding, census
 from .blind_index import BlindIndex
 from .errors import ConfigurationError, ValuesLeftBehindError
 from .migrate import MigrationReport
 from .registry import KeyRegistry
-from .storage import DEFAULT_TABLE_NAME, data_keys_schema
+from .storage import DEFAULT_TABLE_NAME, MYSQL_DIALECTS, data_keys_schema
 from .types import EncryptedType
 
 __all__ = [
@@ -331,6 +334,46 @@ def _render_with_ours(autogen_context: AutogenContext) -> None:
         return rendered if rendered is not False else _render_type(kind, obj, context)
 
     autogen_context.opts = {**autogen_context.opts, "render_item": render_item}
+
+
+def _as_created(column_type: EncryptedType | BlindIndex, dialect: Dialect) -> TypeEngine[Any]:
+    """The storage type the database creates for one of our columns. MySQL
+    and MariaDB turn ``BLOB(n)`` into the smallest BLOB type that holds n
+    bytes, and reflect that."""
+    storage = column_type.load_dialect_impl(dialect).dialect_impl(dialect)
+    length = getattr(storage, "length", None)
+    if dialect.name in MYSQL_DIALECTS and type(storage) is sa.LargeBinary and length:
+        if length < 2**8:
+            return mysql.TINYBLOB()
+        if length < 2**16:
+            return mysql.BLOB()
+        return mysql.MEDIUMBLOB() if length < 2**24 else mysql.LONGBLOB()
+    return storage
+
+
+@comparators.dispatch_for("column", subgroup="types")
+def _compare_our_type(
+    autogen_context: AutogenContext,
+    alter_column_op: AlterColumnOp,
+    schema: str | None,
+    table_name: str,
+    column_name: str,
+    conn_col: sa.Column[Any],
+    metadata_col: sa.Column[Any],
+) -> PriorityDispatchResult:
+    """Compare our columns by the storage the database created for them, so
+    that a second autogenerate finds nothing. Runs after a project's own
+    ``compare_type`` (which wins) and before Alembic's comparison of types."""
+    column_type = metadata_col.type
+    if not isinstance(column_type, EncryptedType | BlindIndex):
+        return PriorityDispatchResult.CONTINUE
+    context = autogen_context.migration_context
+    assert context is not None
+    created = sa.Column(column_name, _as_created(column_type, context.dialect))
+    alter_column_op.existing_type = conn_col.type
+    if context.impl.compare_type(conn_col, created):
+        alter_column_op.modify_type = column_type
+    return PriorityDispatchResult.STOP
 
 
 @comparators.dispatch_for("autogenerate", priority=DispatchPriority.LAST)
