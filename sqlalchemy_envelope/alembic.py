@@ -336,18 +336,32 @@ def _render_with_ours(autogen_context: AutogenContext) -> None:
     autogen_context.opts = {**autogen_context.opts, "render_item": render_item}
 
 
+_MYSQL_SIZE_CLASSES = (
+    (2**8, mysql.TINYBLOB, mysql.TINYTEXT),
+    (2**16, mysql.BLOB, mysql.TEXT),
+    (2**24, mysql.MEDIUMBLOB, mysql.MEDIUMTEXT),
+)
+
+
 def _as_created(column_type: EncryptedType | BlindIndex, dialect: Dialect) -> TypeEngine[Any]:
     """The storage type the database creates for one of our columns. MySQL
-    and MariaDB turn ``BLOB(n)`` into the smallest BLOB type that holds n
-    bytes, and reflect that."""
+    and MariaDB turn ``BLOB(n)`` and ``TEXT(n)`` into the smallest BLOB or
+    TEXT type that holds n bytes or characters, and reflect that."""
     storage = column_type.load_dialect_impl(dialect).dialect_impl(dialect)
     length = getattr(storage, "length", None)
-    if dialect.name in MYSQL_DIALECTS and type(storage) is sa.LargeBinary and length:
-        if length < 2**8:
-            return mysql.TINYBLOB()
-        if length < 2**16:
-            return mysql.BLOB()
-        return mysql.MEDIUMBLOB() if length < 2**24 else mysql.LONGBLOB()
+    if dialect.name not in MYSQL_DIALECTS or not length:
+        return storage
+    if type(storage) is sa.LargeBinary:
+        for limit, blob, _ in _MYSQL_SIZE_CLASSES:
+            if length < limit:
+                return blob()
+        return mysql.LONGBLOB()
+    if type(storage) is mysql.TEXT:
+        charset, collation = storage.charset, storage.collation
+        for limit, _, text in _MYSQL_SIZE_CLASSES:
+            if length < limit:
+                return text(charset=charset, collation=collation)
+        return mysql.LONGTEXT(charset=charset, collation=collation)
     return storage
 
 

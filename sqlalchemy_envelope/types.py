@@ -159,8 +159,10 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
 
     def _storage_type(self) -> TypeEngine[Any]:
         # MySQL/MariaDB need a size class (BLOB holds 64 KB), and text storage
-        # in ASCII with a binary collation: base64 is case-sensitive, and
-        # utf8mb4 would count 4 bytes a character against the row size limit.
+        # in ASCII with a binary collation: base64 is case-sensitive. Both are
+        # BLOB/TEXT types, stored off the row: a VARCHAR of base64 would count
+        # a third more than the plaintext's VARCHAR against the 64 KB row
+        # limit, so a schema that fits in plaintext might not fit encrypted.
         max_bytes = self._codec.max_bytes
         if self.storage == "binary":
             if max_bytes is None:
@@ -169,7 +171,7 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         if max_bytes is None:
             return sa.Text().with_variant(mysql.LONGTEXT(**_ASCII), *MYSQL_DIALECTS)
         length = fmt.text_length(max_bytes)
-        return sa.String(length).with_variant(mysql.VARCHAR(length, **_ASCII), *MYSQL_DIALECTS)
+        return sa.String(length).with_variant(mysql.TEXT(length, **_ASCII), *MYSQL_DIALECTS)
 
     @property
     def python_type(self) -> type[Any]:

@@ -628,3 +628,41 @@ def _decodes_as(changed: str, original: str) -> bool:
         return binascii.a2b_base64(changed, strict_mode=True) == binascii.a2b_base64(original)
     except binascii.Error:
         return False
+
+
+def test_a_schema_that_fits_in_plaintext_fits_encrypted(
+    engine: sa.Engine, registry: KeyRegistry
+) -> None:
+    """MySQL/MariaDB limit a row's VARCHARs to 64 KB together, and one VARCHAR
+    to 64 KB: fifteen String(1000) columns, or one String(16380), are about
+    the most a utf8mb4 table holds there. Encrypted, in either storage, such
+    tables hold their longest values."""
+    md = sa.MetaData()
+    schemas = {
+        "wide": {f"c{i}": 1000 for i in range(15)},
+        "longest": {"c": 16380},
+    }
+
+    def table(name: str, columns: dict[str, int], wrap: Any) -> sa.Table:
+        return sa.Table(
+            name,
+            md,
+            sa.Column("id", sa.Integer, primary_key=True),
+            *(sa.Column(column, wrap(sa.String(n))) for column, n in columns.items()),
+        )
+
+    for schema, columns in schemas.items():
+        table(f"plain_{schema}", columns, lambda t: t)
+        for storage in ("binary", "text"):
+            encrypted = table(
+                f"{storage}_{schema}", columns, lambda t, s=storage: EncryptedType(t, storage=s)
+            )
+            encrypted.create(engine)
+            row = {"id": 1, **{column: "😀" * n for column, n in columns.items()}}
+            for _ in range(2):
+                with engine.begin() as conn:
+                    conn.execute(encrypted.delete())
+                    conn.execute(encrypted.insert(), row)
+                with engine.connect() as conn:
+                    assert dict(conn.execute(encrypted.select()).one()._mapping) == row
+    md.create_all(engine)  # the plaintext tables fit too: the premise holds
