@@ -666,3 +666,33 @@ def test_a_schema_that_fits_in_plaintext_fits_encrypted(
                 with engine.connect() as conn:
                     assert dict(conn.execute(encrypted.select()).one()._mapping) == row
     md.create_all(engine)  # the plaintext tables fit too: the premise holds
+
+
+@pytest.mark.parametrize("storage", ["binary", "text"])
+def test_deterministic_columns_take_indexes_and_unique_constraints(
+    engine: sa.Engine, registry: KeyRegistry, storage: str
+) -> None:
+    """The README's promise for MySQL/MariaDB's BLOB and TEXT storage (a
+    prefix index, a hashed unique constraint), held on every database."""
+    table = sa.Table(
+        f"people_{storage}",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column(
+            "ssn", EncryptedType(sa.String(11), deterministic=True, storage=storage), index=True
+        ),
+        sa.Column(
+            "tax_id",
+            EncryptedType(sa.String(500), deterministic=True, storage=storage),
+            unique=True,
+        ),
+    )
+    table.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": 1, "ssn": "123-45-6789", "tax_id": "T" * 500}])
+    for _ in range(2):
+        with engine.connect() as conn:
+            found = conn.execute(sa.select(table.c.id).where(table.c.ssn == "123-45-6789"))
+            assert found.scalars().all() == [1]
+        with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+            conn.execute(table.insert(), {"id": 2, "ssn": "x", "tax_id": "T" * 500})
