@@ -412,6 +412,7 @@ class KeyRegistry:
         scopes = [scope, INDEX_SCOPE_PREFIX + scope]
 
         def work(conn: Connection) -> int:
+            self._prove_root_key(conn)
             now = self._now()
             count = 0
             for name in scopes:
@@ -516,6 +517,7 @@ class KeyRegistry:
 
     def _transition(self, action: str, scope: str, version: int) -> KeyInfo:
         def work(conn: Connection) -> KeyRow:
+            self._prove_root_key(conn)
             row = storage.key_by_version(conn, self.table, scope, version, for_update=True)
             if row is None:
                 raise UnknownKeyError(scope=scope, version=version)
@@ -1206,9 +1208,10 @@ class KeyRegistry:
             raise self._wrong_root_key(foreign[0])
 
     def _prove_root_key(self, conn: Connection) -> None:
-        """Refuse to insert a data key unless this root key is the one that
-        wrapped the stored keys, so that a misconfigured process cannot add a
-        key that locks everyone else out. Matching fingerprints do not prove
+        """Refuse to insert or change a data key unless this root key is the
+        one that wrapped the stored keys, so that a misconfigured process can
+        neither add a key that locks everyone else out nor disable, destroy or
+        shred keys it cannot even read. Matching fingerprints do not prove
         it when a fingerprint names the key rather than derives from it (a KMS
         key id, a Vault key name): a stored key must also unwrap, once per
         process and root key. With no stored key there is nothing to prove

@@ -142,6 +142,37 @@ def _all_key_rows(engine: sa.Engine) -> list[Any]:
 
 
 @pytest.mark.parametrize("provider", [StaticRootKey, NamedRootKey])
+def test_a_wrong_root_key_changes_no_key_state(
+    engine: sa.Engine, second_engine: sa.Engine, provider: Callable[[bytes], Any]
+) -> None:
+    """Disabling, destroying or shredding keys is refused to a root key that
+    cannot read them, as writing is (SECURITY.md: refused before anything is
+    written)."""
+    right = KeyRegistry(engine, provider(os.urandom(32)), cache_max_age=0.001)
+    right.init()
+    right.create_scope("acme")
+    right.rotate()  # version 1 retired
+    before = _all_key_rows(engine)
+    wrong = KeyRegistry(second_engine, provider(os.urandom(32)), cache_max_age=0.001)
+    for call in (
+        lambda: wrong.disable(1),
+        lambda: wrong.retire(2),
+        lambda: wrong.destroy(1, force=True),
+        lambda: wrong.shred("acme"),
+        lambda: wrong.shred("default"),
+    ):
+        for _ in range(2):
+            with pytest.raises(WrongRootKeyError):
+                call()
+    assert _all_key_rows(engine) == before
+    right.disable(1)
+    right.enable(1)
+    assert right.shred("acme") == 1
+    wrong.close()
+    right.close()
+
+
+@pytest.mark.parametrize("provider", [StaticRootKey, NamedRootKey])
 def test_a_wrong_root_key_writes_nothing_on_any_path(
     engine: sa.Engine, second_engine: sa.Engine, provider: Callable[[bytes], Any]
 ) -> None:
