@@ -191,8 +191,14 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
     def render(self, render_type: Callable[[TypeEngine[Any]], str]) -> str:
         """This type as Python source, with ``value_type`` rendered by
         ``render_type``: Alembic's autogenerate passes its own type renderer,
-        which applies the migration's prefixes and adds its imports."""
-        args = [render_type(self.value_type)]
+        which applies the migration's prefixes and adds its imports. An
+        Enum class renders as the names of its members, which are what is
+        stored and what the column is sized for (a migration has no class)."""
+        value_type = self.value_type
+        if isinstance(value_type, sa.Enum) and value_type.enum_class is not None:
+            names = list(value_type.enum_class.__members__)
+            value_type = sa.Enum(*names, name=value_type.name)
+        args = [render_type(value_type)]
         if self.context is not None:
             args.append(f"context={self.context!r}")
         if self.storage != "binary":

@@ -43,6 +43,8 @@ class Patient(Base):
     balance: Mapped[Decimal | None] = mapped_column(
         EncryptedType(sa.Numeric(12, 2), context="patients.money"))
     mood: Mapped[Mood | None] = mapped_column(EncryptedType(Mood, storage="text"))
+    level: Mapped[Mood | None] = mapped_column(EncryptedType(
+        sa.Enum(Mood, values_callable=lambda e: [m.value for m in e]), storage="text"))
     token: Mapped[uuid.UUID | None] = mapped_column(EncryptedType(sa.Uuid))
     plain: Mapped[str | None] = mapped_column(sa.String(20))
     email_index: Mapped[str | None] = blind_index("email", normalize=["strip", "casefold"],
@@ -70,11 +72,12 @@ engine = sa.create_engine(sys.argv[1])
 KeyRegistry.from_env(engine).init()
 with Session(engine) as session:
     session.add(Patient(id=1, name="Ada", email="ada@example.com", born=datetime.date(1815, 12, 10),
-                        notes={"a": 1}, balance=Decimal("1.50"), mood=Mood.HAPPY, ssn="123"))
+                        notes={"a": 1}, balance=Decimal("1.50"), mood=Mood.HAPPY, ssn="123",
+                        level=Mood.GRUMPY))
     session.commit()
     ada = session.get(Patient, 1)
-    assert (ada.name, ada.email, ada.balance, ada.mood) == (
-        "Ada", "ada@example.com", Decimal("1.50"), Mood.HAPPY), ada
+    assert (ada.name, ada.email, ada.balance, ada.mood, ada.level) == (
+        "Ada", "ada@example.com", Decimal("1.50"), Mood.HAPPY, Mood.GRUMPY), ada
     for _ in range(2):
         found = session.scalars(sa.select(Patient.id).where(
             Patient.email_index.matches(" ADA@example.com"), Patient.ssn == "123")).all()
