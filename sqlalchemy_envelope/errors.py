@@ -119,10 +119,13 @@ class UnknownKeyError(DecryptionError):
         self.scope = scope
         self.version = version
         if key_id is not None:
+            # The key id is not in the message: if the value is legacy
+            # plaintext that merely looks like ciphertext, it is five of its bytes.
             message = (
-                f"data key {key_id:#012x} is not in the data_keys table: the value was "
-                "written by another database's keys, or its row was removed from "
-                "data_keys; restore data_keys from a backup"
+                "the value names a data key that is not in the data_keys table: it was "
+                "written by another database's keys, or its key's row was removed from "
+                "data_keys (restore data_keys from a backup), or it is legacy plaintext "
+                "that looks like ciphertext (see the re-encrypt utility)"
             )
         else:
             message = (

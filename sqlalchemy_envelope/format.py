@@ -73,10 +73,9 @@ def check(ciphertext: bytes) -> None:
             "column was encrypted; encrypt it with the re-encrypt utility"
         )
     if ciphertext[0] != FORMAT_VERSION:
-        raise NotCiphertextError(
-            f"value starts with format byte {ciphertext[0]:#04x}, not "
-            f"{FORMAT_VERSION:#04x}: it is not sqlalchemy-envelope ciphertext "
-            "(plaintext, or written by another tool)"
+        raise NotCiphertextError(  # without the byte: it may be the plaintext's first
+            f"value does not start with format byte {FORMAT_VERSION:#04x}: it is not "
+            "sqlalchemy-envelope ciphertext (plaintext, or written by another tool)"
         )
 
 

@@ -8,13 +8,21 @@ import json
 import os
 import re
 import string
+import traceback
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
-from sqlalchemy_envelope import KeyRegistry, NotCiphertextError, StaticRootKey, storage
+from sqlalchemy_envelope import (
+    EnvelopeError,
+    KeyRegistry,
+    NotCiphertextError,
+    StaticRootKey,
+    UnknownKeyError,
+    storage,
+)
 from sqlalchemy_envelope import format as fmt
 from sqlalchemy_envelope import registry as registry_module
 
@@ -81,7 +89,7 @@ def test_header_is_the_first_eight_base64_characters() -> None:
 def test_non_ciphertext_is_recognised() -> None:
     with pytest.raises(NotCiphertextError, match="shorter"):
         fmt.check(b"\x01short")
-    with pytest.raises(NotCiphertextError, match="format byte"):
+    with pytest.raises(NotCiphertextError, match="does not start with format byte"):
         fmt.check(b"plaintext that is long enough to look like one..")
     with pytest.raises(NotCiphertextError, match="not base64"):
         fmt.from_text("plain text, not base64!")
@@ -105,3 +113,22 @@ def test_text_form_is_canonical_base64() -> None:
         with pytest.raises(NotCiphertextError, match="canonical"):
             fmt.from_text(unused_bits_set)
     assert fmt.from_text("QQ==") == b"A" and fmt.from_text("QUI=") == b"AB"
+
+
+def test_errors_about_non_ciphertext_quote_none_of_its_bytes(
+    engine: sa.Engine, registry: KeyRegistry
+) -> None:
+    """Legacy plaintext that looks like ciphertext: neither its first byte nor
+    the five bytes where a key id would be appear in an error."""
+    legacy = b"\x01PIN=4711;card=4111111111111111;cvv=123"
+    leaks = (b"PIN=4".hex(), "PIN=4", "0x50494e3d34", "0xb2")
+    errors: list[BaseException] = []
+    for value in (legacy, b"\xb2" + legacy[1:]):
+        try:
+            registry.decrypt(value, "t.c")
+        except EnvelopeError as error:
+            errors.append(error)
+    assert [type(e) for e in errors] == [UnknownKeyError, NotCiphertextError]
+    for error in errors:
+        text = "".join(traceback.format_exception(error))
+        assert not [leak for leak in leaks if leak in text], text
