@@ -33,6 +33,7 @@ from .errors import (
     DestroyedKeyError,
     InvalidValueError,
     NotCiphertextError,
+    UnknownKeyError,
 )
 from .expressions import EnvelopeColumnType, Kind, check_written
 from .storage import MYSQL_DIALECTS
@@ -332,6 +333,10 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
                 if if_destroyed is RAISE:
                     raise
                 return if_destroyed  # the value was crypto-shredded
+            except UnknownKeyError:
+                if migrating:
+                    return value  # legacy plaintext that merely looks like ciphertext
+                raise
             try:
                 return decode(plaintext)
             except (ValueError, KeyError, TypeError):

@@ -7,6 +7,7 @@ import binascii
 import datetime as dt
 import enum
 import itertools
+import os
 import re
 import string
 import traceback
@@ -696,3 +697,33 @@ def test_deterministic_columns_take_indexes_and_unique_constraints(
             assert found.scalars().all() == [1]
         with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
             conn.execute(table.insert(), {"id": 2, "ssn": "x", "tax_id": "T" * 500})
+
+
+def test_a_migrating_column_reads_plaintext_that_looks_like_ciphertext(
+    engine: sa.Engine, registry: KeyRegistry
+) -> None:
+    """Binary plaintext starting with byte 1 and long enough (about 1 in 128
+    random values) reads as it is during the migration window; a value under
+    a key of this registry that fails authentication is still an error."""
+    table = sa.Table(
+        "files",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("body", EncryptedType(sa.LargeBinary(), migrating=True)),
+    )
+    table.metadata.create_all(engine)
+    lookalike = b"\x01" + os.urandom(40)
+    raw = sa.table("files", sa.column("id"), sa.column("body", sa.LargeBinary))
+    with engine.begin() as conn:
+        conn.execute(raw.insert(), [{"id": 1, "body": lookalike}, {"id": 2, "body": b"short"}])
+        conn.execute(table.insert(), {"id": 3, "body": b"encrypted"})
+    for _ in range(2):
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(table.c.body).order_by(table.c.id)).scalars().all()
+        assert rows == [lookalike, b"short", b"encrypted"]
+    with engine.begin() as conn:
+        stored = conn.execute(sa.select(raw.c.body).where(raw.c.id == 3)).scalar_one()
+        tampered = bytes(stored)[:-1] + bytes([bytes(stored)[-1] ^ 1])
+        conn.execute(raw.update().where(raw.c.id == 3).values(body=tampered))
+    with engine.connect() as conn, pytest.raises(DecryptionError):
+        conn.execute(sa.select(table.c.body).where(table.c.id == 3)).scalar_one()
