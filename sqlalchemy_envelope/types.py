@@ -34,12 +34,12 @@ from .errors import (
     NotCiphertextError,
 )
 from .expressions import EnvelopeColumnType, Kind, check_written
+from .mysql_text import ANY_TEXT, ASCII
 from .storage import MYSQL_DIALECTS
 
 __all__ = ["EncryptedType"]
 
 _STORAGES = ("binary", "text")
-_ASCII = {"charset": "ascii", "collation": "ascii_bin"}
 
 
 class _Raise:
@@ -156,15 +156,17 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         # MySQL/MariaDB need a size class (BLOB holds 64 KB), and text storage
         # in ASCII with a binary collation: base64 is case-sensitive, and
         # utf8mb4 would count 4 bytes a character against the row size limit.
+        # A migrating column holds legacy plaintext too: utf8mb4 (mysql_text.py).
+        charset = ANY_TEXT if self.migrating else ASCII
         max_bytes = self._codec.max_bytes
         if self.storage == "binary":
             if max_bytes is None:
                 return sa.LargeBinary().with_variant(mysql.LONGBLOB(), *MYSQL_DIALECTS)
             return sa.LargeBinary(max_bytes + fmt.OVERHEAD)
         if max_bytes is None:
-            return sa.Text().with_variant(mysql.LONGTEXT(**_ASCII), *MYSQL_DIALECTS)
+            return sa.Text().with_variant(mysql.LONGTEXT(**charset), *MYSQL_DIALECTS)
         length = fmt.text_length(max_bytes)
-        return sa.String(length).with_variant(mysql.VARCHAR(length, **_ASCII), *MYSQL_DIALECTS)
+        return sa.String(length).with_variant(mysql.VARCHAR(length, **charset), *MYSQL_DIALECTS)
 
     @property
     def python_type(self) -> type[Any]:
