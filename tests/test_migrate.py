@@ -459,3 +459,73 @@ def test_a_conversion_killed_midway_finishes_on_the_next_run(db_url: str) -> Non
     assert _stored_names(engine) == rows
     registry.close()
     engine.dispose()
+
+
+def test_plaintext_written_meanwhile_keeps_the_column_in_utf8mb4(
+    non_strict_mariadb_url: str,
+) -> None:
+    """A non-ASCII plaintext an old application writes just before the switch
+    to ASCII fails the switch, which runs in strict mode even here, instead of
+    being garbled; the error does not quote it, and the next run finishes."""
+    engine = sa.create_engine(non_strict_mariadb_url)
+    registry = KeyRegistry(
+        engine, StaticRootKey(base64.b64decode(ROOT)), allow_non_strict_mysql=True
+    )
+    registry.init()
+    Author.__table__.create(engine)
+    raw = sa.Table("authors", sa.MetaData(), autoload_with=engine)
+    with engine.begin() as conn:
+        conn.execute(raw.insert(), [{"id": k, "name": v} for k, v in NAMES.items()])
+    application = sa.create_engine(non_strict_mariadb_url)
+
+    def meanwhile(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.startswith("ALTER TABLE"):
+            with application.begin() as other:
+                other.execute(raw.insert(), {"id": 7, "name": "Zoë again"})
+
+    sa.event.listen(engine, "before_cursor_execute", meanwhile)
+    try:
+        with pytest.raises(ConfigurationError, match=r"authors\.name: cannot give") as refused:
+            registry.reencrypt(Author.name)
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", meanwhile)
+    assert "Zo" not in str(refused.value) and "xC3" not in str(refused.value)
+    assert _stored_names(engine)[7] == "Zoë again"
+    assert column_storage(engine, "authors", "name") == type_storage(engine, _migrating())
+
+    assert registry.reencrypt(Author.name).plaintext_encrypted == 1
+    assert _read_names(engine) == NAMES | {7: "Zoë again"}
+    encrypted = EncryptedType(sa.String(50), storage="text")
+    assert column_storage(engine, "authors", "name") == type_storage(engine, encrypted)
+    application.dispose()
+    registry.close()
+    engine.dispose()
+
+
+def test_a_column_too_long_for_utf8mb4_is_refused_before_decrypting(
+    non_strict_mariadb_url: str,
+) -> None:
+    """Text storage longer than a utf8mb4 VARCHAR can be: decrypt_in_place
+    refuses before writing anything, naming the column and what to do."""
+    engine = sa.create_engine(non_strict_mariadb_url)
+    registry = KeyRegistry(
+        engine, StaticRootKey(base64.b64decode(ROOT)), allow_non_strict_mysql=True
+    )
+    registry.init()
+    long_text = sa.Table(
+        "memoirs",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("body", EncryptedType(sa.String(4000), storage="text")),
+    )
+    long_text.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(long_text.insert(), {"id": 1, "body": "Zoë " * 900})
+    before = column_storage(engine, "memoirs", "body")
+    with pytest.raises(ConfigurationError, match=r"memoirs\.body: .* through a new column"):
+        registry.decrypt_in_place(long_text.c.body)
+    assert column_storage(engine, "memoirs", "body") == before
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(long_text.c.body)).scalar_one() == "Zoë " * 900
+    registry.close()
+    engine.dispose()
