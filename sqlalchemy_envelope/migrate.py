@@ -9,9 +9,10 @@ simply picked up again). Because done rows are never selected again, a job
 killed at any point finishes on the next run, redoing at most the one batch
 whose transaction did not commit.
 
-The report is exact: a value is counted as moved only once its write applied,
-and every value left as it was is counted with its reason and its row named,
-so that a conversion from plaintext never ends with plaintext left unsaid.
+The report is exact: a value is counted as moved only once its write applied
+(and, between plaintext and ciphertext, once it reads back as written), and
+every value left as it was is counted with its reason and its row named, so
+that a conversion from plaintext never ends with plaintext left unsaid.
 """
 
 from __future__ import annotations
@@ -123,8 +124,9 @@ class MigrationReport:
     only writes whose compare-and-swap applied. ``skipped`` counts rows the
     application changed between read and write (they are retried);
     ``left_behind`` counts values still not under the target key at the end:
-    plaintext in a column not being converted, or values that do not decrypt
-    (``failures`` counts those by error type); ``left_rows`` names the first
+    plaintext in a column not being converted, values that do not decrypt, or
+    values the database stored otherwise than written (``failures`` counts
+    those by error type, or ``NotStoredExactly``); ``left_rows`` names the first
     ``LISTED_PER_COLUMN`` of them per column, with the reason.
     ``other_scopes`` counts values under other scopes' keys, which a job of
     one scope leaves alone (they are other tenants' business).
