@@ -124,8 +124,11 @@ class _ColumnOp(MigrateOperation):
 @Operations.register_operation("encrypt_column")
 class EncryptColumnOp(_ColumnOp):
     """Encrypt every plaintext value of a populated column in place, in
-    batches. Widen the column first (``op.alter_column(..., type_=
-    EncryptedType(...))``): the ciphertext is longer than the plaintext.
+    batches. Widen the column first to the encrypted type declared with
+    ``migrating=True`` (``op.alter_column(..., type_=EncryptedType(...,
+    migrating=True))``): the ciphertext is longer than the plaintext, and on
+    MySQL/MariaDB that type holds text in any script (utf8mb4); once every
+    value is ciphertext the column gets the encrypted type's ASCII storage.
     Fails with `ValuesLeftBehindError`, naming the rows, if any value is
     left unencrypted; ``plaintext_rows`` lists primary keys (tuples for a
     composite key) whose values are legacy plaintext that merely looks like
@@ -155,7 +158,9 @@ class EncryptColumnOp(_ColumnOp):
 
 @Operations.register_operation("decrypt_column")
 class DecryptColumnOp(_ColumnOp):
-    """Write every value of an encrypted column back as plaintext, in batches."""
+    """Write every value of an encrypted column back as plaintext, in
+    batches; on MySQL/MariaDB the column first gets the ``migrating=True``
+    type's storage (utf8mb4), which holds text in any script."""
 
     @classmethod
     def decrypt_column(

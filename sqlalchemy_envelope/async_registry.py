@@ -11,11 +11,13 @@ deriving a PBKDF2 root key, the one slow computation, runs in a thread.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.util.concurrency import greenlet_spawn
 
+from . import strict_mode
 from .errors import ConfigurationError
 from .registry import KeyRegistry
 from .rootkey import RootKeyProvider, root_key_from_env
@@ -59,8 +61,12 @@ class AsyncKeyRegistry:
         environ: Mapping[str, str] | None = None,
         **options: Any,
     ) -> AsyncKeyRegistry:
-        """A registry whose root key comes from the ``ENVELOPE_*`` variables."""
-        return cls(engine, root_key_from_env(environ), **options)
+        """A registry whose root key comes from the ``ENVELOPE_*`` variables,
+        as does ``allow_non_strict_mysql`` (``ENVELOPE_ALLOW_NON_STRICT_MYSQL``)
+        unless given."""
+        env = os.environ if environ is None else environ
+        options.setdefault("allow_non_strict_mysql", strict_mode.allowed_by(env))
+        return cls(engine, root_key_from_env(env), **options)
 
     def __repr__(self) -> str:
         return f"Async{self.sync_registry!r}"

@@ -9,9 +9,10 @@ simply picked up again). Because done rows are never selected again, a job
 killed at any point finishes on the next run, redoing at most the one batch
 whose transaction did not commit.
 
-The report is exact: a value is counted as moved only once its write applied,
-and every value left as it was is counted with its reason and its row named,
-so that a conversion from plaintext never ends with plaintext left unsaid.
+The report is exact: a value is counted as moved only once its write applied
+(and, between plaintext and ciphertext, once it reads back as written), and
+every value left as it was is counted with its reason and its row named, so
+that a conversion from plaintext never ends with plaintext left unsaid.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import census
+from . import census, mysql_text
 from . import format as fmt
 from .census import EncryptedColumnRef, Target
 from .errors import (
@@ -47,6 +48,7 @@ __all__ = ["LeftRow", "MigrationReport", "explain", "run"]
 
 _PASSES = 3  # passes over rows skipped because the application wrote them meanwhile
 LISTED_PER_COLUMN = 100  # rows left behind that a report names, per column
+NOT_STORED = "NotStoredExactly"  # the reason for a value the database changed on writing
 
 _REASONS = {
     "plaintext": (
@@ -63,6 +65,11 @@ _REASONS = {
     ),
     "KeyDisabledError": "its data key is disabled: enable the key, then run the job again",
     "DestroyedKeyError": "its data key was destroyed: the value is unreadable for good",
+    NOT_STORED: (
+        "the database stored another value than the one written (a column too narrow for "
+        "it, or one that changes text, such as CHAR dropping trailing spaces): the value "
+        "was put back as it was; give the column a type that holds it, then run the job again"
+    ),
 }
 
 
@@ -117,8 +124,9 @@ class MigrationReport:
     only writes whose compare-and-swap applied. ``skipped`` counts rows the
     application changed between read and write (they are retried);
     ``left_behind`` counts values still not under the target key at the end:
-    plaintext in a column not being converted, or values that do not decrypt
-    (``failures`` counts those by error type); ``left_rows`` names the first
+    plaintext in a column not being converted, values that do not decrypt, or
+    values the database stored otherwise than written (``failures`` counts
+    those by error type, or ``NotStoredExactly``); ``left_rows`` names the first
     ``LISTED_PER_COLUMN`` of them per column, with the reason.
     ``other_scopes`` counts values under other scopes' keys, which a job of
     one scope leaves alone (they are other tenants' business).
@@ -218,6 +226,14 @@ class _Change:
     value: Any
     kind: str
     version: int = 0
+
+    @property
+    def checked(self) -> bool:
+        """Whether to read the value back: one between plaintext and
+        ciphertext may be longer than the column, or hold characters its
+        character set lacks; a re-encrypted one has the old one's length and
+        alphabet."""
+        return self.kind != "moved"
 
     def credit(self, report: MigrationReport) -> None:
         if self.kind == "moved":
@@ -352,7 +368,7 @@ def _apply(
     position = {name: i for i, name in enumerate(job.columns)}
     key_positions = [position[c] for c in job.primary_key]
     slots = [(ref, position[ref.column]) for ref in job.refs]
-    groups: dict[tuple[str, ...], Written] = {}
+    groups: dict[tuple[tuple[str, ...], bool], Written] = {}
     for row in rows:
         key = tuple(row[i] for i in key_positions)
         writes: dict[str, _Write] = {}
@@ -364,29 +380,85 @@ def _apply(
             if change is not None:
                 writes[ref.column] = _Write(old, change)
         if writes:
-            groups.setdefault(tuple(writes), {})[key] = writes
+            checked = any(w.change.checked for w in writes.values())
+            groups.setdefault((tuple(writes), checked), {})[key] = writes
 
     sane_rowcount = conn.dialect.supports_sane_multi_rowcount
-    for columns, written in groups.items():
+    for (columns, checked), written in groups.items():
         stmt = (
             sa.update(table)
             .where(*(table.c[c] == sa.bindparam(f"pk_{c}") for c in job.primary_key))
             .where(*(table.c[c] == sa.bindparam(f"old_{c}") for c in columns))
             .values({c: sa.bindparam(f"new_{c}") for c in columns})
         )
-        params = []
-        for key, writes in written.items():
-            entry = {f"pk_{c}": v for c, v in zip(job.primary_key, key, strict=True)}
-            for c, write in writes.items():
-                entry[f"old_{c}"] = write.old
-                entry[f"new_{c}"] = write.change.value
-            params.append(entry)
+        if checked:
+            _write_checked(conn, table, job, stmt, written, report)
+            continue
+        params = [_params(job, key, writes) for key, writes in written.items()]
         result = conn.execute(stmt, params)
         if sane_rowcount and result.rowcount == len(params):
             for writes in written.values():  # every compare-and-swap applied
                 _credit(writes, report)
         else:
             _verify(conn, table, job, written, report)
+
+
+def _params(job: _TableJob, key: tuple[Any, ...], writes: dict[str, _Write]) -> dict[str, Any]:
+    entry = {f"pk_{c}": v for c, v in zip(job.primary_key, key, strict=True)}
+    for c, write in writes.items():
+        entry[f"old_{c}"] = write.old
+        entry[f"new_{c}"] = write.change.value
+    return entry
+
+
+def _write_checked(
+    conn: Connection,
+    table: sa.TableClause,
+    job: _TableJob,
+    stmt: sa.Update,
+    written: Written,
+    report: MigrationReport,
+) -> None:
+    """Write values between plaintext and ciphertext, which the database may
+    store otherwise than written, without an error when MySQL is not in
+    strict mode: each compare-and-swap alone, so that its row count tells
+    whether it applied; then read back what each row holds. A value stored
+    otherwise is put back as it was (the row is still ours, locked by the
+    write) and named, never counted as done."""
+    applied: Written = {}
+    for key, writes in written.items():
+        if conn.execute(stmt, _params(job, key, writes)).rowcount == 1:
+            applied[key] = writes
+        else:
+            report.skipped += 1  # the application wrote it meanwhile: retried
+    if not applied:
+        return
+    stored = _read_back(conn, table, job, applied)
+    names = {ref.column: ref.name for ref in job.refs}
+    for key, writes in applied.items():
+        row = stored[key]
+        wrong = {c: w for c, w in writes.items() if not _same(row[c], w.change.value)}
+        if wrong:
+            conn.execute(
+                sa.update(table)
+                .where(*(table.c[c] == v for c, v in zip(job.primary_key, key, strict=True)))
+                .values({c: w.old for c, w in wrong.items()})
+            )
+            for c in wrong:
+                report.leave(names[c], key, NOT_STORED, failure=True)
+        right = {c: w for c, w in writes.items() if c not in wrong}
+        if right:
+            _credit(right, report)
+
+
+def _read_back(
+    conn: Connection, table: sa.TableClause, job: _TableJob, written: Written
+) -> dict[tuple[Any, ...], sa.RowMapping]:
+    """The rows of ``written`` as stored now, by primary key."""
+    pk = sa.tuple_(*(table.c[c] for c in job.primary_key))
+    keys = sorted(written)
+    rows = conn.execute(sa.select(table).where(pk >= keys[0], pk <= keys[-1]))
+    return {tuple(row[c] for c in job.primary_key): row for row in rows.mappings()}
 
 
 def _credit(writes: dict[str, _Write], report: MigrationReport) -> None:
@@ -405,10 +477,7 @@ def _verify(
     """Find out which compare-and-swaps applied: a fresh ciphertext is unique,
     so a row holds what we wrote exactly when our update won. A row changed
     or deleted by the application meanwhile is skipped (and retried)."""
-    pk = sa.tuple_(*(table.c[c] for c in job.primary_key))
-    keys = sorted(written)
-    rows = conn.execute(sa.select(table).where(pk >= keys[0], pk <= keys[-1]))
-    stored = {tuple(row[c] for c in job.primary_key): row for row in rows.mappings()}
+    stored = _read_back(conn, table, job, written)
     for key, writes in written.items():
         row = stored.get(key)
         if row is not None and all(_same(row[c], w.change.value) for c, w in writes.items()):
@@ -670,12 +739,15 @@ def run(
     else:
         named = _named_rows(jobs, plaintext_rows or {})
         rewrite = _reencrypt_rewrite(registry, target, encrypt_plaintext, scope, named)
+    if decrypt:  # plaintext in any script must fit before the first is written
+        _give_charset(registry, [r for r in refs if r.storage == "text"], mysql_text.ANY_TEXT)
     bar = _progress(
         lambda: _count_pending(registry, jobs, target),
         progress,
         "decrypt" if decrypt else "re-encrypt",
     )
     tick = (lambda n: bar.update(n)) if bar is not None else (lambda n: None)
+    this_pass = MigrationReport()
     try:
         for _ in range(_PASSES):
             this_pass = MigrationReport()
@@ -693,8 +765,31 @@ def run(
     finally:
         if bar is not None:
             bar.close()
+    if not decrypt and not this_pass.skipped:
+        left = {row.column for row in report.left_rows}
+        converted = [
+            ref
+            for ref in refs
+            if ref.storage == "text"
+            and (encrypt_plaintext or ref.migrating)
+            and ref.name not in left
+        ]
+        _give_charset(registry, converted, mysql_text.ASCII)
     report.elapsed = time.perf_counter() - started
     return report
+
+
+def _give_charset(
+    registry: KeyRegistry, refs: Sequence[EncryptedColumnRef], charset: Mapping[str, str]
+) -> None:
+    """On MySQL/MariaDB, give text columns the character set of what they
+    are to hold: any text before plaintext is written back, ASCII once a
+    conversion left nothing but ciphertext (see mysql_text.py)."""
+    if not refs:
+        return
+    with registry._begin() as conn:
+        for ref in refs:
+            mysql_text.give_charset(conn, ref.schema, ref.table, ref.column, charset)
 
 
 def _run_parallel(

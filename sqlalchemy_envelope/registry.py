@@ -147,6 +147,7 @@ class KeyRegistry:
             )
         self.engine = engine
         strict_mode.require_strict_mode(engine, allow=allow_non_strict_mysql)
+        self._allow_non_strict_mysql = allow_non_strict_mysql
         self._keys = KeyConnections(engine)
         self.root_key = root_key
         self.scope = _check_scope(scope)
@@ -179,8 +180,12 @@ class KeyRegistry:
         environ: Mapping[str, str] | None = None,
         **options: Any,
     ) -> KeyRegistry:
-        """A registry whose root key comes from the ``ENVELOPE_*`` variables."""
-        return cls(engine, root_key_from_env(environ), **options)
+        """A registry whose root key comes from the ``ENVELOPE_*`` variables,
+        as does ``allow_non_strict_mysql`` (``ENVELOPE_ALLOW_NON_STRICT_MYSQL``)
+        unless given."""
+        env = os.environ if environ is None else environ
+        options.setdefault("allow_non_strict_mysql", strict_mode.allowed_by(env))
+        return cls(engine, root_key_from_env(env), **options)
 
     def __repr__(self) -> str:
         return (
@@ -203,7 +208,9 @@ class KeyRegistry:
         """Do all of this registry's database work on ``connection``, inside
         its transaction, while the block runs. For migrations: Alembic runs
         them in one transaction, which may have created data_keys itself and
-        holds locks that a second connection would wait on forever."""
+        holds locks that a second connection would wait on forever. Its
+        ``sql_mode`` is checked as the registry's own connections' are."""
+        strict_mode.check_connection(connection, allow=self._allow_non_strict_mysql)
         token = self._pinned.set(connection)
         try:
             yield self

@@ -11,19 +11,24 @@ application accepts the risk.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from .errors import ConfigurationError
 from .storage import MYSQL_DIALECTS
 
-__all__ = ["require_strict_mode"]
+__all__ = ["ALLOW_VARIABLE", "allowed_by", "check_connection", "require_strict_mode"]
 
 log = logging.getLogger("sqlalchemy_envelope")
 
 _STRICT = frozenset({"STRICT_TRANS_TABLES", "STRICT_ALL_TABLES"})
+
+ALLOW_VARIABLE = "ENVELOPE_ALLOW_NON_STRICT_MYSQL"
+"""``allow_non_strict_mysql`` for registries made from the environment: the
+command line's and the Alembic operations'."""
 
 
 def _is_strict(dbapi_connection: Any) -> bool:
@@ -46,7 +51,8 @@ def _refuse(dbapi_connection: Any, record: Any) -> None:
             "to the server's sql_mode or to the connection's (create_engine(..., "
             "connect_args={'init_command': \"SET SESSION sql_mode=CONCAT(@@sql_mode, "
             "',STRICT_TRANS_TABLES')\"})), or pass allow_non_strict_mysql=True to the "
-            "registry to accept the risk"
+            f"registry ({ALLOW_VARIABLE}=1 for the command line and the Alembic operations) "
+            "to accept the risk"
         )
 
 
@@ -70,3 +76,22 @@ def require_strict_mode(engine: Engine, *, allow: bool) -> None:
         event.remove(engine.pool, "connect", other)
     if not event.contains(engine.pool, "connect", check):
         event.listen(engine.pool, "connect", check)
+
+
+def check_connection(connection: Connection, *, allow: bool) -> None:
+    """Check a connection opened before the registry existed, which the
+    connect event never saw: one a registry is pinned to, such as a
+    migration's."""
+    if connection.dialect.name in MYSQL_DIALECTS:
+        check = _warn if allow else _refuse
+        check(connection.connection.dbapi_connection, None)
+
+
+def allowed_by(environ: Mapping[str, str]) -> bool:
+    """``allow_non_strict_mysql`` as the environment sets it."""
+    text = environ.get(ALLOW_VARIABLE, "").strip().lower()
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    if text in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigurationError(f"{ALLOW_VARIABLE} must be 1 or 0, not {text!r}")

@@ -36,12 +36,12 @@ from .errors import (
     UnknownKeyError,
 )
 from .expressions import EnvelopeColumnType, Kind, check_written
+from .mysql_text import ANY_TEXT, ASCII
 from .storage import MYSQL_DIALECTS
 
 __all__ = ["EncryptedType"]
 
 _STORAGES = ("binary", "text")
-_ASCII = {"charset": "ascii", "collation": "ascii_bin"}
 
 
 class _Raise:
@@ -164,15 +164,17 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         # BLOB/TEXT types, stored off the row: a VARCHAR of base64 would count
         # a third more than the plaintext's VARCHAR against the 64 KB row
         # limit, so a schema that fits in plaintext might not fit encrypted.
+        # A migrating column holds legacy plaintext too: utf8mb4 (mysql_text.py).
+        charset = ANY_TEXT if self.migrating else ASCII
         max_bytes = self._codec.max_bytes
         if self.storage == "binary":
             if max_bytes is None:
                 return sa.LargeBinary().with_variant(mysql.LONGBLOB(), *MYSQL_DIALECTS)
             return sa.LargeBinary(max_bytes + fmt.OVERHEAD)
         if max_bytes is None:
-            return sa.Text().with_variant(mysql.LONGTEXT(**_ASCII), *MYSQL_DIALECTS)
+            return sa.Text().with_variant(mysql.LONGTEXT(**charset), *MYSQL_DIALECTS)
         length = fmt.text_length(max_bytes)
-        return sa.String(length).with_variant(mysql.TEXT(length, **_ASCII), *MYSQL_DIALECTS)
+        return sa.String(length).with_variant(mysql.TEXT(length, **charset), *MYSQL_DIALECTS)
 
     @property
     def python_type(self) -> type[Any]:

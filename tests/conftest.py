@@ -294,6 +294,19 @@ def fresh_database(request: pytest.FixtureRequest, kind: str, folder: Path) -> I
 
 
 @pytest.fixture
+def non_strict_mariadb_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh MariaDB database, by a URL whose connections run with an empty
+    ``sql_mode``, as on a legacy server: there a value the column cannot hold
+    is cut or garbled with only a warning."""
+    with fresh_database(request, "mariadb", tmp_path) as url:
+        yield (
+            sa.make_url(url)
+            .update_query_dict({"init_command": "SET SESSION sql_mode=''"})
+            .render_as_string(hide_password=False)
+        )
+
+
+@pytest.fixture
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     with fresh_database(request, request.param, tmp_path) as url:
         yield url
@@ -462,6 +475,37 @@ def stored_bytes(engine: sa.Engine, *tables: str) -> bytes:
                         raw = isinstance(value, bytes | memoryview)
                         parts.append(bytes(value) if raw else str(value).encode())
     return b"".join(parts)
+
+
+def column_storage(engine: sa.Engine, table: str, column: str) -> tuple[Any, ...]:
+    """A column's type as the database holds it (on MySQL/MariaDB with its
+    character set and collation), and whether it takes NULL."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "mysql":
+            query = sa.text(
+                "SELECT DATA_TYPE, CHARACTER_MAXIMUM_LENGTH, CHARACTER_SET_NAME, "
+                "COLLATION_NAME, IS_NULLABLE FROM information_schema.COLUMNS "
+                "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = :t AND COLUMN_NAME = :c"
+            )
+            return tuple(conn.execute(query, {"t": table, "c": column}).one())
+        (found,) = [c for c in sa.inspect(conn).get_columns(table) if c["name"] == column]
+        return (repr(found["type"]), found["nullable"])
+
+
+def type_storage(engine: sa.Engine, column_type: Any) -> tuple[Any, ...]:
+    """`column_storage` of a nullable column declared as ``column_type``, in a
+    scratch table of this database."""
+    table = sa.Table(
+        "scratch_storage",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("value", column_type),
+    )
+    table.create(engine)
+    try:
+        return column_storage(engine, "scratch_storage", "value")
+    finally:
+        table.drop(engine)
 
 
 @pytest.fixture

@@ -13,9 +13,12 @@ from pathlib import Path
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from conftest import column_storage, type_storage
 from sqlalchemy.orm import Session
 
 from sqlalchemy_envelope import EncryptedType, KeyRegistry, StaticRootKey, blind_index_column
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 ROOT = os.urandom(32)
 
@@ -275,6 +278,117 @@ def test_encrypting_a_populated_column_and_back(db_url: str, tmp_path: Path) -> 
     project.alembic("upgrade", "head")
     project.alembic("downgrade", "base")
     assert "users" not in project.tables()
+
+
+def readme_example(marker: str) -> str:
+    """The README's Python example that contains ``marker``, as written."""
+    blocks = [b.split("```")[0] for b in README.read_text().split("```python\n")[1:]]
+    (block,) = [b for b in blocks if marker in b]
+    return textwrap.dedent(block)
+
+
+NAMES = {
+    1: "Zoë Ångström",
+    2: "emoji 🦄🎉 too",
+    3: "漢字かな交じり文",
+    4: "plain ASCII",
+    5: "Ωmega, then a space ",
+    6: None,
+}
+
+USERS = """
+from alembic import op
+import sqlalchemy as sa
+
+revision = "0002_users"
+down_revision = "0001_data_keys"
+
+def upgrade():
+    users = op.create_table(
+        "users",
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("email", sa.String(50)),
+    )
+    op.bulk_insert(users, [{"id": k, "email": v} for k, v in NAMES.items()])
+
+def downgrade():
+    op.drop_table("users")
+"""
+
+ENCRYPT_EMAIL = """
+from alembic import op
+import sqlalchemy as sa
+import sqlalchemy_envelope
+
+revision = "0003_encrypt_email"
+down_revision = "0002_users"
+"""
+
+
+def _readme_migration_in_any_script(url: str, tmp_path: Path, allow: dict[str, str]) -> None:
+    project = Project(tmp_path, url)
+    project.migration("0002_users.py", f"NAMES = {NAMES!r}\n{USERS}")
+    example = readme_example('op.encrypt_column("users", "email")')
+    project.migration("0003_encrypt_email.py", ENCRYPT_EMAIL + example)
+    if allow:  # refused until the environment accepts the risk; then it resumes
+        refused = project.alembic("upgrade", "head", check=False)
+        assert refused.returncode != 0
+        assert "ENVELOPE_ALLOW_NON_STRICT_MYSQL=1" in refused.stderr
+        project.env.update(allow)
+    project.alembic("upgrade", "head")
+
+    engine = sa.create_engine(url)
+    registry = KeyRegistry(engine, StaticRootKey(ROOT), allow_non_strict_mysql=bool(allow))
+    users = sa.Table(
+        "users",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("email", EncryptedType(sa.String(50), storage="text")),
+    )
+    raw = sa.Table("users", sa.MetaData(), autoload_with=engine)
+    with engine.connect() as conn:
+        stored = dict(conn.execute(sa.select(raw.c.id, raw.c.email)).all())
+        for _ in range(2):
+            read = conn.execute(sa.select(users.c.id, users.c.email))
+            assert dict(read.all()) == NAMES
+    with Session(engine) as session:
+        for _ in range(2):
+            read = session.execute(sa.select(users.c.id, users.c.email))
+            assert dict(read.all()) == NAMES
+    assert stored[6] is None
+    assert all(stored[k].isascii() and NAMES[k] not in stored[k] for k in range(1, 6))
+    assert column_storage(engine, "users", "email") == type_storage(
+        engine, EncryptedType(sa.String(50), storage="text")
+    )
+    registry.close()
+    engine.dispose()
+
+    project.alembic("downgrade", "0002_users")
+    engine = sa.create_engine(url)
+    raw = sa.Table("users", sa.MetaData(), autoload_with=engine)
+    with engine.connect() as conn:
+        for _ in range(2):
+            assert dict(conn.execute(sa.select(raw.c.id, raw.c.email)).all()) == NAMES
+    assert column_storage(engine, "users", "email") == type_storage(engine, sa.String(50))
+    engine.dispose()
+    project.alembic("upgrade", "head")
+    project.alembic("downgrade", "base")
+    assert "users" not in project.tables()
+
+
+def test_the_readme_migration_keeps_text_in_any_script(db_url: str, tmp_path: Path) -> None:
+    """The README's migration, as written, encrypts a populated column of
+    text in any script in place and back, exactly, ending in the encrypted
+    type's storage (ASCII text on MySQL/MariaDB), then in the plain type's."""
+    _readme_migration_in_any_script(db_url, tmp_path, {})
+
+
+def test_the_readme_migration_without_strict_mode(
+    non_strict_mariadb_url: str, tmp_path: Path
+) -> None:
+    _readme_migration_in_any_script(
+        non_strict_mariadb_url, tmp_path, {"ENVELOPE_ALLOW_NON_STRICT_MYSQL": "1"}
+    )
 
 
 def test_alembics_own_template_with_the_documented_line(db_url: str, tmp_path: Path) -> None:

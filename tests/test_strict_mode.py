@@ -5,6 +5,7 @@ says it accepts the risk."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 from collections.abc import Iterator
@@ -105,4 +106,46 @@ def test_the_documented_init_command_makes_a_non_strict_server_strict(mariadb: s
         mode = conn.exec_driver_sql("SELECT @@SESSION.sql_mode").scalar_one()
     assert mode == "STRICT_TRANS_TABLES"
     registry.close()
+    engine.dispose()
+
+
+def test_from_env_reads_the_allowance_from_the_environment(
+    mariadb: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The command line and the Alembic operations make their registries with
+    from_env: ENVELOPE_ALLOW_NON_STRICT_MYSQL=1 is their allow_non_strict_mysql."""
+    root = {"ENVELOPE_ROOT_KEY": base64.b64encode(os.urandom(32)).decode()}
+    for refused in ({}, {"ENVELOPE_ALLOW_NON_STRICT_MYSQL": "0"}):
+        engine = sa.create_engine(mariadb, connect_args=NON_STRICT)
+        registry = KeyRegistry.from_env(engine, environ={**root, **refused})
+        with pytest.raises(ConfigurationError, match="ENVELOPE_ALLOW_NON_STRICT_MYSQL=1"):
+            registry.init()
+        registry.close()
+        engine.dispose()
+    engine = sa.create_engine(mariadb, connect_args=NON_STRICT)
+    with pytest.raises(ConfigurationError, match="ENVELOPE_ALLOW_NON_STRICT_MYSQL must be"):
+        KeyRegistry.from_env(engine, environ={**root, "ENVELOPE_ALLOW_NON_STRICT_MYSQL": "maybe"})
+    allowed = {**root, "ENVELOPE_ALLOW_NON_STRICT_MYSQL": "1"}
+    with caplog.at_level(logging.WARNING, logger="sqlalchemy_envelope"):
+        registry = KeyRegistry.from_env(engine, environ=allowed)
+        registry.init()
+    assert any("allow_non_strict_mysql=True" in r.getMessage() for r in caplog.records)
+    registry.close()
+    engine.dispose()
+
+
+def test_a_connection_opened_before_the_registry_is_checked_when_pinned(mariadb: str) -> None:
+    """A migration's connection is open before the Alembic operation makes its
+    registry, so the connect check never saw it: pinning checks it."""
+    engine = sa.create_engine(mariadb, connect_args=NON_STRICT)
+    with engine.connect() as conn:
+        registry = KeyRegistry(engine, StaticRootKey(os.urandom(32)))
+        refused = pytest.raises(ConfigurationError, match="sql_mode is not strict")
+        with refused, registry.on_connection(conn):
+            registry.init()
+        registry.close()
+        allowed = KeyRegistry(engine, StaticRootKey(os.urandom(32)), allow_non_strict_mysql=True)
+        with allowed.on_connection(conn):
+            assert allowed.init().version == 1
+        allowed.close()
     engine.dispose()
