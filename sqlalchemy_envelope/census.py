@@ -45,6 +45,12 @@ class EncryptedColumnRef:
     def name(self) -> str:
         return f"{self.table}.{self.column}"
 
+    @property
+    def qualified_name(self) -> str:
+        """The name reports use: ``schema.table.column`` outside the
+        connection's default schema."""
+        return self.name if self.schema is None else f"{self.schema}.{self.name}"
+
 
 @dataclass(frozen=True)
 class KeyRows:
@@ -69,17 +75,16 @@ class KeyRows:
 @dataclass(frozen=True)
 class ColumnCensus:
     """One encrypted column: rows per data key, NULLs, and values that are not
-    ciphertext; ``unknown_key_rows`` name keys data_keys does not hold."""
+    ciphertext. ``unknown_key_rows`` counts values whose header names a key
+    data_keys does not hold; those key ids are not kept (for a legacy
+    plaintext value they would be five bytes of its plaintext)."""
 
     column: str
     rows: int
     nulls: int
     not_ciphertext: int
     keys: tuple[KeyRows, ...] = field(default_factory=tuple)
-
-    @property
-    def unknown_key_rows(self) -> int:
-        return sum(k.rows for k in self.keys if k.version is None)
+    unknown_key_rows: int = 0
 
     def rows_under(self, key_id: int) -> int:
         return sum(k.rows for k in self.keys if k.key_id == key_id)
@@ -148,23 +153,54 @@ def _holds_bytes(column_type: sa.types.TypeEngine[Any]) -> bool:
     return _python_type(column_type) is bytes
 
 
-def discover(conn: Connection, skip_table: str) -> list[EncryptedColumnRef]:
-    """Every column of every table (but ``skip_table``) that could hold
-    ciphertext: all binary and text columns. For the destroy guard, which must
-    find every row under a key even when no model is loaded. Enum columns
-    hold only their labels, never ciphertext (and PostgreSQL has no substr
-    of an enum)."""
+# Schemas that hold the server's own catalog, never application rows.
+_SYSTEM_SCHEMAS = frozenset({"information_schema", "mysql", "performance_schema", "sys"})
+
+
+def schemas(conn: Connection) -> list[str | None]:
+    """Every schema the connection can see that may hold application tables,
+    the default one as None (so that it is read once, under its short name):
+    PostgreSQL's schemas but its catalogs, MySQL/MariaDB's databases but the
+    server's own, SQLite's attached databases."""
     inspector = sa.inspect(conn)
+    default = inspector.default_schema_name
+    others = [
+        name
+        for name in inspector.get_schema_names()
+        if name != default
+        and name.lower() not in _SYSTEM_SCHEMAS
+        and not name.startswith(("pg_", "temp"))
+    ]
+    return [None, *sorted(others)]
+
+
+def discover(conn: Connection, skip_table: tuple[str | None, str]) -> list[EncryptedColumnRef]:
+    """Every column of every table in every schema (but ``skip_table``, as
+    schema and name) that could hold ciphertext: all binary and text columns.
+    For the destroy guard and maintenance, which must find every row under a
+    key even when no model is loaded. Enum columns hold only their labels,
+    never ciphertext (and PostgreSQL has no substr of an enum)."""
+    inspector = sa.inspect(conn)
+    default = inspector.default_schema_name
+    skip_schema = None if skip_table[0] == default else skip_table[0]
     refs = []
-    for table in inspector.get_table_names():
-        if table == skip_table:
-            continue
-        for column in inspector.get_columns(table):
-            kind = _python_type(column["type"])
-            if kind in (bytes, str) and not isinstance(column["type"], sa.Enum):
-                storage = "binary" if kind is bytes else "text"
-                refs.append(EncryptedColumnRef(None, table, column["name"], storage, b""))
+    for schema in schemas(conn):
+        for table in inspector.get_table_names(schema=schema):
+            if (schema, table) == (skip_schema, skip_table[1]):
+                continue
+            for column in inspector.get_columns(table, schema=schema):
+                kind = _python_type(column["type"])
+                if kind in (bytes, str) and not isinstance(column["type"], sa.Enum):
+                    storage = "binary" if kind is bytes else "text"
+                    refs.append(EncryptedColumnRef(schema, table, column["name"], storage, b""))
     return refs
+
+
+def shortest(version: int, storage: str) -> int:
+    """The length of the shortest ciphertext of a format version, in bytes or
+    (text storage) base64 characters: shorter values are not ciphertext."""
+    size = fmt.OVERHEAD if version == fmt.FORMAT_VERSION else fmt.DETERMINISTIC_OVERHEAD
+    return 4 * -(-size // 3) if storage == "text" else size
 
 
 def prefix(value: sa.ColumnElement[Any], storage: str) -> sa.ColumnElement[Any]:
@@ -181,13 +217,19 @@ def prefix_literal(header: bytes, storage: str) -> sa.ColumnElement[Any]:
 
 
 def rows_under(conn: Connection, ref: EncryptedColumnRef, header: bytes) -> int:
-    """Rows of the column whose value starts with ``header``: one indexed-free
-    scan with no grouping, cheap enough to run over a whole database."""
+    """Rows of the column whose value starts with ``header`` and is long
+    enough to be ciphertext of its format version (as `count` counts them):
+    one index-free scan with no grouping, cheap enough to run over a whole
+    database."""
     table = sa.table(ref.table, sa.column(ref.column), schema=ref.schema)
+    value = table.c[ref.column]
     stmt = (
         sa.select(sa.func.count())
         .select_from(table)
-        .where(prefix(table.c[ref.column], ref.storage) == prefix_literal(header, ref.storage))
+        .where(
+            prefix(value, ref.storage) == prefix_literal(header, ref.storage),
+            sa.func.length(value) >= shortest(header[0], ref.storage),
+        )
     )
     return int(conn.execute(stmt).scalar_one())
 
@@ -262,40 +304,45 @@ def _header(raw: Any, storage: str) -> bytes | None:
 def count(conn: Connection, ref: EncryptedColumnRef, keys: Mapping[int, KeyRow]) -> ColumnCensus:
     table = sa.table(ref.table, sa.column(ref.column), schema=ref.schema)
     value = table.c[ref.column]
-    text = ref.storage == "text"
-    shortest = fmt.DETERMINISTIC_OVERHEAD  # the shortest ciphertext of any kind
-    if text:
-        shortest = 4 * -(-shortest // 3)
+    # Grouped by the header of values long enough for the shortest format
+    # version, and by whether they are long enough for the longer one: the
+    # first byte then says which minimum applies.
+    length = sa.func.length(value)
     header = sa.case(
-        (sa.func.length(value) >= shortest, prefix(value, ref.storage)), else_=None
+        (length >= shortest(fmt.DETERMINISTIC_VERSION, ref.storage), prefix(value, ref.storage)),
+        else_=None,
     ).label("header")
+    randomized = sa.case((length >= shortest(fmt.FORMAT_VERSION, ref.storage), 1), else_=0).label(
+        "randomized"
+    )
     grouped = conn.execute(
-        sa.select(header, sa.func.count()).where(value.is_not(None)).group_by(header)
+        sa.select(header, randomized, sa.func.count())
+        .where(value.is_not(None))
+        .group_by(header, randomized)
     ).all()
     nulls = conn.execute(sa.select(sa.func.count()).select_from(table).where(value.is_(None)))
     by_key: dict[int, int] = {}
-    not_ciphertext = 0
-    for raw, rows in grouped:
+    not_ciphertext = unknown = 0
+    for raw, long_enough, rows in grouped:
         parsed = _header(raw, ref.storage)
-        if parsed is None:
+        if parsed is None or (parsed[0] == fmt.FORMAT_VERSION and not long_enough):
             not_ciphertext += rows
-        else:
+        elif fmt.key_id_of(parsed) in keys:
             key_id = fmt.key_id_of(parsed)
             by_key[key_id] = by_key.get(key_id, 0) + rows
-    key_rows = []
-    for key_id, rows in by_key.items():
-        row = keys.get(key_id)
-        key_rows.append(
-            KeyRows(key_id, rows)
-            if row is None
-            else KeyRows(key_id, rows, row.scope, row.version, row.state.value)
-        )
-    key_rows.sort(key=lambda k: (k.version is None, k.scope or "", k.version or 0, k.key_id))
+        else:
+            unknown += rows
+    key_rows = [
+        KeyRows(key_id, rows, keys[key_id].scope, keys[key_id].version, keys[key_id].state.value)
+        for key_id, rows in by_key.items()
+    ]
+    key_rows.sort(key=lambda k: (k.scope or "", k.version or 0, k.key_id))
     null_count = int(nulls.scalar_one())
     return ColumnCensus(
-        column=ref.name,
-        rows=null_count + sum(int(r) for _, r in grouped),
+        column=ref.qualified_name,
+        rows=null_count + sum(int(r) for _, _, r in grouped),
         nulls=null_count,
         not_ciphertext=not_ciphertext,
         keys=tuple(key_rows),
+        unknown_key_rows=unknown,
     )

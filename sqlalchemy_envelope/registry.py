@@ -486,7 +486,8 @@ class KeyRegistry:
         """Erase a retired or disabled key's wrapped key for good; its row stays
         as a tombstone. Refused while any row still holds a value under it
         (counted in SQL over ``columns``, or else over every text and binary
-        column of every table in the database, models loaded or not), or while
+        column of every table in every schema the connection can see, models
+        loaded or not), or while
         processes may still be writing under it, unless ``force=True``:
         crypto-shredding on purpose."""
         scope = self._scope(scope)
@@ -510,17 +511,26 @@ class KeyRegistry:
         headers = [fmt.header(row.id), fmt.header(row.id, fmt.DETERMINISTIC_VERSION)]
         with self._connect() as conn:
             targets = list(columns)
-            refs = (
-                census.resolve(conn, targets)
-                if targets
-                else census.discover(conn, skip_table=self.table.name)
-            )
+            refs = census.resolve(conn, targets) if targets else self._discover(conn)
             counts = {
-                ref.name: sum(census.rows_under(conn, ref, h) for h in headers) for ref in refs
+                ref.qualified_name: sum(census.rows_under(conn, ref, h) for h in headers)
+                for ref in refs
             }
         in_use = {name: n for name, n in counts.items() if n}
         if in_use:
             raise KeyInUseError(row.version, row.scope, in_use)
+
+    def _discover(self, conn: Connection) -> list[census.EncryptedColumnRef]:
+        """Every column of every table that could hold ciphertext, but ours."""
+        return census.discover(conn, skip_table=(self.table.schema, self.table.name))
+
+    def _census_everywhere(self) -> list[ColumnCensus]:
+        """Columns anywhere in the database (models or not) that hold values
+        under a data key: what the destroy guard checks, counted the same way."""
+        keys = {row.id: row for row in self._read(lambda c: storage.all_keys(c, self.table))}
+        with self._connect() as conn:
+            counts = [census.count(conn, ref, keys) for ref in self._discover(conn)]
+        return [c for c in counts if c.keys or c.unknown_key_rows]
 
     def _transition(self, action: str, scope: str, version: int) -> KeyInfo:
         def work(conn: Connection) -> KeyRow:
@@ -692,7 +702,9 @@ class KeyRegistry:
 
     def status(self, scope: str | None = None, *, census: bool = False) -> RegistryStatus:
         """The seed's GetStatus and GetKeyStatistics for one scope; with
-        ``census=True`` also the rows under each key version."""
+        ``census=True`` also the rows under each key version, counted over
+        every text and binary column of every table (as `destroy` checks),
+        and the columns that hold them."""
         scope = self._scope(scope)
 
         def read(conn: Connection) -> list[KeyRow]:
@@ -701,7 +713,7 @@ class KeyRegistry:
 
         rows = self._read(read)
         active = next((r for r in rows if r.state is KeyState.ACTIVE), None)
-        columns = tuple(self.census()) if census else None
+        columns = tuple(self._census_everywhere()) if census else None
         rows_by_version: dict[int, int] | None = None
         if columns is not None:
             by_id = {r.id: r.version for r in rows}

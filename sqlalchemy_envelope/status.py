@@ -70,7 +70,8 @@ class RegistryStatus:
     all processes (an upper bound of real use). ``rotation_due`` says why the
     policy wants a rotation, or is None. ``rows_by_version`` is filled when
     asked for (``status(census=True)``): rows per key version over every
-    encrypted column the registry knows. ``root_key_problem`` says why the
+    text and binary column of every table, as the destroy guard counts them;
+    ``columns`` then lists the columns holding such rows. ``root_key_problem`` says why the
     root key cannot be used right now (an unreachable KMS), or is None.
     """
 

@@ -509,6 +509,38 @@ def type_storage(engine: sa.Engine, column_type: Any) -> tuple[Any, ...]:
 
 
 @pytest.fixture
+def other_schema(db_url: str, tmp_path: Path) -> Iterator[tuple[sa.Engine, str]]:
+    """An engine on ``db_url`` and the name of a second schema its
+    connections can see besides their default one: a PostgreSQL schema, a
+    MariaDB database, or a SQLite database attached to every connection."""
+    name = f"app_{secrets.token_hex(4)}"
+    backend = sa.make_url(db_url).get_backend_name()
+    engine = sa.create_engine(db_url)
+    if backend == "sqlite":
+        attached = str(tmp_path / f"{name}.db")
+
+        @sa.event.listens_for(engine, "connect")
+        def attach(dbapi_connection: Any, _: Any) -> None:
+            dbapi_connection.execute(f"ATTACH DATABASE '{attached}' AS {name}")
+
+    else:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                f"CREATE {'SCHEMA' if backend == 'postgresql' else 'DATABASE'} {name}"
+            )
+    try:
+        yield engine, name
+    finally:
+        engine.dispose()
+        if backend != "sqlite":
+            admin = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
+            with admin.begin() as conn:
+                drop = "SCHEMA {} CASCADE" if backend == "postgresql" else "DATABASE {}"
+                conn.exec_driver_sql("DROP " + drop.format(name))
+            admin.dispose()
+
+
+@pytest.fixture
 def clocks() -> Clocks:
     return Clocks()
 

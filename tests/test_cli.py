@@ -202,3 +202,64 @@ def test_a_bad_database_url_is_one_line() -> None:
         (line,) = result.stderr.splitlines()
         assert line.startswith("configuration error: ") and cause in line
         assert password not in result.stderr
+
+
+def test_cli_census_maintenance_and_destroy_count_every_table(db_url: str, tmp_path: Path) -> None:
+    cli = Cli(db_url, tmp_path)
+    cli("init")
+    engine = sa.create_engine(db_url)
+    registry = KeyRegistry.from_env(engine, environ={"ENVELOPE_ROOT_KEY": ROOT})
+    # A table no model defines, with values of two tenants and a legacy value
+    # whose bytes 1-5 ("hello") read as a key id data_keys does not hold.
+    big = sa.Table(
+        "big",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("v", sa.LargeBinary),
+    )
+    values = [
+        registry.encrypt_bytes(b"one", b"big.v"),
+        registry.encrypt_bytes(b"two", b"big.v"),
+        registry.encrypt_bytes(b"three", b"big.v", scope="acme"),
+        b"\x01hello legacy plaintext of forty bytes....",
+    ]
+    big.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(big.insert(), [{"id": i, "v": v} for i, v in enumerate(values)])
+    other = None
+    if engine.dialect.name == "postgresql":  # a table outside the search_path
+        other = f"app_{os.urandom(4).hex()}"
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"CREATE SCHEMA {other}")
+            conn.exec_driver_sql(f"CREATE TABLE {other}.t_other_schema (v BYTEA)")
+            conn.execute(
+                sa.text(f"INSERT INTO {other}.t_other_schema VALUES (:v)"), {"v": values[0]}
+            )
+    try:
+        cli("rotate")
+        time.sleep(0.6)
+        on_default = 3 if other else 2
+        for _ in range(2):
+            maintenance = cli.json("maintenance")
+            assert maintenance["destroyable"] == []
+            assert maintenance["still_referenced"] == {"1": on_default}
+            status = cli.json("status", "--census")
+            assert status["rows_by_version"] == {"1": on_default}
+            assert f"rows per version: {{1: {on_default}}}" in cli("status", "--census")
+            text = cli("census", "big.v")
+            assert "scope 'default', version 1 (retired): 2" in text
+            assert "scope 'acme', version 1 (active): 1" in text
+            assert "under keys not in data_keys: 1" in text and "None" not in text
+            census = cli.json("census", "big.v")["columns"][0]  # type: ignore[index]
+            assert census["unknown_key_rows"] == 1 and len(census["keys"]) == 2
+            cli("destroy", "1", code=3)
+            if other:
+                assert f"{other}.t_other_schema.v: 1" in cli.outputs[-1]
+        key_id = str(int.from_bytes(b"hello", "big"))
+        assert not any(key_id in out or "hello" in out for out in cli.outputs)
+    finally:
+        if other:
+            with engine.begin() as conn:
+                conn.exec_driver_sql(f"DROP SCHEMA {other} CASCADE")
+        registry.close()
+        engine.dispose()
