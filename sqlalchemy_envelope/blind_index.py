@@ -40,6 +40,7 @@ from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.orm import Mapper, configure_mappers, mapped_column, object_session
 from sqlalchemy.orm.attributes import flag_modified
 from sqlalchemy.sql import operators
+from sqlalchemy.sql.dml import Update
 from sqlalchemy.sql.elements import Null
 from sqlalchemy.sql.selectable import Alias
 from sqlalchemy.types import TypeDecorator
@@ -47,7 +48,7 @@ from sqlalchemy.util import immutabledict
 
 from . import binding
 from .errors import BlindIndexError, ConfigurationError, InvalidValueError
-from .expressions import EnvelopeColumnType, Kind, check_written, is_value
+from .expressions import EnvelopeColumnType, Kind, _extend, check_written, is_value
 from .primitives import hmac_sha256
 
 __all__ = ["NORMALIZERS", "BlindDigest", "BlindIndex", "blind_index", "blind_index_column"]
@@ -587,6 +588,17 @@ def _checked(
     return checked
 
 
+def _written_table(statement: Any) -> Any:
+    """The table an INSERT or UPDATE writes. An ORM bulk statement on a
+    subclass of joined-table inheritance names the subclass's table, and is
+    executed once per table of the hierarchy, annotated with that table."""
+    table = getattr(statement, "table", None)
+    annotations = getattr(statement, "_annotations", None)
+    if annotations:
+        return annotations.get("_emit_insert_table", annotations.get("_emit_update_table", table))
+    return table
+
+
 def _complete(
     conn: Connection,
     statement: Any,
@@ -594,22 +606,23 @@ def _complete(
     params: Any,
     execution_options: Any,
 ) -> tuple[Any, Any, Any]:
-    entry = _tables.get(getattr(statement, "table", None))
+    table = _written_table(statement)
+    entry = _tables.get(table)
     if entry is None or not (statement.is_insert or statement.is_update):
         return statement, multiparams, params
-    return _completed(entry.indexes(), statement, multiparams, params)
+    return _completed(entry.indexes(), table, statement, multiparams, params)
 
 
 def _completed(
-    indexes: tuple[_Index, ...], statement: Any, multiparams: Any, params: Any
+    indexes: tuple[_Index, ...], table: Any, statement: Any, multiparams: Any, params: Any
 ) -> tuple[Any, Any, Any]:
-    """The statement and parameters, with every index whose sources it sets."""
+    """The statement and parameters, with every index of ``table`` (which it
+    writes) whose sources it sets."""
     rows = multiparams or [params]
     first = rows[0]
-    table = statement.table
     is_insert = statement.is_insert
     if is_insert and statement._multi_values:
-        return _completed_multi_values(indexes, statement), multiparams, params
+        return _completed_multi_values(indexes, table, statement), multiparams, params
     what = "INSERT" if is_insert else "UPDATE"
     from_select = statement.select is not None if is_insert else False
     assigned = _assigned(statement._values or {}, table)
@@ -749,9 +762,8 @@ def _completed_upsert(
     return clause, fills
 
 
-def _completed_multi_values(indexes: tuple[_Index, ...], statement: Any) -> Any:
+def _completed_multi_values(indexes: tuple[_Index, ...], table: Any, statement: Any) -> Any:
     """A multi-row ``insert().values([...])`` with the indexes in each row."""
-    table = statement.table
     groups = []
     changed = False
     for group in statement._multi_values:
@@ -792,6 +804,41 @@ def _completed_multi_values(indexes: tuple[_Index, ...], statement: Any) -> Any:
     statement = statement._generate()
     statement._multi_values = tuple(groups)
     return statement
+
+
+def _check_other_tables(update: Any) -> None:
+    """Refuse a multi-table UPDATE (MySQL, MariaDB) that sets sources of a
+    blind index in a table other than the one it names, without the index:
+    the write hook completes the named table only. Checked when compiled, so
+    the statements of tables without blind indexes cost nothing more."""
+    values = update._values
+    if not values:
+        return
+    table = _written_table(update)
+    for key in values:
+        other = getattr(key, "table", None)
+        entry = None if other is None or _same_table(other, table) else _tables.get(other)
+        if entry is None:
+            continue
+        keys = {k.key for k in values if _same_table(getattr(k, "table", None), other)}
+        for index in entry.indexes():
+            sources = [s for s in index.sources if s.key in keys]
+            if sources and index.key not in keys:
+                name = index.column.table.name
+                raise BlindIndexError(
+                    f"a multi-table UPDATE sets {_name(sources[0])}, whose blind index "
+                    f"{index.name} is computed only by an UPDATE of {name} itself: "
+                    f"update {name} in a statement of its own (its WHERE can select "
+                    "the rows with a subquery)"
+                )
+
+
+def _compile_update(before: Callable[..., str], update: Any, compiler: Any, **kw: Any) -> str:
+    _check_other_tables(update)
+    return before(update, compiler, **kw)
+
+
+_extend(Update, _compile_update)
 
 
 def _source_keys(mapper: Mapper[Any], index: BlindIndex) -> list[str]:

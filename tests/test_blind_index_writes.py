@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import traceback
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import sqlalchemy as sa
@@ -39,6 +39,46 @@ class User(Base):
     first: Mapped[str] = mapped_column(EncryptedType(sa.String(50)))
     last: Mapped[str] = mapped_column(EncryptedType(sa.String(50)))
     name_index: Mapped[str | None] = blind_index("first", "last", normalize="casefold")
+
+
+class Person(Base):
+    """Joined- and single-table inheritance: the index lives in the base table."""
+
+    __tablename__ = "person"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(sa.String(20))
+    name: Mapped[str] = mapped_column(EncryptedType(sa.String(100)))
+    name_index: Mapped[str | None] = blind_index("name", normalize="casefold")
+    __mapper_args__: ClassVar[dict[str, Any]] = {
+        "polymorphic_on": "kind",
+        "polymorphic_identity": "person",
+    }
+
+
+class Employee(Person):
+    """Joined, with a blind index of its own."""
+
+    __tablename__ = "employee"
+    id: Mapped[int] = mapped_column(sa.ForeignKey("person.id"), primary_key=True)
+    badge: Mapped[str] = mapped_column(EncryptedType(sa.String(20)))
+    badge_index: Mapped[str | None] = blind_index("badge", normalize="casefold")
+    __mapper_args__: ClassVar[dict[str, Any]] = {"polymorphic_identity": "employee"}
+
+
+class Contractor(Person):
+    """Joined, without a blind index of its own."""
+
+    __tablename__ = "contractor"
+    id: Mapped[int] = mapped_column(sa.ForeignKey("person.id"), primary_key=True)
+    company: Mapped[str] = mapped_column(sa.String(50))
+    __mapper_args__: ClassVar[dict[str, Any]] = {"polymorphic_identity": "contractor"}
+
+
+class Visitor(Person):
+    """Single-table."""
+
+    host: Mapped[str | None] = mapped_column(sa.String(50))
+    __mapper_args__: ClassVar[dict[str, Any]] = {"polymorphic_identity": "visitor"}
 
 
 users = User.__table__
@@ -351,7 +391,115 @@ def test_writes_that_leave_the_sources_leave_the_index(db: sa.Engine, via: str) 
         _run(db, via, sa.update(users).where(users.c.id == 1).values(email="alice@example.com"))
 
 
+def _named(engine: sa.Engine, name: str) -> list[int]:
+    with Session(engine) as session:
+        return sorted(session.scalars(sa.select(Person.id).where(Person.name_index.matches(name))))
+
+
+def _badged(engine: sa.Engine, badge: str) -> list[int]:
+    with Session(engine) as session:
+        found = session.scalars(sa.select(Employee.id).where(Employee.badge_index.matches(badge)))
+        return sorted(found)
+
+
+@pytest.mark.parametrize("model", [Employee, Contractor, Visitor])
+def test_inheritance(db: sa.Engine, model: type[Person]) -> None:
+    """ORM bulk operations on a subclass write the base table's index too."""
+    own = {Employee: {"badge": "B0"}, Contractor: {"company": "Acme"}, Visitor: {"host": "Bob"}}
+    extra = own[model]
+    for round_ in range(2):
+        first = 10 + 10 * round_
+        ids = list(range(first, first + 3))
+        with Session(db) as session:
+            session.execute(
+                sa.insert(model), [{"id": i, "name": f"Ada{i}", **extra} for i in ids[:2]]
+            )
+            session.bulk_insert_mappings(model, [{"id": ids[2], "name": f"Ada{ids[2]}", **extra}])
+            session.commit()
+        for i in ids:
+            assert _named(db, f"ADA{i}") == [i]
+        if model is Employee:
+            assert _badged(db, "b0") == ids
+
+        with Session(db) as session:
+            held = session.get(model, ids[0])
+            assert held is not None
+            rows = [{"id": i, "name": f"Eva{i}", **extra} for i in ids]
+            if model is Employee:
+                rows = [{**row, "badge": f"B{row['id']}"} for row in rows]
+            session.execute(sa.update(model), rows)
+            assert held.name == f"Eva{ids[0]}"
+            stored = session.scalars(sa.select(Person.name_index).where(Person.id == ids[0]))
+            assert held.name_index == stored.one()
+            session.commit()
+        for i in ids:
+            assert _named(db, f"eva{i}") == [i]
+            assert _named(db, f"ada{i}") == []
+            if model is Employee:
+                assert _badged(db, f"b{i}") == [i]
+
+        with Session(db) as session:
+            session.bulk_update_mappings(model, [{"id": i, "name": f"Ida{i}"} for i in ids])
+            session.commit()
+        for i in ids:
+            assert _named(db, f"ida{i}") == [i]
+            assert _named(db, f"eva{i}") == []
+
+        with Session(db) as session:
+            objects = list(session.scalars(sa.select(model).where(model.id.in_(ids))))
+            session.expunge_all()
+            for person in objects:
+                person.name = f"Uma{person.id}"
+            session.bulk_save_objects(objects)
+            session.commit()
+        for i in ids:
+            assert _named(db, f"uma{i}") == [i]
+            assert _named(db, f"ida{i}") == []
+
+        with Session(db) as session:
+            person = session.get(model, ids[0])
+            assert person is not None
+            person.name = f"Zoe{round_}"
+            session.commit()
+        assert _named(db, f"zoe{round_}") == [ids[0]]
+        assert _named(db, f"uma{ids[0]}") == []
+        if model is Visitor:  # one table: a WHERE-criteria UPDATE works everywhere
+            with Session(db) as session:
+                session.execute(
+                    sa.update(model).where(model.id == ids[1]).values(name=f"Max{round_}")
+                )
+                session.commit()
+            assert _named(db, f"max{round_}") == [ids[1]]
+
+
 SECRET = "Grace.Hopper" + "@example.com"  # must appear in no error
+
+
+@pytest.mark.parametrize("via", VIA)
+def test_multi_table_updates_of_another_tables_sources(db: sa.Engine, via: str) -> None:
+    """An UPDATE of one table that sets columns of another (MySQL, MariaDB)
+    is refused where it sets an index's sources without the index."""
+    person, employee = Person.__table__, Employee.__table__
+    _run(db, "session", sa.insert(Employee), [{"id": 1, "name": "Ada", "badge": "B1"}])
+    joined = employee.c.id == person.c.id
+    refused = [
+        sa.update(employee).values({person.c.name: SECRET}).where(joined),
+        sa.update(employee).values({person.c.name: SECRET, employee.c.badge: "B2"}).where(joined),
+        sa.update(Employee).values({Person.name: SECRET}).where(Employee.id == Person.id),
+    ]
+    for _ in range(2):
+        for statement in refused:
+            with pytest.raises(BlindIndexError) as caught:
+                _run(db, via, statement)
+            assert "person.name_index" in str(caught.value)
+            assert SECRET not in "".join(traceback.format_exception(caught.value))
+            assert _named(db, "ada") == [1]
+    if db.dialect.name in MYSQL_DIALECTS:  # the only ones that SET another table's columns
+        for round_ in range(2):
+            name = f"Eva{round_}"
+            sets = {person.c.name: name, person.c.name_index: name}
+            _run(db, via, sa.update(employee).values(sets).where(joined))
+            assert _named(db, name.lower()) == [1]
 
 
 def _refused(
