@@ -122,14 +122,24 @@ def _normalizers(
     return found
 
 
+_NULL_PART = b"\xff\xff\xff\xff"
+"""A NULL part of a compound index, in place of a length and bytes: values
+are shorter than 2**32 - 1 bytes, so it is distinct from every value."""
+
+
 def _canonical(value: Any) -> bytes:
-    if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value)
-    if isinstance(value, str):
-        return value.encode("utf-8")
+    """One part of the message: its length (4 bytes, big-endian) and bytes."""
     if value is None:
-        raise InvalidValueError("a compound blind index cannot hash a NULL part")
-    return str(value).encode("utf-8")
+        raise InvalidValueError("a normalizer returned None")
+    if isinstance(value, bytes | bytearray | memoryview):
+        data = bytes(value)
+    elif isinstance(value, str):
+        data = value.encode("utf-8")
+    else:
+        data = str(value).encode("utf-8")
+    if len(data) >= 0xFFFFFFFF:
+        raise InvalidValueError("a value of 4 GiB or more cannot be hashed")
+    return len(data).to_bytes(4, "big") + data
 
 
 def _unhashable(where: str, error: Exception) -> InvalidValueError:
@@ -241,14 +251,16 @@ class BlindIndex(EnvelopeColumnType, TypeDecorator[str]):
             )
         message = b""
         for part in parts:
+            if part is None:
+                message += _NULL_PART
+                continue
             try:
                 if isinstance(part, str):
                     for normalizer in self._normalizers:
                         part = normalizer(part)
-                data = _canonical(part)
+                message += _canonical(part)
             except Exception as error:
                 raise _unhashable(self._where(), error) from None
-            message += len(data).to_bytes(4, "big") + data
         mac = bytearray(hmac_sha256(key, message)[: self._bytes])
         spare = 8 * self._bytes - self.bits
         if spare:
