@@ -17,17 +17,19 @@ never invalidates an index::
 
 The index fills itself on every INSERT and UPDATE that sets its sources,
 whatever builds the statement (the unit of work, ORM bulk operations, Core,
-upserts): one engine hook completes the statement with the index. A value
-given for the index in the same statement is kept, unless it is a
-`BlindDigest` of other values than the sources written with it. Writes whose
-index cannot be computed (a source set to a SQL expression, or by INSERT ...
-FROM SELECT, or only some sources of a compound index) raise
-`BlindIndexError`. Raw SQL (``text()``, a lightweight ``sa.table()``) is not
-seen: set the index yourself there.
+upserts): one engine hook completes the statement with the index, also from
+a source's constant or argument-free default or onupdate. A value given for
+the index in the same statement is kept, unless it is a `BlindDigest` of
+other values than the sources written with it. Writes whose index cannot be
+computed (a source set to a SQL expression, or by INSERT ... FROM SELECT, or
+only some sources of a compound index) raise `BlindIndexError`. Raw SQL
+(``text()``, a lightweight ``sa.table()``) is not seen: set the index
+yourself there.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import time
@@ -39,6 +41,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.orm import Mapper, configure_mappers, mapped_column, object_session
 from sqlalchemy.orm.attributes import flag_modified
+from sqlalchemy.schema import ColumnDefault
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.dml import Update
 from sqlalchemy.sql.elements import Null
@@ -463,6 +466,7 @@ def _resolve(column: sa.Column[Any]) -> _Index:
                 f"{column.table.name}; name columns of the same table"
             )
         sources = tuple(column.table.c[n] for n in names)
+    _check_sources(column, sources)
     return _Index(column, sources)
 
 
@@ -490,13 +494,14 @@ def _assigned(values: Any, table: Any) -> dict[str, Any]:
 # What a statement gives for one source: ("const", value), ("param", name of
 # the row parameter), ("inserted", the upsert's alias of the inserted row),
 # ("expression", None), ("selected", None: by INSERT ... FROM SELECT),
-# ("default", None: a default computed when the INSERT runs), or ("missing",
-# None).
+# ("call", a function of no argument: a Python default or onupdate, which the
+# hook calls itself), ("default", None: a default computed when the INSERT
+# runs), or ("missing", None).
 _Part = tuple[str, Any]
 _MISSING: _Part = ("missing", None)
 _SELECTED = object()
 _ABSENT = object()
-_COMPUTABLE = frozenset({"const", "param"})
+_COMPUTABLE = frozenset({"const", "param", "call"})
 
 
 def _part(element: Any, crud_name: str | None, row: Mapping[str, Any]) -> _Part:
@@ -517,16 +522,63 @@ def _part(element: Any, crud_name: str | None, row: Mapping[str, Any]) -> _Part:
     return ("expression", None)
 
 
-def _default_part(column: sa.Column[Any]) -> _Part:
-    """The value an INSERT that leaves ``column`` out stores in it."""
-    default = column.default
-    if column.server_default is not None or (default is not None and not default.is_scalar):
+# SQLAlchemy wraps a default function that takes no argument in a function of
+# the execution context that ignores it: these are the codes of its wrappers.
+_NO_ARGUMENT = frozenset(
+    getattr(ColumnDefault(function).arg, "__code__", None)
+    for function in (lambda: None, functools.partial(str))
+)
+
+
+def _no_argument_function(generator: Any) -> Callable[[], Any] | None:
+    """The function of a Python-side default or onupdate, if it takes no
+    argument; None for a function of the execution context."""
+    arg = generator.arg
+    if generator.is_callable and getattr(arg, "__code__", None) in _NO_ARGUMENT:
+        return lambda: arg(None)
+    return None
+
+
+def _unset_part(column: sa.Column[Any], is_insert: bool) -> _Part:
+    """The value a statement that leaves ``column`` out stores in it: its
+    default in an INSERT, its onupdate in an UPDATE (_MISSING: unchanged)."""
+    if is_insert and column.server_default is not None:
         return ("default", None)
-    return ("const", None if default is None else getattr(default, "arg", None))
+    generator = column.default if is_insert else column.onupdate
+    if generator is None:
+        return ("const", None) if is_insert else _MISSING
+    if generator.is_scalar:
+        return ("const", getattr(generator, "arg", None))
+    function = _no_argument_function(generator)
+    return ("default", None) if function is None else ("call", function)
 
 
-def _refusal(index: _Index, parts: Sequence[_Part], what: str) -> BlindIndexError | None:
-    """Why ``parts`` give no index value, or None if they do."""
+def _check_sources(column: sa.Column[Any], sources: Sequence[Any]) -> None:
+    """Refuse sources whose every UPDATE that leaves them out changes them to
+    a value the hook cannot know: a SQL expression, a function of the execution
+    context, or the database's own (``server_onupdate``)."""
+    for source in sources:
+        onupdate = getattr(source, "onupdate", None)
+        if getattr(source, "server_onupdate", None) is not None:
+            how = "the database changes it on UPDATE (server_onupdate)"
+        elif onupdate is not None and not onupdate.is_scalar:
+            if _no_argument_function(onupdate) is not None:
+                continue
+            how = "its onupdate is a SQL expression or a function of the execution context"
+        else:
+            continue
+        raise ConfigurationError(
+            f"blind index {_name(column)} covers {_name(source)}, but {how}, so the index "
+            "cannot follow it: give it a constant onupdate or a function without "
+            f"arguments, or drop the onupdate and set {_name(source)} in your UPDATEs"
+        )
+
+
+def _refusal(
+    index: _Index, parts: Sequence[_Part], what: str, unset: frozenset[str] | set[str] = frozenset()
+) -> BlindIndexError | None:
+    """Why ``parts`` give no index value, or None if they do; ``unset`` are
+    the keys of the sources the statement leaves to their onupdate."""
     kinds = [kind for kind, _ in parts]
     if _COMPUTABLE.issuperset(kinds):
         return None
@@ -547,15 +599,20 @@ def _refusal(index: _Index, parts: Sequence[_Part], what: str) -> BlindIndexErro
             )
         if kind == "default":
             return BlindIndexError(
-                f"{what} leaves {_name(source)} to a default computed by the database or "
-                f"at execution, so the blind index {index.name} cannot be computed: give "
-                f"{_name(source)} a value, {fix}"
+                f"{what} leaves {_name(source)} to a default computed by the database, "
+                "by SQL or by a function of the execution context, so the blind index "
+                f"{index.name} cannot be computed: give {_name(source)} a value (or a "
+                f"default that is a constant or a function without arguments), {fix}"
             )
     every = ", ".join(_name(s) for s in sources)
     if "missing" in kinds:
         given = ", ".join(_name(s) for k, s in zip(kinds, sources, strict=True) if k != "missing")
+        onupdate = [
+            s for k, s in zip(kinds, sources, strict=True) if k != "missing" and s.key in unset
+        ]
+        by = f" ({', '.join(_name(s) for s in onupdate)} by its onupdate)" if onupdate else ""
         return BlindIndexError(
-            f"{what} sets {given} but not all of {every}, which the blind index "
+            f"{what} sets {given}{by} but not all of {every}, which the blind index "
             f"{index.name} covers, so it cannot be computed: set all of them in the same "
             f"statement, {fix}"
         )
@@ -572,6 +629,8 @@ def _fetch(part: _Part) -> Callable[[Mapping[str, Any]], Any]:
     kind, arg = part
     if kind == "param":
         return lambda row: row.get(arg)
+    if kind == "call":
+        return lambda row: arg()
     return lambda row: arg
 
 
@@ -625,6 +684,27 @@ def _complete(
     return _completed(entry.indexes(), table, statement, multiparams, params)
 
 
+def _generated(
+    index: _Index,
+    parts: Sequence[_Part],
+    added: dict[Any, Any],
+    fills: list[tuple[str, Callable[[Mapping[str, Any]], Any]]],
+) -> list[_Part]:
+    """``parts``, a source's default or onupdate function replaced by a row
+    parameter, which ``fills`` computes once per row for the source (added to
+    the statement) and every index of it."""
+    resolved = list(parts)
+    for i, part in enumerate(parts):
+        if part[0] == "call":
+            source = index.sources[i]
+            name = f"{source.key}__blind_source"
+            if not any(column is source for column in added):
+                added[source] = sa.type_coerce(sa.bindparam(name, type_=source.type), source.type)
+                fills.append((name, _fetch(part)))
+            resolved[i] = ("param", name)
+    return resolved
+
+
 def _completed(
     indexes: tuple[_Index, ...], table: Any, statement: Any, multiparams: Any, params: Any
 ) -> tuple[Any, Any, Any]:
@@ -643,6 +723,7 @@ def _completed(
         assigned = dict.fromkeys(statement._select_names, _SELECTED)
     added: dict[Any, Any] = {}
     fills: list[tuple[str, Callable[[Mapping[str, Any]], Any]]] = []
+    generated: list[tuple[str, Callable[[Mapping[str, Any]], Any]]] = []
     for index in indexes:
         parts: list[_Part] = []
         for source in index.sources:
@@ -653,8 +734,16 @@ def _completed(
                 parts.append(("param", key))
             else:
                 parts.append(_MISSING)
+        unset = {s.key for p, s in zip(parts, index.sources, strict=True) if p is _MISSING}
+        parts = [
+            _unset_part(s, is_insert) if p is _MISSING else p
+            for p, s in zip(parts, index.sources, strict=True)
+        ]
+        if from_select:
+            parts = [("default", None) if kind == "call" else (kind, a) for kind, a in parts]
         if index.key in assigned or index.key in first:  # given explicitly
             if _COMPUTABLE.issuperset(kind for kind, _ in parts):
+                parts = _generated(index, parts, added, generated)
                 given = (
                     _part(assigned[index.key], index.key, first)
                     if index.key in assigned
@@ -666,22 +755,16 @@ def _completed(
                     added[index.column] = index.value
                     fills.append((index.param, _checked(index, given, parts)))
             continue
-        if all(p is _MISSING for p in parts):
-            if not is_insert:
-                continue
-            parts = [_default_part(s) for s in index.sources]
-            if all(p == ("const", None) for p in parts):
-                continue  # left NULL, as its sources
-        elif is_insert:
-            parts = [
-                _default_part(s) if p is _MISSING else p
-                for p, s in zip(parts, index.sources, strict=True)
-            ]
-        refusal = _refusal(index, parts, what)
+        if len(unset) == len(parts) and all(
+            p == ("const", None) if is_insert else p is _MISSING for p in parts
+        ):
+            continue  # left as it is, or NULL with its sources
+        refusal = _refusal(index, parts, what, set() if is_insert else unset)
         if refusal is not None:
             raise refusal
         added[index.column] = index.value
-        fills.append((index.param, _row_value(parts)))
+        fills.append((index.param, _row_value(_generated(index, parts, added, generated))))
+    fills[:0] = generated  # the sources' values first, which the indexes hash
     conflict = statement._post_values_clause if is_insert else None
     if conflict is not None:
         conflict, set_fills = _completed_upsert(indexes, table, conflict, first)
@@ -795,16 +878,22 @@ def _completed_multi_values(indexes: tuple[_Index, ...], table: Any, statement: 
                         added[index.key] = _checked(index, ("const", given), parts)({})
                     continue
                 if not any(s.key in assigned for s in index.sources) and all(
-                    _default_part(s) == ("const", None) for s in index.sources
+                    _unset_part(s, True) == ("const", None) for s in index.sources
                 ):
                     continue
                 parts = [
-                    _part(assigned[s.key], None, {}) if s.key in assigned else _default_part(s)
+                    _part(assigned[s.key], None, {}) if s.key in assigned else _unset_part(s, True)
                     for s in index.sources
                 ]
                 refusal = _refusal(index, parts, "INSERT")
                 if refusal is not None:
                     raise refusal
+                for i, (kind, function) in enumerate(parts):
+                    if kind == "call":  # the row's value, for the source and its indexes
+                        key = index.sources[i].key
+                        if key not in added:
+                            added[key] = function()
+                        parts[i] = ("const", added[key])
                 added[index.key] = _row_value(parts)({})
             if added:
                 row = {**assigned, **added}
@@ -882,6 +971,7 @@ def _wire_mapper(mapper: Mapper[Any], class_: type) -> None:
                     f"blind index {_name(column)} covers {_name(source)}, of another "
                     "table: put the index in the table of its sources"
                 )
+        _check_sources(column, sources)
         with _lock:
             _orm_sources[column] = sources
             entry = _tables.get(column.table)
@@ -890,38 +980,67 @@ def _wire_mapper(mapper: Mapper[Any], class_: type) -> None:
         indexes.append((prop.key, keys))
     if not indexes:
         return
-    compound = [(key, sources) for key, sources in indexes if len(sources) > 1]
+    compound = [_Compound(mapper, key, sources) for key, sources in indexes if len(sources) > 1]
     if compound:
         event.listen(
             mapper, "before_update", lambda m, c, target: _complete_sources(target, compound)
         )
     event.listen(
-        mapper, "refresh", lambda target, context, attrs: _expire_index(target, attrs, indexes)
+        mapper,
+        "refresh",
+        lambda target, context, attrs: _expire_index(target, context, attrs, indexes),
     )
 
 
-def _complete_sources(target: Any, compound: Sequence[tuple[str, Sequence[str]]]) -> None:
+class _Compound:
+    """A compound index of a mapped class, for the unit of work: its
+    attribute, its sources', those of its sources that have an onupdate, and
+    the attributes of its table (an UPDATE of which applies the onupdates)."""
+
+    __slots__ = ("key", "onupdate", "sources", "table")
+
+    def __init__(self, mapper: Mapper[Any], key: str, sources: Sequence[str]) -> None:
+        table = mapper.column_attrs[key].columns[0].table
+        self.key = key
+        self.sources = sources
+        self.onupdate = {k for k in sources if mapper.column_attrs[k].columns[0].onupdate}
+        self.table = [p.key for p in mapper.column_attrs if _same_table(p.columns[0].table, table)]
+
+
+def _complete_sources(target: Any, compound: Sequence[_Compound]) -> None:
     """A unit-of-work UPDATE carries only the attributes that changed; where
-    some sources of a compound index changed, make it carry all of them, so
-    that the write hook can compute the index."""
-    attrs = sa.inspect(target).attrs
-    for index_key, keys in compound:
-        if attrs[index_key].history.has_changes():
+    some sources of a compound index change (set, or by their onupdate), make
+    it carry all of them, loading those not loaded, so that the write hook can
+    compute the index."""
+    state = sa.inspect(target)
+    attrs = state.attrs
+    for index in compound:
+        if attrs[index.key].history.has_changes():
             continue
-        changed = [attrs[k].history.has_changes() for k in keys]
+        changed = [attrs[k].history.has_changes() for k in index.sources]
+        if index.onupdate and any(attrs[k].history.has_changes() for k in index.table):
+            changed = [
+                c or k in index.onupdate for c, k in zip(changed, index.sources, strict=True)
+            ]
         if any(changed) and not all(changed):
-            for key, was_changed in zip(keys, changed, strict=True):
+            for key, was_changed in zip(index.sources, changed, strict=True):
                 if not was_changed:
-                    getattr(target, key)  # loads it if expired or deferred
+                    if key in state.unloaded:  # expired, deferred, or not loaded at all
+                        state.session.refresh(target, [key])
                     flag_modified(target, key)
 
 
-def _expire_index(target: Any, attrs: Any, indexes: Sequence[tuple[str, Sequence[str]]]) -> None:
-    """An object's source attributes were refreshed without its index (the
-    ORM copies a bulk UPDATE's new values into the objects it holds, but not
-    the index the write hook added): expire the index, to be loaded afresh."""
-    if attrs is None:
-        return  # a full load
+def _expire_index(
+    target: Any, context: Any, attrs: Any, indexes: Sequence[tuple[str, Sequence[str]]]
+) -> None:
+    """An object's source attributes were given new values without its index
+    (the ORM copies a bulk UPDATE's new values into the objects it holds, but
+    not the index the write hook added): expire the index, to be loaded
+    afresh. Attributes loaded from the database (a context) are left alone:
+    the index in memory was read from the same rows, and loading expired
+    attributes forgets what is expired meanwhile."""
+    if attrs is None or context is not None:
+        return
     names = set(attrs)
     stale = [key for key, sources in indexes if key not in names and not names.isdisjoint(sources)]
     session = object_session(target)
