@@ -555,6 +555,9 @@ def test_defaults_and_onupdates_fill_the_index(db: sa.Engine, via: str) -> None:
             session.add(ticket)
             session.flush()
             assert ticket.code.startswith("T-")  # the value written, read back
+            code_index = Ticket.__table__.c.code_index
+            stored = session.scalars(sa.select(code_index).where(Ticket.id == ticket.id))
+            assert ticket.code_index == stored.one() is not None
             assert _tickets(db, Ticket.code_index, ticket.code) == []  # not committed
             session.add(Ticket(id=ids[6], code=f"given{round_}"))
             session.commit()
