@@ -45,12 +45,18 @@ from sqlalchemy.schema import ColumnDefault
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.dml import Update
 from sqlalchemy.sql.elements import Null
+from sqlalchemy.sql.lambdas import PyWrapper
 from sqlalchemy.sql.selectable import Alias
 from sqlalchemy.types import TypeDecorator
 from sqlalchemy.util import immutabledict
 
 from . import binding
-from .errors import BlindIndexError, ConfigurationError, InvalidValueError
+from .errors import (
+    BlindIndexError,
+    ConfigurationError,
+    EncryptedComparisonError,
+    InvalidValueError,
+)
 from .expressions import EnvelopeColumnType, Kind, _extend, check_written, is_value
 from .primitives import hmac_sha256
 
@@ -315,6 +321,11 @@ class BlindIndex(EnvelopeColumnType, TypeDecorator[str]):
 
         def operate(self, op: Any, *other: Any, **kwargs: Any) -> Any:
             check_written(op, self.expr, other)
+            if other and isinstance(other[0], PyWrapper):
+                # A variable of a lambda statement: the bound parameter that the
+                # lambda tracks and gives each call's value, typed as this index.
+                literal = other[0]._sa__py_wrapper_literal(expr=self.expr, operator=op)
+                other = (literal, *other[1:])
             operand = other[0] if other else None
             if (
                 op in _HASHED
@@ -333,6 +344,16 @@ class BlindIndex(EnvelopeColumnType, TypeDecorator[str]):
             return super().reverse_operate(op, other, **kwargs)
 
         def matches(self, *values: Any) -> sa.ColumnElement[bool]:
+            if len(values) == 1 and isinstance(values[0], PyWrapper):
+                return self.expr == values[0]
+            if any(isinstance(value, PyWrapper) for value in values):
+                index = self.type
+                where = index._where() if isinstance(index, BlindIndex) else "a blind index"
+                raise EncryptedComparisonError(
+                    f"{where}: in a lambda statement, give matches() the values of a "
+                    "compound index as one tuple variable: parts = (first, last), then "
+                    "lambda: select(...).where(Model.index.matches(parts))"
+                )
             value = values[0] if len(values) == 1 else tuple(values)
             return self.expr == sa.bindparam(None, value, type_=self.expr.type)
 

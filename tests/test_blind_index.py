@@ -186,6 +186,76 @@ def test_digest_encoding_follows_format_md() -> None:
     assert index.digest(key, ("Ada", "")) == expected(ada + b"\x00\x00\x00\x00")
 
 
+BOB = "Bob@Example.com"  # a global a lambda statement reads
+
+
+def _by_email(email: str) -> sa.StatementLambdaElement:
+    return sa.lambda_stmt(lambda: sa.select(User.id).where(User.email_index.matches(email)))
+
+
+def _equal(email: str) -> sa.StatementLambdaElement:
+    return sa.lambda_stmt(lambda: sa.select(User.id).where(User.email_index == email))
+
+
+def _other(email: str) -> sa.StatementLambdaElement:
+    return sa.lambda_stmt(lambda: sa.select(User.id).where(User.email_index != email))
+
+
+def _among(emails: list[str]) -> sa.StatementLambdaElement:
+    return sa.lambda_stmt(lambda: sa.select(User.id).where(User.email_index.in_(emails)))
+
+
+def _by_name(name: tuple[str, str]) -> sa.StatementLambdaElement:
+    statement = sa.lambda_stmt(lambda: sa.select(User.id))
+    return statement + (lambda s: s.where(User.name_index.matches(name)))
+
+
+def test_lookups_in_lambda_statements(engine: sa.Engine, registry: KeyRegistry) -> None:
+    """A lambda statement hashes each call's values, cached once; the ORM
+    still does not evaluate an UPDATE's WHERE on a blind index in Python."""
+    _fill(engine)
+    cases: list[tuple[sa.StatementLambdaElement, list[int]]] = []
+    for _ in range(2):
+        cases += [
+            (_by_email(" ALICE@example.com"), [1]),
+            (_by_email("bob@example.com"), [2]),
+            (_equal("carol@example.com"), [3]),
+            (_equal("alice@example.com"), [1]),
+            (_other("alice@example.com"), [2, 3]),
+            (_among(["bob@example.com", "carol@example.com"]), [2, 3]),
+            (_among(["alice@example.com"]), [1]),
+            (_by_name(("BOB", "smith")), [2]),
+            (_by_name(("carol", "smith")), [3]),
+            (sa.lambda_stmt(lambda: sa.select(User.id).where(User.email_index.matches(BOB))), [2]),
+        ]
+    for statement, expected in cases:
+        with Session(engine) as session:
+            assert sorted(session.scalars(statement)) == expected
+        with engine.connect() as conn:
+            assert sorted(conn.scalars(statement)) == expected
+    first, last = "bob", "smith"
+    for _ in range(2):
+        with pytest.raises(EncryptedComparisonError, match=r"users\.name_index.*one tuple"):
+            sa.lambda_stmt(lambda: sa.select(User.id).where(User.name_index.matches(first, last)))
+    for email in ("alice@example.com", "Alice@Example.com"):
+        with Session(engine) as session:
+            for synchronize in ("evaluate", "auto"):
+                statement = _renumbered(email)
+                options = {"synchronize_session": synchronize}
+                if synchronize == "evaluate":
+                    with pytest.raises(sa.exc.InvalidRequestError, match="evaluate"):
+                        session.execute(statement, execution_options=options)
+                else:
+                    assert session.execute(statement, execution_options=options).rowcount == 1
+            session.rollback()
+
+
+def _renumbered(email: str) -> sa.StatementLambdaElement:
+    return sa.lambda_stmt(
+        lambda: sa.update(User).where(User.email_index == email).values(first="Ada", last="King")
+    )
+
+
 def test_unique_constraints_are_enforced_by_the_database(
     engine: sa.Engine, registry: KeyRegistry
 ) -> None:
