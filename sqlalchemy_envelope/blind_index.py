@@ -17,17 +17,19 @@ never invalidates an index::
 
 The index fills itself on every INSERT and UPDATE that sets its sources,
 whatever builds the statement (the unit of work, ORM bulk operations, Core,
-upserts): one engine hook completes the statement with the index. A value
-given for the index in the same statement is kept, unless it is a
-`BlindDigest` of other values than the sources written with it. Writes whose
-index cannot be computed (a source set to a SQL expression, or by INSERT ...
-FROM SELECT, or only some sources of a compound index) raise
-`BlindIndexError`. Raw SQL (``text()``, a lightweight ``sa.table()``) is not
-seen: set the index yourself there.
+upserts): one engine hook completes the statement with the index, also from
+a source's constant or argument-free default or onupdate. A value given for
+the index in the same statement is kept, unless it is a `BlindDigest` of
+other values than the sources written with it. Writes whose index cannot be
+computed (a source set to a SQL expression, or by INSERT ... FROM SELECT, or
+only some sources of a compound index) raise `BlindIndexError`. Raw SQL
+(``text()``, a lightweight ``sa.table()``) is not seen: set the index
+yourself there.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import time
@@ -39,15 +41,23 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.orm import Mapper, configure_mappers, mapped_column, object_session
 from sqlalchemy.orm.attributes import flag_modified
+from sqlalchemy.schema import ColumnDefault
 from sqlalchemy.sql import operators
+from sqlalchemy.sql.dml import Update
 from sqlalchemy.sql.elements import Null
+from sqlalchemy.sql.lambdas import PyWrapper
 from sqlalchemy.sql.selectable import Alias
 from sqlalchemy.types import TypeDecorator
 from sqlalchemy.util import immutabledict
 
 from . import binding
-from .errors import BlindIndexError, ConfigurationError, InvalidValueError
-from .expressions import EnvelopeColumnType, Kind, check_written, is_value
+from .errors import (
+    BlindIndexError,
+    ConfigurationError,
+    EncryptedComparisonError,
+    InvalidValueError,
+)
+from .expressions import EnvelopeColumnType, Kind, _extend, check_written, is_value
 from .primitives import hmac_sha256
 
 __all__ = ["NORMALIZERS", "BlindDigest", "BlindIndex", "blind_index", "blind_index_column"]
@@ -121,14 +131,24 @@ def _normalizers(
     return found
 
 
+_NULL_PART = b"\xff\xff\xff\xff"
+"""A NULL part of a compound index, in place of a length and bytes: values
+are shorter than 2**32 - 1 bytes, so it is distinct from every value."""
+
+
 def _canonical(value: Any) -> bytes:
-    if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value)
-    if isinstance(value, str):
-        return value.encode("utf-8")
+    """One part of the message: its length (4 bytes, big-endian) and bytes."""
     if value is None:
-        raise InvalidValueError("a compound blind index cannot hash a NULL part")
-    return str(value).encode("utf-8")
+        raise InvalidValueError("a normalizer returned None")
+    if isinstance(value, bytes | bytearray | memoryview):
+        data = bytes(value)
+    elif isinstance(value, str):
+        data = value.encode("utf-8")
+    else:
+        data = str(value).encode("utf-8")
+    if len(data) >= 0xFFFFFFFF:
+        raise InvalidValueError("a value of 4 GiB or more cannot be hashed")
+    return len(data).to_bytes(4, "big") + data
 
 
 def _unhashable(where: str, error: Exception) -> InvalidValueError:
@@ -240,14 +260,16 @@ class BlindIndex(EnvelopeColumnType, TypeDecorator[str]):
             )
         message = b""
         for part in parts:
+            if part is None:
+                message += _NULL_PART
+                continue
             try:
                 if isinstance(part, str):
                     for normalizer in self._normalizers:
                         part = normalizer(part)
-                data = _canonical(part)
+                message += _canonical(part)
             except Exception as error:
                 raise _unhashable(self._where(), error) from None
-            message += len(data).to_bytes(4, "big") + data
         mac = bytearray(hmac_sha256(key, message)[: self._bytes])
         spare = 8 * self._bytes - self.bits
         if spare:
@@ -299,6 +321,11 @@ class BlindIndex(EnvelopeColumnType, TypeDecorator[str]):
 
         def operate(self, op: Any, *other: Any, **kwargs: Any) -> Any:
             check_written(op, self.expr, other)
+            if other and isinstance(other[0], PyWrapper):
+                # A variable of a lambda statement: the bound parameter that the
+                # lambda tracks and gives each call's value, typed as this index.
+                literal = other[0]._sa__py_wrapper_literal(expr=self.expr, operator=op)
+                other = (literal, *other[1:])
             operand = other[0] if other else None
             if (
                 op in _HASHED
@@ -317,6 +344,16 @@ class BlindIndex(EnvelopeColumnType, TypeDecorator[str]):
             return super().reverse_operate(op, other, **kwargs)
 
         def matches(self, *values: Any) -> sa.ColumnElement[bool]:
+            if len(values) == 1 and isinstance(values[0], PyWrapper):
+                return self.expr == values[0]
+            if any(isinstance(value, PyWrapper) for value in values):
+                index = self.type
+                where = index._where() if isinstance(index, BlindIndex) else "a blind index"
+                raise EncryptedComparisonError(
+                    f"{where}: in a lambda statement, give matches() the values of a "
+                    "compound index as one tuple variable: parts = (first, last), then "
+                    "lambda: select(...).where(Model.index.matches(parts))"
+                )
             value = values[0] if len(values) == 1 else tuple(values)
             return self.expr == sa.bindparam(None, value, type_=self.expr.type)
 
@@ -450,6 +487,7 @@ def _resolve(column: sa.Column[Any]) -> _Index:
                 f"{column.table.name}; name columns of the same table"
             )
         sources = tuple(column.table.c[n] for n in names)
+    _check_sources(column, sources)
     return _Index(column, sources)
 
 
@@ -477,13 +515,14 @@ def _assigned(values: Any, table: Any) -> dict[str, Any]:
 # What a statement gives for one source: ("const", value), ("param", name of
 # the row parameter), ("inserted", the upsert's alias of the inserted row),
 # ("expression", None), ("selected", None: by INSERT ... FROM SELECT),
-# ("default", None: a default computed when the INSERT runs), or ("missing",
-# None).
+# ("call", a function of no argument: a Python default or onupdate, which the
+# hook calls itself), ("default", None: a default computed when the INSERT
+# runs), or ("missing", None).
 _Part = tuple[str, Any]
 _MISSING: _Part = ("missing", None)
 _SELECTED = object()
 _ABSENT = object()
-_COMPUTABLE = frozenset({"const", "param"})
+_COMPUTABLE = frozenset({"const", "param", "call"})
 
 
 def _part(element: Any, crud_name: str | None, row: Mapping[str, Any]) -> _Part:
@@ -504,16 +543,63 @@ def _part(element: Any, crud_name: str | None, row: Mapping[str, Any]) -> _Part:
     return ("expression", None)
 
 
-def _default_part(column: sa.Column[Any]) -> _Part:
-    """The value an INSERT that leaves ``column`` out stores in it."""
-    default = column.default
-    if column.server_default is not None or (default is not None and not default.is_scalar):
+# SQLAlchemy wraps a default function that takes no argument in a function of
+# the execution context that ignores it: these are the codes of its wrappers.
+_NO_ARGUMENT = frozenset(
+    getattr(ColumnDefault(function).arg, "__code__", None)
+    for function in (lambda: None, functools.partial(str))
+)
+
+
+def _no_argument_function(generator: Any) -> Callable[[], Any] | None:
+    """The function of a Python-side default or onupdate, if it takes no
+    argument; None for a function of the execution context."""
+    arg = generator.arg
+    if generator.is_callable and getattr(arg, "__code__", None) in _NO_ARGUMENT:
+        return lambda: arg(None)
+    return None
+
+
+def _unset_part(column: sa.Column[Any], is_insert: bool) -> _Part:
+    """The value a statement that leaves ``column`` out stores in it: its
+    default in an INSERT, its onupdate in an UPDATE (_MISSING: unchanged)."""
+    if is_insert and column.server_default is not None:
         return ("default", None)
-    return ("const", None if default is None else getattr(default, "arg", None))
+    generator = column.default if is_insert else column.onupdate
+    if generator is None:
+        return ("const", None) if is_insert else _MISSING
+    if generator.is_scalar:
+        return ("const", getattr(generator, "arg", None))
+    function = _no_argument_function(generator)
+    return ("default", None) if function is None else ("call", function)
 
 
-def _refusal(index: _Index, parts: Sequence[_Part], what: str) -> BlindIndexError | None:
-    """Why ``parts`` give no index value, or None if they do."""
+def _check_sources(column: sa.Column[Any], sources: Sequence[Any]) -> None:
+    """Refuse sources whose every UPDATE that leaves them out changes them to
+    a value the hook cannot know: a SQL expression, a function of the execution
+    context, or the database's own (``server_onupdate``)."""
+    for source in sources:
+        onupdate = getattr(source, "onupdate", None)
+        if getattr(source, "server_onupdate", None) is not None:
+            how = "the database changes it on UPDATE (server_onupdate)"
+        elif onupdate is not None and not onupdate.is_scalar:
+            if _no_argument_function(onupdate) is not None:
+                continue
+            how = "its onupdate is a SQL expression or a function of the execution context"
+        else:
+            continue
+        raise ConfigurationError(
+            f"blind index {_name(column)} covers {_name(source)}, but {how}, so the index "
+            "cannot follow it: give it a constant onupdate or a function without "
+            f"arguments, or drop the onupdate and set {_name(source)} in your UPDATEs"
+        )
+
+
+def _refusal(
+    index: _Index, parts: Sequence[_Part], what: str, unset: frozenset[str] | set[str] = frozenset()
+) -> BlindIndexError | None:
+    """Why ``parts`` give no index value, or None if they do; ``unset`` are
+    the keys of the sources the statement leaves to their onupdate."""
     kinds = [kind for kind, _ in parts]
     if _COMPUTABLE.issuperset(kinds):
         return None
@@ -534,15 +620,20 @@ def _refusal(index: _Index, parts: Sequence[_Part], what: str) -> BlindIndexErro
             )
         if kind == "default":
             return BlindIndexError(
-                f"{what} leaves {_name(source)} to a default computed by the database or "
-                f"at execution, so the blind index {index.name} cannot be computed: give "
-                f"{_name(source)} a value, {fix}"
+                f"{what} leaves {_name(source)} to a default computed by the database, "
+                "by SQL or by a function of the execution context, so the blind index "
+                f"{index.name} cannot be computed: give {_name(source)} a value (or a "
+                f"default that is a constant or a function without arguments), {fix}"
             )
     every = ", ".join(_name(s) for s in sources)
     if "missing" in kinds:
         given = ", ".join(_name(s) for k, s in zip(kinds, sources, strict=True) if k != "missing")
+        onupdate = [
+            s for k, s in zip(kinds, sources, strict=True) if k != "missing" and s.key in unset
+        ]
+        by = f" ({', '.join(_name(s) for s in onupdate)} by its onupdate)" if onupdate else ""
         return BlindIndexError(
-            f"{what} sets {given} but not all of {every}, which the blind index "
+            f"{what} sets {given}{by} but not all of {every}, which the blind index "
             f"{index.name} covers, so it cannot be computed: set all of them in the same "
             f"statement, {fix}"
         )
@@ -559,6 +650,8 @@ def _fetch(part: _Part) -> Callable[[Mapping[str, Any]], Any]:
     kind, arg = part
     if kind == "param":
         return lambda row: row.get(arg)
+    if kind == "call":
+        return lambda row: arg()
     return lambda row: arg
 
 
@@ -587,6 +680,17 @@ def _checked(
     return checked
 
 
+def _written_table(statement: Any) -> Any:
+    """The table an INSERT or UPDATE writes. An ORM bulk statement on a
+    subclass of joined-table inheritance names the subclass's table, and is
+    executed once per table of the hierarchy, annotated with that table."""
+    table = getattr(statement, "table", None)
+    annotations = getattr(statement, "_annotations", None)
+    if annotations:
+        return annotations.get("_emit_insert_table", annotations.get("_emit_update_table", table))
+    return table
+
+
 def _complete(
     conn: Connection,
     statement: Any,
@@ -594,22 +698,44 @@ def _complete(
     params: Any,
     execution_options: Any,
 ) -> tuple[Any, Any, Any]:
-    entry = _tables.get(getattr(statement, "table", None))
+    table = _written_table(statement)
+    entry = _tables.get(table)
     if entry is None or not (statement.is_insert or statement.is_update):
         return statement, multiparams, params
-    return _completed(entry.indexes(), statement, multiparams, params)
+    return _completed(entry.indexes(), table, statement, multiparams, params)
+
+
+def _generated(
+    index: _Index,
+    parts: Sequence[_Part],
+    added: dict[Any, Any],
+    fills: list[tuple[str, Callable[[Mapping[str, Any]], Any]]],
+) -> list[_Part]:
+    """``parts``, a source's default or onupdate function replaced by a row
+    parameter, which ``fills`` computes once per row for the source (added to
+    the statement) and every index of it."""
+    resolved = list(parts)
+    for i, part in enumerate(parts):
+        if part[0] == "call":
+            source = index.sources[i]
+            name = f"{source.key}__blind_source"
+            if not any(column is source for column in added):
+                added[source] = sa.type_coerce(sa.bindparam(name, type_=source.type), source.type)
+                fills.append((name, _fetch(part)))
+            resolved[i] = ("param", name)
+    return resolved
 
 
 def _completed(
-    indexes: tuple[_Index, ...], statement: Any, multiparams: Any, params: Any
+    indexes: tuple[_Index, ...], table: Any, statement: Any, multiparams: Any, params: Any
 ) -> tuple[Any, Any, Any]:
-    """The statement and parameters, with every index whose sources it sets."""
+    """The statement and parameters, with every index of ``table`` (which it
+    writes) whose sources it sets."""
     rows = multiparams or [params]
     first = rows[0]
-    table = statement.table
     is_insert = statement.is_insert
     if is_insert and statement._multi_values:
-        return _completed_multi_values(indexes, statement), multiparams, params
+        return _completed_multi_values(indexes, table, statement), multiparams, params
     what = "INSERT" if is_insert else "UPDATE"
     from_select = statement.select is not None if is_insert else False
     assigned = _assigned(statement._values or {}, table)
@@ -618,6 +744,7 @@ def _completed(
         assigned = dict.fromkeys(statement._select_names, _SELECTED)
     added: dict[Any, Any] = {}
     fills: list[tuple[str, Callable[[Mapping[str, Any]], Any]]] = []
+    generated: list[tuple[str, Callable[[Mapping[str, Any]], Any]]] = []
     for index in indexes:
         parts: list[_Part] = []
         for source in index.sources:
@@ -628,8 +755,16 @@ def _completed(
                 parts.append(("param", key))
             else:
                 parts.append(_MISSING)
+        unset = {s.key for p, s in zip(parts, index.sources, strict=True) if p is _MISSING}
+        parts = [
+            _unset_part(s, is_insert) if p is _MISSING else p
+            for p, s in zip(parts, index.sources, strict=True)
+        ]
+        if from_select:
+            parts = [("default", None) if kind == "call" else (kind, a) for kind, a in parts]
         if index.key in assigned or index.key in first:  # given explicitly
             if _COMPUTABLE.issuperset(kind for kind, _ in parts):
+                parts = _generated(index, parts, added, generated)
                 given = (
                     _part(assigned[index.key], index.key, first)
                     if index.key in assigned
@@ -641,22 +776,16 @@ def _completed(
                     added[index.column] = index.value
                     fills.append((index.param, _checked(index, given, parts)))
             continue
-        if all(p is _MISSING for p in parts):
-            if not is_insert:
-                continue
-            parts = [_default_part(s) for s in index.sources]
-            if all(p == ("const", None) for p in parts):
-                continue  # left NULL, as its sources
-        elif is_insert:
-            parts = [
-                _default_part(s) if p is _MISSING else p
-                for p, s in zip(parts, index.sources, strict=True)
-            ]
-        refusal = _refusal(index, parts, what)
+        if len(unset) == len(parts) and all(
+            p == ("const", None) if is_insert else p is _MISSING for p in parts
+        ):
+            continue  # left as it is, or NULL with its sources
+        refusal = _refusal(index, parts, what, set() if is_insert else unset)
         if refusal is not None:
             raise refusal
         added[index.column] = index.value
-        fills.append((index.param, _row_value(parts)))
+        fills.append((index.param, _row_value(_generated(index, parts, added, generated))))
+    fills[:0] = generated  # the sources' values first, which the indexes hash
     conflict = statement._post_values_clause if is_insert else None
     if conflict is not None:
         conflict, set_fills = _completed_upsert(indexes, table, conflict, first)
@@ -749,9 +878,8 @@ def _completed_upsert(
     return clause, fills
 
 
-def _completed_multi_values(indexes: tuple[_Index, ...], statement: Any) -> Any:
+def _completed_multi_values(indexes: tuple[_Index, ...], table: Any, statement: Any) -> Any:
     """A multi-row ``insert().values([...])`` with the indexes in each row."""
-    table = statement.table
     groups = []
     changed = False
     for group in statement._multi_values:
@@ -771,16 +899,22 @@ def _completed_multi_values(indexes: tuple[_Index, ...], statement: Any) -> Any:
                         added[index.key] = _checked(index, ("const", given), parts)({})
                     continue
                 if not any(s.key in assigned for s in index.sources) and all(
-                    _default_part(s) == ("const", None) for s in index.sources
+                    _unset_part(s, True) == ("const", None) for s in index.sources
                 ):
                     continue
                 parts = [
-                    _part(assigned[s.key], None, {}) if s.key in assigned else _default_part(s)
+                    _part(assigned[s.key], None, {}) if s.key in assigned else _unset_part(s, True)
                     for s in index.sources
                 ]
                 refusal = _refusal(index, parts, "INSERT")
                 if refusal is not None:
                     raise refusal
+                for i, (kind, function) in enumerate(parts):
+                    if kind == "call":  # the row's value, for the source and its indexes
+                        key = index.sources[i].key
+                        if key not in added:
+                            added[key] = function()
+                        parts[i] = ("const", added[key])
                 added[index.key] = _row_value(parts)({})
             if added:
                 row = {**assigned, **added}
@@ -792,6 +926,41 @@ def _completed_multi_values(indexes: tuple[_Index, ...], statement: Any) -> Any:
     statement = statement._generate()
     statement._multi_values = tuple(groups)
     return statement
+
+
+def _check_other_tables(update: Any) -> None:
+    """Refuse a multi-table UPDATE (MySQL, MariaDB) that sets sources of a
+    blind index in a table other than the one it names, without the index:
+    the write hook completes the named table only. Checked when compiled, so
+    the statements of tables without blind indexes cost nothing more."""
+    values = update._values
+    if not values:
+        return
+    table = _written_table(update)
+    for key in values:
+        other = getattr(key, "table", None)
+        entry = None if other is None or _same_table(other, table) else _tables.get(other)
+        if entry is None:
+            continue
+        keys = {k.key for k in values if _same_table(getattr(k, "table", None), other)}
+        for index in entry.indexes():
+            sources = [s for s in index.sources if s.key in keys]
+            if sources and index.key not in keys:
+                name = index.column.table.name
+                raise BlindIndexError(
+                    f"a multi-table UPDATE sets {_name(sources[0])}, whose blind index "
+                    f"{index.name} is computed only by an UPDATE of {name} itself: "
+                    f"update {name} in a statement of its own (its WHERE can select "
+                    "the rows with a subquery)"
+                )
+
+
+def _compile_update(before: Callable[..., str], update: Any, compiler: Any, **kw: Any) -> str:
+    _check_other_tables(update)
+    return before(update, compiler, **kw)
+
+
+_extend(Update, _compile_update)
 
 
 def _source_keys(mapper: Mapper[Any], index: BlindIndex) -> list[str]:
@@ -823,6 +992,7 @@ def _wire_mapper(mapper: Mapper[Any], class_: type) -> None:
                     f"blind index {_name(column)} covers {_name(source)}, of another "
                     "table: put the index in the table of its sources"
                 )
+        _check_sources(column, sources)
         with _lock:
             _orm_sources[column] = sources
             entry = _tables.get(column.table)
@@ -831,38 +1001,67 @@ def _wire_mapper(mapper: Mapper[Any], class_: type) -> None:
         indexes.append((prop.key, keys))
     if not indexes:
         return
-    compound = [(key, sources) for key, sources in indexes if len(sources) > 1]
+    compound = [_Compound(mapper, key, sources) for key, sources in indexes if len(sources) > 1]
     if compound:
         event.listen(
             mapper, "before_update", lambda m, c, target: _complete_sources(target, compound)
         )
     event.listen(
-        mapper, "refresh", lambda target, context, attrs: _expire_index(target, attrs, indexes)
+        mapper,
+        "refresh",
+        lambda target, context, attrs: _expire_index(target, context, attrs, indexes),
     )
 
 
-def _complete_sources(target: Any, compound: Sequence[tuple[str, Sequence[str]]]) -> None:
+class _Compound:
+    """A compound index of a mapped class, for the unit of work: its
+    attribute, its sources', those of its sources that have an onupdate, and
+    the attributes of its table (an UPDATE of which applies the onupdates)."""
+
+    __slots__ = ("key", "onupdate", "sources", "table")
+
+    def __init__(self, mapper: Mapper[Any], key: str, sources: Sequence[str]) -> None:
+        table = mapper.column_attrs[key].columns[0].table
+        self.key = key
+        self.sources = sources
+        self.onupdate = {k for k in sources if mapper.column_attrs[k].columns[0].onupdate}
+        self.table = [p.key for p in mapper.column_attrs if _same_table(p.columns[0].table, table)]
+
+
+def _complete_sources(target: Any, compound: Sequence[_Compound]) -> None:
     """A unit-of-work UPDATE carries only the attributes that changed; where
-    some sources of a compound index changed, make it carry all of them, so
-    that the write hook can compute the index."""
-    attrs = sa.inspect(target).attrs
-    for index_key, keys in compound:
-        if attrs[index_key].history.has_changes():
+    some sources of a compound index change (set, or by their onupdate), make
+    it carry all of them, loading those not loaded, so that the write hook can
+    compute the index."""
+    state = sa.inspect(target)
+    attrs = state.attrs
+    for index in compound:
+        if attrs[index.key].history.has_changes():
             continue
-        changed = [attrs[k].history.has_changes() for k in keys]
+        changed = [attrs[k].history.has_changes() for k in index.sources]
+        if index.onupdate and any(attrs[k].history.has_changes() for k in index.table):
+            changed = [
+                c or k in index.onupdate for c, k in zip(changed, index.sources, strict=True)
+            ]
         if any(changed) and not all(changed):
-            for key, was_changed in zip(keys, changed, strict=True):
+            for key, was_changed in zip(index.sources, changed, strict=True):
                 if not was_changed:
-                    getattr(target, key)  # loads it if expired or deferred
+                    if key in state.unloaded:  # expired, deferred, or not loaded at all
+                        state.session.refresh(target, [key])
                     flag_modified(target, key)
 
 
-def _expire_index(target: Any, attrs: Any, indexes: Sequence[tuple[str, Sequence[str]]]) -> None:
-    """An object's source attributes were refreshed without its index (the
-    ORM copies a bulk UPDATE's new values into the objects it holds, but not
-    the index the write hook added): expire the index, to be loaded afresh."""
-    if attrs is None:
-        return  # a full load
+def _expire_index(
+    target: Any, context: Any, attrs: Any, indexes: Sequence[tuple[str, Sequence[str]]]
+) -> None:
+    """An object's source attributes were given new values without its index
+    (the ORM copies a bulk UPDATE's new values into the objects it holds, but
+    not the index the write hook added): expire the index, to be loaded
+    afresh. Attributes loaded from the database (a context) are left alone:
+    the index in memory was read from the same rows, and loading expired
+    attributes forgets what is expired meanwhile."""
+    if attrs is None or context is not None:
+        return
     names = set(attrs)
     stale = [key for key, sources in indexes if key not in names and not names.isdisjoint(sources)]
     session = object_session(target)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from conftest import kill_when, stored_bytes
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from sqlalchemy_envelope import (
+    BlindIndex,
     ConfigurationError,
     EncryptedComparisonError,
     EncryptedType,
@@ -114,6 +116,144 @@ def test_lookups_by_blind_index_and_deterministic_columns(
         assert _ids(session, User.email_index.matches("robert@example.com")) == [2]
         assert _ids(session, User.email_index.matches("bob@example.com")) == []
         assert len(user.email_index or "") == 64 and len(user.phone_index or "") == 4
+
+
+def test_compound_index_with_null_parts(engine: sa.Engine, registry: KeyRegistry) -> None:
+    """A NULL part hashes as NULL, distinct from every value, the empty one
+    too; an index whose parts are all NULL is NULL, as a single one's."""
+    _fill(engine)
+    users = User.__table__
+    for round_ in range(2):
+        cher, solo, none = 10 + 3 * round_, 11 + 3 * round_, 12 + 3 * round_
+        name = f"Cher{round_}"
+        with Session(engine) as session:
+            session.add(User(id=cher, email=f"cher{round_}@x.org", first=name, last=None))
+            session.commit()
+        with engine.begin() as conn:
+            conn.execute(
+                users.insert(),
+                [
+                    {"id": solo, "email": f"solo{round_}@x.org", "first": None, "last": name},
+                    {"id": none, "email": f"none{round_}@x.org", "first": None, "last": None},
+                ],
+            )
+            stored = conn.execute(sa.select(users.c.name_index).where(users.c.id == none))
+            assert stored.scalar_one() is None
+        with Session(engine) as session:
+            assert _ids(session, User.name_index.matches(name.upper(), None)) == [cher]
+            assert _ids(session, User.name_index.matches(None, name)) == [solo]
+            assert _ids(session, User.name_index.matches(name, "")) == []
+            assert _ids(session, User.name_index.matches("", name)) == []
+            user = session.get(User, cher)
+            assert user is not None
+            user.last = "Sarkisian"  # a NULL part given a value, then set to NULL again
+            session.commit()
+            assert _ids(session, User.name_index.matches(name, "sarkisian")) == [cher]
+            assert _ids(session, User.name_index.matches(name, None)) == []
+            user.last = None
+            session.commit()
+            assert _ids(session, User.name_index.matches(name, None)) == [cher]
+        with engine.begin() as conn:
+            conn.execute(users.update().where(users.c.id == solo).values(first=name, last=None))
+        with Session(engine) as session:
+            assert _ids(session, User.name_index.matches(name, None)) == [cher, solo]
+            assert _ids(session, User.name_index.matches(None, name)) == []
+        with engine.begin() as conn:
+            conn.execute(users.update().values(name_index=None))
+        registry.backfill_index(User.name_index)
+        with Session(engine) as session:
+            assert _ids(session, User.name_index.matches(name, None)) == [cher, solo]
+            assert _ids(session, User.name_index.matches("bob", "smith")) == [2]
+
+
+def test_digest_encoding_follows_format_md() -> None:
+    """FORMAT.md: HMAC-SHA256 over each part's 4-byte big-endian length and
+    UTF-8 bytes, a NULL part being the 4 bytes FF FF FF FF alone."""
+    key = bytes(range(32))
+    index = User.name_index.type
+    assert isinstance(index, BlindIndex)
+
+    def expected(message: bytes) -> str:
+        return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+    ada = b"\x00\x00\x00\x03ada"
+    assert index.digest(key, ("Ada", "Lovelace")) == expected(ada + b"\x00\x00\x00\x08lovelace")
+    assert index.digest(key, ("Ada", None)) == expected(ada + b"\xff\xff\xff\xff")
+    # the known answer in FORMAT.md
+    known = "55d3dd7cadcbf6820ea3a09dbe4337b64fbb7f63af4ca10f6fe037562a6e2753"
+    assert index.digest(key, ("Ada", None)) == known
+    assert index.digest(key, (None, "Ada")) == expected(b"\xff\xff\xff\xff" + ada)
+    assert index.digest(key, ("Ada", "")) == expected(ada + b"\x00\x00\x00\x00")
+
+
+BOB = "Bob@Example.com"  # a global a lambda statement reads
+
+
+def _by_email(email: str) -> sa.StatementLambdaElement:
+    return sa.lambda_stmt(lambda: sa.select(User.id).where(User.email_index.matches(email)))
+
+
+def _equal(email: str) -> sa.StatementLambdaElement:
+    return sa.lambda_stmt(lambda: sa.select(User.id).where(User.email_index == email))
+
+
+def _other(email: str) -> sa.StatementLambdaElement:
+    return sa.lambda_stmt(lambda: sa.select(User.id).where(User.email_index != email))
+
+
+def _among(emails: list[str]) -> sa.StatementLambdaElement:
+    return sa.lambda_stmt(lambda: sa.select(User.id).where(User.email_index.in_(emails)))
+
+
+def _by_name(name: tuple[str, str]) -> sa.StatementLambdaElement:
+    statement = sa.lambda_stmt(lambda: sa.select(User.id))
+    return statement + (lambda s: s.where(User.name_index.matches(name)))
+
+
+def test_lookups_in_lambda_statements(engine: sa.Engine, registry: KeyRegistry) -> None:
+    """A lambda statement hashes each call's values, cached once; the ORM
+    still does not evaluate an UPDATE's WHERE on a blind index in Python."""
+    _fill(engine)
+    cases: list[tuple[sa.StatementLambdaElement, list[int]]] = []
+    for _ in range(2):
+        cases += [
+            (_by_email(" ALICE@example.com"), [1]),
+            (_by_email("bob@example.com"), [2]),
+            (_equal("carol@example.com"), [3]),
+            (_equal("alice@example.com"), [1]),
+            (_other("alice@example.com"), [2, 3]),
+            (_among(["bob@example.com", "carol@example.com"]), [2, 3]),
+            (_among(["alice@example.com"]), [1]),
+            (_by_name(("BOB", "smith")), [2]),
+            (_by_name(("carol", "smith")), [3]),
+            (sa.lambda_stmt(lambda: sa.select(User.id).where(User.email_index.matches(BOB))), [2]),
+        ]
+    for statement, expected in cases:
+        with Session(engine) as session:
+            assert sorted(session.scalars(statement)) == expected
+        with engine.connect() as conn:
+            assert sorted(conn.scalars(statement)) == expected
+    first, last = "bob", "smith"
+    for _ in range(2):
+        with pytest.raises(EncryptedComparisonError, match=r"users\.name_index.*one tuple"):
+            sa.lambda_stmt(lambda: sa.select(User.id).where(User.name_index.matches(first, last)))
+    for email in ("alice@example.com", "Alice@Example.com"):
+        with Session(engine) as session:
+            for synchronize in ("evaluate", "auto"):
+                statement = _renumbered(email)
+                options = {"synchronize_session": synchronize}
+                if synchronize == "evaluate":
+                    with pytest.raises(sa.exc.InvalidRequestError, match="evaluate"):
+                        session.execute(statement, execution_options=options)
+                else:
+                    assert session.execute(statement, execution_options=options).rowcount == 1
+            session.rollback()
+
+
+def _renumbered(email: str) -> sa.StatementLambdaElement:
+    return sa.lambda_stmt(
+        lambda: sa.update(User).where(User.email_index == email).values(first="Ada", last="King")
+    )
 
 
 def test_unique_constraints_are_enforced_by_the_database(

@@ -6,21 +6,24 @@ refused with an error naming the index, never a value."""
 from __future__ import annotations
 
 import functools
+import itertools
 import traceback
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql, sqlite
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, load_only, mapped_column
 
 from sqlalchemy_envelope import (
     BlindDigest,
     BlindIndexError,
+    ConfigurationError,
     EncryptedType,
     KeyRegistry,
     blind_index,
+    blind_index_column,
 )
 from sqlalchemy_envelope.storage import MYSQL_DIALECTS
 
@@ -39,6 +42,87 @@ class User(Base):
     first: Mapped[str] = mapped_column(EncryptedType(sa.String(50)))
     last: Mapped[str] = mapped_column(EncryptedType(sa.String(50)))
     name_index: Mapped[str | None] = blind_index("first", "last", normalize="casefold")
+
+
+class Person(Base):
+    """Joined- and single-table inheritance: the index lives in the base table."""
+
+    __tablename__ = "person"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(sa.String(20))
+    name: Mapped[str] = mapped_column(EncryptedType(sa.String(100)))
+    name_index: Mapped[str | None] = blind_index("name", normalize="casefold")
+    __mapper_args__: ClassVar[dict[str, Any]] = {
+        "polymorphic_on": "kind",
+        "polymorphic_identity": "person",
+    }
+
+
+class Employee(Person):
+    """Joined, with a blind index of its own."""
+
+    __tablename__ = "employee"
+    id: Mapped[int] = mapped_column(sa.ForeignKey("person.id"), primary_key=True)
+    badge: Mapped[str] = mapped_column(EncryptedType(sa.String(20)))
+    badge_index: Mapped[str | None] = blind_index("badge", normalize="casefold")
+    __mapper_args__: ClassVar[dict[str, Any]] = {"polymorphic_identity": "employee"}
+
+
+class Contractor(Person):
+    """Joined, without a blind index of its own."""
+
+    __tablename__ = "contractor"
+    id: Mapped[int] = mapped_column(sa.ForeignKey("person.id"), primary_key=True)
+    company: Mapped[str] = mapped_column(sa.String(50))
+    __mapper_args__: ClassVar[dict[str, Any]] = {"polymorphic_identity": "contractor"}
+
+
+class Visitor(Person):
+    """Single-table."""
+
+    host: Mapped[str | None] = mapped_column(sa.String(50))
+    __mapper_args__: ClassVar[dict[str, Any]] = {"polymorphic_identity": "visitor"}
+
+
+_numbers = itertools.count()
+
+
+def _next_code() -> str:
+    """A default computed in Python without arguments: a new value each call."""
+    return f"T-{next(_numbers)}"
+
+
+def _next_stamp() -> str:
+    return f"stamp-{next(_numbers)}"
+
+
+class Ticket(Base):
+    """Sources with Python-side defaults and onupdates."""
+
+    __tablename__ = "tickets"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    code: Mapped[str] = mapped_column(EncryptedType(sa.String(40)), default=_next_code)
+    code_index: Mapped[str | None] = blind_index("code")
+    status: Mapped[str] = mapped_column(
+        EncryptedType(sa.String(30)), default="new", onupdate="modified"
+    )
+    status_index: Mapped[str | None] = blind_index("status")
+    stamp: Mapped[str | None] = mapped_column(EncryptedType(sa.String(30)), onupdate=_next_stamp)
+    stamp_index: Mapped[str | None] = blind_index("stamp")
+    note: Mapped[str | None] = mapped_column(sa.String(50))
+
+
+class Route(Base):
+    """A compound index, one of whose sources has an onupdate."""
+
+    __tablename__ = "routes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    queue: Mapped[str] = mapped_column(EncryptedType(sa.String(30)))
+    status: Mapped[str] = mapped_column(
+        EncryptedType(sa.String(30)), default="new", onupdate="modified"
+    )
+    route_index: Mapped[str | None] = blind_index("queue", "status")
+    note: Mapped[str | None] = mapped_column(sa.String(50))
 
 
 users = User.__table__
@@ -351,7 +435,331 @@ def test_writes_that_leave_the_sources_leave_the_index(db: sa.Engine, via: str) 
         _run(db, via, sa.update(users).where(users.c.id == 1).values(email="alice@example.com"))
 
 
+def _named(engine: sa.Engine, name: str) -> list[int]:
+    with Session(engine) as session:
+        return sorted(session.scalars(sa.select(Person.id).where(Person.name_index.matches(name))))
+
+
+def _badged(engine: sa.Engine, badge: str) -> list[int]:
+    with Session(engine) as session:
+        found = session.scalars(sa.select(Employee.id).where(Employee.badge_index.matches(badge)))
+        return sorted(found)
+
+
+@pytest.mark.parametrize("model", [Employee, Contractor, Visitor])
+def test_inheritance(db: sa.Engine, model: type[Person]) -> None:
+    """ORM bulk operations on a subclass write the base table's index too."""
+    own = {Employee: {"badge": "B0"}, Contractor: {"company": "Acme"}, Visitor: {"host": "Bob"}}
+    extra = own[model]
+    for round_ in range(2):
+        first = 10 + 10 * round_
+        ids = list(range(first, first + 3))
+        with Session(db) as session:
+            session.execute(
+                sa.insert(model), [{"id": i, "name": f"Ada{i}", **extra} for i in ids[:2]]
+            )
+            session.bulk_insert_mappings(model, [{"id": ids[2], "name": f"Ada{ids[2]}", **extra}])
+            session.commit()
+        for i in ids:
+            assert _named(db, f"ADA{i}") == [i]
+        if model is Employee:
+            assert _badged(db, "b0") == ids
+
+        with Session(db) as session:
+            held = session.get(model, ids[0])
+            assert held is not None
+            rows = [{"id": i, "name": f"Eva{i}", **extra} for i in ids]
+            if model is Employee:
+                rows = [{**row, "badge": f"B{row['id']}"} for row in rows]
+            session.execute(sa.update(model), rows)
+            assert held.name == f"Eva{ids[0]}"
+            stored = session.scalars(sa.select(Person.name_index).where(Person.id == ids[0]))
+            assert held.name_index == stored.one()
+            session.commit()
+        for i in ids:
+            assert _named(db, f"eva{i}") == [i]
+            assert _named(db, f"ada{i}") == []
+            if model is Employee:
+                assert _badged(db, f"b{i}") == [i]
+
+        with Session(db) as session:
+            session.bulk_update_mappings(model, [{"id": i, "name": f"Ida{i}"} for i in ids])
+            session.commit()
+        for i in ids:
+            assert _named(db, f"ida{i}") == [i]
+            assert _named(db, f"eva{i}") == []
+
+        with Session(db) as session:
+            objects = list(session.scalars(sa.select(model).where(model.id.in_(ids))))
+            session.expunge_all()
+            for person in objects:
+                person.name = f"Uma{person.id}"
+            session.bulk_save_objects(objects)
+            session.commit()
+        for i in ids:
+            assert _named(db, f"uma{i}") == [i]
+            assert _named(db, f"ida{i}") == []
+
+        with Session(db) as session:
+            person = session.get(model, ids[0])
+            assert person is not None
+            person.name = f"Zoe{round_}"
+            session.commit()
+        assert _named(db, f"zoe{round_}") == [ids[0]]
+        assert _named(db, f"uma{ids[0]}") == []
+        if model is Visitor:  # one table: a WHERE-criteria UPDATE works everywhere
+            with Session(db) as session:
+                session.execute(
+                    sa.update(model).where(model.id == ids[1]).values(name=f"Max{round_}")
+                )
+                session.commit()
+            assert _named(db, f"max{round_}") == [ids[1]]
+
+
+def _tickets(engine: sa.Engine, index: Any, value: Any) -> list[int]:
+    with Session(engine) as session:
+        return sorted(session.scalars(sa.select(Ticket.id).where(index.matches(value))))
+
+
+def _in_step(engine: sa.Engine, ids: list[int], status: str) -> None:
+    """Each ticket's indexes find it by the values it holds."""
+    with Session(engine) as session:
+        rows = session.execute(
+            sa.select(Ticket.id, Ticket.code, Ticket.status, Ticket.stamp).where(Ticket.id.in_(ids))
+        ).all()
+    assert sorted(row.id for row in rows) == ids
+    for row in rows:
+        assert row.status == status
+        assert _tickets(engine, Ticket.code_index, row.code) == [row.id]
+        if row.stamp is not None:  # one value per execution, shared by its rows
+            assert row.id in _tickets(engine, Ticket.stamp_index, row.stamp)
+    assert set(ids) <= set(_tickets(engine, Ticket.status_index, status))
+    other = "new" if status == "modified" else "modified"
+    assert set(ids).isdisjoint(_tickets(engine, Ticket.status_index, other))
+
+
+@pytest.mark.parametrize("via", VIA)
+def test_defaults_and_onupdates_fill_the_index(db: sa.Engine, via: str) -> None:
+    """A source left to its default (INSERT) or onupdate (UPDATE) has its
+    index filled from it: a constant, or a function without arguments called
+    once per row for the source and the index."""
+    tickets = Ticket.__table__
+    for round_ in range(2):
+        base = 100 * (round_ + 1)
+        ids = [base + i for i in range(7)]
+        _run(db, via, sa.insert(tickets), [{"id": ids[0]}, {"id": ids[1]}])
+        _run(db, via, sa.insert(tickets).values([{"id": ids[2]}, {"id": ids[3], "note": "n"}]))
+        _run(db, "session", sa.insert(Ticket), [{"id": ids[4]}])
+        with Session(db) as session:
+            ticket = Ticket(id=ids[5])
+            session.add(ticket)
+            session.flush()
+            assert ticket.code.startswith("T-")  # the value written, read back
+            code_index = Ticket.__table__.c.code_index
+            stored = session.scalars(sa.select(code_index).where(Ticket.id == ticket.id))
+            assert ticket.code_index == stored.one() is not None
+            assert _tickets(db, Ticket.code_index, ticket.code) == []  # not committed
+            session.add(Ticket(id=ids[6], code=f"given{round_}"))
+            session.commit()
+        assert _tickets(db, Ticket.code_index, f"given{round_}") == [ids[6]]
+        _in_step(db, ids, "new")
+
+        with Session(db) as session:
+            read = _tickets_index(session, ids[0])  # the digest of "new"
+        assert isinstance(read, BlindDigest)
+        stale = sa.update(tickets).where(tickets.c.id == ids[0]).values(status_index=read)
+        with pytest.raises(BlindIndexError, match=r"tickets\.status_index"):
+            _run(db, via, stale.values(note="stale"))  # status becomes "modified"
+        _in_step(db, ids, "new")
+
+        where = tickets.c.id.in_(ids)
+        _run(db, via, sa.update(tickets).where(where).values(note="core"))
+        _in_step(db, ids, "modified")
+        _run(db, via, sa.update(tickets).where(where).values(status="new"))
+        _in_step(db, ids, "new")
+        _run(
+            db,
+            via,
+            sa.update(tickets).where(tickets.c.id == sa.bindparam("i")),
+            [{"i": i, "note": "many"} for i in ids],
+        )
+        _in_step(db, ids, "modified")
+        _run(db, via, sa.update(tickets).where(where).values(status="new"))
+        with Session(db) as session:
+            session.execute(sa.update(Ticket).where(Ticket.id.in_(ids)).values(note="orm"))
+            session.commit()
+        _in_step(db, ids, "modified")
+        _run(db, via, sa.update(tickets).where(where).values(status="new"))
+        with Session(db) as session:
+            session.execute(sa.update(Ticket), [{"id": i, "note": "bulk"} for i in ids])
+            session.commit()
+        _in_step(db, ids, "modified")
+        _run(db, via, sa.update(tickets).where(where).values(status="new"))
+        with Session(db) as session:
+            for ticket in session.scalars(sa.select(Ticket).where(Ticket.id.in_(ids))):
+                ticket.note = f"uow{round_}"
+            session.commit()
+            assert ticket.status == "modified"
+            assert ticket.status_index == _tickets_index(session, ticket.id)
+        _in_step(db, ids, "modified")
+
+
+def _routes(engine: sa.Engine, queue: str, status: str) -> list[int]:
+    with Session(engine) as session:
+        found = session.scalars(sa.select(Route.id).where(Route.route_index.matches(queue, status)))
+        return sorted(found)
+
+
+@pytest.mark.parametrize("via", VIA)
+def test_compound_index_with_an_onupdate_source(db: sa.Engine, via: str) -> None:
+    """The unit of work carries the other sources (loading those it has not)
+    into an UPDATE that applies a source's onupdate; a statement that does
+    not set them is refused."""
+    routes = Route.__table__
+    loads = [
+        lambda session: session.get(Route, 1),
+        lambda session: session.scalars(sa.select(Route).options(load_only(Route.note))).one(),
+        lambda session: session.scalars(
+            sa.select(Route).options(load_only(Route.note, raiseload=True))
+        ).one(),
+    ]
+    _run(db, via, sa.insert(routes), [{"id": 1, "queue": "Q0"}])
+    for round_ in range(2):
+        for n, load in enumerate(loads):
+            _run(db, via, sa.update(routes).values(status="new", queue="Q0"))
+            assert _routes(db, "Q0", "new") == [1]
+            with Session(db) as session:
+                route = load(session)
+                route.note = f"note{round_}.{n}"
+                session.commit()
+            assert _routes(db, "Q0", "modified") == [1]
+            assert _routes(db, "Q0", "new") == []
+        _run(db, via, sa.update(routes).values(queue="Q1", note="x"))  # with the other source
+        assert _routes(db, "Q1", "modified") == [1]
+        with pytest.raises(BlindIndexError) as caught:
+            _run(db, via, sa.update(routes).values(note=SECRET))
+        assert "routes.route_index" in str(caught.value)
+        assert "routes.status by its onupdate" in str(caught.value)
+        assert SECRET not in "".join(traceback.format_exception(caught.value))
+        assert _routes(db, "Q1", "modified") == [1]
+
+
+def test_compound_index_sources_the_unit_of_work_has_not_loaded(db: sa.Engine) -> None:
+    """Setting one source of a compound index, the others deferred, expired
+    or left out by load_only (even with raiseload): the unit of work loads
+    them to compute the index."""
+    alice = sa.select(User).where(User.id == 1)
+    options = [
+        sa.orm.defer(User.last),
+        load_only(User.first),
+        load_only(User.first, raiseload=True),
+        sa.orm.defer(User.last, raiseload=True),
+    ]
+    for round_ in range(2):
+        for n, option in enumerate(options):
+            first = f"Grace{round_}.{n}"
+            with Session(db) as session:
+                user = session.scalars(alice.options(option)).one()
+                session.expire(user, ["email"])
+                user.first = first
+                session.commit()
+            assert _ids(db, first, "lovelace") == [1]
+            with Session(db) as session:
+                user = session.scalars(alice.options(load_only(User.last))).one()
+                user.last = "Lovelace"  # the other way round
+                session.commit()
+            assert _ids(db, first, "lovelace") == [1]
+
+
+def _of_context(context: Any) -> str:
+    return "from the context"
+
+
+@pytest.mark.parametrize("via", VIA)
+def test_generated_values_the_hook_cannot_know_are_refused(db: sa.Engine, via: str) -> None:
+    """An onupdate that is SQL, a function of the execution context, or the
+    database's own makes every UPDATE leaving its source out change it
+    unseen: refused when the mapper is configured or the table first written.
+    Such a default refuses the INSERTs that leave its source out."""
+    onupdates: list[dict[str, Any]] = [
+        {"onupdate": sa.func.lower("x")},
+        {"onupdate": _of_context},
+        {"server_onupdate": sa.FetchedValue()},
+    ]
+    for options in onupdates:
+        for _ in range(2):
+            metadata = sa.MetaData()
+            table = sa.Table(
+                "generated",
+                metadata,
+                sa.Column("id", sa.Integer, primary_key=True),
+                sa.Column("code", EncryptedType(sa.String(30)), **options),
+                blind_index_column("code_index", "code"),
+            )
+            with pytest.raises(ConfigurationError, match=r"generated\.code_index.*generated\.code"):
+                _run(db, via, sa.insert(table), [{"id": 1, "code": SECRET}])
+            mapper_registry = sa.orm.registry()
+            try:
+
+                class Generated(mapper_registry.generate_base()):
+                    __tablename__ = "generated"
+                    id = sa.Column(sa.Integer, primary_key=True)
+                    code = sa.Column(EncryptedType(sa.String(30)), **options)
+                    code_index = blind_index("code")
+
+                with pytest.raises(ConfigurationError, match=r"generated\.code_index"):
+                    mapper_registry.configure()
+            finally:
+                mapper_registry.dispose()
+    metadata = sa.MetaData()
+    table = sa.Table(
+        "generated",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("code", EncryptedType(sa.String(30)), default=_of_context),
+        blind_index_column("code_index", "code"),
+    )
+    metadata.create_all(db)
+    for _ in range(2):
+        with pytest.raises(BlindIndexError, match="function of the execution context"):
+            _run(db, via, sa.insert(table), [{"id": 1}])
+        _run(db, via, sa.insert(table), [{"id": 2, "code": "given"}])
+        _run(db, via, sa.delete(table))
+
+
+def _tickets_index(session: Session, id_: int) -> Any:
+    statement = sa.select(Ticket.__table__.c.status_index).where(Ticket.__table__.c.id == id_)
+    return session.execute(statement).scalar_one()
+
+
 SECRET = "Grace.Hopper" + "@example.com"  # must appear in no error
+
+
+@pytest.mark.parametrize("via", VIA)
+def test_multi_table_updates_of_another_tables_sources(db: sa.Engine, via: str) -> None:
+    """An UPDATE of one table that sets columns of another (MySQL, MariaDB)
+    is refused where it sets an index's sources without the index."""
+    person, employee = Person.__table__, Employee.__table__
+    _run(db, "session", sa.insert(Employee), [{"id": 1, "name": "Ada", "badge": "B1"}])
+    joined = employee.c.id == person.c.id
+    refused = [
+        sa.update(employee).values({person.c.name: SECRET}).where(joined),
+        sa.update(employee).values({person.c.name: SECRET, employee.c.badge: "B2"}).where(joined),
+        sa.update(Employee).values({Person.name: SECRET}).where(Employee.id == Person.id),
+    ]
+    for _ in range(2):
+        for statement in refused:
+            with pytest.raises(BlindIndexError) as caught:
+                _run(db, via, statement)
+            assert "person.name_index" in str(caught.value)
+            assert SECRET not in "".join(traceback.format_exception(caught.value))
+            assert _named(db, "ada") == [1]
+    if db.dialect.name in MYSQL_DIALECTS:  # the only ones that SET another table's columns
+        for round_ in range(2):
+            name = f"Eva{round_}"
+            sets = {person.c.name: name, person.c.name_index: name}
+            _run(db, via, sa.update(employee).values(sets).where(joined))
+            assert _named(db, name.lower()) == [1]
 
 
 def _refused(
