@@ -299,8 +299,8 @@ def _foreign(compiler: SQLCompiler, type_: EnvelopeColumnType, element: Any) -> 
         return _describe(element)
     if not same_values(found, type_):
         return f"the values of {found.envelope_column}, which are encrypted for another column"
-    # A column or type_coerce() holds the values as they are; a CASE, CAST or
-    # COALESCE of them checks its own parts when it is compiled.
+    # A column holds the values as they are, type_coerce() and CAST say so; a
+    # CASE or COALESCE of them checks its own parts when it is compiled.
     if isinstance(element, (ColumnClause, TypeCoerce, Case, Cast, *_ONE_OF_ARGUMENTS)):
         return None
     return _describe(element)
@@ -310,7 +310,7 @@ def _check_part(compiler: SQLCompiler, type_: EnvelopeColumnType, part: Any) -> 
     what = _foreign(compiler, type_, part)
     if what is not None:
         raise EncryptedExpressionError(
-            f"a CASE, CAST or COALESCE of the values of {type_.envelope_column} also holds "
+            f"a CASE or COALESCE of the values of {type_.envelope_column} also holds "
             f"{what}, which the database would mix with them as it is: give Python values, "
             "NULL or the column's own values"
         )
@@ -379,10 +379,10 @@ def _check_tuple(compiler: SQLCompiler, op: Any, tuple_: Any, other: Any) -> Non
     _retype(compiler, other, tuple_.type)
 
 
-def _assignments(statement: Any) -> Iterator[tuple[Any, Any]]:
-    """Each column an INSERT or UPDATE writes, with the SQL it gives it: its
-    VALUES or SET, each row of a multi-row VALUES, the columns of an INSERT
-    ... FROM SELECT, an upsert's SET."""
+def _assignments(statement: Any) -> Iterator[tuple[Any, Any, bool]]:
+    """Each column an INSERT or UPDATE writes, the SQL it gives it, and
+    whether that is a column of INSERT ... FROM SELECT: its VALUES or SET,
+    each row of a multi-row VALUES, the SELECT's columns, an upsert's SET."""
     table = statement.table
     columns = getattr(table, "c", None)
     pairs: list[tuple[Any, Any]] = list((statement._values or {}).items())
@@ -392,9 +392,6 @@ def _assignments(statement: Any) -> Iterator[tuple[Any, Any]]:
             pairs.extend(
                 row.items() if isinstance(row, Mapping) else zip(table.c, row, strict=False)
             )
-    select = getattr(statement, "select", None)
-    if select is not None:
-        pairs.extend(zip(statement._select_names, select.selected_columns, strict=False))
     clause = getattr(statement, "_post_values_clause", None)
     for attribute in ("update_values_to_set", "update"):  # ON CONFLICT, ON DUPLICATE KEY
         sets = getattr(clause, attribute, None)
@@ -402,10 +399,17 @@ def _assignments(statement: Any) -> Iterator[tuple[Any, Any]]:
             pairs.extend(sets.items())
         elif isinstance(sets, list):
             pairs.extend(sets)
-    for key, value in pairs:
-        if isinstance(key, str):
-            key = columns.get(key) if columns is not None else None
-        yield key, value
+    select = getattr(statement, "select", None)
+    selected = (
+        []
+        if select is None
+        else zip(statement._select_names, select.selected_columns, strict=False)
+    )
+    for is_selected, items in ((False, pairs), (True, selected)):
+        for key, value in items:
+            if isinstance(key, str):
+                key = columns.get(key) if columns is not None else None
+            yield key, value, is_selected
 
 
 # -- ORDER BY -------------------------------------------------------------------
@@ -484,10 +488,14 @@ def _check_binary(compiler: SQLCompiler, binary: Any) -> None:
 
 
 def _check_writes(compiler: SQLCompiler, statement: Any) -> None:
-    for column, value in _assignments(statement):
+    for column, value, selected in _assignments(statement):
         type_ = envelope_type(column)
         if type_ is None or not isinstance(value, ClauseElement):
             continue  # a plain column, or a Python value, which takes the column's type
+        if selected and isinstance(value, ColumnClause) and envelope_type(value) is None:
+            # INSERT ... FROM SELECT moves stored values as they are: that is
+            # how Alembic copies a table whose columns it read from the database.
+            continue
         what = _foreign(compiler, type_, value)
         if what is not None:
             raise EncryptedExpressionError(
@@ -509,9 +517,13 @@ def _check_case(compiler: SQLCompiler, case: Any) -> None:
 
 
 def _check_cast(compiler: SQLCompiler, cast: Any) -> None:
-    type_ = envelope_type(cast)
-    if type_ is not None:
-        _check_part(compiler, type_, cast.clause)
+    """CAST(x AS an encrypted type) says that x holds its values, as
+    type_coerce() does; a literal cast so is encrypted, as a Python value is."""
+    clause = cast.clause
+    while isinstance(clause, _TRANSPARENT):
+        clause = clause.element
+    if envelope_type(cast) is not None and isinstance(clause, BindParameter):
+        _retype(compiler, clause, cast.type)
 
 
 def _check_arguments(compiler: SQLCompiler, function: Any) -> None:
