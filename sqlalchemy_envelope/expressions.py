@@ -126,7 +126,6 @@ _SYMBOLS = {
     operators.sub: "-",
     operators.mul: "*",
     operators.truediv: "/",
-    operators.floordiv: "//",
     operators.mod: "%",
     operators.concat_op: "||",
     operators.getitem: "[]",
@@ -310,7 +309,7 @@ def _check_part(compiler: SQLCompiler, type_: EnvelopeColumnType, part: Any) -> 
     what = _foreign(compiler, type_, part)
     if what is not None:
         raise EncryptedExpressionError(
-            f"a CASE or COALESCE of the values of {type_.envelope_column} also holds "
+            f"a CASE, COALESCE, MIN or MAX of the values of {type_.envelope_column} also holds "
             f"{what}, which the database would mix with them as it is: give Python values, "
             "NULL or the column's own values"
         )
@@ -409,6 +408,8 @@ def _assignments(statement: Any) -> Iterator[tuple[Any, Any, bool]]:
         for key, value in items:
             if isinstance(key, str):
                 key = columns.get(key) if columns is not None else None
+            elif hasattr(key, "__clause_element__"):  # an ORM attribute
+                key = key.__clause_element__()
             yield key, value, is_selected
 
 
