@@ -580,6 +580,8 @@ def test_lookups_by_typed_parameters_and_literals(accounts: sa.Engine) -> None:
         (Account.email_index.in_([sa.literal("bob@x.org"), "nobody@x.org"]), [2]),
         (Account.ssn.in_([sa.literal("111"), "222"]), [1, 2]),
         (Account.ssn.in_(sa.select(sa.literal("222"))), [2]),
+        (Account.ssn.in_(sa.bindparam("ssns", ["222", "333"], expanding=True)), [2]),
+        (Account.email_index.in_(sa.bindparam("emails", ["BOB@x.org"], expanding=True)), [2]),
         (Account.ssn.not_in([sa.literal("111")]), [2]),
         (Account.ssn.op("=")("222"), [2]),
         (Account.ssn.op("=")(sa.literal("111")), [1]),
