@@ -429,6 +429,11 @@ def test_writes_whose_index_cannot_be_computed_are_refused(db: sa.Engine, via: s
             sa.update(User).where(User.id == 1).values(email=sa.literal_column("'x'")),
             None,
         ),
+        (
+            "users.email_index",
+            sa.update(User).where(User.id == 1).values(email=sa.cast(SECRET, sa.String)),
+            None,
+        ),
         ("users.name_index", sa.update(users).where(alice).values(first=SECRET), None),
         (
             "users.name_index",
