@@ -33,7 +33,7 @@ import functools
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -227,6 +227,13 @@ class BlindIndex(EnvelopeColumnType, TypeDecorator[str]):
         if self._column is not None and table is not None:
             return f"{table.name}.{self._column.name}"
         return self.context or "a blind index"
+
+    @property
+    def envelope_values(self) -> Hashable | None:
+        try:
+            return (Kind.BLIND_INDEX, self.label(), self.key_version)
+        except ConfigurationError:
+            return None
 
     def label(self) -> bytes:
         """What this index's key is derived for: the purpose, the index column

@@ -17,6 +17,7 @@ __all__ = [
     "DecryptionError",
     "DestroyedKeyError",
     "EncryptedComparisonError",
+    "EncryptedExpressionError",
     "EnvelopeError",
     "InvalidValueError",
     "KeyDisabledError",
@@ -196,6 +197,14 @@ class EncryptedComparisonError(EnvelopeError, TypeError):
     """An encrypted column or blind index was compared or sorted in SQL in a
     way that cannot mean anything: any comparison of randomized ciphertext,
     or an ordering or pattern on deterministic ciphertext or digests."""
+
+
+class EncryptedExpressionError(EnvelopeError, TypeError):
+    """SQL would put values that are not an encrypted column's own among its
+    values: a write sets the column (or a blind index) to a SQL expression
+    the library cannot encrypt or hash (a function, a cast, another column),
+    or a CASE or COALESCE of its values also holds other ones. The database
+    would store or compare them as they are, so the statement is refused."""
 
 
 class ValuesLeftBehindError(EnvelopeError):

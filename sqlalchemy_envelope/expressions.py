@@ -2,40 +2,58 @@
 
 Randomized ciphertext equals nothing, deterministic ciphertext equals only the
 same value, and a blind index holds keyed digests of whole normalized values;
-none of them has an order or patterns. The types' comparators refuse what
-cannot mean anything as it is written, except ``==`` and ``!=`` between two
-SQL expressions: SQLAlchemy itself compares columns that way to find them in
-its lists and dicts, without ever compiling the result. Those comparisons, and
-ORDER BY (which has no operator), are refused when a statement is compiled:
-once per statement, as the compiled cache keeps the result. Literal values are
-rendered as ciphertext or digests by the types; this module only keeps
-SQLAlchemy from wrapping a failure to render one in an error that quotes the
-plaintext.
+none of them has an order, patterns or arithmetic. The types' comparators
+refuse what cannot mean anything as it is written, except ``==`` and ``!=``
+between two SQL expressions: SQLAlchemy itself compares columns that way to
+find them in its lists and dicts, without ever compiling the result. Those
+comparisons, ORDER BY (which has no operator) and the values INSERT and
+UPDATE write are checked when a statement is compiled: once per statement, as
+the compiled cache keeps the result.
+
+Wherever SQL puts a value among a column's values (compared with it, written
+to it, a branch of a CASE or COALESCE of its values), a bound parameter or
+literal is processed by the column's type, whatever type it was created
+with, so that it is encrypted or hashed; anything else there must be NULL or
+hold the same encrypted values (the column itself, or one with the same
+context and storage). Literal values are rendered as ciphertext or digests by
+the types; this module keeps SQLAlchemy from wrapping a failure to render one
+in an error that quotes the plaintext.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from typing import Any
 
 from sqlalchemy import exc
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql import elements, operators
+from sqlalchemy.sql import elements, functions, operators
 from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.elements import ClauseElement
-from sqlalchemy.sql.selectable import CompoundSelect, Select
+from sqlalchemy.sql.dml import Insert, Update
+from sqlalchemy.sql.elements import (
+    BindParameter,
+    Case,
+    Cast,
+    ClauseElement,
+    ClauseList,
+    ColumnClause,
+    Null,
+    Tuple,
+    TypeCoerce,
+)
+from sqlalchemy.sql.selectable import CompoundSelect, ScalarSelect, Select, SelectBase
 
-from .errors import EncryptedComparisonError, EnvelopeError
+from .errors import EncryptedComparisonError, EncryptedExpressionError, EnvelopeError
 
 __all__ = [
     "EnvelopeColumnType",
     "Kind",
-    "check_comparison",
     "check_written",
     "envelope_type",
     "is_value",
+    "same_values",
 ]
 
 
@@ -90,6 +108,10 @@ _EQUALITY = frozenset(
 )
 
 _LOOKUPS = frozenset({operators.eq, operators.ne})
+_NULL_TESTS = frozenset({operators.is_, operators.is_not})
+_IN = frozenset({operators.in_op, operators.not_in_op})
+# Custom operators (``column.op("=")``) that mean equality.
+_EQUAL_OPSTRINGS = frozenset({"=", "!=", "<>", "IS DISTINCT FROM", "IS NOT DISTINCT FROM"})
 
 _SYMBOLS = {
     operators.eq: "=",
@@ -98,6 +120,15 @@ _SYMBOLS = {
     operators.le: "<=",
     operators.gt: ">",
     operators.ge: ">=",
+    operators.is_: "IS",
+    operators.is_not: "IS NOT",
+    operators.add: "+",
+    operators.sub: "-",
+    operators.mul: "*",
+    operators.truediv: "/",
+    operators.mod: "%",
+    operators.concat_op: "||",
+    operators.getitem: "[]",
 }
 
 _WHY = {
@@ -107,8 +138,8 @@ _WHY = {
         "equality lookups"
     ),
     Kind.DETERMINISTIC: (
-        "the order and patterns of deterministic ciphertext say nothing about the "
-        "plaintext; only equality works (==, !=, IN, IS [NOT] DISTINCT FROM)"
+        "the order, patterns and arithmetic of deterministic ciphertext say nothing "
+        "about the plaintext; only equality works (==, !=, IN, IS [NOT] DISTINCT FROM)"
     ),
     Kind.BLIND_INDEX: (
         "a blind index holds keyed digests of whole normalized values; only equality "
@@ -126,6 +157,10 @@ _ORDER_MODIFIERS = frozenset(
     {operators.asc_op, operators.desc_op, operators.nulls_first_op, operators.nulls_last_op}
 )
 _WRAPPERS = (elements.Label, elements._label_reference, elements.Grouping)
+_TRANSPARENT = (elements.Label, elements.Grouping)
+
+# SQL functions whose result is one of their arguments' values.
+_ONE_OF_ARGUMENTS: tuple[type[Any], ...] = (functions.coalesce, functions.max, functions.min)
 
 
 class EnvelopeColumnType:
@@ -141,11 +176,27 @@ class EnvelopeColumnType:
         """The column, as "table.column", for error messages."""
         raise NotImplementedError
 
+    @property
+    def envelope_values(self) -> Hashable | None:
+        """What the stored values are encrypted or hashed for: two columns
+        hold interchangeable values exactly when theirs are equal; None when
+        unknown (a type not attached to a column)."""
+        raise NotImplementedError
+
 
 def envelope_type(element: Any) -> EnvelopeColumnType | None:
     """The EncryptedType or BlindIndex of a SQL expression; None for any other type."""
     type_ = getattr(element, "type", None)
     return type_ if isinstance(type_, EnvelopeColumnType) else None
+
+
+def same_values(a: EnvelopeColumnType, b: EnvelopeColumnType) -> bool:
+    """Whether a value stored by one type reads (and compares) as the same
+    value in the other: same kind, context and storage."""
+    if a is b:
+        return True
+    values = a.envelope_values
+    return values is not None and values == b.envelope_values
 
 
 def is_value(operand: Any) -> bool:
@@ -158,33 +209,211 @@ def is_value(operand: Any) -> bool:
     )
 
 
+def _is_equality(op: Any) -> bool:
+    if isinstance(op, operators.custom_op):
+        return " ".join(op.opstring.split()).upper() in _EQUAL_OPSTRINGS
+    return op in _EQUALITY
+
+
 def check_written(op: Any, expr: Any, other: tuple[Any, ...]) -> None:
-    """What a comparator refuses as it is written: every comparison that
-    cannot mean anything, except ``==`` and ``!=`` between two SQL
-    expressions, which SQLAlchemy itself uses to find columns in its lists
-    and dicts; those are refused when compiled."""
-    operand = other[0] if other else None
-    if operand is None or (op in _LOOKUPS and not is_value(operand)):
+    """What a comparator refuses as it is written: every operator that
+    cannot mean anything on the column's values, except ``==`` and ``!=``
+    between two SQL expressions, which SQLAlchemy itself uses to find columns
+    in its lists and dicts; those are checked when compiled."""
+    type_ = envelope_type(expr)
+    if type_ is None or not other:  # unary: ASC, DESC, DISTINCT...
         return
-    check_comparison(op, expr)
+    operand = other[0]
+    if operand is None or (op in _NULL_TESTS and isinstance(operand, Null)):
+        return
+    lookup = op in _LOOKUPS or (isinstance(op, operators.custom_op) and _is_equality(op))
+    if lookup and not is_value(operand):
+        return
+    _refuse_operator(op, type_)
 
 
-def check_comparison(op: Any, *operands: Any) -> None:
-    """Refuse comparing ``operands`` with ``op`` unless it can mean something
-    for the kind of values each of them holds."""
-    if op not in _COMPARISONS:
+def _refuse_operator(op: Any, type_: EnvelopeColumnType) -> None:
+    """Refuse ``op`` on ``type_``'s values unless it can mean something for
+    them: equality on deterministic ciphertext and blind indexes."""
+    kind = type_.envelope_kind
+    if kind is not Kind.RANDOMIZED and _is_equality(op):
         return
-    for operand in operands:
-        type_ = envelope_type(operand)
-        if type_ is None:
-            continue
-        kind = type_.envelope_kind
-        if kind is Kind.RANDOMIZED or op not in _EQUALITY:
-            what = _SYMBOLS.get(op) or op.__name__.removesuffix("_op").replace("_", " ").upper()
-            raise EncryptedComparisonError(
-                f"{type_.envelope_column} cannot be compared with {what} in SQL: "
-                f"{_WHY[kind]}; IS NULL and IS NOT NULL work"
+    if isinstance(op, operators.custom_op):
+        what, verb = op.opstring, "compared with"
+    else:
+        what = _SYMBOLS.get(op) or op.__name__.removesuffix("_op").replace("_", " ").upper()
+        verb = "compared with" if op in _COMPARISONS or op in _NULL_TESTS else "used with"
+    raise EncryptedComparisonError(
+        f"{type_.envelope_column} cannot be {verb} {what} in SQL: "
+        f"{_WHY[kind]}; IS NULL and IS NOT NULL work"
+    )
+
+
+# -- Values among a column's values --------------------------------------------
+
+_RETYPED = "_envelope_retyped"
+
+
+def _retype(compiler: SQLCompiler, bind: BindParameter[Any], type_: Any) -> None:
+    """Have ``bind`` compiled with ``type_``, as SQLAlchemy does itself for a
+    parameter created without a type: see `_compile_bind`."""
+    found = envelope_type(bind)
+    if bind.type is type_ or (found is not None and same_values(found, type_)):
+        return
+    vars(compiler).setdefault(_RETYPED, {})[bind] = type_
+
+
+def _describe(element: Any) -> str:
+    """A SQL expression for an error message, by its kind and type: never
+    its text, which may hold a value."""
+    if isinstance(element, functions.FunctionElement):
+        return f"the SQL function {getattr(element, 'name', '')}()"
+    type_ = getattr(element, "type", None)
+    kind = "a CAST" if isinstance(element, Cast) else "a SQL expression"
+    if type_ is None or type_._isnull:
+        return kind
+    return f"{kind} of type {type(type_).__name__}"
+
+
+def _foreign(compiler: SQLCompiler, type_: EnvelopeColumnType, element: Any) -> str | None:
+    """What in ``element``, where SQL puts it among ``type_``'s values, holds
+    other values (None if nothing does). A bound parameter or literal there
+    is made to take ``type_``, so that it is encrypted or hashed."""
+    while isinstance(element, _TRANSPARENT):
+        element = element.element
+    if element is None or isinstance(element, Null):
+        return None
+    if isinstance(element, BindParameter):
+        _retype(compiler, element, type_)
+        return None
+    if isinstance(element, ScalarSelect):
+        element = element.element
+    if isinstance(element, SelectBase):
+        columns = list(element.selected_columns)
+        if len(columns) != 1:
+            return "a SELECT of several columns"
+        return _foreign(compiler, type_, columns[0])
+    found = envelope_type(element)
+    if found is None:
+        return _describe(element)
+    if not same_values(found, type_):
+        return f"the values of {found.envelope_column}, which are encrypted for another column"
+    # A column holds the values as they are, type_coerce() and CAST say so; a
+    # CASE or COALESCE of them checks its own parts when it is compiled.
+    if isinstance(element, (ColumnClause, TypeCoerce, Case, Cast, *_ONE_OF_ARGUMENTS)):
+        return None
+    return _describe(element)
+
+
+def _check_part(compiler: SQLCompiler, type_: EnvelopeColumnType, part: Any) -> None:
+    what = _foreign(compiler, type_, part)
+    if what is not None:
+        raise EncryptedExpressionError(
+            f"a CASE, COALESCE, MIN or MAX of the values of {type_.envelope_column} also holds "
+            f"{what}, which the database would mix with them as it is: give Python values, "
+            "NULL or the column's own values"
+        )
+
+
+def _check_compared(compiler: SQLCompiler, op: Any, left: Any, right: Any) -> None:
+    """Refuse comparing ``left`` with ``right`` by ``op`` unless it can mean
+    something for the values each holds; make bound parameters and literals
+    compared with a column take its type."""
+    while isinstance(left, _TRANSPARENT):
+        left = left.element
+    while isinstance(right, _TRANSPARENT):
+        right = right.element
+    if op in _IN and isinstance(right, ClauseList) and not isinstance(right, Tuple):
+        for item in right.clauses:  # IN (a, b, ...)
+            _check_compared(compiler, op, left, item)
+    elif isinstance(left, Tuple):
+        _check_tuple(compiler, op, left, right)
+    elif isinstance(right, Tuple):
+        _check_tuple(compiler, op, right, left)
+    else:
+        sides = ((left, right), (right, left))
+        for side, other in sides:
+            type_ = envelope_type(side)
+            if type_ is not None and not (op in _NULL_TESTS and isinstance(other, Null)):
+                _refuse_operator(op, type_)
+        for side, other in sides:
+            _check_side(compiler, op, side, other)
+
+
+def _check_side(compiler: SQLCompiler, op: Any, side: Any, other: Any) -> None:
+    """Check what a comparison by ``op`` compares ``side``'s values with, if
+    it holds encrypted values."""
+    type_ = envelope_type(side)
+    if type_ is None or (op in _NULL_TESTS and isinstance(other, Null)):
+        return
+    _refuse_operator(op, type_)
+    what = _foreign(compiler, type_, side) or _foreign(compiler, type_, other)
+    if what is not None:
+        raise EncryptedComparisonError(
+            f"{type_.envelope_column} can only be compared with Python values, NULL or its "
+            f"own values (a column with the same context and storage), not with {what}: the "
+            "database would compare its values with it as it is"
+        )
+
+
+def _check_tuple(compiler: SQLCompiler, op: Any, tuple_: Any, other: Any) -> None:
+    """A tuple comparison compares elements pairwise; a parameter holding
+    whole tuples takes the tuple's types, as SQLAlchemy gives them to one
+    created without a type."""
+    if isinstance(other, ScalarSelect):
+        other = other.element
+    if isinstance(other, Tuple | SelectBase):
+        others = other.clauses if isinstance(other, Tuple) else other.selected_columns
+        for element, item in zip(tuple_.clauses, others, strict=False):
+            _check_compared(compiler, op, element, item)
+        return
+    encrypted = [e for e in tuple_.clauses if envelope_type(e) is not None]
+    if not encrypted:
+        return
+    if not isinstance(other, BindParameter):
+        _check_side(compiler, op, encrypted[0], other)
+        return
+    for element in encrypted:
+        _check_side(compiler, op, element, None)
+    _retype(compiler, other, tuple_.type)
+
+
+def _assignments(statement: Any) -> Iterator[tuple[Any, Any, bool]]:
+    """Each column an INSERT or UPDATE writes, the SQL it gives it, and
+    whether that is a column of INSERT ... FROM SELECT: its VALUES or SET,
+    each row of a multi-row VALUES, the SELECT's columns, an upsert's SET."""
+    table = statement.table
+    columns = getattr(table, "c", None)
+    pairs: list[tuple[Any, Any]] = list((statement._values or {}).items())
+    pairs.extend(getattr(statement, "_ordered_values", None) or ())  # SQLAlchemy 2.0
+    for rows in statement._multi_values:
+        for row in rows:
+            pairs.extend(
+                row.items() if isinstance(row, Mapping) else zip(table.c, row, strict=False)
             )
+    clause = getattr(statement, "_post_values_clause", None)
+    for attribute in ("update_values_to_set", "update"):  # ON CONFLICT, ON DUPLICATE KEY
+        sets = getattr(clause, attribute, None)
+        if isinstance(sets, Mapping):
+            pairs.extend(sets.items())
+        elif isinstance(sets, list):
+            pairs.extend(sets)
+    select = getattr(statement, "select", None)
+    selected = (
+        []
+        if select is None
+        else zip(statement._select_names, select.selected_columns, strict=False)
+    )
+    for is_selected, items in ((False, pairs), (True, selected)):
+        for key, value in items:
+            if isinstance(key, str):
+                key = columns.get(key) if columns is not None else None
+            elif hasattr(key, "__clause_element__"):  # an ORM attribute
+                key = key.__clause_element__()
+            yield key, value, is_selected
+
+
+# -- ORDER BY -------------------------------------------------------------------
 
 
 def _ordered_element(clause: Any, statement: Any) -> Any:
@@ -223,6 +452,8 @@ def _refuse_ordering(clauses: Iterable[Any], statement: Any = None) -> None:
             )
 
 
+# -- Compile hooks ----------------------------------------------------------------
+
 Compile = Callable[..., str]
 
 
@@ -245,28 +476,114 @@ def _extend(class_: type[Any], extension: Callable[..., str]) -> None:
     compiles(class_)(compile_element)
 
 
-def _checked(check: Callable[[Any], None]) -> Callable[..., str]:
+def _checked(check: Callable[[SQLCompiler, Any], None]) -> Callable[..., str]:
     def extension(before: Compile, element: Any, compiler: SQLCompiler, **kw: Any) -> str:
-        check(element)
+        check(compiler, element)
         return before(element, compiler, **kw)
 
     return extension
 
 
-def _check_binary(binary: Any) -> None:
-    check_comparison(binary.operator, binary.left, binary.right)
+def _check_binary(compiler: SQLCompiler, binary: Any) -> None:
+    _check_compared(compiler, binary.operator, binary.left, binary.right)
 
 
-def _check_statement(statement: Any) -> None:
+def _check_writes(compiler: SQLCompiler, statement: Any) -> None:
+    for column, value, selected in _assignments(statement):
+        type_ = envelope_type(column)
+        if type_ is None or not isinstance(value, ClauseElement):
+            continue  # a plain column, or a Python value, which takes the column's type
+        if selected and isinstance(value, ColumnClause) and envelope_type(value) is None:
+            # INSERT ... FROM SELECT moves stored values as they are: that is
+            # how Alembic copies a table whose columns it read from the database.
+            continue
+        what = _foreign(compiler, type_, value)
+        if what is not None:
+            raise EncryptedExpressionError(
+                f"{type_.envelope_column} cannot be set to {what}: the database would store "
+                "it as it is. Set it to a Python value (which the column encrypts or hashes), "
+                "NULL, or its own values (the column itself, or one with the same context and "
+                "storage)"
+            )
+
+
+def _check_case(compiler: SQLCompiler, case: Any) -> None:
+    if envelope_type(case.value) is not None:  # CASE value WHEN ...: equality
+        for when, _ in case.whens:
+            _check_compared(compiler, operators.eq, case.value, when)
+    type_ = envelope_type(case)
+    if type_ is not None:
+        for part in [then for _, then in case.whens] + [case.else_]:
+            _check_part(compiler, type_, part)
+
+
+def _check_cast(compiler: SQLCompiler, cast: Any) -> None:
+    """CAST(x AS an encrypted type) says that x holds its values, as
+    type_coerce() does; a literal cast so is encrypted, as a Python value is."""
+    clause = cast.clause
+    while isinstance(clause, _TRANSPARENT):
+        clause = clause.element
+    if envelope_type(cast) is not None and isinstance(clause, BindParameter):
+        _retype(compiler, clause, cast.type)
+
+
+def _check_arguments(compiler: SQLCompiler, function: Any) -> None:
+    type_ = envelope_type(function)
+    if type_ is not None:
+        for argument in function.clauses.clauses:
+            _check_part(compiler, type_, argument)
+
+
+def _check_statement(compiler: SQLCompiler, statement: Any) -> None:
     _refuse_ordering(statement._order_by_clauses, statement)
 
 
-def _check_ordered(element: Any) -> None:
+def _check_ordered(compiler: SQLCompiler, element: Any) -> None:
     order_by = element.order_by
     if order_by is not None:
         _refuse_ordering(
             order_by.clauses if isinstance(order_by, elements.ClauseList) else [order_by]
         )
+
+
+def _retyped(compiler: SQLCompiler, bind: BindParameter[Any]) -> Any:
+    """The type a check gave ``bind`` (None if none did); SQLAlchemy may
+    compile a copy of it (an upsert's SET)."""
+    retyped = vars(compiler).get(_RETYPED)
+    if not retyped:
+        return None
+    for original in bind._cloned_set:
+        type_ = retyped.get(original)
+        if type_ is not None:
+            return type_
+    return None
+
+
+def _compile_bind(before: Compile, bind: Any, compiler: SQLCompiler, **kw: Any) -> str:
+    """A bound parameter, with the type a check gave it. One parameter name
+    stands for one value, processed by one type: a name used both for an
+    encrypted column and for other values is refused."""
+    type_ = _retyped(compiler, bind)
+    if type_ is not None and bind.type is not type_:
+        bind = bind._with_binary_element_type(type_)
+    existing = compiler.binds.get(bind.key)
+    if existing is not None and existing is not bind:
+        _refuse_shared_name(existing, bind)
+    return _unquoted_literal(before, bind, compiler, **kw)
+
+
+def _refuse_shared_name(a: BindParameter[Any], b: BindParameter[Any]) -> None:
+    type_a, type_b = envelope_type(a), envelope_type(b)
+    if (type_a is None and type_b is None) or a.type._isnull or b.type._isnull:
+        return
+    if type_a is not None and type_b is not None and same_values(type_a, type_b):
+        return
+    column = (type_a or type_b).envelope_column  # type: ignore[union-attr]
+    raise EncryptedExpressionError(
+        f"the bound parameter {b.key!r} stands both for a value of {column} and for a value "
+        "of another type in one statement, so its one value would be encrypted for one use "
+        "and wrong for the other: give each use its own name"
+    )
 
 
 def _unquoted_literal(before: Compile, element: Any, compiler: SQLCompiler, **kw: Any) -> str:
@@ -291,4 +608,10 @@ _extend(Select, _checked(_check_statement))
 _extend(CompoundSelect, _checked(_check_statement))
 for _class in _WITH_ORDER_BY:
     _extend(_class, _checked(_check_ordered))
-_extend(elements.BindParameter, _unquoted_literal)
+_extend(Insert, _checked(_check_writes))
+_extend(Update, _checked(_check_writes))
+_extend(Case, _checked(_check_case))
+_extend(Cast, _checked(_check_cast))
+for _class in _ONE_OF_ARGUMENTS:
+    _extend(_class, _checked(_check_arguments))
+_extend(elements.BindParameter, _compile_bind)

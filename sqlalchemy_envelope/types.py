@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import sqlalchemy as sa
@@ -187,6 +187,14 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
     @property
     def envelope_column(self) -> str:
         return self._binding.name()
+
+    @property
+    def envelope_values(self) -> Hashable | None:
+        try:
+            context = self._binding.context()
+        except ConfigurationError:
+            return None
+        return (self.envelope_kind, context, self.storage, self.bind_scope)
 
     def __repr__(self) -> str:
         return self.render(_render)

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import pytest
 import sqlalchemy as sa
+from conftest import stored_bytes
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, load_only, mapped_column
 
@@ -732,6 +733,51 @@ def _tickets_index(session: Session, id_: int) -> Any:
     return session.execute(statement).scalar_one()
 
 
+@pytest.mark.parametrize("via", VIA)
+def test_sources_and_indexes_given_as_bound_parameters_or_literals(db: sa.Engine, via: str) -> None:
+    """A bound parameter or literal, whatever type it was created with, is a
+    Python value: a source set to one is encrypted and its index computed
+    from it; an index given one hashes it."""
+    old = "alice@example.com"
+    written = []
+    for round_ in range(2):
+        for i, make in enumerate(
+            (
+                sa.literal,
+                lambda value: sa.bindparam("new_email", value),
+                lambda value: sa.bindparam("new_email", value, type_=sa.String(200)),
+            )
+        ):
+            new = f"typed.{round_}.{i}@example.com"
+            _run(db, via, sa.update(users).where(users.c.id == 1).values(email=make(new)))
+            _moved(db, 1, old, new)
+            with Session(db) as session:
+                assert session.scalar(sa.select(User.email).where(User.id == 1)) == new
+            written.append(new)
+            old = new
+        last = f"Typed{round_}"
+        names = {"first": sa.literal("Ada"), "last": sa.bindparam("new_last", last)}
+        _run(db, via, sa.update(User).where(User.id == 1).values(names))
+        assert _ids(db, "ada", last) == [1]
+        new = f"inserted.{round_}@example.com"
+        row = {"id": 10 + round_, "first": sa.literal("F"), "last": sa.literal(last)}
+        _run(db, via, sa.insert(users).values(**row, email=sa.literal(new)))
+        assert _ids(db, new.upper()) == [10 + round_]
+        given = f"given.{round_}@example.com"
+        _run(db, via, sa.update(users).where(users.c.id == 2).values(email_index=sa.literal(given)))
+        assert _ids(db, given) == [2]
+        with Session(db) as session:
+            user = session.get(User, 2)
+            assert user is not None
+            user.email = sa.literal(f"uow.{round_}@example.com")  # type: ignore[assignment]
+            session.commit()
+            assert user.email == f"uow.{round_}@example.com"
+        assert _ids(db, f"UOW.{round_}@example.com") == [2]
+        written += [last, new, given, f"uow.{round_}@example.com"]
+    stored = stored_bytes(db, "users")
+    assert not [value for value in written if value.encode() in stored]
+
+
 SECRET = "Grace.Hopper" + "@example.com"  # must appear in no error
 
 
@@ -789,6 +835,11 @@ def test_writes_whose_index_cannot_be_computed_are_refused(db: sa.Engine, via: s
         (
             "users.email_index",
             sa.update(User).where(User.id == 1).values(email=sa.literal_column("'x'")),
+            None,
+        ),
+        (
+            "users.email_index",
+            sa.update(User).where(User.id == 1).values(email=sa.cast(SECRET, sa.String)),
             None,
         ),
         ("users.name_index", sa.update(users).where(alice).values(first=SECRET), None),

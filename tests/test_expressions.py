@@ -12,18 +12,21 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
+from conftest import stored_bytes
+from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
 
 from sqlalchemy_envelope import (
     ConfigurationError,
     EncryptedComparisonError,
+    EncryptedExpressionError,
     EncryptedType,
     EnvelopeError,
     InvalidValueError,
     KeyRegistry,
     blind_index,
 )
+from sqlalchemy_envelope.storage import MYSQL_DIALECTS
 
 
 class Base(DeclarativeBase):
@@ -314,4 +317,361 @@ def test_literal_values_that_cannot_render_are_never_quoted(accounts: sa.Engine)
             with pytest.raises(error) as caught:
                 stmt.compile(dialect=dialect, compile_kwargs={"literal_binds": True})
             assert isinstance(caught.value, EnvelopeError)
+            _no_plaintext(caught.value)
+
+
+# -- Typed SQL values: bound parameters, literals, other expressions ---------------
+
+VIA = ["connection", "session"]
+OWN_VALUES = "its own values"  # what a comparison with another expression is told
+
+
+def _execute(engine: sa.Engine, via: str, stmt: Any) -> None:
+    if via == "session":
+        with Session(engine) as session:
+            session.execute(stmt)
+            session.commit()
+    else:
+        with engine.begin() as conn:
+            conn.execute(stmt)
+
+
+def _upsert(engine: sa.Engine, set_: Callable[[Any], dict[str, Any]]) -> Any:
+    """INSERT ... ON CONFLICT (id) DO UPDATE, or ON DUPLICATE KEY UPDATE, of
+    accounts; ``set_`` maps the inserted row (``excluded`` / ``inserted``)
+    to the SET."""
+    table = Account.__table__
+    if engine.dialect.name in MYSQL_DIALECTS:
+        insert = mysql.insert(table)
+        return insert.on_duplicate_key_update(set_(insert.inserted))
+    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(table)
+    return statement.on_conflict_do_update(index_elements=["id"], set_=set_(statement.excluded))
+
+
+def _account(engine: sa.Engine, id_: int) -> tuple[Any, ...]:
+    with Session(engine) as session:
+        account = session.get(Account, id_)
+        assert account is not None
+        return (account.email, account.ssn, account.note, account.limit)
+
+
+def _found_by_email(engine: sa.Engine, email: str) -> list[int]:
+    with Session(engine) as session:
+        return list(
+            session.scalars(sa.select(Account.id).where(Account.email_index.matches(email)))
+        )
+
+
+@pytest.mark.parametrize("via", VIA)
+def test_typed_parameters_and_literals_written_are_encrypted(accounts: sa.Engine, via: str) -> None:
+    """A bound parameter or literal written to an encrypted column or a blind
+    index is encrypted or hashed by the column's type, whatever type it was
+    created with: in every form of INSERT and UPDATE, each run twice with
+    other values (the second run's statement comes from the compiled cache)."""
+    table = Account.__table__
+    written: list[str] = []
+    for run in range(2):
+        # Values that fit each column: note String(100), ssn String(11).
+        note, ssn, email, limit = (
+            f"{SECRET}-n{run}",
+            f"SSN-0815-{run}",
+            f"{SECRET}-{run}@x.org",
+            8150_8150 + run,
+        )
+        written += [note, ssn, email, str(limit)]
+        base = 100 + 10 * run
+        new = {"owner": "typed", "email": email, "note": note}
+        forms: list[tuple[Any, int, tuple[Any, ...]]] = [
+            (
+                sa.update(table)
+                .where(table.c.id == 1)
+                .values(note=sa.literal(note), ssn=sa.literal(ssn), limit=sa.literal(limit)),
+                1,
+                ("Ann@x.org", ssn, note, limit),
+            ),
+            (
+                sa.update(Account)
+                .where(Account.id == 2)
+                .values(
+                    note=sa.bindparam("new_note", note, type_=sa.String(100)),
+                    ssn=sa.bindparam("new_ssn", ssn),
+                    email=sa.literal(email),
+                ),
+                2,
+                (email, ssn, note, None),
+            ),
+            (
+                sa.insert(table).values(
+                    id=base, owner="typed", email=sa.literal(email), note=sa.bindparam("n", note)
+                ),
+                base,
+                (email, None, note, None),
+            ),
+            (
+                sa.insert(Account).values(
+                    id=base + 1,
+                    owner="typed",
+                    email=email,
+                    ssn=sa.literal(ssn),
+                    limit=sa.literal(limit),
+                ),
+                base + 1,
+                (email, ssn, None, limit),
+            ),
+            (
+                sa.insert(table).values(
+                    [{"id": base + 2, **new, "note": sa.literal(note)}, {"id": base + 3, **new}]
+                ),
+                base + 2,
+                (email, None, note, None),
+            ),
+            (
+                _upsert(
+                    accounts,
+                    lambda inserted, note=note: {"note": sa.literal(note), "ssn": inserted.ssn},
+                ).values(id=1, owner="a", email="ignored@x.org", ssn=sa.literal(ssn)),
+                1,
+                ("Ann@x.org", ssn, note, limit),
+            ),
+            (
+                sa.insert(table).from_select(
+                    ["id", "owner", "email", "email_index", "note"],
+                    sa.select(
+                        sa.literal(base + 4),
+                        sa.literal("typed"),
+                        sa.literal(email),
+                        sa.null(),
+                        sa.literal(note),
+                    ),
+                ),
+                base + 4,
+                (email, None, note, None),
+            ),
+        ]
+        for stmt, id_, expected in forms:
+            _execute(accounts, via, stmt)
+            assert _account(accounts, id_) == expected
+        # The blind index of an email written as a literal, and an index given
+        # as a literal itself, are digests of the value.
+        assert _found_by_email(accounts, email.upper()) == [2, base, base + 1, base + 2, base + 3]
+        given = (
+            sa.update(Account).where(Account.id == 1).values(email_index=sa.literal(email.upper()))
+        )
+        _execute(accounts, via, given)
+        assert 1 in _found_by_email(accounts, email)
+        _execute(accounts, via, sa.update(table).where(table.c.id == 1).values(email="Ann@x.org"))
+    stored = stored_bytes(accounts, "accounts")
+    for value in written:
+        assert value.encode() not in stored
+
+
+@pytest.mark.parametrize("via", VIA)
+def test_other_sql_expressions_written_are_refused(accounts: sa.Engine, via: str) -> None:
+    """A SQL expression the library cannot encrypt or hash (a cast, a
+    function, arithmetic, a column of another type or another encrypted
+    column) is refused before anything is written, naming the column and
+    never the value; NULL and the column's own values are written."""
+    table = Account.__table__
+    other = aliased(Account)
+    row = {"id": 9, "owner": "x", "email": "e@x.org"}
+    refused: list[tuple[str, Any]] = [
+        (
+            "accounts.note",
+            sa.update(table).where(table.c.id == 1).values(note=sa.cast(SECRET, sa.String)),
+        ),
+        (
+            "accounts.note",
+            sa.update(Account).where(Account.id == 1).values(note=sa.func.coalesce(None, SECRET)),
+        ),
+        (
+            "accounts.ssn",
+            sa.update(Account).where(Account.id == 1).values(ssn=sa.func.lower(SECRET)),
+        ),
+        ("accounts.ssn", sa.update(Account).where(Account.id == 1).values(ssn=Account.code)),
+        ("accounts.note", sa.update(Account).where(Account.id == 1).values(note=Account.owner)),
+        ("accounts.note", sa.update(table).where(table.c.id == 1).values(note=Account.email)),
+        (
+            "accounts.limit",
+            sa.update(table).where(table.c.id == 1).values(limit=sa.literal(815) + 1),
+        ),
+        (
+            "accounts.note",
+            sa.update(table).where(table.c.id == 1).values(note=sa.literal_column(f"'{SECRET}'")),
+        ),
+        (
+            "accounts.email_index",
+            sa.update(Account).where(Account.id == 1).values(email_index=sa.func.lower(SECRET)),
+        ),
+        (
+            "accounts.note",
+            sa.update(Account)
+            .where(Account.id == 1)
+            .values(note=sa.case((Account.id == 1, Account.note), else_=Account.owner)),
+        ),
+        ("accounts.note", sa.insert(table).values(**row, note=sa.cast(SECRET, sa.String))),
+        ("accounts.note", sa.insert(Account).values([{**row, "note": sa.func.upper(SECRET)}])),
+        (
+            "accounts.note",
+            _upsert(accounts, lambda inserted: {"note": sa.cast(SECRET, sa.String)}).values(
+                id=1, owner="a", email="Ann@x.org"
+            ),
+        ),
+        (
+            "accounts.note",
+            sa.insert(table).from_select(
+                ["id", "owner", "email", "email_index", "note"],
+                sa.select(
+                    sa.literal(9),
+                    sa.literal("x"),
+                    sa.literal("e@x.org"),
+                    sa.null(),
+                    sa.func.upper(SECRET),
+                ),
+            ),
+        ),
+        (
+            "accounts.ssn",
+            sa.insert(table).from_select(
+                ["id", "owner", "email", "email_index", "ssn"],
+                sa.select(other.id + 9, other.owner, other.email, sa.null(), other.code).where(
+                    other.id == 1
+                ),
+            ),
+        ),
+    ]
+    before = _account(accounts, 1)
+    for _ in range(2):
+        for column, stmt in refused:
+            with pytest.raises(EncryptedExpressionError) as caught:
+                _execute(accounts, via, stmt)
+            assert column in str(caught.value) and isinstance(caught.value, EnvelopeError)
+            _no_plaintext(caught.value)
+            assert _account(accounts, 1) == before
+            with Session(accounts) as session:
+                assert session.get(Account, 9) is None
+    # NULL, and the column's own values, are written as they are.
+    email, ssn = before[:2]
+    for run in range(2):
+        note = f"upserted {run}"
+        upsert = _upsert(accounts, lambda inserted: {"note": inserted.note, "ssn": inserted.ssn})
+        _execute(accounts, via, upsert.values(id=1, owner="a", email="x@x.org", note=note, ssn=ssn))
+        assert _account(accounts, 1) == (email, ssn, note, None)
+        _execute(accounts, via, sa.update(Account).where(Account.id == 1).values(note=Account.note))
+        assert _account(accounts, 1) == (email, ssn, note, None)
+        null = sa.update(table).where(table.c.id == 1).values(note=sa.null(), ssn=None)
+        _execute(accounts, via, null)
+        assert _account(accounts, 1) == (email, None, None, None)
+
+
+def test_lookups_by_typed_parameters_and_literals(accounts: sa.Engine) -> None:
+    """A bound parameter or literal compared with a deterministic column or
+    a blind index is encrypted or hashed as a Python value is: each lookup
+    finds its rows, through a Connection and a Session, twice, and with
+    literal_binds (where the plaintext would find nothing)."""
+    lookups: list[tuple[Any, list[int]]] = [
+        (Account.ssn == sa.bindparam("ssn", "111"), [1]),
+        (Account.ssn == sa.literal("222"), [2]),
+        (sa.literal("111") == Account.ssn, [1]),
+        (Account.code == sa.bindparam("code", "B", type_=sa.String), [2]),
+        (Account.email_index == sa.bindparam("email", "ANN@x.org"), [1]),
+        (Account.email_index == sa.literal("bob@X.org"), [2]),
+        (sa.literal("ann@x.org") == Account.email_index, [1]),
+        (Account.email_index.in_([sa.literal("bob@x.org"), "nobody@x.org"]), [2]),
+        (Account.ssn.in_([sa.literal("111"), "222"]), [1, 2]),
+        (Account.ssn.in_(sa.select(sa.literal("222"))), [2]),
+        (Account.ssn.in_(sa.bindparam("ssns", ["222", "333"], expanding=True)), [2]),
+        (Account.email_index.in_(sa.bindparam("emails", ["BOB@x.org"], expanding=True)), [2]),
+        (Account.ssn.not_in([sa.literal("111")]), [2]),
+        (Account.ssn.op("=")("222"), [2]),
+        (Account.ssn.op("=")(sa.literal("111")), [1]),
+        (Account.email_index.op("=")("Ann@x.org"), [1]),
+        (sa.tuple_(Account.ssn, Account.id) == sa.tuple_(sa.literal("222"), 2), [2]),
+        (sa.tuple_(Account.ssn, Account.id).in_([sa.tuple_(sa.literal("111"), 1)]), [1]),
+        (sa.case({sa.literal("111"): "one"}, value=Account.ssn, else_="other") == "one", [1]),
+        (sa.func.coalesce(Account.ssn, sa.literal("222")) == "222", [2]),
+    ]
+    for condition, expected in lookups:
+        stmt = sa.select(Account.id).where(condition).order_by(Account.id)
+        for _ in range(2):
+            with accounts.connect() as conn:
+                assert list(conn.scalars(stmt)) == expected, stmt
+            with Session(accounts) as session:
+                assert list(session.scalars(stmt)) == expected, stmt
+        with accounts.connect() as conn:
+            sql = _literal_sql(stmt, accounts.dialect)
+            assert list(conn.exec_driver_sql(sql).scalars()) == expected, sql
+    # A literal among a column's values, in a SELECT: encrypted, read back.
+    defaulted = sa.select(sa.func.coalesce(Account.limit, sa.literal(SECRET_NUMBER))).order_by(
+        Account.id
+    )
+    for _ in range(2):
+        with Session(accounts) as session:
+            assert list(session.scalars(defaulted)) == [SECRET_NUMBER, SECRET_NUMBER]
+        assert str(SECRET_NUMBER) not in _literal_sql(defaulted, accounts.dialect)
+
+
+SECRET_NUMBER = 8150815
+
+
+def test_comparisons_with_other_sql_expressions_are_refused(accounts: sa.Engine) -> None:
+    """A deterministic column or blind index compared with an expression of
+    other values (a cast, a function, a plain column, another encrypted
+    column) would be compared with them as they are: refused when compiled,
+    as every comparison of randomized columns is; custom operators are
+    refused as written unless they mean equality on a column that has it."""
+    other = aliased(Account)
+    for stmt in (
+        sa.select(Account.id).where(Account.ssn == sa.cast(SECRET, sa.String)),
+        sa.select(Account.id).where(Account.ssn == sa.func.lower(SECRET)),
+        sa.select(Account.id).where(Account.ssn == Account.code),
+        sa.select(Account.id).where(Account.ssn != Account.owner),
+        sa.select(Account.id).where(Account.ssn.in_(sa.select(other.owner))),
+        sa.select(Account.id).where(Account.ssn.op("=")(sa.func.upper(SECRET))),
+        sa.select(Account.id).where(
+            sa.tuple_(Account.ssn, Account.id) == sa.tuple_(sa.cast(SECRET, sa.String), 1)
+        ),
+        sa.update(Account).where(Account.ssn == sa.func.lower(SECRET)).values(owner="x"),
+    ):
+        _refused_twice(accounts, stmt, ("accounts.ssn", OWN_VALUES))
+    _refused_twice(
+        accounts,
+        sa.select(Account.id).where(Account.email_index == Account.name_index),
+        ("accounts.email_index", OWN_VALUES),
+    )
+    for stmt, where in (
+        (sa.select(Account.id).where(sa.literal(SECRET).op("=")(Account.email)), RANDOMIZED),
+        (sa.select(sa.case({SECRET: 1}, value=Account.email)), RANDOMIZED),
+        (sa.select(Account.id).where(sa.literal(SECRET).op("LIKE")(Account.ssn)), DETERMINISTIC),
+    ):
+        _refused_twice(accounts, stmt, where)
+    for make, where in (
+        (lambda: Account.email.op("=")(SECRET), RANDOMIZED),
+        (lambda: Account.ssn.op("LIKE")(SECRET), DETERMINISTIC),
+        (lambda: Account.ssn.op("<")(other.ssn), DETERMINISTIC),
+        (lambda: Account.email_index.op("~")(SECRET), BLIND_INDEX),
+        (lambda: Account.ssn.concat(SECRET), DETERMINISTIC),
+        (lambda: Account.ssn.collate("C"), DETERMINISTIC),
+        (lambda: Account.limit + 1, ("accounts.limit", "fresh nonce")),
+        (lambda: Account.ssn.is_(True), DETERMINISTIC),
+    ):
+        _refused(make, where)
+        with pytest.raises(EncryptedComparisonError) as caught:
+            make()
+        _no_plaintext(caught.value)
+    # SQL of the column's values that also holds other values is refused.
+    for stmt in (
+        sa.select(sa.func.coalesce(Account.ssn, sa.cast(SECRET, sa.String))),
+        sa.select(sa.case((Account.id == 1, Account.note), else_=Account.owner)),
+        # One parameter name, one value: encrypted for one use, wrong for the other.
+        sa.select(Account.id).where(
+            Account.ssn == sa.bindparam("v"), Account.owner == sa.bindparam("v")
+        ),
+    ):
+        for _ in range(2):
+            with accounts.connect() as conn, pytest.raises(EncryptedExpressionError) as caught:
+                conn.execute(stmt, {"v": SECRET})
+            _no_plaintext(caught.value)
+            with Session(accounts) as session, pytest.raises(EncryptedExpressionError) as caught:
+                session.execute(stmt, {"v": SECRET})
             _no_plaintext(caught.value)

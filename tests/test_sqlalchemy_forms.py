@@ -28,7 +28,7 @@ from sqlalchemy.orm import (
     with_parent,
 )
 
-from sqlalchemy_envelope import EncryptedType, KeyRegistry, blind_index
+from sqlalchemy_envelope import EncryptedExpressionError, EncryptedType, KeyRegistry, blind_index
 from sqlalchemy_envelope import format as fmt
 
 
@@ -675,6 +675,47 @@ def test_returning(people: sa.Engine) -> None:
             else:
                 assert session.execute(orm_delete).rowcount == 1
             session.commit()
+
+
+def test_values_copied_between_columns(people: sa.Engine) -> None:
+    """An encrypted column can be set to, and compared with, the values of a
+    column that stores them alike (same context and storage: holder_ssn is
+    a deterministic copy of people.ssn); the values of any other encrypted
+    column are refused, as their ciphertext would not decrypt there."""
+    bob = sa.select(Person.ssn).where(Person.id == 2).scalar_subquery()
+    copy = sa.update(Card).where(Card.id == 12).values(holder_ssn=bob)
+    restore = sa.update(Card).where(Card.id == 12).values(holder_ssn=CARDS[2][3])
+    held_by_bob = (
+        sa.select(Card.id).join(Person, Card.holder_ssn == Person.ssn).where(Person.id == 2)
+    )
+    for via in ("connection", "session"):
+        for _ in range(2):
+            if via == "connection":
+                with people.begin() as conn:
+                    conn.execute(copy)
+            else:
+                with Session(people) as session:
+                    session.execute(copy)
+                    session.commit()
+            assert _twice(people, held_by_bob, _sorted) == ([(11,), (12,)], [(11,), (12,)])
+            with people.begin() as conn:
+                conn.execute(restore)
+    email = sa.select(Person.email).where(Person.id == 1).scalar_subquery()
+    notes = sa.select(Person.notes).where(Person.id == 1).scalar_subquery()
+    for column, stmt in (
+        ("cards.number", sa.update(Card).where(Card.id == 12).values(number=email)),
+        ("cards.holder_ssn", sa.update(Card).where(Card.id == 12).values(holder_ssn=notes)),
+        ("cards.holder_ssn", sa.update(Card).values(holder_ssn=Person.email)),
+    ):
+        for _ in range(2):
+            with people.begin() as conn, pytest.raises(EncryptedExpressionError) as caught:
+                conn.execute(stmt)
+            assert column in str(caught.value)
+            with Session(people) as session, pytest.raises(EncryptedExpressionError) as caught:
+                session.execute(stmt)
+            assert column in str(caught.value)
+    with Session(people) as session:
+        assert [_plain(c) for c in session.scalars(sa.select(Card).order_by(Card.id))] == CARDS
 
 
 def test_reflection_of_a_table_with_encrypted_columns(
