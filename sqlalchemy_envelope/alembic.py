@@ -344,10 +344,13 @@ _MYSQL_SIZE_CLASSES = (
 
 
 def _as_created(column_type: EncryptedType | BlindIndex, dialect: Dialect) -> TypeEngine[Any]:
-    """The storage type the database creates for one of our columns. MySQL
-    and MariaDB turn ``BLOB(n)`` and ``TEXT(n)`` into the smallest BLOB or
-    TEXT type that holds n bytes or characters, and reflect that."""
-    storage = column_type.load_dialect_impl(dialect).dialect_impl(dialect)
+    """The storage type the database creates for one of our columns: the
+    dialect's variant, as DDL renders it (not the driver's adaptation of it,
+    which may compile otherwise: psycopg's adaptation of TEXT is a VARCHAR).
+    MySQL and MariaDB turn ``BLOB(n)`` and ``TEXT(n)`` into the smallest BLOB
+    or TEXT type that holds n bytes or characters, and reflect that."""
+    storage = column_type.load_dialect_impl(dialect)
+    storage = storage._variant_mapping.get(dialect.name, storage)
     length = getattr(storage, "length", None)
     if dialect.name not in MYSQL_DIALECTS or not length:
         return storage

@@ -41,6 +41,7 @@ __all__ = ["EncryptedType"]
 
 _STORAGES = ("binary", "text")
 _ASCII = {"charset": "ascii", "collation": "ascii_bin"}
+_POSTGRESQL_VARCHAR_MAX = 10_485_760  # characters; its TEXT has no limit (and no length)
 
 
 class _Raise:
@@ -171,7 +172,12 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         if max_bytes is None:
             return sa.Text().with_variant(mysql.LONGTEXT(**_ASCII), *MYSQL_DIALECTS)
         length = fmt.text_length(max_bytes)
-        return sa.String(length).with_variant(mysql.TEXT(length, **_ASCII), *MYSQL_DIALECTS)
+        text = sa.String(length).with_variant(mysql.TEXT(length, **_ASCII), *MYSQL_DIALECTS)
+        if length > _POSTGRESQL_VARCHAR_MAX:
+            # A LargeBinary(16777215) or String(10485760) plaintext fits
+            # PostgreSQL, but its base64 would not fit a VARCHAR there.
+            return text.with_variant(sa.Text(), "postgresql")
+        return text
 
     @property
     def python_type(self) -> type[Any]:

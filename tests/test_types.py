@@ -668,6 +668,50 @@ def test_a_schema_that_fits_in_plaintext_fits_encrypted(
     md.create_all(engine)  # the plaintext tables fit too: the premise holds
 
 
+def test_types_sized_beyond_postgresqls_varchar_fit_encrypted(
+    engine: sa.Engine, registry: KeyRegistry
+) -> None:
+    """PostgreSQL's VARCHAR holds at most 10485760 characters, its BYTEA any
+    length: a LargeBinary(16777215) or a String(10485760) column fits there
+    in plaintext, so it fits encrypted, in text storage too, with a value
+    whose base64 is longer than any VARCHAR. (MySQL/MariaDB take no
+    String(10485760) in plaintext.)"""
+    md = sa.MetaData()
+    sizes: dict[str, Any] = {"blob": sa.LargeBinary(16_777_215)}
+    if engine.dialect.name != "mysql":
+        sizes["chars"] = sa.String(10_485_760)
+    values = {"blob": b"\x00\xff" * 3_950_000, "chars": "x" * 7_900_000}
+    plain = sa.Table("plain_huge", md, sa.Column("id", sa.Integer, primary_key=True))
+    for name, value_type in sizes.items():
+        plain.append_column(sa.Column(name, value_type))
+    for storage in ("binary", "text"):
+        table = sa.Table(
+            f"huge_{storage}",
+            md,
+            sa.Column("id", sa.Integer, primary_key=True),
+            *(sa.Column(name, EncryptedType(t, storage=storage)) for name, t in sizes.items()),
+        )
+
+        class Row(DeclarativeBase):
+            pass
+
+        row_class = type("Huge", (Row,), {"__table__": table})
+        table.create(engine)
+        for name in sizes:
+            for _ in range(2):
+                with engine.begin() as conn:
+                    conn.execute(table.delete())
+                    conn.execute(table.insert(), {"id": 1, name: values[name]})
+                with engine.connect() as conn:
+                    assert conn.execute(sa.select(table.c[name])).scalar_one() == values[name]
+                with Session(engine) as session:
+                    session.execute(sa.delete(table))
+                    session.add(row_class(id=2, **{name: values[name]}))
+                    session.commit()
+                    assert session.scalars(sa.select(table.c[name])).one() == values[name]
+    plain.create(engine)  # the premise holds
+
+
 @pytest.mark.parametrize("storage", ["binary", "text"])
 def test_deterministic_columns_take_indexes_and_unique_constraints(
     engine: sa.Engine, registry: KeyRegistry, storage: str
