@@ -155,6 +155,9 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
                 "bind_scope applies to randomized columns, not deterministic ones"
             )
         self._codec = codec_for(value_type)
+        # Whether the ORM sends None rather than leave the column out of an
+        # INSERT: the wrapped type's choice (JSON's unless none_as_null).
+        self.should_evaluate_none = bool(value_type.should_evaluate_none)
         self._binding = _ColumnBinding(self, context)
         self.impl = self._storage_type()
 
@@ -254,11 +257,12 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         current_scope = binding.current_scope
         deterministic = self.deterministic
         bind_scope = self.bind_scope
+        none_as_null = self._codec.none_as_null  # else None is encoded (JSON null)
         if self.storage == "binary" and not (deterministic or bind_scope):
             # Every Python 3 DB-API driver takes bytes for BLOB/bytea; the
             # impl's DBAPI.Binary() wrapper would only add a copy per value.
             def process_binary(value: Any) -> Any:
-                if value is None:
+                if value is None and none_as_null:
                     return None
                 try:
                     plaintext = encode(value)
@@ -274,7 +278,7 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         to_text = fmt.to_text if self.storage == "text" else None
 
         def process(value: Any) -> Any:
-            if value is None:
+            if value is None and none_as_null:
                 return None
             try:
                 plaintext = encode(value)
