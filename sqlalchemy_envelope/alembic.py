@@ -349,10 +349,14 @@ _MYSQL_SIZE_CLASSES = (
 
 
 def _as_created(column_type: EncryptedType | BlindIndex, dialect: Dialect) -> TypeEngine[Any]:
-    """The storage type the database creates for one of our columns. MySQL
-    and MariaDB turn ``BLOB(n)`` and ``TEXT(n)`` into the smallest BLOB or
-    TEXT type that holds n bytes or characters, and reflect that."""
-    storage = column_type.load_dialect_impl(dialect).dialect_impl(dialect)
+    """The storage type the database creates for one of our columns: the
+    dialect's variant, as DDL renders it (not the driver's adaptation of it,
+    which may compile otherwise: psycopg's adaptation of TEXT is a VARCHAR).
+    MySQL and MariaDB turn ``BLOB(n)`` and ``TEXT(n)`` into the smallest BLOB
+    or TEXT type that holds n bytes, or n characters of the charset, and
+    reflect that."""
+    storage = column_type.load_dialect_impl(dialect)
+    storage = storage._variant_mapping.get(dialect.name, storage)
     length = getattr(storage, "length", None)
     if dialect.name not in MYSQL_DIALECTS or not length:
         return storage
@@ -363,8 +367,9 @@ def _as_created(column_type: EncryptedType | BlindIndex, dialect: Dialect) -> Ty
         return mysql.LONGBLOB()
     if type(storage) is mysql.TEXT:
         charset, collation = storage.charset, storage.collation
+        size = length * (4 if charset == "utf8mb4" else 1)  # the class holds bytes
         for limit, _, text in _MYSQL_SIZE_CLASSES:
-            if length < limit:
+            if size < limit:
                 return text(charset=charset, collation=collation)
         return mysql.LONGTEXT(charset=charset, collation=collation)
     return storage

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 
 from .connections import INTERNAL_OPTION
 from .errors import ConfigurationError, UnknownKeyError, WrongRootKeyError
-from .redaction import redact_rows
+from .redaction import redact_errors, redact_rows
 
 if TYPE_CHECKING:
     from .registry import KeyRegistry
@@ -199,6 +199,9 @@ def _no_registry(is_async: bool) -> ConfigurationError:
 def slot_for(dialect: Dialect) -> EngineSlot:
     slot = _slots.get(dialect)
     if slot is None:
+        # The first encrypted column or blind index on this engine: from now
+        # on its errors must not list their values (even without a registry).
+        redact_errors()
         with _lock:
             slot = _slots.setdefault(dialect, EngineSlot(bool(dialect.is_async)))
     return slot

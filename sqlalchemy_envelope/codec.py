@@ -57,12 +57,15 @@ _SURROGATE = "value is not valid Unicode: it holds a lone surrogate, which UTF-8
 @dataclass(frozen=True)
 class Codec:
     """How one wrapped type is turned into bytes. ``max_bytes`` is the longest
-    plaintext ``encode`` returns, or None if unbounded (it sizes storage)."""
+    plaintext ``encode`` returns, or None if unbounded (it sizes storage).
+    ``none_as_null``: Python None is stored as SQL NULL, as for most plain
+    columns; if False (JSON's default), ``encode`` gives None a plaintext."""
 
     encode: Encode
     decode: Decode
     python_type: type
     max_bytes: int | None
+    none_as_null: bool = True
 
 
 def _wrong(value: Any, expected: str) -> InvalidValueError:
@@ -313,13 +316,18 @@ def _uuid(value_type: sa.Uuid[Any]) -> Codec:
     return Codec(encode, decode, uuid.UUID if as_uuid else str, 16)
 
 
-def _json() -> Codec:
+def _json(value_type: sa.JSON) -> Codec:
+    """As the plain column: ``JSON.NULL`` is JSON ``null``, and so is None
+    unless ``none_as_null=True`` makes it SQL NULL."""
     # allow_nan=False: NaN and Infinity are Python's extensions, which other
     # JSON parsers (PostgreSQL's json among them) reject.
     dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
     loads = json.loads
+    json_null = sa.JSON.NULL  # a symbol, an int subclass: dumps would write a number
 
     def encode(value: Any) -> bytes:
+        if value is json_null:
+            return b"null"
         try:
             return dumps(value).encode("utf-8")
         except UnicodeEncodeError:
@@ -338,7 +346,7 @@ def _json() -> Codec:
     def decode(data: bytes) -> Any:
         return loads(data)
 
-    return Codec(encode, decode, object, None)
+    return Codec(encode, decode, object, None, bool(value_type.none_as_null))
 
 
 def _enum(value_type: sa.Enum) -> Codec:
@@ -377,7 +385,7 @@ def codec_for(value_type: TypeEngine[Any]) -> Codec:
     if isinstance(value_type, sa.Enum):
         return _enum(value_type)
     if isinstance(value_type, sa.JSON):
-        return _json()
+        return _json(value_type)
     if isinstance(value_type, sa.Boolean):
         return _boolean()
     if isinstance(value_type, sa.Uuid):

@@ -42,6 +42,7 @@ from .storage import MYSQL_DIALECTS
 __all__ = ["EncryptedType"]
 
 _STORAGES = ("binary", "text")
+_POSTGRESQL_VARCHAR_MAX = 10_485_760  # characters; its TEXT has no limit (and no length)
 
 
 class _Raise:
@@ -155,6 +156,9 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
                 "bind_scope applies to randomized columns, not deterministic ones"
             )
         self._codec = codec_for(value_type)
+        # Whether the ORM sends None rather than leave the column out of an
+        # INSERT: the wrapped type's choice (JSON's unless none_as_null).
+        self.should_evaluate_none = bool(value_type.should_evaluate_none)
         self._binding = _ColumnBinding(self, context)
         self.impl = self._storage_type()
 
@@ -174,7 +178,12 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         if max_bytes is None:
             return sa.Text().with_variant(mysql.LONGTEXT(**charset), *MYSQL_DIALECTS)
         length = fmt.text_length(max_bytes)
-        return sa.String(length).with_variant(mysql.TEXT(length, **charset), *MYSQL_DIALECTS)
+        text = sa.String(length).with_variant(mysql.TEXT(length, **charset), *MYSQL_DIALECTS)
+        if length > _POSTGRESQL_VARCHAR_MAX:
+            # A LargeBinary(16777215) or String(10485760) plaintext fits
+            # PostgreSQL, but its base64 would not fit a VARCHAR there.
+            return text.with_variant(sa.Text(), "postgresql")
+        return text
 
     @property
     def python_type(self) -> type[Any]:
@@ -265,11 +274,12 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         current_scope = binding.current_scope
         deterministic = self.deterministic
         bind_scope = self.bind_scope
+        none_as_null = self._codec.none_as_null  # else None is encoded (JSON null)
         if self.storage == "binary" and not (deterministic or bind_scope):
             # Every Python 3 DB-API driver takes bytes for BLOB/bytea; the
             # impl's DBAPI.Binary() wrapper would only add a copy per value.
             def process_binary(value: Any) -> Any:
-                if value is None:
+                if value is None and none_as_null:
                     return None
                 try:
                     plaintext = encode(value)
@@ -285,7 +295,7 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         to_text = fmt.to_text if self.storage == "text" else None
 
         def process(value: Any) -> Any:
-            if value is None:
+            if value is None and none_as_null:
                 return None
             try:
                 plaintext = encode(value)

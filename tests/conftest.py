@@ -262,6 +262,7 @@ MARIADB_MODULES = frozenset(
         "test_storm",
         "test_faults",
         "test_secrets",
+        "test_redaction",
         "test_async_registry",
         "test_sqlalchemy_forms",
         "test_expressions",

@@ -526,6 +526,37 @@ def test_autogenerate_compares_binary_storage_as_the_database_created_it(
         project.check_stable()
 
 
+HUGE_TEXTS = """
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy_envelope import EncryptedType
+
+class Base(DeclarativeBase):
+    pass
+
+class Scan(Base):
+    __tablename__ = "scans"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image: Mapped[bytes] = mapped_column(EncryptedType(sa.LargeBinary(16777215), storage="text"))
+    notes: Mapped[str] = mapped_column(EncryptedType(sa.Text, storage="text"))
+"""
+
+
+def test_autogenerate_settles_on_text_storage_beyond_a_varchar(db_url: str, tmp_path: Path) -> None:
+    """Text storage of an unbounded type, or too long for a PostgreSQL
+    VARCHAR, is created as TEXT there (LONGTEXT on MySQL/MariaDB): the
+    migration runs, and a second autogenerate finds nothing to change."""
+    project = Project(tmp_path, db_url)
+    project.alembic("upgrade", "head")
+    project.use_models(HUGE_TEXTS)
+    project.alembic("revision", "--autogenerate", "-m", "scans")
+    text = project.generated("scans")
+    assert "EncryptedType(sa.LargeBinary(length=16777215), storage='text')" in text
+    assert "EncryptedType(sa.Text(), storage='text')" in text
+    project.alembic("upgrade", "head")
+    project.check_stable()
+
+
 EMAIL_INDEX_MIGRATION = """
 from alembic import op
 import sqlalchemy as sa

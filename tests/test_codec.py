@@ -270,6 +270,15 @@ def test_json_is_standard_json() -> None:
     assert codec.decode(b'{"legacy":NaN}')["legacy"] != codec.decode(b'{"legacy":NaN}')["legacy"]
 
 
+def test_json_null_is_json_null_and_none_follows_none_as_null() -> None:
+    codec = codec_for(sa.JSON())
+    assert codec.encode(sa.JSON.NULL) == codec.encode(None) == b"null"  # not the symbol's int
+    assert codec.decode(b"null") is None
+    assert not codec.none_as_null
+    assert codec_for(sa.JSON(none_as_null=True)).none_as_null
+    assert codec_for(sa.String()).none_as_null
+
+
 # -- the database: the longest values fit, in strict and non-strict mode ------------
 
 

@@ -233,6 +233,84 @@ def test_orm_insert_select_update_merge_and_bulk(engine: sa.Engine, registry: Ke
         assert 2 in nulls and 1 not in nulls
 
 
+@pytest.mark.parametrize("none_as_null", [False, True])
+def test_json_nulls_are_stored_as_the_plain_column_stores_them(
+    engine: sa.Engine, registry: KeyRegistry, none_as_null: bool
+) -> None:
+    """``JSON.NULL`` is JSON ``null``, ``null()`` SQL NULL, and None JSON
+    ``null`` unless ``none_as_null=True`` makes it SQL NULL: the encrypted
+    column stores what the plain one does (encrypting JSON ``null``), in
+    every statement form, and reads None back."""
+    table = sa.Table(
+        f"nulls_{none_as_null}",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("plain", sa.JSON(none_as_null=none_as_null), nullable=True),
+        sa.Column("binary", EncryptedType(sa.JSON(none_as_null=none_as_null)), nullable=True),
+        sa.Column(
+            "text",
+            EncryptedType(sa.JSON(none_as_null=none_as_null), storage="text"),
+            nullable=True,
+        ),
+    )
+    table.create(engine)
+
+    class Base(DeclarativeBase):
+        pass
+
+    row_class = type("Doc", (Base,), {"__table__": table})
+    columns = ("plain", "binary", "text")
+    values = {"none": None, "json_null": sa.JSON.NULL, "sql_null": sa.null()}
+
+    def each(value: Any) -> dict[str, Any]:
+        return dict.fromkeys(columns, value)
+
+    written: dict[int, str] = {}  # id -> what was written
+    ids = itertools.count(1)
+    for _ in range(2):
+        for name, value in values.items():
+            with engine.begin() as conn:
+                if name != "sql_null":  # a null() parameter is SQL, not a value
+                    written[row_id := next(ids)] = name
+                    conn.execute(table.insert(), {"id": row_id, **each(value)})
+                written[row_id := next(ids)] = name
+                conn.execute(table.insert().values(id=row_id, **each(value)))
+                written[row_id := next(ids)] = name
+                conn.execute(table.insert(), {"id": row_id, **each({"a": 1})})
+                conn.execute(table.update().where(table.c.id == row_id).values(**each(value)))
+            with Session(engine) as session:
+                written[row_id := next(ids)] = name
+                session.add(row_class(id=row_id, **each(value)))
+                written[row_id := next(ids)] = name
+                session.add(row_class(id=row_id, **each([1])))
+                session.flush()
+                row = session.get(row_class, row_id)
+                for column in columns:
+                    setattr(row, column, value)
+                if name != "sql_null":
+                    written[row_id := next(ids)] = name
+                    session.execute(sa.insert(row_class), [{"id": row_id, **each(value)}])
+                    written[row_id := next(ids)] = name
+                    session.add(row_class(id=row_id, **each("x")))
+                    session.flush()
+                    session.execute(sa.update(row_class), [{"id": row_id, **each(value)}])
+                session.commit()
+        with engine.begin() as conn:
+            written[row_id := next(ids)] = "omitted"
+            conn.execute(table.insert(), {"id": row_id})
+
+    sql_null = {"sql_null", "omitted"} | ({"none"} if none_as_null else set())
+    for _ in range(2):
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(table, *(table.c[c].is_(None) for c in columns)).order_by(table.c.id)
+            ).all()
+        assert [row.id for row in rows] == list(written)
+        for row in rows:
+            assert tuple(row)[1:4] == (None, None, None), written[row.id]
+            assert tuple(row)[4:] == (written[row.id] in sql_null,) * 3, written[row.id]
+
+
 def test_sqlalchemy_internals_may_compare_a_column_with_itself(
     engine: sa.Engine, registry: KeyRegistry
 ) -> None:
@@ -667,6 +745,50 @@ def test_a_schema_that_fits_in_plaintext_fits_encrypted(
                 with engine.connect() as conn:
                     assert dict(conn.execute(encrypted.select()).one()._mapping) == row
     md.create_all(engine)  # the plaintext tables fit too: the premise holds
+
+
+def test_types_sized_beyond_postgresqls_varchar_fit_encrypted(
+    engine: sa.Engine, registry: KeyRegistry
+) -> None:
+    """PostgreSQL's VARCHAR holds at most 10485760 characters, its BYTEA any
+    length: a LargeBinary(16777215) or a String(10485760) column fits there
+    in plaintext, so it fits encrypted, in text storage too, with a value
+    whose base64 is longer than any VARCHAR. (MySQL/MariaDB take no
+    String(10485760) in plaintext.)"""
+    md = sa.MetaData()
+    sizes: dict[str, Any] = {"blob": sa.LargeBinary(16_777_215)}
+    if engine.dialect.name != "mysql":
+        sizes["chars"] = sa.String(10_485_760)
+    values = {"blob": b"\x00\xff" * 3_950_000, "chars": "x" * 7_900_000}
+    plain = sa.Table("plain_huge", md, sa.Column("id", sa.Integer, primary_key=True))
+    for name, value_type in sizes.items():
+        plain.append_column(sa.Column(name, value_type))
+    for storage in ("binary", "text"):
+        table = sa.Table(
+            f"huge_{storage}",
+            md,
+            sa.Column("id", sa.Integer, primary_key=True),
+            *(sa.Column(name, EncryptedType(t, storage=storage)) for name, t in sizes.items()),
+        )
+
+        class Row(DeclarativeBase):
+            pass
+
+        row_class = type("Huge", (Row,), {"__table__": table})
+        table.create(engine)
+        for name in sizes:
+            for _ in range(2):
+                with engine.begin() as conn:
+                    conn.execute(table.delete())
+                    conn.execute(table.insert(), {"id": 1, name: values[name]})
+                with engine.connect() as conn:
+                    assert conn.execute(sa.select(table.c[name])).scalar_one() == values[name]
+                with Session(engine) as session:
+                    session.execute(sa.delete(table))
+                    session.add(row_class(id=2, **{name: values[name]}))
+                    session.commit()
+                    assert session.scalars(sa.select(table.c[name])).one() == values[name]
+    plain.create(engine)  # the premise holds
 
 
 @pytest.mark.parametrize("storage", ["binary", "text"])
