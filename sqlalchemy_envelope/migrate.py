@@ -33,8 +33,6 @@ from .census import EncryptedColumnRef, Target
 from .errors import (
     ConfigurationError,
     DecryptionError,
-    DestroyedKeyError,
-    KeyDisabledError,
     NotCiphertextError,
     UnknownKeyError,
 )
@@ -54,8 +52,10 @@ _REASONS = {
         "--encrypt-plaintext, or migrating=True)"
     ),
     "DecryptionError": (
-        "fails authentication: altered, written for another column, or legacy "
-        "plaintext that looks like ciphertext"
+        "fails authentication under a data key of this registry: written with other "
+        "column options (a context, bind_scope) than the job's, or altered; a job "
+        "by TABLE.COLUMN assumes the default options: run it with the application's "
+        "models (registry.reencrypt(Model.column))"
     ),
     "UnknownKeyError": (
         "names a data key that data_keys does not hold: another database's "
@@ -449,10 +449,6 @@ def _legacy(old: Any) -> bytes:
     return old.encode("utf-8") if isinstance(old, str) else bytes(old)
 
 
-_THIS_REGISTRYS = (KeyDisabledError, DestroyedKeyError)
-"""Failures that prove a value is this registry's ciphertext: never taken as plaintext."""
-
-
 def _reencrypt_rewrite(
     registry: KeyRegistry,
     target: HeaderFor,
@@ -460,7 +456,18 @@ def _reencrypt_rewrite(
     scope: str,
     plaintext_rows: frozenset[tuple[str, tuple[str, ...]]],
 ) -> Rewrite:
-    keys: dict[bytes, tuple[str, int] | None] = {}  # header -> (scope, version), None: unknown
+    keys: dict[int, tuple[str, int] | None] = {}  # key id -> (scope, version), None: unknown
+
+    def known(header: bytes) -> tuple[str, int] | None:
+        """The scope and version of the data key a header names, of any state
+        and scope, or None when data_keys does not hold it."""
+        key_id = fmt.key_id_of(header)
+        if key_id not in keys:
+            try:
+                keys[key_id] = registry.key_scope_version(key_id)
+            except UnknownKeyError:
+                keys[key_id] = None
+        return keys[key_id]
 
     def seal(ref: EncryptedColumnRef, plaintext: bytes) -> bytes:
         if ref.deterministic:
@@ -469,12 +476,7 @@ def _reencrypt_rewrite(
         return registry.encrypt_bytes(plaintext, context, scope)
 
     def key_of(header: bytes) -> tuple[str, int]:
-        if header not in keys:
-            try:
-                keys[header] = registry.key_scope_version(fmt.key_id_of(header))
-            except UnknownKeyError:
-                keys[header] = None
-        found = keys[header]
+        found = known(header)
         if found is None:
             raise UnknownKeyError(fmt.key_id_of(header))
         return found
@@ -504,8 +506,10 @@ def _reencrypt_rewrite(
                     return None
             plaintext = _decrypt(registry, ref, ciphertext)
         except DecryptionError as error:
-            if listed and not isinstance(error, _THIS_REGISTRYS):
-                return as_plaintext(ref, old)  # the user says it is plaintext
+            if listed and known(header) is None:
+                # The user says it is plaintext, and it cannot be ours: a value
+                # under a key of data_keys (any state, any scope) never is.
+                return as_plaintext(ref, old)
             report.leave(ref.name, key, type(error).__name__, failure=True)
             return None
         new = seal(ref, plaintext)

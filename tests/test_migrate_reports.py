@@ -61,6 +61,13 @@ class Seat(Base):
     holder: Mapped[str | None] = mapped_column(EncryptedType(sa.String(40)))
 
 
+class Record(Base):
+    __tablename__ = "records"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    body: Mapped[str | None] = mapped_column(EncryptedType(sa.String(40), bind_scope=True))
+    mail: Mapped[str | None] = mapped_column(EncryptedType(sa.String(40), context="old_users.mail"))
+
+
 def _lookalike(first: int = 1, size: int = 41) -> bytes:
     """Legacy bytes that parse as ciphertext: the format byte, then random
     bytes (about 1 in 128 random binary values look like this)."""
@@ -218,6 +225,58 @@ def test_named_rows_by_composite_key_never_overwrite_this_registrys_ciphertext(
         for _ in range(2):
             holders = dict(session.execute(sa.select(Seat.number, Seat.holder)).all())
             assert holders == {1: "Ada", 2: lookalike.decode()}
+
+
+def test_named_rows_under_a_known_key_are_never_taken_as_plaintext(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A job by name reflects the default options, so values of a bind_scope
+    or context column fail authentication; naming their rows as plaintext
+    must not encrypt the ciphertext again (the value would be lost)."""
+    cli = Cli(db_url, tmp_path)
+    cli("init")
+    engine = sa.create_engine(db_url)
+    registry = KeyRegistry.from_env(engine, environ={"ENVELOPE_ROOT_KEY": ROOT})
+    Base.metadata.create_all(engine, tables=[Record.__table__])
+    with sqlalchemy_envelope.scope("acme"), Session(engine) as session:
+        session.add_all([Record(id=1, body="Ada", mail="ada@example.org"), Record(id=2)])
+        session.commit()
+    raw = _raw(engine, "records")
+    before = {c: _stored(engine, raw, c) for c in ("body", "mail")}
+    registry.rotate("acme")
+
+    listed = {"records.body": [1], "records.mail": [1]}
+    for _ in range(2):
+        report = registry.reencrypt(
+            "records.body", "records.mail", scope="acme", plaintext_rows=listed
+        )
+        assert report.plaintext_encrypted == 0 and report.failures == {"DecryptionError": 2}
+        assert {c: _stored(engine, raw, c) for c in ("body", "mail")} == before
+    text = cli(
+        "--scope",
+        "acme",
+        "reencrypt",
+        "records.body",
+        "records.mail",
+        "--plaintext-row",
+        "records.body=1",
+        "--plaintext-row",
+        "records.mail=1",
+        code=4,
+    )
+    assert "records.body=1: DecryptionError" in text and "records.mail=1: DecryptionError" in text
+    assert "run again with --plaintext-row" not in text and "models" in text
+    assert {c: _stored(engine, raw, c) for c in ("body", "mail")} == before
+
+    moved = registry.reencrypt(Record, scope="acme")  # with the models: their options
+    assert moved.values_by_version == {1: 2} and moved.left_behind == 0
+    with sqlalchemy_envelope.scope("acme"), Session(engine) as session:
+        for _ in range(2):
+            rows = session.execute(sa.select(Record.body, Record.mail).where(Record.id == 1))
+            assert rows.one() == ("Ada", "ada@example.org")
+            session.expire_all()
+    registry.close()
+    engine.dispose()
 
 
 def test_unknown_keys_are_left_behind_and_other_scopes_counted_apart(
