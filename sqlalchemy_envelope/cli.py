@@ -11,7 +11,8 @@ Exit codes: 0 done; 1 the library refused (wrong root key, a value that does
 not decrypt...); 2 bad usage or configuration; 3 refused by a safety guard
 (an illegal key transition, a key still in use); 4 a re-encrypt or decrypt
 that finished with values left behind (the report names their rows and why);
-5 the database could not be reached.
+5 the database could not be reached; 6 the database refused a statement (one
+line: the command and the driver's reason, never the statement's values).
 """
 
 from __future__ import annotations
@@ -34,7 +35,14 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 
 import sqlalchemy as sa
 
-from .errors import ConfigurationError, EnvelopeError, KeyInUseError, KeyStateError
+from .errors import (
+    ConfigurationError,
+    EnvelopeError,
+    KeyInUseError,
+    KeyStateError,
+    StatementFailedError,
+    database_reason,
+)
 from .migrate import MigrationReport
 from .registry import DEFAULT_SCOPE, KeyRegistry
 from .rootkey import root_key_from_env
@@ -43,6 +51,7 @@ from .status import KeyInfo, RegistryStatus
 __all__ = ["main"]
 
 EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_LEFT_BEHIND, EXIT_UNREACHABLE = 1, 2, 3, 4, 5
+EXIT_DATABASE = 6
 
 
 class _Unreachable(Exception):
@@ -84,7 +93,8 @@ class Context:
                 "the database URL (--url or DATABASE_URL) is not a SQLAlchemy URL"
             ) from None
         try:
-            engine = sa.create_engine(url)
+            # hide_parameters: no SQLAlchemy error text ever carries a value.
+            engine = sa.create_engine(url, hide_parameters=True)
         except (sa.exc.ArgumentError, ImportError) as error:
             raise ConfigurationError(
                 f"cannot use the database URL: {_without(url.password, error)}"
@@ -164,6 +174,15 @@ def _run(action: Callable[[], int | None]) -> None:
     except _Unreachable as error:
         click.echo(f"error: cannot connect to the database: {error}", err=True)
         sys.exit(EXIT_UNREACHABLE)
+    except StatementFailedError as error:
+        click.echo(f"error: {_command()}: {error}", err=True)
+        sys.exit(EXIT_DATABASE)
+    except sa.exc.StatementError as error:
+        click.echo(
+            f"error: {_command()}: the database refused a statement: {database_reason(error)}",
+            err=True,
+        )
+        sys.exit(EXIT_DATABASE)
     except (KeyStateError, KeyInUseError) as error:
         click.echo(f"refused: {error}", err=True)
         sys.exit(EXIT_REFUSED)
@@ -174,6 +193,11 @@ def _run(action: Callable[[], int | None]) -> None:
         click.echo(f"error: {error}", err=True)
         sys.exit(EXIT_ERROR)
     sys.exit(code or 0)
+
+
+def _command() -> str:
+    context = click.get_current_context(silent=True)
+    return context.info_name or "sqlalchemy-envelope" if context else "sqlalchemy-envelope"
 
 
 def _key_line(key: KeyInfo) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -33,8 +34,11 @@ from .census import EncryptedColumnRef, Target
 from .errors import (
     ConfigurationError,
     DecryptionError,
+    EnvelopeError,
     NotCiphertextError,
+    StatementFailedError,
     UnknownKeyError,
+    database_reason,
 )
 
 if TYPE_CHECKING:
@@ -241,6 +245,7 @@ class _TableJob:
     name: str
     primary_key: tuple[str, ...]
     refs: tuple[EncryptedColumnRef, ...]
+    limits: tuple[tuple[str, int, str], ...] = ()  # (column, length, type) the database enforces
 
     @property
     def columns(self) -> list[str]:
@@ -262,8 +267,27 @@ def _jobs(conn: Connection, refs: Sequence[EncryptedColumnRef]) -> list[_TableJo
             raise ConfigurationError(
                 f"table {name!r} has no primary key: the re-encrypt job pages by primary key"
             )
-        jobs.append(_TableJob(schema, name, pk, tuple(table_refs)))
+        jobs.append(_TableJob(schema, name, pk, tuple(table_refs), _limits(conn, table_refs)))
     return jobs
+
+
+def _limits(
+    conn: Connection, refs: Sequence[EncryptedColumnRef]
+) -> tuple[tuple[str, int, str], ...]:
+    """The reflected lengths of the job's columns, where the database enforces
+    them (SQLite does not): a value longer than its column is refused before
+    it is written, with what to do, not as a driver error."""
+    if conn.dialect.name == "sqlite":
+        return ()
+    schema, table = refs[0].schema, refs[0].table
+    reflected = {c["name"]: c["type"] for c in sa.inspect(conn).get_columns(table, schema=schema)}
+    limits = []
+    for ref in refs:
+        column_type = reflected.get(ref.column)
+        length = getattr(column_type, "length", None)
+        if isinstance(length, int):
+            limits.append((ref.column, length, str(column_type)))
+    return tuple(limits)
 
 
 HeaderFor = Callable[[EncryptedColumnRef], bytes | None]
@@ -295,6 +319,24 @@ def _pending(
 
 
 def _run_table(
+    registry: KeyRegistry,
+    job: _TableJob,
+    rewrite: Rewrite,
+    target: HeaderFor,
+    batch_size: int,
+    report: MigrationReport,
+    key_range: tuple[Any, Any] | None,
+    on_batch: Callable[[int], None],
+) -> None:
+    try:
+        _walk_table(registry, job, rewrite, target, batch_size, report, key_range, on_batch)
+    except sa.exc.StatementError as error:
+        raise StatementFailedError(
+            f"{job.name}: the database refused a statement: {database_reason(error)}"
+        ) from None
+
+
+def _walk_table(
     registry: KeyRegistry,
     job: _TableJob,
     rewrite: Rewrite,
@@ -366,6 +408,7 @@ def _apply(
         if writes:
             groups.setdefault(tuple(writes), {})[key] = writes
 
+    _check_fit(job, groups)
     sane_rowcount = conn.dialect.supports_sane_multi_rowcount
     for columns, written in groups.items():
         stmt = (
@@ -387,6 +430,20 @@ def _apply(
                 _credit(writes, report)
         else:
             _verify(conn, table, job, written, report)
+
+
+def _check_fit(job: _TableJob, groups: Mapping[tuple[str, ...], Written]) -> None:
+    """Refuse a batch holding a value longer than its column, before any write."""
+    for column, length, type_name in job.limits:
+        for written in groups.values():
+            for writes in written.values():
+                write = writes.get(column)
+                if write is not None and len(write.change.value) > length:
+                    raise ConfigurationError(
+                        f"{job.name}.{column}: the values to write do not fit its type "
+                        f"{type_name}: widen the column first (see 'Encrypting an existing "
+                        "plaintext column' in the README), then run the job again"
+                    )
 
 
 def _credit(writes: dict[str, _Write], report: MigrationReport) -> None:
@@ -633,13 +690,42 @@ def _worker(
     registry.engine.dispose(close=False)  # a forked child opens its own connections
     registry._keys.after_fork()
     report = MigrationReport()
+    parent = os.getppid()
 
     def count(n: int) -> None:
         with done.get_lock():
             done.value += n
+        if os.getppid() != parent:
+            os._exit(1)  # the job's process died: stop after a committed batch
 
-    _run_table(registry, job, rewrite, target, batch_size, report, key_range, count)
+    try:
+        _run_table(registry, job, rewrite, target, batch_size, report, key_range, count)
+    except Exception as error:
+        # Reported to the parent, never printed here; only a library error's
+        # text is safe to pass on (it never holds a value). sys.exit lets the
+        # queue flush, and exits without a traceback.
+        text = str(error) if isinstance(error, EnvelopeError) else ""
+        results.put(_Failure(type(error).__name__, text))
+        sys.exit(1)
     results.put(report)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """Why a worker stopped: an error's type name, and its text if safe."""
+
+    kind: str
+    text: str
+
+    def error(self) -> EnvelopeError:
+        if self.kind == ConfigurationError.__name__:
+            return ConfigurationError(self.text)
+        if self.kind == StatementFailedError.__name__:
+            return StatementFailedError(self.text)
+        return EnvelopeError(
+            f"a re-encrypt worker failed ({self.kind}{': ' + self.text if self.text else ''}); "
+            "run the job again to finish"
+        )
 
 
 def run(
@@ -727,7 +813,7 @@ def _run_parallel(
     for proc in procs:
         proc.start()
     reported = 0
-    collected: list[MigrationReport] = []
+    collected: list[MigrationReport | _Failure] = []
     while len(collected) < len(procs):
         try:
             collected.append(results.get(timeout=0.2))
@@ -738,8 +824,12 @@ def _run_parallel(
         reported = done.value
     for proc in procs:
         proc.join()
+    for part in collected:
+        if isinstance(part, _Failure):
+            raise part.error()
     failed = [p.exitcode for p in procs if p.exitcode != 0]
     if failed:
-        raise RuntimeError(f"{len(failed)} re-encrypt workers failed; run the job again to finish")
+        raise EnvelopeError(f"{len(failed)} re-encrypt workers failed; run the job again to finish")
     for part in collected:
+        assert isinstance(part, MigrationReport)
         report.merge(part)

@@ -489,3 +489,69 @@ def test_cli_reports_rows_left_behind_and_takes_named_rows(db_url: str, tmp_path
     }
     engine.dispose()
     assert ROOT not in "\n".join(cli.outputs)
+
+
+def test_cli_database_errors_are_one_line_without_values(db_url: str, tmp_path: Path) -> None:
+    """A statement the database refuses is one line naming the command and the
+    driver's reason, exit 6, never a traceback with the statement's values; a
+    value longer than its (unwidened) column is refused before any write."""
+    cli = Cli(db_url, tmp_path)
+    cli("init")
+    secret = "carol@secret.example"
+    engine = sa.create_engine(db_url)
+    metadata = sa.MetaData()
+    checked = sa.Table(  # ciphertext has no '@': encrypting breaks the check
+        "checked",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("email", sa.String(400)),
+        sa.CheckConstraint("email LIKE '%@%'", name="checked_email"),
+    )
+    sealed = sa.Table(  # plaintext has an '@': decrypting breaks the check
+        "sealed",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("email", EncryptedType(sa.String(50), storage="text")),
+        sa.CheckConstraint("email NOT LIKE '%@%'", name="sealed_email"),
+    )
+    notwide = sa.Table(
+        "notwide",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("email", sa.String(50)),
+    )
+    metadata.create_all(engine)
+    registry = KeyRegistry.from_env(engine, environ={"ENVELOPE_ROOT_KEY": ROOT})
+    with engine.begin() as conn:
+        for table in (checked, sealed, notwide):
+            conn.execute(table.insert(), [{"id": i, "email": secret} for i in range(1, 5)])
+    before = {t.name: _stored(engine, t, "email") for t in (checked, sealed, notwide)}
+
+    def failing(*args: str, code: int) -> str:
+        cli(*args, code=code)
+        (line,) = cli.outputs[-1].splitlines()
+        assert cli.outputs[-2] == "" and "Traceback" not in line
+        return line
+
+    for workers in ("1", "2"):
+        for _ in range(2):
+            line = failing(
+                "reencrypt", "checked.email", "--encrypt-plaintext", "--workers", workers, code=6
+            )
+            assert line.startswith("error: reencrypt: checked: the database refused a statement")
+    assert "CHECK" in line.upper() or "constraint" in line
+    line = failing("decrypt-in-place", "sealed.email", "--yes", code=6)
+    assert line.startswith("error: decrypt-in-place: sealed: the database refused a statement")
+
+    for workers in ("1", "2"):
+        if engine.dialect.name == "sqlite":  # SQLite does not enforce VARCHAR lengths
+            break
+        line = failing(
+            "reencrypt", "notwide.email", "--encrypt-plaintext", "--workers", workers, code=2
+        )
+        assert "notwide.email" in line and "widen the column first" in line
+    assert {t.name: _stored(engine, t, "email") for t in (checked, sealed, notwide)} == before
+    everything = "\n".join(cli.outputs)
+    assert secret not in everything and "secret.example" not in everything
+    registry.close()
+    engine.dispose()
