@@ -40,6 +40,7 @@ class EncryptedColumnRef:
     migrating: bool = False
     deterministic: bool = False
     bind_scope: bool = False
+    value_kind: str | None = None  # "text", "binary" or "other"; None: unknown (by name)
 
     @property
     def name(self) -> str:
@@ -111,7 +112,23 @@ def _ref(column: sa.Column[Any], info: columns.ColumnInfo) -> EncryptedColumnRef
         info.migrating,
         info.deterministic,
         info.bind_scope,
+        _value_kind(column),
     )
+
+
+def _value_kind(column: sa.Column[Any]) -> str | None:
+    """What the encrypted column's wrapped type holds, as plaintext: text
+    (strings, enums), binary, or other (numbers, dates... in an internal
+    encoding that is no plain column's value)."""
+    wrapped = getattr(column.type, "value_type", None)
+    if wrapped is None:
+        return None
+    wrapped = sa.types.to_instance(wrapped)
+    if isinstance(wrapped, sa.String):
+        return "text"
+    if isinstance(wrapped, sa.types._Binary):
+        return "binary"
+    return "other"
 
 
 def _encrypted(column: sa.Column[Any]) -> EncryptedColumnRef | None:

@@ -67,6 +67,10 @@ _REASONS = {
     ),
     "KeyDisabledError": "its data key is disabled: enable the key, then run the job again",
     "DestroyedKeyError": "its data key was destroyed: the value is unreadable for good",
+    "NotText": (
+        "its plaintext is not text (not UTF-8, or holds NUL): the column holds another "
+        "type than strings, which cannot be written back in place; use a new column"
+    ),
 }
 
 
@@ -577,6 +581,21 @@ def _reencrypt_rewrite(
     return rewrite
 
 
+def _check_decryptable(refs: Sequence[EncryptedColumnRef]) -> None:
+    """Decrypting in place writes strings to text storage and bytes to binary
+    storage: a column whose known type holds anything else is refused."""
+    for ref in refs:
+        if ref.value_kind is None or ref.value_kind == "text":
+            continue
+        if ref.value_kind == "binary" and ref.storage == "binary":
+            continue
+        raise ConfigurationError(
+            f"{ref.name}: decrypt in place writes strings to text storage and bytes to "
+            "binary storage; this column's type holds neither, so its values would be "
+            "written in an internal encoding: move it to a new plain column instead"
+        )
+
+
 def _decrypt_rewrite(registry: KeyRegistry) -> Rewrite:
     def rewrite(
         ref: EncryptedColumnRef, old: Any, key: tuple[Any, ...], report: MigrationReport
@@ -589,9 +608,16 @@ def _decrypt_rewrite(registry: KeyRegistry) -> Rewrite:
         except DecryptionError as error:
             report.leave(ref.name, key, type(error).__name__, failure=True)
             return None
-        return _Change(
-            plaintext.decode("utf-8") if ref.storage == "text" else plaintext, "decrypted"
-        )
+        if ref.storage == "binary":
+            return _Change(plaintext, "decrypted")
+        try:
+            text = plaintext.decode("utf-8")
+        except UnicodeDecodeError:
+            text = "\x00"
+        if "\x00" in text:  # another type's encoding (by name, the type is unknown)
+            report.leave(ref.name, key, "NotText", failure=True)
+            return None
+        return _Change(text, "decrypted")
 
     return rewrite
 
@@ -756,6 +782,7 @@ def run(
     if decrypt:
         if plaintext_rows:
             raise ConfigurationError("plaintext_rows is for encrypting, not decrypt_in_place")
+        _check_decryptable(refs)
         rewrite = _decrypt_rewrite(registry)
     else:
         named = _named_rows(jobs, plaintext_rows or {})

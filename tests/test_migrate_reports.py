@@ -555,3 +555,51 @@ def test_cli_database_errors_are_one_line_without_values(db_url: str, tmp_path: 
     assert secret not in everything and "secret.example" not in everything
     registry.close()
     engine.dispose()
+
+
+class Counter(Base):
+    __tablename__ = "counters"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    as_text: Mapped[int | None] = mapped_column(EncryptedType(sa.Integer, storage="text"))
+    as_bytes: Mapped[int | None] = mapped_column(EncryptedType(sa.Integer))
+
+
+def test_decrypt_in_place_refuses_values_that_are_not_strings_or_bytes(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Decrypt in place writes strings (text storage) and bytes (binary
+    storage): a model's non-string column is refused by name, and by name
+    (type unknown) a text value that is not UTF-8 text without NUL is left
+    behind, never written in an internal encoding."""
+    cli = Cli(db_url, tmp_path)
+    cli("init")
+    engine = sa.create_engine(db_url)
+    registry = KeyRegistry.from_env(engine, environ={"ENVELOPE_ROOT_KEY": ROOT})
+    Base.metadata.create_all(engine, tables=[Counter.__table__])
+    with Session(engine) as session:
+        session.add_all([Counter(id=1, as_text=65, as_bytes=65), Counter(id=2, as_text=-7)])
+        session.commit()
+    raw = _raw(engine, "counters")
+    before = {c: _stored(engine, raw, c) for c in ("as_text", "as_bytes")}
+    for target in (Counter, Counter.as_text, Counter.as_bytes):
+        with pytest.raises(ConfigurationError, match=r"counters\.as_(text|bytes)"):
+            registry.decrypt_in_place(target)
+    for _ in range(2):
+        report = registry.decrypt_in_place("counters.as_text")
+        assert report.values_decrypted == 0 and report.failures == {"NotText": 2}
+        assert report.left_rows == [
+            LeftRow("counters.as_text", (1,), "NotText"),
+            LeftRow("counters.as_text", (2,), "NotText"),
+        ]
+    text = cli("decrypt-in-place", "counters.as_text", "--yes", code=4)
+    assert "counters.as_text=1: NotText" in text
+    assert {c: _stored(engine, raw, c) for c in ("as_text", "as_bytes")} == before
+    with Session(engine) as session:
+        for _ in range(2):
+            assert session.scalars(sa.select(Counter.as_text).order_by(Counter.id)).all() == [
+                65,
+                -7,
+            ]
+            session.expire_all()
+    registry.close()
+    engine.dispose()
