@@ -150,7 +150,13 @@ def _by_name(conn: Connection, name: str) -> EncryptedColumnRef:
     reflected = {c["name"]: c for c in inspector.get_columns(table, schema=schema)}
     if column not in reflected:
         raise ConfigurationError(f"table {table!r} has no column {column!r}")
-    storage = "binary" if _holds_bytes(reflected[column]["type"]) else "text"
+    kind = _python_type(reflected[column]["type"])
+    if kind not in (bytes, str):
+        raise ConfigurationError(
+            f"{table}.{column} is {reflected[column]['type']}, neither a text nor a binary "
+            "column: it cannot hold ciphertext"
+        )
+    storage = "binary" if kind is bytes else "text"
     return EncryptedColumnRef(schema, table, column, storage, f"{table}.{column}".encode())
 
 
@@ -159,10 +165,6 @@ def _python_type(column_type: sa.types.TypeEngine[Any]) -> type | None:
         return column_type.python_type
     except NotImplementedError:
         return None
-
-
-def _holds_bytes(column_type: sa.types.TypeEngine[Any]) -> bool:
-    return _python_type(column_type) is bytes
 
 
 def discover(conn: Connection, skip_table: str) -> list[EncryptedColumnRef]:

@@ -21,7 +21,8 @@ import importlib
 import json
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, quote_plus
@@ -41,6 +42,7 @@ from .errors import (
     KeyInUseError,
     KeyStateError,
     StatementFailedError,
+    UnknownKeyError,
     database_reason,
 )
 from .migrate import MigrationReport
@@ -95,18 +97,31 @@ class Context:
         try:
             # hide_parameters: no SQLAlchemy error text ever carries a value.
             engine = sa.create_engine(url, hide_parameters=True)
-        except (sa.exc.ArgumentError, ImportError) as error:
+        except (sa.exc.ArgumentError, ImportError, TypeError, AttributeError) as error:
             raise ConfigurationError(
                 f"cannot use the database URL: {_without(url.password, error)}"
             ) from None
+        if engine.dialect.is_async:
+            raise ConfigurationError(
+                f"the database URL names an async driver ({url.drivername}): the command "
+                f"needs a synchronous one, e.g. {_SYNC.get(url.get_backend_name(), 'its default')}"
+            )
         try:
             engine.connect().close()
         except sa.exc.DBAPIError as error:
             raise _Unreachable(_without(url.password, error.orig)) from None
+        except (TypeError, AttributeError, LookupError, ValueError) as error:
+            # The driver choked on a query argument of the URL (?charset=...).
+            raise ConfigurationError(
+                f"cannot use the database URL's options: {_without(url.password, error)}"
+            ) from None
         return engine
 
     def emit(self, data: dict[str, Any], text: str) -> None:
         click.echo(json.dumps(data, indent=2) if self.as_json else text)
+
+
+_SYNC = {"postgresql": "postgresql+psycopg://", "sqlite": "sqlite://", "mysql": "mysql+pymysql://"}
 
 
 def _without(password: str | None, error: BaseException | None) -> str:
@@ -410,12 +425,14 @@ def reencrypt(
 @click.argument("columns", nargs=-1, required=True)
 @click.option("--batch-size", default=1000, show_default=True)
 @click.option("--progress/--no-progress", default=None)
-@click.confirmation_option(prompt="Write these columns back as plaintext?")
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
 @pass_context
 def decrypt_in_place(
-    c: Context, columns: tuple[str, ...], batch_size: int, progress: bool | None
+    c: Context, columns: tuple[str, ...], batch_size: int, progress: bool | None, yes: bool
 ) -> None:
     """Write TABLE.COLUMN... back as plaintext (undoes an in-place encryption)."""
+    if not yes:  # asked on stderr: stdout is the report (--json)
+        click.confirm("Write these columns back as plaintext?", abort=True, err=True)
 
     def action() -> int:
         report = c.registry().decrypt_in_place(*columns, batch_size=batch_size, progress=progress)
@@ -425,13 +442,24 @@ def decrypt_in_place(
     _run(action)
 
 
+@contextmanager
+def _known_version(version: int) -> Iterator[None]:
+    """A version the scope has no key of is bad usage (exit 2), not a
+    decryption failure."""
+    try:
+        yield
+    except UnknownKeyError as error:
+        raise ConfigurationError(f"{error} (no key version {version} in this scope)") from None
+
+
 def _transition(name: str, help_text: str) -> None:
     @main.command(name, help=help_text)
     @click.argument("version", type=int)
     @pass_context
     def command(c: Context, version: int) -> None:
         def action() -> None:
-            key = getattr(c.registry(), name)(version)
+            with _known_version(version):
+                key = getattr(c.registry(), name)(version)
             c.emit(key.to_dict(), _key_line(key))
 
         _run(action)
@@ -451,7 +479,8 @@ def destroy(c: Context, version: int, columns: tuple[str, ...], force: bool) -> 
     """Erase VERSION's key for good, once no row needs it."""
 
     def action() -> None:
-        key = c.registry().destroy(version, force=force, columns=columns)
+        with _known_version(version):
+            key = c.registry().destroy(version, force=force, columns=columns)
         c.emit(key.to_dict(), _key_line(key))
 
     _run(action)
@@ -475,15 +504,15 @@ def rewrap(c: Context) -> None:
 
 
 @main.command()
-@click.argument("scope")
+@click.argument("tenant", metavar="SCOPE")
 @click.confirmation_option(prompt="Destroy every key of this scope? Its data becomes unreadable")
 @pass_context
-def shred(c: Context, scope: str) -> None:
+def shred(c: Context, tenant: str) -> None:
     """Crypto-shred SCOPE (a tenant): destroy all its keys; other scopes are untouched."""
 
     def action() -> None:
-        count = c.registry().shred(scope)
-        c.emit({"scope": scope, "destroyed": count}, f"destroyed {count} keys of scope {scope!r}")
+        count = c.registry().shred(tenant)
+        c.emit({"scope": tenant, "destroyed": count}, f"destroyed {count} keys of scope {tenant!r}")
 
     _run(action)
 
@@ -518,9 +547,12 @@ def backfill_index(c: Context, target: str, batch_size: int) -> None:
         if not module_name or not path:
             raise ConfigurationError("name the index as module:Class.attribute")
         sys.path.insert(0, "")
-        found: Any = importlib.import_module(module_name)
-        for part in path.split("."):
-            found = getattr(found, part)
+        try:
+            found: Any = importlib.import_module(module_name)
+            for part in path.split("."):
+                found = getattr(found, part)
+        except (ImportError, AttributeError) as error:
+            raise ConfigurationError(f"cannot find the index {target!r}: {error}") from None
         report = c.registry().backfill_index(found, batch_size=batch_size)
         c.emit(report.to_dict(), _report_text(report))
 
@@ -547,9 +579,13 @@ def alembic_init(directory: str, config_file: str) -> None:
     def action() -> None:
         from alembic import command
         from alembic.config import Config
+        from alembic.util import CommandError
 
         templates = _templates()
-        command.init(Config(config_file), directory, template=str(templates / "envelope"))
+        try:
+            command.init(Config(config_file), directory, template=str(templates / "envelope"))
+        except CommandError as error:
+            raise ConfigurationError(str(error)) from None
         first = Path(directory) / "versions" / "0001_data_keys.py"
         shutil.copyfile(templates / "data_keys_migration.py", first)
         click.echo(f"wrote {first}; set target_metadata in {Path(directory) / 'env.py'}")
