@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import shutil
 import sys
 from collections.abc import Callable, Iterator
@@ -301,6 +302,9 @@ def main(
     as_json: bool,
 ) -> None:
     """Manage envelope-encryption keys and encrypted columns."""
+    # psycopg logs its own warning beside the error the command reports (an
+    # aborted pipeline): the error is reported once, in one line.
+    logging.getLogger("psycopg").setLevel(logging.ERROR)
     ctx.obj = Context(url, scope, table, cache_max_age, as_json)
 
 
