@@ -40,6 +40,7 @@ class EncryptedColumnRef:
     migrating: bool = False
     deterministic: bool = False
     bind_scope: bool = False
+    value_kind: str | None = None  # "text", "binary" or "other"; None: unknown (by name)
 
     @property
     def name(self) -> str:
@@ -116,7 +117,23 @@ def _ref(column: sa.Column[Any], info: columns.ColumnInfo) -> EncryptedColumnRef
         info.migrating,
         info.deterministic,
         info.bind_scope,
+        _value_kind(column),
     )
+
+
+def _value_kind(column: sa.Column[Any]) -> str | None:
+    """What the encrypted column's wrapped type holds, as plaintext: text
+    (strings, enums), binary, or other (numbers, dates... in an internal
+    encoding that is no plain column's value)."""
+    wrapped = getattr(column.type, "value_type", None)
+    if wrapped is None:
+        return None
+    wrapped = sa.types.to_instance(wrapped)
+    if isinstance(wrapped, sa.String):
+        return "text"
+    if isinstance(wrapped, sa.types._Binary):
+        return "binary"
+    return "other"
 
 
 def _encrypted(column: sa.Column[Any]) -> EncryptedColumnRef | None:
@@ -138,7 +155,13 @@ def _by_name(conn: Connection, name: str) -> EncryptedColumnRef:
     reflected = {c["name"]: c for c in inspector.get_columns(table, schema=schema)}
     if column not in reflected:
         raise ConfigurationError(f"table {table!r} has no column {column!r}")
-    storage = "binary" if _holds_bytes(reflected[column]["type"]) else "text"
+    kind = _python_type(reflected[column]["type"])
+    if kind not in (bytes, str):
+        raise ConfigurationError(
+            f"{table}.{column} is {reflected[column]['type']}, neither a text nor a binary "
+            "column: it cannot hold ciphertext"
+        )
+    storage = "binary" if kind is bytes else "text"
     return EncryptedColumnRef(schema, table, column, storage, f"{table}.{column}".encode())
 
 
@@ -147,10 +170,6 @@ def _python_type(column_type: sa.types.TypeEngine[Any]) -> type | None:
         return column_type.python_type
     except NotImplementedError:
         return None
-
-
-def _holds_bytes(column_type: sa.types.TypeEngine[Any]) -> bool:
-    return _python_type(column_type) is bytes
 
 
 # Schemas that hold the server's own catalog, never application rows.

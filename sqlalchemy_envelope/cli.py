@@ -11,16 +11,19 @@ Exit codes: 0 done; 1 the library refused (wrong root key, a value that does
 not decrypt...); 2 bad usage or configuration; 3 refused by a safety guard
 (an illegal key transition, a key still in use); 4 a re-encrypt or decrypt
 that finished with values left behind (the report names their rows and why);
-5 the database could not be reached.
+5 the database could not be reached; 6 the database refused a statement (one
+line: the command and the driver's reason, never the statement's values).
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import logging
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, quote_plus
@@ -35,7 +38,15 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 import sqlalchemy as sa
 
 from .census import ColumnCensus
-from .errors import ConfigurationError, EnvelopeError, KeyInUseError, KeyStateError
+from .errors import (
+    ConfigurationError,
+    EnvelopeError,
+    KeyInUseError,
+    KeyStateError,
+    StatementFailedError,
+    UnknownKeyError,
+    database_reason,
+)
 from .migrate import MigrationReport
 from .registry import DEFAULT_SCOPE, KeyRegistry
 from .rootkey import root_key_from_env
@@ -44,6 +55,7 @@ from .status import KeyInfo, RegistryStatus
 __all__ = ["main"]
 
 EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_LEFT_BEHIND, EXIT_UNREACHABLE = 1, 2, 3, 4, 5
+EXIT_DATABASE = 6
 
 
 class _Unreachable(Exception):
@@ -85,19 +97,33 @@ class Context:
                 "the database URL (--url or DATABASE_URL) is not a SQLAlchemy URL"
             ) from None
         try:
-            engine = sa.create_engine(url)
-        except (sa.exc.ArgumentError, ImportError) as error:
+            # hide_parameters: no SQLAlchemy error text ever carries a value.
+            engine = sa.create_engine(url, hide_parameters=True)
+        except (sa.exc.ArgumentError, ImportError, TypeError, AttributeError) as error:
             raise ConfigurationError(
                 f"cannot use the database URL: {_without(url.password, error)}"
             ) from None
+        if engine.dialect.is_async:
+            raise ConfigurationError(
+                f"the database URL names an async driver ({url.drivername}): the command "
+                f"needs a synchronous one, e.g. {_SYNC.get(url.get_backend_name(), 'its default')}"
+            )
         try:
             engine.connect().close()
         except sa.exc.DBAPIError as error:
             raise _Unreachable(_without(url.password, error.orig)) from None
+        except (TypeError, AttributeError, LookupError, ValueError) as error:
+            # The driver choked on a query argument of the URL (?charset=...).
+            raise ConfigurationError(
+                f"cannot use the database URL's options: {_without(url.password, error)}"
+            ) from None
         return engine
 
     def emit(self, data: dict[str, Any], text: str) -> None:
         click.echo(json.dumps(data, indent=2) if self.as_json else text)
+
+
+_SYNC = {"postgresql": "postgresql+psycopg://", "sqlite": "sqlite://", "mysql": "mysql+pymysql://"}
 
 
 def _without(password: str | None, error: BaseException | None) -> str:
@@ -165,6 +191,15 @@ def _run(action: Callable[[], int | None]) -> None:
     except _Unreachable as error:
         click.echo(f"error: cannot connect to the database: {error}", err=True)
         sys.exit(EXIT_UNREACHABLE)
+    except StatementFailedError as error:
+        click.echo(f"error: {_command()}: {error}", err=True)
+        sys.exit(EXIT_DATABASE)
+    except sa.exc.StatementError as error:
+        click.echo(
+            f"error: {_command()}: the database refused a statement: {database_reason(error)}",
+            err=True,
+        )
+        sys.exit(EXIT_DATABASE)
     except (KeyStateError, KeyInUseError) as error:
         click.echo(f"refused: {error}", err=True)
         sys.exit(EXIT_REFUSED)
@@ -175,6 +210,11 @@ def _run(action: Callable[[], int | None]) -> None:
         click.echo(f"error: {error}", err=True)
         sys.exit(EXIT_ERROR)
     sys.exit(code or 0)
+
+
+def _command() -> str:
+    context = click.get_current_context(silent=True)
+    return context.info_name or "sqlalchemy-envelope" if context else "sqlalchemy-envelope"
 
 
 def _key_line(key: KeyInfo) -> str:
@@ -226,7 +266,9 @@ def _report_text(report: MigrationReport) -> str:
     return "\n".join(lines)
 
 
-_LOOKALIKE = ("DecryptionError", "UnknownKeyError")  # reasons a plaintext value can give
+# The one reason a plaintext value can give: a value under a key of this
+# registry is its ciphertext, never plaintext, whatever --plaintext-row says.
+_LOOKALIKE = "UnknownKeyError"
 
 
 def _plaintext_rows(named: tuple[str, ...]) -> dict[str, list[Any]]:
@@ -261,6 +303,9 @@ def main(
     as_json: bool,
 ) -> None:
     """Manage envelope-encryption keys and encrypted columns."""
+    # psycopg logs its own warning beside the error the command reports (an
+    # aborted pipeline): the error is reported once, in one line.
+    logging.getLogger("psycopg").setLevel(logging.ERROR)
     ctx.obj = Context(url, scope, table, cache_max_age, as_json)
 
 
@@ -377,7 +422,7 @@ def reencrypt(
             plaintext_rows=_plaintext_rows(plaintext_rows),
         )
         text = _report_text(report)
-        if any(r.reason in _LOOKALIKE for r in report.left_rows):
+        if any(r.reason == _LOOKALIKE for r in report.left_rows):
             text += (
                 "\nif a row listed holds legacy plaintext that looks like ciphertext, run "
                 "again with --plaintext-row TABLE.COLUMN=KEY to encrypt it as plaintext"
@@ -392,12 +437,14 @@ def reencrypt(
 @click.argument("columns", nargs=-1, required=True)
 @click.option("--batch-size", default=1000, show_default=True)
 @click.option("--progress/--no-progress", default=None)
-@click.confirmation_option(prompt="Write these columns back as plaintext?")
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
 @pass_context
 def decrypt_in_place(
-    c: Context, columns: tuple[str, ...], batch_size: int, progress: bool | None
+    c: Context, columns: tuple[str, ...], batch_size: int, progress: bool | None, yes: bool
 ) -> None:
     """Write TABLE.COLUMN... back as plaintext (undoes an in-place encryption)."""
+    if not yes:  # asked on stderr: stdout is the report (--json)
+        click.confirm("Write these columns back as plaintext?", abort=True, err=True)
 
     def action() -> int:
         report = c.registry().decrypt_in_place(*columns, batch_size=batch_size, progress=progress)
@@ -407,13 +454,24 @@ def decrypt_in_place(
     _run(action)
 
 
+@contextmanager
+def _known_version(version: int) -> Iterator[None]:
+    """A version the scope has no key of is bad usage (exit 2), not a
+    decryption failure."""
+    try:
+        yield
+    except UnknownKeyError as error:
+        raise ConfigurationError(f"{error} (no key version {version} in this scope)") from None
+
+
 def _transition(name: str, help_text: str) -> None:
     @main.command(name, help=help_text)
     @click.argument("version", type=int)
     @pass_context
     def command(c: Context, version: int) -> None:
         def action() -> None:
-            key = getattr(c.registry(), name)(version)
+            with _known_version(version):
+                key = getattr(c.registry(), name)(version)
             c.emit(key.to_dict(), _key_line(key))
 
         _run(action)
@@ -433,7 +491,8 @@ def destroy(c: Context, version: int, columns: tuple[str, ...], force: bool) -> 
     """Erase VERSION's key for good, once no row needs it."""
 
     def action() -> None:
-        key = c.registry().destroy(version, force=force, columns=columns)
+        with _known_version(version):
+            key = c.registry().destroy(version, force=force, columns=columns)
         c.emit(key.to_dict(), _key_line(key))
 
     _run(action)
@@ -457,15 +516,15 @@ def rewrap(c: Context) -> None:
 
 
 @main.command()
-@click.argument("scope")
+@click.argument("tenant", metavar="SCOPE")
 @click.confirmation_option(prompt="Destroy every key of this scope? Its data becomes unreadable")
 @pass_context
-def shred(c: Context, scope: str) -> None:
+def shred(c: Context, tenant: str) -> None:
     """Crypto-shred SCOPE (a tenant): destroy all its keys; other scopes are untouched."""
 
     def action() -> None:
-        count = c.registry().shred(scope)
-        c.emit({"scope": scope, "destroyed": count}, f"destroyed {count} keys of scope {scope!r}")
+        count = c.registry().shred(tenant)
+        c.emit({"scope": tenant, "destroyed": count}, f"destroyed {count} keys of scope {tenant!r}")
 
     _run(action)
 
@@ -500,9 +559,12 @@ def backfill_index(c: Context, target: str, batch_size: int) -> None:
         if not module_name or not path:
             raise ConfigurationError("name the index as module:Class.attribute")
         sys.path.insert(0, "")
-        found: Any = importlib.import_module(module_name)
-        for part in path.split("."):
-            found = getattr(found, part)
+        try:
+            found: Any = importlib.import_module(module_name)
+            for part in path.split("."):
+                found = getattr(found, part)
+        except (ImportError, AttributeError) as error:
+            raise ConfigurationError(f"cannot find the index {target!r}: {error}") from None
         report = c.registry().backfill_index(found, batch_size=batch_size)
         c.emit(report.to_dict(), _report_text(report))
 
@@ -529,9 +591,13 @@ def alembic_init(directory: str, config_file: str) -> None:
     def action() -> None:
         from alembic import command
         from alembic.config import Config
+        from alembic.util import CommandError
 
         templates = _templates()
-        command.init(Config(config_file), directory, template=str(templates / "envelope"))
+        try:
+            command.init(Config(config_file), directory, template=str(templates / "envelope"))
+        except CommandError as error:
+            raise ConfigurationError(str(error)) from None
         first = Path(directory) / "versions" / "0001_data_keys.py"
         shutil.copyfile(templates / "data_keys_migration.py", first)
         click.echo(f"wrote {first}; set target_metadata in {Path(directory) / 'env.py'}")

@@ -7,9 +7,11 @@ material, seeds or plaintext, so they are safe to log.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy.exc import DontWrapMixin
+from sqlalchemy.exc import DontWrapMixin, StatementError
 
 __all__ = [
     "BlindIndexError",
@@ -28,9 +30,11 @@ __all__ = [
     "RootKeyAccessDeniedError",
     "RootKeyUnavailableError",
     "ShreddedScopeError",
+    "StatementFailedError",
     "UnknownKeyError",
     "ValuesLeftBehindError",
     "WrongRootKeyError",
+    "database_reason",
 ]
 
 
@@ -215,3 +219,50 @@ class ValuesLeftBehindError(EnvelopeError):
     def __init__(self, message: str, report: Any) -> None:
         self.report = report
         super().__init__(message)
+
+
+class StatementFailedError(EnvelopeError):
+    """The database refused a statement of a job (a re-encrypt, a decrypt in
+    place); the text names the table and the driver's reason, never the
+    statement's values. The job is resumable: run it again once fixed."""
+
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|`[^`]*`")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$.]*")
+
+
+def _values(params: Any) -> Iterator[str]:
+    if isinstance(params, dict):
+        params = list(params.values())
+    if isinstance(params, list | tuple):
+        for item in params:
+            yield from _values(item)
+    elif isinstance(params, str):
+        yield params
+    elif isinstance(params, bytes | bytearray | memoryview):
+        yield bytes(params).decode("utf-8", "replace")
+        yield repr(bytes(params))
+
+
+def database_reason(error: BaseException) -> str:
+    """The first line of a database error's text (the driver's own, for a
+    SQLAlchemy error), safe to print: no statement or parameters, and every
+    quoted literal masked unless it is an identifier that is none of the
+    statement's values (drivers quote the offending value, e.g. PostgreSQL's
+    ``invalid input syntax ...: "x"`` or MySQL's ``Incorrect string value``)."""
+    cause = error.orig if isinstance(error, StatementError) and error.orig else error
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    text = lines[0] if lines else type(cause).__name__
+    values = set(_values(error.params)) if isinstance(error, StatementError) else set()
+
+    def mask(match: re.Match[str]) -> str:
+        inner = match.group()[1:-1]
+        if _IDENTIFIER.fullmatch(inner) and inner not in values:
+            return match.group()
+        return match.group()[0] + "***" + match.group()[-1]
+
+    text = _QUOTED.sub(mask, text)
+    for value in sorted(values, key=len, reverse=True):
+        if len(value) >= 3:
+            text = text.replace(value, "***")
+    return f"{type(cause).__name__}: {text}"

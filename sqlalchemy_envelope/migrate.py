@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -34,10 +35,11 @@ from .census import EncryptedColumnRef, Target
 from .errors import (
     ConfigurationError,
     DecryptionError,
-    DestroyedKeyError,
-    KeyDisabledError,
+    EnvelopeError,
     NotCiphertextError,
+    StatementFailedError,
     UnknownKeyError,
+    database_reason,
 )
 
 if TYPE_CHECKING:
@@ -56,8 +58,10 @@ _REASONS = {
         "--encrypt-plaintext, or migrating=True)"
     ),
     "DecryptionError": (
-        "fails authentication: altered, written for another column, or legacy "
-        "plaintext that looks like ciphertext"
+        "fails authentication under a data key of this registry: written with other "
+        "column options (a context, bind_scope) than the job's, or altered; a job "
+        "by TABLE.COLUMN assumes the default options: run it with the application's "
+        "models (registry.reencrypt(Model.column))"
     ),
     "UnknownKeyError": (
         "names a data key that data_keys does not hold: another database's "
@@ -69,6 +73,10 @@ _REASONS = {
         "the database stored another value than the one written (a column too narrow for "
         "it, or one that changes text, such as CHAR dropping trailing spaces): the value "
         "was put back as it was; give the column a type that holds it, then run the job again"
+    ),
+    "NotText": (
+        "its plaintext is not text (not UTF-8, or holds NUL): the column holds another "
+        "type than strings, which cannot be written back in place; use a new column"
     ),
 }
 
@@ -257,6 +265,7 @@ class _TableJob:
     name: str
     primary_key: tuple[str, ...]
     refs: tuple[EncryptedColumnRef, ...]
+    limits: tuple[tuple[str, int, str], ...] = ()  # (column, length, type) the database enforces
 
     @property
     def columns(self) -> list[str]:
@@ -278,8 +287,27 @@ def _jobs(conn: Connection, refs: Sequence[EncryptedColumnRef]) -> list[_TableJo
             raise ConfigurationError(
                 f"table {name!r} has no primary key: the re-encrypt job pages by primary key"
             )
-        jobs.append(_TableJob(schema, name, pk, tuple(table_refs)))
+        jobs.append(_TableJob(schema, name, pk, tuple(table_refs), _limits(conn, table_refs)))
     return jobs
+
+
+def _limits(
+    conn: Connection, refs: Sequence[EncryptedColumnRef]
+) -> tuple[tuple[str, int, str], ...]:
+    """The reflected lengths of the job's columns, where the database enforces
+    them (SQLite does not): a value longer than its column is refused before
+    it is written, with what to do, not as a driver error."""
+    if conn.dialect.name == "sqlite":
+        return ()
+    schema, table = refs[0].schema, refs[0].table
+    reflected = {c["name"]: c["type"] for c in sa.inspect(conn).get_columns(table, schema=schema)}
+    limits = []
+    for ref in refs:
+        column_type = reflected.get(ref.column)
+        length = getattr(column_type, "length", None)
+        if isinstance(length, int):
+            limits.append((ref.column, length, str(column_type)))
+    return tuple(limits)
 
 
 HeaderFor = Callable[[EncryptedColumnRef], bytes | None]
@@ -311,6 +339,24 @@ def _pending(
 
 
 def _run_table(
+    registry: KeyRegistry,
+    job: _TableJob,
+    rewrite: Rewrite,
+    target: HeaderFor,
+    batch_size: int,
+    report: MigrationReport,
+    key_range: tuple[Any, Any] | None,
+    on_batch: Callable[[int], None],
+) -> None:
+    try:
+        _walk_table(registry, job, rewrite, target, batch_size, report, key_range, on_batch)
+    except sa.exc.StatementError as error:
+        raise StatementFailedError(
+            f"{job.name}: the database refused a statement: {database_reason(error)}"
+        ) from None
+
+
+def _walk_table(
     registry: KeyRegistry,
     job: _TableJob,
     rewrite: Rewrite,
@@ -383,6 +429,7 @@ def _apply(
             checked = any(w.change.checked for w in writes.values())
             groups.setdefault((tuple(writes), checked), {})[key] = writes
 
+    _check_fit(job, groups)
     sane_rowcount = conn.dialect.supports_sane_multi_rowcount
     for (columns, checked), written in groups.items():
         stmt = (
@@ -461,6 +508,20 @@ def _read_back(
     return {tuple(row[c] for c in job.primary_key): row for row in rows.mappings()}
 
 
+def _check_fit(job: _TableJob, groups: Mapping[Any, Written]) -> None:
+    """Refuse a batch holding a value longer than its column, before any write."""
+    for column, length, type_name in job.limits:
+        for written in groups.values():
+            for writes in written.values():
+                write = writes.get(column)
+                if write is not None and len(write.change.value) > length:
+                    raise ConfigurationError(
+                        f"{job.name}.{column}: the values to write do not fit its type "
+                        f"{type_name}: widen the column first (see 'Encrypting an existing "
+                        "plaintext column' in the README), then run the job again"
+                    )
+
+
 def _credit(writes: dict[str, _Write], report: MigrationReport) -> None:
     report.rows_updated += 1
     for write in writes.values():
@@ -518,10 +579,6 @@ def _legacy(old: Any) -> bytes:
     return old.encode("utf-8") if isinstance(old, str) else bytes(old)
 
 
-_THIS_REGISTRYS = (KeyDisabledError, DestroyedKeyError)
-"""Failures that prove a value is this registry's ciphertext: never taken as plaintext."""
-
-
 def _reencrypt_rewrite(
     registry: KeyRegistry,
     target: HeaderFor,
@@ -529,7 +586,18 @@ def _reencrypt_rewrite(
     scope: str,
     plaintext_rows: frozenset[tuple[str, tuple[str, ...]]],
 ) -> Rewrite:
-    keys: dict[bytes, tuple[str, int] | None] = {}  # header -> (scope, version), None: unknown
+    keys: dict[int, tuple[str, int] | None] = {}  # key id -> (scope, version), None: unknown
+
+    def known(header: bytes) -> tuple[str, int] | None:
+        """The scope and version of the data key a header names, of any state
+        and scope, or None when data_keys does not hold it."""
+        key_id = fmt.key_id_of(header)
+        if key_id not in keys:
+            try:
+                keys[key_id] = registry.key_scope_version(key_id)
+            except UnknownKeyError:
+                keys[key_id] = None
+        return keys[key_id]
 
     def seal(ref: EncryptedColumnRef, plaintext: bytes) -> bytes:
         if ref.deterministic:
@@ -538,12 +606,7 @@ def _reencrypt_rewrite(
         return registry.encrypt_bytes(plaintext, context, scope)
 
     def key_of(header: bytes) -> tuple[str, int]:
-        if header not in keys:
-            try:
-                keys[header] = registry.key_scope_version(fmt.key_id_of(header))
-            except UnknownKeyError:
-                keys[header] = None
-        found = keys[header]
+        found = known(header)
         if found is None:
             raise UnknownKeyError(fmt.key_id_of(header))
         return found
@@ -573,8 +636,10 @@ def _reencrypt_rewrite(
                     return None
             plaintext = _decrypt(registry, ref, ciphertext)
         except DecryptionError as error:
-            if listed and not isinstance(error, _THIS_REGISTRYS):
-                return as_plaintext(ref, old)  # the user says it is plaintext
+            if listed and known(header) is None:
+                # The user says it is plaintext, and it cannot be ours: a value
+                # under a key of data_keys (any state, any scope) never is.
+                return as_plaintext(ref, old)
             report.leave(ref.name, key, type(error).__name__, failure=True)
             return None
         new = seal(ref, plaintext)
@@ -583,6 +648,21 @@ def _reencrypt_rewrite(
         return _Change(_stored(ref, new), "moved", version)
 
     return rewrite
+
+
+def _check_decryptable(refs: Sequence[EncryptedColumnRef]) -> None:
+    """Decrypting in place writes strings to text storage and bytes to binary
+    storage: a column whose known type holds anything else is refused."""
+    for ref in refs:
+        if ref.value_kind is None or ref.value_kind == "text":
+            continue
+        if ref.value_kind == "binary" and ref.storage == "binary":
+            continue
+        raise ConfigurationError(
+            f"{ref.name}: decrypt in place writes strings to text storage and bytes to "
+            "binary storage; this column's type holds neither, so its values would be "
+            "written in an internal encoding: move it to a new plain column instead"
+        )
 
 
 def _decrypt_rewrite(registry: KeyRegistry) -> Rewrite:
@@ -597,9 +677,16 @@ def _decrypt_rewrite(registry: KeyRegistry) -> Rewrite:
         except DecryptionError as error:
             report.leave(ref.name, key, type(error).__name__, failure=True)
             return None
-        return _Change(
-            plaintext.decode("utf-8") if ref.storage == "text" else plaintext, "decrypted"
-        )
+        if ref.storage == "binary":
+            return _Change(plaintext, "decrypted")
+        try:
+            text = plaintext.decode("utf-8")
+        except UnicodeDecodeError:
+            text = "\x00"
+        if "\x00" in text:  # another type's encoding (by name, the type is unknown)
+            report.leave(ref.name, key, "NotText", failure=True)
+            return None
+        return _Change(text, "decrypted")
 
     return rewrite
 
@@ -698,13 +785,42 @@ def _worker(
     registry.engine.dispose(close=False)  # a forked child opens its own connections
     registry._keys.after_fork()
     report = MigrationReport()
+    parent = os.getppid()
 
     def count(n: int) -> None:
         with done.get_lock():
             done.value += n
+        if os.getppid() != parent:
+            os._exit(1)  # the job's process died: stop after a committed batch
 
-    _run_table(registry, job, rewrite, target, batch_size, report, key_range, count)
+    try:
+        _run_table(registry, job, rewrite, target, batch_size, report, key_range, count)
+    except Exception as error:
+        # Reported to the parent, never printed here; only a library error's
+        # text is safe to pass on (it never holds a value). sys.exit lets the
+        # queue flush, and exits without a traceback.
+        text = str(error) if isinstance(error, EnvelopeError) else ""
+        results.put(_Failure(type(error).__name__, text))
+        sys.exit(1)
     results.put(report)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """Why a worker stopped: an error's type name, and its text if safe."""
+
+    kind: str
+    text: str
+
+    def error(self) -> EnvelopeError:
+        if self.kind == ConfigurationError.__name__:
+            return ConfigurationError(self.text)
+        if self.kind == StatementFailedError.__name__:
+            return StatementFailedError(self.text)
+        return EnvelopeError(
+            f"a re-encrypt worker failed ({self.kind}{': ' + self.text if self.text else ''}); "
+            "run the job again to finish"
+        )
 
 
 def run(
@@ -735,6 +851,7 @@ def run(
     if decrypt:
         if plaintext_rows:
             raise ConfigurationError("plaintext_rows is for encrypting, not decrypt_in_place")
+        _check_decryptable(refs)
         rewrite = _decrypt_rewrite(registry)
     else:
         named = _named_rows(jobs, plaintext_rows or {})
@@ -818,7 +935,7 @@ def _run_parallel(
     for proc in procs:
         proc.start()
     reported = 0
-    collected: list[MigrationReport] = []
+    collected: list[MigrationReport | _Failure] = []
     while len(collected) < len(procs):
         try:
             collected.append(results.get(timeout=0.2))
@@ -829,8 +946,12 @@ def _run_parallel(
         reported = done.value
     for proc in procs:
         proc.join()
+    for part in collected:
+        if isinstance(part, _Failure):
+            raise part.error()
     failed = [p.exitcode for p in procs if p.exitcode != 0]
     if failed:
-        raise RuntimeError(f"{len(failed)} re-encrypt workers failed; run the job again to finish")
+        raise EnvelopeError(f"{len(failed)} re-encrypt workers failed; run the job again to finish")
     for part in collected:
+        assert isinstance(part, MigrationReport)
         report.merge(part)

@@ -422,6 +422,10 @@ class KeyRegistry:
             self._prove_root_key(conn)
             now = self._now()
             count = 0
+            if not storage.all_keys(conn, self.table, scope):
+                raise ConfigurationError(
+                    f"scope {scope!r} has no keys: nothing to shred (check the scope's name)"
+                )
             for name in scopes:
                 for row in storage.all_keys(conn, self.table, name):
                     if row.state is not KeyState.DESTROYED:

@@ -263,3 +263,61 @@ def test_cli_census_maintenance_and_destroy_count_every_table(db_url: str, tmp_p
                 conn.exec_driver_sql(f"DROP SCHEMA {other} CASCADE")
         registry.close()
         engine.dispose()
+
+
+def test_bad_usage_is_one_line_and_exit_2(db_url: str, tmp_path: Path) -> None:
+    """Async URLs, driver options the driver refuses, a column that cannot
+    hold ciphertext, an index or a key version that does not exist, an
+    existing migrations folder, a scope with no keys: one line, exit 2."""
+    cli = Cli(db_url, tmp_path)
+    cli("init")
+    cli("--scope", "acme", "init")
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE p (id INTEGER PRIMARY KEY, n INTEGER)"))
+        conn.execute(sa.text("INSERT INTO p (id, n) VALUES (1, 42)"))
+    engine.dispose()
+    (tmp_path / "migrations").mkdir()
+    (tmp_path / "migrations" / "env.py").write_text("# mine\n")
+    password = "s3cret-Pa55word"
+    url = sa.make_url(db_url)
+    async_url = url.set(
+        drivername="sqlite+aiosqlite" if url.drivername == "sqlite" else "postgresql+asyncpg"
+    )
+    runs = [
+        ("status", "--url", async_url.render_as_string(hide_password=False)),
+        ("status", "--url", f"mysql+pymysql://app:{password}@127.0.0.1:1/app?charset=bogus"),
+        ("status", "--url", f"mysql+pymysql://app:{password}@127.0.0.1:1/app?nosuch=1"),
+        ("reencrypt", "p.n"),
+        ("census", "p.n"),
+        ("backfill-index", "nosuch_module:X.y"),
+        ("backfill-index", "json:X.y"),
+        ("alembic-init", str(tmp_path / "migrations")),
+        ("shred", "nosuch", "--yes"),
+        ("retire", "99"),
+        ("disable", "99"),
+        ("destroy", "99"),
+    ]
+    lines = []
+    for args in runs:
+        for _ in range(2):
+            cli(*args, code=2)
+            (line,) = cli.outputs[-1].splitlines()
+            assert line.startswith("configuration error: "), (args, line)
+            assert password not in line
+        lines.append(line)
+    assert "async driver" in lines[0] and "nosuch" in lines[8] and "p.n" in lines[3]
+    assert (tmp_path / "migrations" / "env.py").read_text() == "# mine\n"
+
+    shredded = cli.json("shred", "acme", "--yes")
+    assert shredded == {"scope": "acme", "destroyed": 2}  # its data key and its index key
+    assert "Warning" not in cli.outputs[-1]  # no click warning about the argument's name
+    result = subprocess.run(
+        [sys.executable, "-m", "sqlalchemy_envelope", "decrypt-in-place", "p.id", "--json"],
+        env=cli.env,
+        input="n\n",
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.stdout == "" and "plaintext?" in result.stderr and result.returncode == 1

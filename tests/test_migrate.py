@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -540,5 +541,54 @@ def test_a_column_too_long_for_utf8mb4_is_refused_before_decrypting(
     assert column_storage(engine, "memoirs", "body") == before
     with engine.connect() as conn:
         assert conn.execute(sa.select(long_text.c.body)).scalar_one() == "Zoë " * 900
+    registry.close()
+    engine.dispose()
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie no one reaped has stopped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_workers_stop_when_the_job_is_killed(pg_url: str, tmp_path: Path) -> None:
+    """kill -9 of `reencrypt --workers 2` stops its workers too (after the
+    batch at hand); the job stays resumable."""
+    root = base64.b64encode(os.urandom(32)).decode()
+    engine = sa.create_engine(pg_url)
+    registry = KeyRegistry.from_env(engine, environ={"ENVELOPE_ROOT_KEY": root})
+    registry.init()
+    Base.metadata.create_all(engine)
+    rows = 4000
+    with engine.begin() as conn:
+        conn.execute(
+            sa.insert(Member),
+            [{"region": "eu", "number": i, "name": f"n {i}"} for i in range(rows)],
+        )
+    registry.rotate()
+
+    def moved() -> int:
+        (name, _) = registry.census(Member)
+        return sum(k.rows for k in name.keys if k.version == 2)
+
+    env = {"PATH": os.environ.get("PATH", ""), "DATABASE_URL": pg_url, "ENVELOPE_ROOT_KEY": root}
+    command = [sys.executable, "-m", "sqlalchemy_envelope", "reencrypt", "members.name"]
+    job = subprocess.Popen(
+        [*command, "--workers", "2", "--batch-size", "1"], env=env, stdout=subprocess.DEVNULL
+    )
+    while moved() < 20 and job.poll() is None:
+        time.sleep(0.01)
+    workers = [int(p) for p in Path(f"/proc/{job.pid}/task/{job.pid}/children").read_text().split()]
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    assert len(workers) == 2
+    while any(_alive(pid) for pid in workers):
+        time.sleep(0.05)
+    assert 0 < moved() < rows  # the workers stopped with the job
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+    assert moved() == rows
     registry.close()
     engine.dispose()

@@ -61,6 +61,13 @@ class Seat(Base):
     holder: Mapped[str | None] = mapped_column(EncryptedType(sa.String(40)))
 
 
+class Record(Base):
+    __tablename__ = "records"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    body: Mapped[str | None] = mapped_column(EncryptedType(sa.String(40), bind_scope=True))
+    mail: Mapped[str | None] = mapped_column(EncryptedType(sa.String(40), context="old_users.mail"))
+
+
 def _lookalike(first: int = 1, size: int = 41) -> bytes:
     """Legacy bytes that parse as ciphertext: the format byte, then random
     bytes (about 1 in 128 random binary values look like this)."""
@@ -218,6 +225,58 @@ def test_named_rows_by_composite_key_never_overwrite_this_registrys_ciphertext(
         for _ in range(2):
             holders = dict(session.execute(sa.select(Seat.number, Seat.holder)).all())
             assert holders == {1: "Ada", 2: lookalike.decode()}
+
+
+def test_named_rows_under_a_known_key_are_never_taken_as_plaintext(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A job by name reflects the default options, so values of a bind_scope
+    or context column fail authentication; naming their rows as plaintext
+    must not encrypt the ciphertext again (the value would be lost)."""
+    cli = Cli(db_url, tmp_path)
+    cli("init")
+    engine = sa.create_engine(db_url)
+    registry = KeyRegistry.from_env(engine, environ={"ENVELOPE_ROOT_KEY": ROOT})
+    Base.metadata.create_all(engine, tables=[Record.__table__])
+    with sqlalchemy_envelope.scope("acme"), Session(engine) as session:
+        session.add_all([Record(id=1, body="Ada", mail="ada@example.org"), Record(id=2)])
+        session.commit()
+    raw = _raw(engine, "records")
+    before = {c: _stored(engine, raw, c) for c in ("body", "mail")}
+    registry.rotate("acme")
+
+    listed = {"records.body": [1], "records.mail": [1]}
+    for _ in range(2):
+        report = registry.reencrypt(
+            "records.body", "records.mail", scope="acme", plaintext_rows=listed
+        )
+        assert report.plaintext_encrypted == 0 and report.failures == {"DecryptionError": 2}
+        assert {c: _stored(engine, raw, c) for c in ("body", "mail")} == before
+    text = cli(
+        "--scope",
+        "acme",
+        "reencrypt",
+        "records.body",
+        "records.mail",
+        "--plaintext-row",
+        "records.body=1",
+        "--plaintext-row",
+        "records.mail=1",
+        code=4,
+    )
+    assert "records.body=1: DecryptionError" in text and "records.mail=1: DecryptionError" in text
+    assert "run again with --plaintext-row" not in text and "models" in text
+    assert {c: _stored(engine, raw, c) for c in ("body", "mail")} == before
+
+    moved = registry.reencrypt(Record, scope="acme")  # with the models: their options
+    assert moved.values_by_version == {1: 2} and moved.left_behind == 0
+    with sqlalchemy_envelope.scope("acme"), Session(engine) as session:
+        for _ in range(2):
+            rows = session.execute(sa.select(Record.body, Record.mail).where(Record.id == 1))
+            assert rows.one() == ("Ada", "ada@example.org")
+            session.expire_all()
+    registry.close()
+    engine.dispose()
 
 
 def test_unknown_keys_are_left_behind_and_other_scopes_counted_apart(
@@ -430,3 +489,117 @@ def test_cli_reports_rows_left_behind_and_takes_named_rows(db_url: str, tmp_path
     }
     engine.dispose()
     assert ROOT not in "\n".join(cli.outputs)
+
+
+def test_cli_database_errors_are_one_line_without_values(db_url: str, tmp_path: Path) -> None:
+    """A statement the database refuses is one line naming the command and the
+    driver's reason, exit 6, never a traceback with the statement's values; a
+    value longer than its (unwidened) column is refused before any write."""
+    cli = Cli(db_url, tmp_path)
+    cli("init")
+    secret = "carol@secret.example"
+    engine = sa.create_engine(db_url)
+    metadata = sa.MetaData()
+    checked = sa.Table(  # ciphertext has no '@': encrypting breaks the check
+        "checked",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("email", sa.String(400)),
+        sa.CheckConstraint("email LIKE '%@%'", name="checked_email"),
+    )
+    sealed = sa.Table(  # plaintext has an '@': decrypting breaks the check
+        "sealed",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("email", EncryptedType(sa.String(50), storage="text")),
+        sa.CheckConstraint("email NOT LIKE '%@%'", name="sealed_email"),
+    )
+    notwide = sa.Table(
+        "notwide",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("email", sa.String(50)),
+    )
+    metadata.create_all(engine)
+    registry = KeyRegistry.from_env(engine, environ={"ENVELOPE_ROOT_KEY": ROOT})
+    with engine.begin() as conn:
+        for table in (checked, sealed, notwide):
+            conn.execute(table.insert(), [{"id": i, "email": secret} for i in range(1, 5)])
+    before = {t.name: _stored(engine, t, "email") for t in (checked, sealed, notwide)}
+
+    def failing(*args: str, code: int) -> str:
+        cli(*args, code=code)
+        (line,) = cli.outputs[-1].splitlines()
+        assert cli.outputs[-2] == "" and "Traceback" not in line
+        return line
+
+    for workers in ("1", "2"):
+        for _ in range(2):
+            line = failing(
+                "reencrypt", "checked.email", "--encrypt-plaintext", "--workers", workers, code=6
+            )
+            assert line.startswith("error: reencrypt: checked: the database refused a statement")
+    assert "CHECK" in line.upper() or "constraint" in line
+    line = failing("decrypt-in-place", "sealed.email", "--yes", code=6)
+    assert line.startswith("error: decrypt-in-place: sealed: the database refused a statement")
+
+    for workers in ("1", "2"):
+        if engine.dialect.name == "sqlite":  # SQLite does not enforce VARCHAR lengths
+            break
+        line = failing(
+            "reencrypt", "notwide.email", "--encrypt-plaintext", "--workers", workers, code=2
+        )
+        assert "notwide.email" in line and "widen the column first" in line
+    assert {t.name: _stored(engine, t, "email") for t in (checked, sealed, notwide)} == before
+    everything = "\n".join(cli.outputs)
+    assert secret not in everything and "secret.example" not in everything
+    registry.close()
+    engine.dispose()
+
+
+class Counter(Base):
+    __tablename__ = "counters"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    as_text: Mapped[int | None] = mapped_column(EncryptedType(sa.Integer, storage="text"))
+    as_bytes: Mapped[int | None] = mapped_column(EncryptedType(sa.Integer))
+
+
+def test_decrypt_in_place_refuses_values_that_are_not_strings_or_bytes(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Decrypt in place writes strings (text storage) and bytes (binary
+    storage): a model's non-string column is refused by name, and by name
+    (type unknown) a text value that is not UTF-8 text without NUL is left
+    behind, never written in an internal encoding."""
+    cli = Cli(db_url, tmp_path)
+    cli("init")
+    engine = sa.create_engine(db_url)
+    registry = KeyRegistry.from_env(engine, environ={"ENVELOPE_ROOT_KEY": ROOT})
+    Base.metadata.create_all(engine, tables=[Counter.__table__])
+    with Session(engine) as session:
+        session.add_all([Counter(id=1, as_text=65, as_bytes=65), Counter(id=2, as_text=-7)])
+        session.commit()
+    raw = _raw(engine, "counters")
+    before = {c: _stored(engine, raw, c) for c in ("as_text", "as_bytes")}
+    for target in (Counter, Counter.as_text, Counter.as_bytes):
+        with pytest.raises(ConfigurationError, match=r"counters\.as_(text|bytes)"):
+            registry.decrypt_in_place(target)
+    for _ in range(2):
+        report = registry.decrypt_in_place("counters.as_text")
+        assert report.values_decrypted == 0 and report.failures == {"NotText": 2}
+        assert report.left_rows == [
+            LeftRow("counters.as_text", (1,), "NotText"),
+            LeftRow("counters.as_text", (2,), "NotText"),
+        ]
+    text = cli("decrypt-in-place", "counters.as_text", "--yes", code=4)
+    assert "counters.as_text=1: NotText" in text
+    assert {c: _stored(engine, raw, c) for c in ("as_text", "as_bytes")} == before
+    with Session(engine) as session:
+        for _ in range(2):
+            assert session.scalars(sa.select(Counter.as_text).order_by(Counter.id)).all() == [
+                65,
+                -7,
+            ]
+            session.expire_all()
+    registry.close()
+    engine.dispose()
