@@ -346,13 +346,12 @@ def test_text_in_any_script_in_place_and_back_without_strict_mode(
     _text_in_place_and_back(non_strict_mariadb_url, tmp_path, non_strict=True)
 
 
-def test_a_value_the_column_cannot_hold_is_put_back_and_named(
+def test_a_value_the_column_cannot_hold_is_refused_before_writing(
     non_strict_mariadb_url: str,
 ) -> None:
     """Without strict mode the server cuts a value too long for its column
-    with only a warning: the job reads back what it wrote, puts the legacy
-    value back and names the row, rather than report a cut ciphertext as
-    done."""
+    with only a warning: the job refuses, before writing anything, values
+    longer than the column it reflected, rather than leave a cut ciphertext."""
     engine = sa.create_engine(non_strict_mariadb_url)
     registry = KeyRegistry(
         engine, StaticRootKey(base64.b64decode(ROOT)), allow_non_strict_mysql=True
@@ -368,12 +367,9 @@ def test_a_value_the_column_cannot_hold_is_put_back_and_named(
     with engine.begin() as conn:
         conn.execute(plain.insert(), [{"id": k, "name": v} for k, v in NAMES.items()])
 
-    report = registry.reencrypt(Author.name, batch_size=2)
-    assert report.plaintext_encrypted == 0 and report.rows_updated == 0
-    assert report.left_behind == 5 and report.failures == {"NotStoredExactly": 5}
-    assert report.left_rows == [
-        LeftRow("authors.name", (k,), "NotStoredExactly") for k in range(1, 6)
-    ]
+    for _ in range(2):
+        with pytest.raises(ConfigurationError, match=r"authors\.name: .* widen the column first"):
+            registry.reencrypt(Author.name, batch_size=2)
     assert _stored_names(engine) == NAMES
     assert column_storage(engine, "authors", "name") == type_storage(engine, sa.String(50))
     registry.close()
