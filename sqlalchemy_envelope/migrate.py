@@ -348,44 +348,32 @@ def _run_table(
     key_range: tuple[Any, Any] | None,
     on_batch: Callable[[int], None],
 ) -> None:
-    try:
-        _walk_table(registry, job, rewrite, target, batch_size, report, key_range, on_batch)
-    except sa.exc.StatementError as error:
-        raise StatementFailedError(
-            f"{job.name}: the database refused a statement: {database_reason(error)}"
-        ) from None
-
-
-def _walk_table(
-    registry: KeyRegistry,
-    job: _TableJob,
-    rewrite: Rewrite,
-    target: HeaderFor,
-    batch_size: int,
-    report: MigrationReport,
-    key_range: tuple[Any, Any] | None,
-    on_batch: Callable[[int], None],
-) -> None:
     table = job.table()
     pk = [table.c[c] for c in job.primary_key]
     last: tuple[Any, ...] | None = None
     while True:
-        with registry._begin() as conn:
-            stmt = sa.select(table).where(_pending(table, job.refs, target))
-            if key_range is not None:
-                low, high = key_range
-                if low is not None:
-                    stmt = stmt.where(pk[0] > low)
-                if high is not None:
-                    stmt = stmt.where(pk[0] <= high)
-            if last is not None:
-                stmt = stmt.where(sa.tuple_(*pk) > sa.tuple_(*last))
-            rows = conn.execute(stmt.order_by(*pk).limit(batch_size)).all()
-            if not rows:
-                return
-            last = tuple(rows[-1][: len(pk)])
-            report.rows_scanned += len(rows)
-            _apply(conn, table, job, rows, rewrite, report)
+        try:
+            with registry._begin() as conn:
+                stmt = sa.select(table).where(_pending(table, job.refs, target))
+                if key_range is not None:
+                    low, high = key_range
+                    if low is not None:
+                        stmt = stmt.where(pk[0] > low)
+                    if high is not None:
+                        stmt = stmt.where(pk[0] <= high)
+                if last is not None:
+                    stmt = stmt.where(sa.tuple_(*pk) > sa.tuple_(*last))
+                rows = conn.execute(stmt.order_by(*pk).limit(batch_size)).all()
+                if not rows:
+                    return
+                last = tuple(rows[-1][: len(pk)])
+                report.rows_scanned += len(rows)
+                _apply(conn, table, job, rows, rewrite, report)
+        except sa.exc.StatementError as error:
+            # SQLAlchemy's text lists the statement's values: name the reason only.
+            raise StatementFailedError(
+                f"{job.name}: the database refused a statement: {database_reason(error)}"
+            ) from None
         on_batch(len(rows))
 
 
