@@ -6,10 +6,6 @@ column values. See the README for the quickstart and the key lifecycle.
 """
 
 from .async_registry import AsyncKeyRegistry
-from .aws_kms import AWSKMSRootKey
-from .binding import EXECUTION_OPTION, SCOPE_OPTION, scope, session_scope, set_session_scope
-from .blind_index import NORMALIZERS, BlindDigest, BlindIndex, blind_index, blind_index_column
-from .census import ColumnCensus, KeyRows
 from .errors import (
     BlindIndexError,
     ConfigurationError,
@@ -32,19 +28,23 @@ from .errors import (
     ValuesLeftBehindError,
     WrongRootKeyError,
 )
-from .migrate import LeftRow, MigrationReport
-from .policy import DEFAULT_MAX_ENCRYPTIONS, RotationPolicy
-from .registry import DEFAULT_SCOPE, KeyRegistry
-from .rootkey import (
+from .keys.aws_kms import AWSKMSRootKey
+from .keys.policy import DEFAULT_MAX_ENCRYPTIONS, RotationPolicy
+from .keys.rootkey import (
     CheckableRootKey,
     PBKDF2RootKey,
     RootKeyProvider,
     StaticRootKey,
     root_key_from_env,
 )
-from .status import KeyInfo, MaintenanceReport, RegistryStatus
-from .storage import KeyState, data_keys_table
-from .types import EncryptedType
+from .keys.storage import KeyState, data_keys_table
+from .ops.census import ColumnCensus, KeyRows
+from .ops.migrate import LeftRow, MigrationReport
+from .ops.status import KeyInfo, MaintenanceReport, RegistryStatus
+from .registry import DEFAULT_SCOPE, KeyRegistry
+from .sqla.binding import EXECUTION_OPTION, SCOPE_OPTION, scope, session_scope, set_session_scope
+from .sqla.blind_index import NORMALIZERS, BlindDigest, BlindIndex, blind_index, blind_index_column
+from .sqla.types import EncryptedType
 
 __all__ = [
     "DEFAULT_MAX_ENCRYPTIONS",

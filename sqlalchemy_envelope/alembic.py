@@ -39,13 +39,14 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.types import TypeEngine
 
-from . import binding, census
-from .blind_index import BlindIndex
 from .errors import ConfigurationError, ValuesLeftBehindError
-from .migrate import MigrationReport
+from .keys.storage import DEFAULT_TABLE_NAME, MYSQL_DIALECTS, data_keys_schema
+from .ops import census
+from .ops.migrate import MigrationReport
 from .registry import KeyRegistry
-from .storage import DEFAULT_TABLE_NAME, MYSQL_DIALECTS, data_keys_schema
-from .types import EncryptedType
+from .sqla import binding
+from .sqla.blind_index import BlindIndex
+from .sqla.types import EncryptedType
 
 __all__ = [
     "PROTECTED_TABLES",

@@ -17,17 +17,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.util.concurrency import greenlet_spawn
 
-from . import strict_mode
 from .errors import ConfigurationError
+from .keys.rootkey import RootKeyProvider, root_key_from_env
 from .registry import KeyRegistry
-from .rootkey import RootKeyProvider, root_key_from_env
+from .sqla import strict_mode
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-    from .census import ColumnCensus, Target
-    from .migrate import MigrationReport
-    from .status import KeyInfo, MaintenanceReport, RegistryStatus
+    from .ops.census import ColumnCensus, Target
+    from .ops.migrate import MigrationReport
+    from .ops.status import KeyInfo, MaintenanceReport, RegistryStatus
 
 __all__ = ["AsyncKeyRegistry"]
 

@@ -37,7 +37,6 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 
 import sqlalchemy as sa
 
-from .census import ColumnCensus
 from .errors import (
     ConfigurationError,
     EnvelopeError,
@@ -47,10 +46,11 @@ from .errors import (
     UnknownKeyError,
     database_reason,
 )
-from .migrate import MigrationReport
+from .keys.rootkey import root_key_from_env
+from .ops.census import ColumnCensus
+from .ops.migrate import MigrationReport
+from .ops.status import KeyInfo, RegistryStatus
 from .registry import DEFAULT_SCOPE, KeyRegistry
-from .rootkey import root_key_from_env
-from .status import KeyInfo, RegistryStatus
 
 __all__ = ["main"]
 

@@ -29,11 +29,16 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.util.concurrency import in_greenlet
 
-from . import binding, census, lifecycle, migrate, storage, strict_mode, transactions
-from . import format as fmt
-from .cache import DataKey, KeyCache
-from .census import ColumnCensus, Target
-from .connections import KeyConnections
+from .crypto import format as fmt
+from .crypto.primitives import (
+    AESGCM,
+    AESSIV,
+    NONCE_BYTES,
+    InvalidTag,
+    hkdf_sha256,
+    hmac_sha256,
+    new_data_key,
+)
 from .errors import (
     ConfigurationError,
     DecryptionError,
@@ -50,19 +55,16 @@ from .errors import (
     UnknownKeyError,
     WrongRootKeyError,
 )
-from .policy import DEFAULT_MAX_ENCRYPTIONS, RotationPolicy
-from .primitives import (
-    AESGCM,
-    AESSIV,
-    NONCE_BYTES,
-    InvalidTag,
-    hkdf_sha256,
-    hmac_sha256,
-    new_data_key,
-)
-from .rootkey import CheckableRootKey, RootKeyProvider, root_key_from_env
-from .status import KeyInfo, MaintenanceReport, RegistryStatus
-from .storage import KeyRow, KeyState
+from .keys import lifecycle, storage, transactions
+from .keys.cache import DataKey, KeyCache
+from .keys.connections import KeyConnections
+from .keys.policy import DEFAULT_MAX_ENCRYPTIONS, RotationPolicy
+from .keys.rootkey import CheckableRootKey, RootKeyProvider, root_key_from_env
+from .keys.storage import KeyRow, KeyState
+from .ops import census, migrate
+from .ops.census import ColumnCensus, Target
+from .ops.status import KeyInfo, MaintenanceReport, RegistryStatus
+from .sqla import binding, strict_mode
 
 __all__ = ["DEFAULT_SCOPE", "KeyRegistry"]
 
@@ -678,7 +680,7 @@ class KeyRegistry:
         """Fill a blind index column for existing rows (resumable, batched,
         compare-and-swap); to re-key or re-normalize an index, add a second
         index column, backfill it, switch lookups to it, then drop the first."""
-        from .blind_index import backfill
+        from .sqla.blind_index import backfill
 
         report: migrate.MigrationReport = backfill(self, target, batch_size=batch_size)
         return report

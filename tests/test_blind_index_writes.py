@@ -26,7 +26,7 @@ from sqlalchemy_envelope import (
     blind_index,
     blind_index_column,
 )
-from sqlalchemy_envelope.storage import MYSQL_DIALECTS
+from sqlalchemy_envelope.keys.storage import MYSQL_DIALECTS
 
 
 class Base(DeclarativeBase):

@@ -17,7 +17,7 @@ from sqlalchemy_envelope import (
     KeyRegistry,
     StaticRootKey,
 )
-from sqlalchemy_envelope import format as fmt
+from sqlalchemy_envelope.crypto import format as fmt
 
 
 class Base(DeclarativeBase):

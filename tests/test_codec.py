@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sqlalchemy_envelope import EncryptedType, InvalidValueError, KeyRegistry, StaticRootKey
-from sqlalchemy_envelope import format as fmt
-from sqlalchemy_envelope.codec import Codec, codec_for
+from sqlalchemy_envelope.crypto import format as fmt
+from sqlalchemy_envelope.sqla.codec import Codec, codec_for
 
 SETTINGS = settings(
     max_examples=40,

@@ -26,7 +26,7 @@ from sqlalchemy_envelope import (
     KeyRegistry,
     blind_index,
 )
-from sqlalchemy_envelope.storage import MYSQL_DIALECTS
+from sqlalchemy_envelope.keys.storage import MYSQL_DIALECTS
 
 
 class Base(DeclarativeBase):

@@ -21,10 +21,10 @@ from sqlalchemy_envelope import (
     NotCiphertextError,
     StaticRootKey,
     UnknownKeyError,
-    storage,
 )
-from sqlalchemy_envelope import format as fmt
 from sqlalchemy_envelope import registry as registry_module
+from sqlalchemy_envelope.crypto import format as fmt
+from sqlalchemy_envelope.keys import storage
 
 FORMAT_MD = Path(__file__).resolve().parent.parent / "FORMAT.md"
 

@@ -26,7 +26,7 @@ from sqlalchemy_envelope import (
     NotCiphertextError,
     StaticRootKey,
 )
-from sqlalchemy_envelope import format as fmt
+from sqlalchemy_envelope.crypto import format as fmt
 
 SETTINGS = settings(
     max_examples=60,

@@ -32,7 +32,7 @@ from sqlalchemy_envelope import (
     WrongRootKeyError,
     session_scope,
 )
-from sqlalchemy_envelope import format as fmt
+from sqlalchemy_envelope.crypto import format as fmt
 
 
 def _secrets_table() -> sa.Table:

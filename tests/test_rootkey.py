@@ -20,7 +20,7 @@ from sqlalchemy_envelope import (
     StaticRootKey,
     root_key_from_env,
 )
-from sqlalchemy_envelope import rootkey as rootkey_module
+from sqlalchemy_envelope.keys import rootkey as rootkey_module
 
 
 def test_pbkdf2_defaults_and_validation() -> None:

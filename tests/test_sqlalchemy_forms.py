@@ -29,7 +29,7 @@ from sqlalchemy.orm import (
 )
 
 from sqlalchemy_envelope import EncryptedExpressionError, EncryptedType, KeyRegistry, blind_index
-from sqlalchemy_envelope import format as fmt
+from sqlalchemy_envelope.crypto import format as fmt
 
 
 class Base(DeclarativeBase):

@@ -10,8 +10,9 @@ import pytest
 import sqlalchemy as sa
 from conftest import stored_bytes
 
-from sqlalchemy_envelope import KeyRegistry, StaticRootKey, WrongRootKeyError, storage
+from sqlalchemy_envelope import KeyRegistry, StaticRootKey, WrongRootKeyError
 from sqlalchemy_envelope import registry as registry_module
+from sqlalchemy_envelope.keys import storage
 
 
 def _insert(conn: sa.Connection, table: sa.Table, **overrides: object) -> None:

@@ -26,7 +26,7 @@ from sqlalchemy_envelope import (
     session_scope,
     set_session_scope,
 )
-from sqlalchemy_envelope import format as fmt
+from sqlalchemy_envelope.crypto import format as fmt
 
 
 class Base(DeclarativeBase):

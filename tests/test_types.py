@@ -31,7 +31,7 @@ from sqlalchemy_envelope import (
     KeyRegistry,
     NotCiphertextError,
 )
-from sqlalchemy_envelope.format import OVERHEAD, text_length
+from sqlalchemy_envelope.crypto.format import OVERHEAD, text_length
 
 
 class Mood(enum.Enum):

@@ -50,15 +50,15 @@ from sqlalchemy.sql.selectable import Alias
 from sqlalchemy.types import TypeDecorator
 from sqlalchemy.util import immutabledict
 
-from . import binding
-from .errors import (
+from ..crypto.primitives import hmac_sha256
+from ..errors import (
     BlindIndexError,
     ConfigurationError,
     EncryptedComparisonError,
     InvalidValueError,
 )
+from . import binding
 from .expressions import EnvelopeColumnType, Kind, _extend, check_written, is_value
-from .primitives import hmac_sha256
 
 __all__ = ["NORMALIZERS", "BlindDigest", "BlindIndex", "blind_index", "blind_index_column"]
 
@@ -1102,7 +1102,7 @@ def backfill(registry: Any, target: Any, *, batch_size: int = 1000) -> Any:
     keyset batches, one transaction each, compare-and-swap updates (a row the
     application changed meanwhile keeps the index its own write computed),
     resumable after a crash because done rows are never selected again."""
-    from .migrate import MigrationReport
+    from ..ops.migrate import MigrationReport
 
     index, sources = _index_and_sources(target)
     index_type = index.type

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
 
 __all__ = ["DEFAULT_MAX_ENCRYPTIONS", "RotationPolicy"]
 

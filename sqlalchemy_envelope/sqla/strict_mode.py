@@ -17,8 +17,8 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
-from .errors import ConfigurationError
-from .storage import MYSQL_DIALECTS
+from ..errors import ConfigurationError
+from ..keys.storage import MYSQL_DIALECTS
 
 __all__ = ["ALLOW_VARIABLE", "allowed_by", "check_connection", "require_strict_mode"]
 

@@ -19,8 +19,8 @@ from collections.abc import Mapping
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from .errors import ConfigurationError
-from .storage import MYSQL_DIALECTS
+from ..errors import ConfigurationError
+from ..keys.storage import MYSQL_DIALECTS
 
 __all__ = ["ANY_TEXT", "ASCII", "give_charset"]
 

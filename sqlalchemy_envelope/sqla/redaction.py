@@ -33,7 +33,7 @@ from sqlalchemy.log import InstanceLogger
 from sqlalchemy.sql.compiler import Compiled, SQLCompiler
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-from .connections import INTERNAL_OPTION
+from ..keys.connections import INTERNAL_OPTION
 from .expressions import EnvelopeColumnType
 
 __all__ = ["redact_errors", "redact_rows"]

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from ..keys.storage import KeyRow, KeyState
 from .census import ColumnCensus
-from .storage import KeyRow, KeyState
 
 __all__ = ["KeyInfo", "MaintenanceReport", "RegistryStatus"]
 

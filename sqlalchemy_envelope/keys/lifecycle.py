@@ -16,7 +16,7 @@ nothing, so scripts can be re-run.
 
 from __future__ import annotations
 
-from .errors import KeyStateError
+from ..errors import KeyStateError
 from .storage import KeyState
 
 __all__ = ["ACTIONS", "target_state"]

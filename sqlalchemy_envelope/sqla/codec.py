@@ -24,7 +24,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.types import TypeEngine
 
-from .errors import ConfigurationError, InvalidValueError
+from ..errors import ConfigurationError, InvalidValueError
 
 __all__ = ["Codec", "codec_for"]
 

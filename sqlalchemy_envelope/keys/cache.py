@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from .primitives import AESGCM
+from ..crypto.primitives import AESGCM
 from .storage import KeyState
 
 __all__ = ["DataKey", "KeyCache"]

@@ -45,7 +45,7 @@ from sqlalchemy.sql.elements import (
 )
 from sqlalchemy.sql.selectable import CompoundSelect, ScalarSelect, Select, SelectBase
 
-from .errors import EncryptedComparisonError, EncryptedExpressionError, EnvelopeError
+from ..errors import EncryptedComparisonError, EncryptedExpressionError, EnvelopeError
 
 __all__ = [
     "EnvelopeColumnType",

@@ -17,10 +17,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import columns
-from . import format as fmt
-from .errors import ConfigurationError
-from .storage import KeyRow
+from ..crypto import format as fmt
+from ..errors import ConfigurationError
+from ..keys.storage import KeyRow
+from ..sqla import columns
 
 __all__ = ["ColumnCensus", "KeyRows", "Target", "count", "discover", "resolve", "rows_under"]
 

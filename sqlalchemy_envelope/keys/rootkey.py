@@ -19,8 +19,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from .errors import ConfigurationError, DecryptionError
-from .primitives import AESGCM, NONCE_BYTES, InvalidTag, hmac_sha256, new_nonce, pbkdf2_sha256
+from ..crypto.primitives import (
+    AESGCM,
+    NONCE_BYTES,
+    InvalidTag,
+    hmac_sha256,
+    new_nonce,
+    pbkdf2_sha256,
+)
+from ..errors import ConfigurationError, DecryptionError
 
 __all__ = [
     "CheckableRootKey",

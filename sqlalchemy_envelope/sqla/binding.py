@@ -22,12 +22,12 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.orm import Session, SessionTransaction
 
-from .connections import INTERNAL_OPTION
-from .errors import ConfigurationError, UnknownKeyError, WrongRootKeyError
+from ..errors import ConfigurationError, UnknownKeyError, WrongRootKeyError
+from ..keys.connections import INTERNAL_OPTION
 from .redaction import redact_errors, redact_rows
 
 if TYPE_CHECKING:
-    from .registry import KeyRegistry
+    from ..registry import KeyRegistry
 
 __all__ = [
     "EXECUTION_OPTION",

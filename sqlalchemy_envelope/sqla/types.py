@@ -25,19 +25,19 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.type_api import to_instance
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-from . import binding, columns
-from . import format as fmt
-from .codec import codec_for
-from .errors import (
+from ..crypto import format as fmt
+from ..errors import (
     ConfigurationError,
     DestroyedKeyError,
     InvalidValueError,
     NotCiphertextError,
     UnknownKeyError,
 )
+from ..keys.storage import MYSQL_DIALECTS
+from . import binding, columns
+from .codec import codec_for
 from .expressions import EnvelopeColumnType, Kind, check_written
 from .mysql_text import ANY_TEXT, ASCII
-from .storage import MYSQL_DIALECTS
 
 __all__ = ["EncryptedType"]
 

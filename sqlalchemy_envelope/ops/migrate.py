@@ -29,10 +29,8 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import census, mysql_text
-from . import format as fmt
-from .census import EncryptedColumnRef, Target
-from .errors import (
+from ..crypto import format as fmt
+from ..errors import (
     ConfigurationError,
     DecryptionError,
     EnvelopeError,
@@ -41,9 +39,12 @@ from .errors import (
     UnknownKeyError,
     database_reason,
 )
+from ..sqla import mysql_text
+from . import census
+from .census import EncryptedColumnRef, Target
 
 if TYPE_CHECKING:
-    from .registry import KeyRegistry
+    from ..registry import KeyRegistry
 
 
 __all__ = ["LeftRow", "MigrationReport", "explain", "run"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import binascii
 import math
 
-from .errors import NotCiphertextError
+from ..errors import NotCiphertextError
 from .primitives import NONCE_BYTES, TAG_BYTES
 
 __all__ = [

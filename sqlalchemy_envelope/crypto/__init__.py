@@ -1,0 +1,1 @@
+"""Ciphertext format and the primitives from pyca/cryptography: no SQLAlchemy, no database."""

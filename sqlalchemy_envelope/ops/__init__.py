@@ -1,0 +1,2 @@
+"""Operations on stored values: census, re-encryption, decryption in place,
+index backfill, and their reports."""
