@@ -83,9 +83,9 @@ def per_value(registry: KeyRegistry, n: int, repeat: int) -> list[tuple[str, flo
         for c in sealed:
             aead.decrypt(c[6:18], c[18:], c[:6] + CONTEXT)
 
-    ours = [registry.encrypt_bytes(plaintext, CONTEXT) for _ in range(n)]
-    encrypt = registry.encrypt_bytes
-    decrypt = registry.decrypt_bytes
+    ours = [registry.envelope.encrypt_bytes(plaintext, CONTEXT) for _ in range(n)]
+    encrypt = registry.envelope.encrypt_bytes
+    decrypt = registry.envelope.decrypt_bytes
 
     utils = AesGcmEngine()
     utils._update_key("a secret key")
@@ -317,7 +317,7 @@ def startup(url: str, root: StaticRootKey, repeat: int) -> tuple[float, float]:
         eng = sa.create_engine(url)
         registry = KeyRegistry(eng, root, table_name=KEYS_TABLE)
         registry.init()
-        registry.encrypt_bytes(b"x", CONTEXT)
+        registry.envelope.encrypt_bytes(b"x", CONTEXT)
         registry.close()
         eng.dispose()
 

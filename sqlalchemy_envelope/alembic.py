@@ -44,7 +44,6 @@ from .keys.storage import DEFAULT_TABLE_NAME, MYSQL_DIALECTS, data_keys_schema
 from .ops import census
 from .ops.migrate import MigrationReport
 from .registry import KeyRegistry
-from .sqla import binding
 from .sqla.blind_index import BlindIndex
 from .sqla.types import EncryptedType
 
@@ -216,7 +215,7 @@ def _migration_registry(operations: Operations, name: str) -> Iterator[KeyRegist
             f"{name} needs a database connection; it cannot run in offline (--sql) mode"
         )
     connection: Connection = operations.get_bind()
-    registry = binding.slot_for(connection.dialect).registry
+    registry = KeyRegistry.serving(connection.engine)
     own = registry is None
     if registry is None:
         registry = KeyRegistry.from_env(connection.engine)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy.util.concurrency import greenlet_spawn
 
 from .errors import ConfigurationError
+from .keys.envelope import Envelope
 from .keys.rootkey import RootKeyProvider, root_key_from_env
 from .registry import KeyRegistry
 from .sqla import strict_mode
@@ -50,7 +51,6 @@ class AsyncKeyRegistry:
             )
         self.engine = engine
         self.sync_registry = KeyRegistry(sync_engine, root_key, **options)
-        self.sync_registry._public_name = type(self).__name__
         self._root_ready = False
 
     @classmethod
@@ -85,10 +85,15 @@ class AsyncKeyRegistry:
     def root_key(self) -> RootKeyProvider:
         return self.sync_registry.root_key
 
+    @property
+    def envelope(self) -> Envelope:
+        """The per-value encrypt and decrypt path (what columns call)."""
+        return self.sync_registry.envelope
+
     async def _call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if not self._root_ready:
             # PBKDF2 (or a KMS DescribeKey) once, off the event loop.
-            await asyncio.to_thread(self.sync_registry._root_fingerprint)
+            await asyncio.to_thread(lambda: self.sync_registry.root_key_fingerprint)
             self._root_ready = True
         return await greenlet_spawn(method, *args, **kwargs)
 

@@ -187,7 +187,7 @@ def test_maintenance_counts_tables_without_models(
         sa.Column("w", sa.Text),
     )
     big.metadata.create_all(engine)
-    value = registry.encrypt_bytes(b"secret", b"big.v")
+    value = registry.envelope.encrypt_bytes(b"secret", b"big.v")
     with engine.begin() as conn:
         conn.execute(
             big.insert(), [{"id": i, "v": value, "w": fmt.to_text(value)} for i in range(3)]
@@ -206,7 +206,7 @@ def test_maintenance_counts_tables_without_models(
     assert registry.maintenance().destroyable == (1,)
     assert registry.destroy(1).version == 1
     with pytest.raises(DestroyedKeyError):
-        registry.decrypt_bytes(value, b"big.v")
+        registry.envelope.decrypt_bytes(value, b"big.v")
     registry.close()
 
 

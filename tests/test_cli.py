@@ -218,9 +218,9 @@ def test_cli_census_maintenance_and_destroy_count_every_table(db_url: str, tmp_p
         sa.Column("v", sa.LargeBinary),
     )
     values = [
-        registry.encrypt_bytes(b"one", b"big.v"),
-        registry.encrypt_bytes(b"two", b"big.v"),
-        registry.encrypt_bytes(b"three", b"big.v", scope="acme"),
+        registry.envelope.encrypt_bytes(b"one", b"big.v"),
+        registry.envelope.encrypt_bytes(b"two", b"big.v"),
+        registry.envelope.encrypt_bytes(b"three", b"big.v", scope="acme"),
         b"\x01hello legacy plaintext of forty bytes....",
     ]
     big.metadata.create_all(engine)

@@ -22,8 +22,8 @@ from sqlalchemy_envelope import (
     StaticRootKey,
     UnknownKeyError,
 )
-from sqlalchemy_envelope import registry as registry_module
 from sqlalchemy_envelope.crypto import format as fmt
+from sqlalchemy_envelope.keys import envelope as envelope_module
 from sqlalchemy_envelope.keys import storage
 
 FORMAT_MD = Path(__file__).resolve().parent.parent / "FORMAT.md"
@@ -71,7 +71,7 @@ def test_vector(
     assert fmt.from_text(vector["text"]) == ciphertext
     assert len(ciphertext) == len(plaintext) + fmt.OVERHEAD
 
-    monkeypatch.setattr(registry_module, "_urandom", lambda n: bytes.fromhex(vector["nonce"]))
+    monkeypatch.setattr(envelope_module, "_urandom", lambda n: bytes.fromhex(vector["nonce"]))
     assert reader.encrypt(plaintext, vector["context"]) == ciphertext
     registry.close()
     reader.close()

@@ -206,7 +206,7 @@ def test_a_wrong_root_key_writes_nothing_on_any_path(
         wrong.rotate,
         lambda: wrong.rotate("new-tenant"),
         lambda: wrong.create_scope("new-tenant"),
-        lambda: wrong.encrypt_bytes(b"x", b"t.c", "other-tenant"),
+        lambda: wrong.envelope.encrypt_bytes(b"x", b"t.c", "other-tenant"),
         lambda: KeyRegistry(second_engine, wrong.root_key, scope="new", attach=False).init(),
     ):
         with pytest.raises(WrongRootKeyError):

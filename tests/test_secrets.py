@@ -18,7 +18,7 @@ from sqlalchemy_envelope import (
     PBKDF2RootKey,
     StaticRootKey,
 )
-from sqlalchemy_envelope import registry as registry_module
+from sqlalchemy_envelope.keys import keyring as keyring_module
 
 PLAINTEXTS = ["Patient Zero Confidential", "4111-1111-1111-1111", "diagnosis: very secret"]
 SEED = "seed-that-must-never-print"
@@ -29,13 +29,13 @@ SALT = "salt-that-must-never-print"
 def data_keys(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     """Every data key the registry generates during the test."""
     made: list[bytes] = []
-    real = registry_module.new_data_key
+    real = keyring_module.new_data_key
 
     def recording() -> bytes:
         made.append(real())
         return made[-1]
 
-    monkeypatch.setattr(registry_module, "new_data_key", recording)
+    monkeypatch.setattr(keyring_module, "new_data_key", recording)
     return made
 
 
@@ -99,7 +99,8 @@ def test_nothing_secret_is_logged_repred_or_raised(
     failing(lambda: PBKDF2RootKey(SEED, SALT, iterations=5))
 
     texts += [repr(registry), repr(static), repr(pbkdf2), registry.status().to_json()]
-    texts += [repr(key) for key in registry._cache.by_header.values()]
+    cache = registry.envelope.keyring.cache
+    texts += [repr(key) for key in [*cache.by_header.values(), *cache.index.values()]]
     texts += [caplog.text]
 
     everything = "\n".join(texts)
@@ -163,11 +164,13 @@ def test_representative_operations_leak_nothing_anywhere(
     texts.append(registry.status(census=True).to_json())
     texts.append(repr(registry.maintenance()))
     registry.create_scope("tenant-a")
-    registry.encrypt_bytes(PLAINTEXTS[0].encode(), b"people.name", "tenant-a")
+    registry.envelope.encrypt_bytes(PLAINTEXTS[0].encode(), b"people.name", "tenant-a")
     texts.append(repr(registry.shred("tenant-a")))
     new_root = StaticRootKey(new_root_bytes)
     registry.rewrap(new_root)
-    derived = list(registry._derived.values())
+    index_keys = registry.envelope.keyring.cache.index.values()
+    derived = [key for entry in index_keys for key in entry.derived.values()]
+    assert derived  # the blind index and the deterministic column derived keys
     registry.close()
 
     async def run_async() -> None:

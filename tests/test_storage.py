@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from conftest import stored_bytes
 
 from sqlalchemy_envelope import KeyRegistry, StaticRootKey, WrongRootKeyError
-from sqlalchemy_envelope import registry as registry_module
+from sqlalchemy_envelope.keys import keyring as keyring_module
 from sqlalchemy_envelope.keys import storage
 
 
@@ -75,14 +75,14 @@ def test_no_key_material_reaches_the_database(
     engine: sa.Engine, root_key: StaticRootKey, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     generated: list[bytes] = []
-    real = registry_module.new_data_key
+    real = keyring_module.new_data_key
 
     def recording() -> bytes:
         key = real()
         generated.append(key)
         return key
 
-    monkeypatch.setattr(registry_module, "new_data_key", recording)
+    monkeypatch.setattr(keyring_module, "new_data_key", recording)
     registry = KeyRegistry(engine, root_key)
     registry.init()
     for _ in range(3):
@@ -120,5 +120,6 @@ def test_scopes_differing_in_case_are_distinct_tenants(
     # MySQL/MariaDB compare strings case-insensitively by default; data_keys must not.
     upper, lower = registry.create_scope("Acme", "acme")
     assert upper.id != lower.id and (upper.scope, lower.scope) == ("Acme", "acme")
-    sealed = registry.encrypt_bytes(b"x", b"t.c", "acme")
-    assert registry.key_scope_version(int.from_bytes(sealed[1:6], "big")) == ("acme", 1)
+    sealed = registry.envelope.encrypt_bytes(b"x", b"t.c", "acme")
+    key_id = int.from_bytes(sealed[1:6], "big")
+    assert registry.envelope.keyring.scope_version(key_id) == ("acme", 1)

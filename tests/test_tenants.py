@@ -216,12 +216,12 @@ def test_five_thousand_scopes_with_a_bounded_cache(db_url: str, root_key: Static
     registry.init()
     scopes = [f"tenant-{n}" for n in range(5000)]
     registry.create_scope(*scopes)
-    sealed = [registry.encrypt_bytes(s.encode(), b"t.c", s) for s in scopes]
-    assert len(registry._by_header) <= 300
-    assert [registry.decrypt_bytes(c, b"t.c") for c in sealed[::97]] == [
+    sealed = [registry.envelope.encrypt_bytes(s.encode(), b"t.c", s) for s in scopes]
+    assert registry.status().cached_keys <= 300
+    assert [registry.envelope.decrypt_bytes(c, b"t.c") for c in sealed[::97]] == [
         s.encode() for s in scopes[::97]
     ]
-    assert len(registry._by_header) <= 300
+    assert registry.status().cached_keys <= 300
     assert len({c[: fmt.HEADER_BYTES] for c in sealed}) == 5000  # one key per tenant
     registry.close()
     engine.dispose()

@@ -1,8 +1,12 @@
-"""The registry's key cache: unwrapped data keys, ready to use.
+"""The one cache of unwrapped keys: data keys, and the index keys behind blind
+indexes and deterministic columns, with everything derived from them.
 
-Cached `DataKey` objects are immutable. Refreshing or invalidating a key swaps
-the reference in a dict, so a thread that is encrypting with a key it already
-holds is never disturbed (the seed zeroed key bytes in place under it).
+Every entry carries ``fresh_until``, a monotonic time after which its row is
+read again; `fresh` is the one freshness rule. A shred or destroy replaces a
+scope's entries with unusable ones (`forget_scope`), and any other process
+sees the change when its entries go stale. Entries are immutable: refreshing
+or invalidating one swaps the reference in a dict, so a thread encrypting
+with a key it already holds is never disturbed.
 """
 
 from __future__ import annotations
@@ -13,10 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from ..crypto.primitives import AESGCM
+from ..crypto.primitives import AESGCM, AESSIV, hkdf_sha256
 from .storage import KeyState
 
-__all__ = ["DataKey", "KeyCache"]
+__all__ = ["DataKey", "IndexKey", "KeyCache"]
 
 Clock = Callable[[], float]
 
@@ -26,7 +30,6 @@ class DataKey:
     """A data key as the hot path needs it: its header and its cipher object.
 
     ``aead`` is None for a key that may not decrypt (disabled or destroyed).
-    ``fresh_until`` is a monotonic time after which the row is read again.
     ``counter`` counts this process's encryptions under the key; it is shared
     by every copy of the entry. ``budget`` is where the encryptions this
     process may use run out, and ``claimed`` where those it has claimed in
@@ -53,8 +56,37 @@ class DataKey:
         )
 
 
+@dataclass(frozen=True, slots=True, repr=False)
+class IndexKey:
+    """An index key (a scope's non-rotating key) and the keys derived from it
+    for each purpose: they live and expire with this entry. ``secret`` is
+    None once the key is destroyed."""
+
+    id: int
+    version: int
+    scope: str
+    header: bytes  # the header of deterministic values under this key
+    secret: bytes | None
+    fresh_until: float
+    derived: dict[tuple[bytes, int], bytes] = field(default_factory=dict)
+    sivs: dict[bytes, AESSIV] = field(default_factory=dict)
+
+    def derive(self, purpose: bytes, length: int = 32) -> bytes | None:
+        """A key for one purpose (HKDF, RFC 5869); None once destroyed."""
+        derived = self.derived.get((purpose, length))
+        if derived is None:
+            if self.secret is None:
+                return None
+            derived = self.derived[(purpose, length)] = hkdf_sha256(self.secret, purpose, length)
+        return derived
+
+    def __repr__(self) -> str:
+        return f"IndexKey(id={self.id:#012x}, scope={self.scope!r}, version={self.version})"
+
+
 class KeyCache:
-    """Keys by ciphertext header, and the active key of each scope."""
+    """Data keys by ciphertext header and the active key of each scope; index
+    keys by scope and version, and by the header of deterministic values."""
 
     def __init__(
         self, max_age: float, clock: Clock = time.monotonic, max_keys: int = 10_000
@@ -64,9 +96,15 @@ class KeyCache:
         self.max_keys = max_keys
         self.by_header: dict[bytes, DataKey] = {}
         self.active: dict[str, DataKey] = {}
+        self.index: dict[tuple[str, int], IndexKey] = {}
+        self.index_by_header: dict[bytes, IndexKey] = {}
 
     def expiry(self) -> float:
         return self.clock() + self.max_age
+
+    def fresh(self, entry: DataKey | IndexKey | None) -> bool:
+        """The freshness rule: an entry is used until ``max_age`` after its row was read."""
+        return entry is not None and self.clock() <= entry.fresh_until
 
     def put(self, key: DataKey) -> DataKey:
         """Remember ``key``, and make it its scope's active key if it is active.
@@ -87,11 +125,33 @@ class KeyCache:
                 self.active.pop(key.scope, None)
         return key
 
-    def renewed(self, key: DataKey) -> DataKey:
-        """The same key, fresh for another ``max_age``, reusing its cipher object."""
-        return self.put(replace(key, fresh_until=self.expiry()))
+    def put_index(self, key: IndexKey) -> IndexKey:
+        """Remember an index key; a refreshed entry keeps the keys already
+        derived from the same secret."""
+        previous = self.index.get((key.scope, key.version))
+        if previous is not None and previous.id == key.id and previous.secret == key.secret:
+            key = replace(key, derived=previous.derived, sivs=previous.sivs)
+        self.index[(key.scope, key.version)] = key
+        self.index_by_header[key.header] = key
+        return key
+
+    def forget_scopes(self, scopes: tuple[str, ...]) -> None:
+        """After a shred: every key of these scopes becomes unusable at once
+        (data keys stay known as destroyed; index keys are forgotten, so
+        their next use reads the destroyed row)."""
+        for key in list(self.by_header.values()):
+            if key.scope in scopes:
+                self.put(replace(key, state=KeyState.DESTROYED, aead=None))
+        for scope in scopes:
+            self.active.pop(scope, None)
+        for index_key in list(self.index.values()):
+            if index_key.scope in scopes:
+                del self.index[(index_key.scope, index_key.version)]
+                self.index_by_header.pop(index_key.header, None)
 
     def clear(self) -> None:
-        # In place: the registry's hot path holds references to these dicts.
+        # In place: the hot path holds references to these dicts.
         self.by_header.clear()
         self.active.clear()
+        self.index.clear()
+        self.index_by_header.clear()

@@ -19,17 +19,35 @@ import asyncio
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.util.concurrency import await_only, greenlet_spawn, in_greenlet
 
-__all__ = ["INTERNAL_OPTION", "KeyConnections"]
+__all__ = [
+    "INTERNAL_OPTION",
+    "KeyConnections",
+    "set_statement_connection",
+    "statement_connection",
+]
 
 T = TypeVar("T")
 
 # Marks the registry's own executions, which binding's per-statement hooks skip.
 INTERNAL_OPTION = "envelope_internal"
+
+_statement: ContextVar[Connection | None] = ContextVar("envelope_connection", default=None)
+
+
+def statement_connection() -> Connection | None:
+    """The application's Connection executing the statement whose parameters
+    are being processed (set from before to after its execution), if any."""
+    return _statement.get()
+
+
+def set_statement_connection(conn: Connection | None) -> None:
+    _statement.set(conn)
 
 
 def _is_memory_sqlite(engine: Engine) -> bool:

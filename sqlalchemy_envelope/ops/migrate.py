@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -39,13 +39,10 @@ from ..errors import (
     UnknownKeyError,
     database_reason,
 )
+from ..keys.envelope import Envelope
 from ..sqla import mysql_text
 from . import census
 from .census import EncryptedColumnRef, Target
-
-if TYPE_CHECKING:
-    from ..registry import KeyRegistry
-
 
 __all__ = ["LeftRow", "MigrationReport", "explain", "run"]
 
@@ -340,7 +337,7 @@ def _pending(
 
 
 def _run_table(
-    registry: KeyRegistry,
+    registry: Envelope,
     job: _TableJob,
     rewrite: Rewrite,
     target: HeaderFor,
@@ -354,7 +351,7 @@ def _run_table(
     last: tuple[Any, ...] | None = None
     while True:
         try:
-            with registry._begin() as conn:
+            with registry.keyring.store.begin() as conn:
                 stmt = sa.select(table).where(_pending(table, job.refs, target))
                 if key_range is not None:
                     low, high = key_range
@@ -552,7 +549,7 @@ def _ciphertext_of(ref: EncryptedColumnRef, stored: Any) -> bytes | None:
     return ciphertext
 
 
-def _decrypt(registry: KeyRegistry, ref: EncryptedColumnRef, ciphertext: bytes) -> bytes:
+def _decrypt(registry: Envelope, ref: EncryptedColumnRef, ciphertext: bytes) -> bytes:
     if ciphertext[0] == fmt.DETERMINISTIC_VERSION:
         return registry.decrypt_deterministic(ciphertext, ref.context)
     if ref.bind_scope:
@@ -569,7 +566,7 @@ def _legacy(old: Any) -> bytes:
 
 
 def _reencrypt_rewrite(
-    registry: KeyRegistry,
+    registry: Envelope,
     target: HeaderFor,
     encrypt_plaintext: bool,
     scope: str,
@@ -583,7 +580,7 @@ def _reencrypt_rewrite(
         key_id = fmt.key_id_of(header)
         if key_id not in keys:
             try:
-                keys[key_id] = registry.key_scope_version(key_id)
+                keys[key_id] = registry.keyring.scope_version(key_id)
             except UnknownKeyError:
                 keys[key_id] = None
         return keys[key_id]
@@ -654,7 +651,7 @@ def _check_decryptable(refs: Sequence[EncryptedColumnRef]) -> None:
         )
 
 
-def _decrypt_rewrite(registry: KeyRegistry) -> Rewrite:
+def _decrypt_rewrite(registry: Envelope) -> Rewrite:
     def rewrite(
         ref: EncryptedColumnRef, old: Any, key: tuple[Any, ...], report: MigrationReport
     ) -> _Change | None:
@@ -680,7 +677,7 @@ def _decrypt_rewrite(registry: KeyRegistry) -> Rewrite:
     return rewrite
 
 
-def _key_ranges(registry: KeyRegistry, job: _TableJob, workers: int) -> list[tuple[Any, Any]]:
+def _key_ranges(registry: Envelope, job: _TableJob, workers: int) -> list[tuple[Any, Any]]:
     """Split the table into ``workers`` ranges of its first key column."""
     table = job.table()
     first = table.c[job.primary_key[0]]
@@ -689,7 +686,7 @@ def _key_ranges(registry: KeyRegistry, job: _TableJob, workers: int) -> list[tup
     stmt = (
         sa.select(sa.func.max(inner.c.k)).group_by(inner.c.bucket).order_by(sa.func.max(inner.c.k))
     )
-    with registry._connect() as conn:
+    with registry.keyring.store.connect() as conn:
         bounds = list(conn.execute(stmt).scalars())
     ranges = []
     low = None
@@ -714,9 +711,9 @@ def _progress(total: Callable[[], int], enabled: bool | None, label: str) -> Any
     return tqdm(total=total(), desc=label, unit="row", file=sys.stderr, leave=True)
 
 
-def _count_pending(registry: KeyRegistry, jobs: Sequence[_TableJob], target: HeaderFor) -> int:
+def _count_pending(registry: Envelope, jobs: Sequence[_TableJob], target: HeaderFor) -> int:
     total = 0
-    with registry._connect() as conn:
+    with registry.keyring.store.connect() as conn:
         for job in jobs:
             table = job.table()
             stmt = sa.select(sa.func.count()).select_from(table)
@@ -724,7 +721,7 @@ def _count_pending(registry: KeyRegistry, jobs: Sequence[_TableJob], target: Hea
     return total
 
 
-def _target(registry: KeyRegistry, decrypt: bool, scope: str) -> HeaderFor:
+def _target(registry: Envelope, decrypt: bool, scope: str) -> HeaderFor:
     """The header each column's values should carry when the job is done."""
 
     def target(ref: EncryptedColumnRef) -> bytes | None:
@@ -762,7 +759,7 @@ def _named_rows(
 
 
 def _worker(
-    registry: KeyRegistry,
+    registry: Envelope,
     job: _TableJob,
     rewrite: Rewrite,
     target: HeaderFor,
@@ -771,8 +768,7 @@ def _worker(
     done: Any,
     results: Any,
 ) -> None:
-    registry.engine.dispose(close=False)  # a forked child opens its own connections
-    registry._keys.after_fork()
+    registry.keyring.store.after_fork()  # a forked child opens its own connections
     report = MigrationReport()
     parent = os.getppid()
 
@@ -813,7 +809,7 @@ class _Failure:
 
 
 def run(
-    registry: KeyRegistry,
+    registry: Envelope,
     targets: Iterable[Target],
     *,
     decrypt: bool = False,
@@ -826,10 +822,10 @@ def run(
 ) -> MigrationReport:
     if batch_size < 1 or workers < 1:
         raise ConfigurationError("batch_size and workers must be at least 1")
-    if workers > 1 and registry._pinned.get() is not None:
+    if workers > 1 and registry.keyring.store.pinned:
         raise ConfigurationError("parallel workers cannot share one pinned connection")
     started = time.perf_counter()
-    with registry._connect() as conn:
+    with registry.keyring.store.connect() as conn:
         refs = census.resolve(conn, targets)
         if not refs:
             raise ConfigurationError("no encrypted columns to process")
@@ -886,20 +882,20 @@ def run(
 
 
 def _give_charset(
-    registry: KeyRegistry, refs: Sequence[EncryptedColumnRef], charset: Mapping[str, str]
+    registry: Envelope, refs: Sequence[EncryptedColumnRef], charset: Mapping[str, str]
 ) -> None:
     """On MySQL/MariaDB, give text columns the character set of what they
     are to hold: any text before plaintext is written back, ASCII once a
     conversion left nothing but ciphertext (see mysql_text.py)."""
     if not refs:
         return
-    with registry._begin() as conn:
+    with registry.keyring.store.begin() as conn:
         for ref in refs:
             mysql_text.give_charset(conn, ref.schema, ref.table, ref.column, charset)
 
 
 def _run_parallel(
-    registry: KeyRegistry,
+    registry: Envelope,
     job: _TableJob,
     rewrite: Rewrite,
     target: HeaderFor,

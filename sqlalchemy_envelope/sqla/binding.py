@@ -16,18 +16,16 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.orm import Session, SessionTransaction
 
 from ..errors import ConfigurationError, UnknownKeyError, WrongRootKeyError
-from ..keys.connections import INTERNAL_OPTION
+from ..keys.connections import INTERNAL_OPTION, set_statement_connection
+from ..keys.envelope import Envelope
 from .redaction import redact_errors, redact_rows
-
-if TYPE_CHECKING:
-    from ..registry import KeyRegistry
 
 __all__ = [
     "EXECUTION_OPTION",
@@ -38,7 +36,6 @@ __all__ = [
     "scope",
     "session_scope",
     "slot_for",
-    "statement_connection",
 ]
 
 EXECUTION_OPTION = "envelope_registry"
@@ -46,16 +43,9 @@ SCOPE_OPTION = "envelope_scope"
 SESSION_INFO_KEY = "sqlalchemy_envelope.registry"
 SESSION_SCOPE_KEY = "sqlalchemy_envelope.scope"
 
-_writer: ContextVar[KeyRegistry | None] = ContextVar("envelope_writer", default=None)
+_writer: ContextVar[Envelope | None] = ContextVar("envelope_writer", default=None)
 _statement_scope: ContextVar[str | None] = ContextVar("envelope_statement_scope", default=None)
 _ambient_scope: ContextVar[str | None] = ContextVar("envelope_ambient_scope", default=None)
-_connection: ContextVar[Connection | None] = ContextVar("envelope_connection", default=None)
-
-
-def statement_connection() -> Connection | None:
-    """The application's Connection executing the statement whose parameters
-    are being processed (set from before to after its execution), if any."""
-    return _connection.get()
 
 
 def current_scope() -> str | None:
@@ -133,17 +123,17 @@ class EngineSlot:
 
     def __init__(self, is_async: bool = False) -> None:
         self.is_async = is_async  # an AsyncEngine's: its errors name AsyncKeyRegistry
-        self.registry: KeyRegistry | None = None
-        self.readers: tuple[KeyRegistry, ...] = ()
+        self.registry: Envelope | None = None
+        self.readers: tuple[Envelope, ...] = ()
         # The engine's registry when it is the only one reading: the common
         # case, which result processors serve without further checks.
-        self.sole: KeyRegistry | None = None
+        self.sole: Envelope | None = None
 
     def _update(self) -> None:
         registry = self.registry
         self.sole = registry if registry is not None and self.readers == (registry,) else None
 
-    def writer(self) -> KeyRegistry:
+    def writer(self) -> Envelope:
         """The registry to encrypt with for the statement being executed."""
         chosen = _writer.get()
         if chosen is not None:
@@ -182,7 +172,7 @@ class EngineSlot:
             raise _no_registry(self.is_async)
         return registry.decrypt_deterministic(ciphertext, context)
 
-    def add_reader(self, registry: KeyRegistry) -> None:
+    def add_reader(self, registry: Envelope) -> None:
         if registry not in self.readers:
             self.readers = (*self.readers, registry)
             self._update()
@@ -207,7 +197,7 @@ def slot_for(dialect: Dialect) -> EngineSlot:
     return slot
 
 
-def attach(engine: Engine, registry: KeyRegistry) -> None:
+def attach(engine: Engine, registry: Envelope) -> None:
     """Make ``registry`` the one that serves ``engine``."""
     _listen()
     slot = slot_for(engine.dialect)
@@ -224,7 +214,13 @@ def attach(engine: Engine, registry: KeyRegistry) -> None:
     redact_rows(engine)
 
 
-def detach(registry: KeyRegistry) -> None:
+def attached(engine: Engine) -> Envelope | None:
+    """The envelope serving ``engine``, if a registry is attached to it."""
+    slot = _slots.get(engine.dialect)
+    return None if slot is None else slot.registry
+
+
+def detach(registry: Envelope) -> None:
     with _lock:
         for slot in list(_slots.values()):
             if slot.registry is registry:
@@ -233,7 +229,7 @@ def detach(registry: KeyRegistry) -> None:
             slot._update()
 
 
-def bind(target: Any, registry: KeyRegistry) -> None:
+def bind(target: Any, registry: Envelope) -> None:
     """Make ``registry`` the writer for a Session, AsyncSession or sessionmaker."""
     info, _ = _info_of(target, "bind a KeyRegistry to")
     info[SESSION_INFO_KEY] = registry
@@ -251,13 +247,26 @@ def _before_execute(
     # middle of an application statement's parameters.
     if execution_options.get(INTERNAL_OPTION):
         return
-    chosen = execution_options.get(EXECUTION_OPTION)
+    chosen = _envelope_of(execution_options.get(EXECUTION_OPTION))
     _writer.set(chosen)
     _statement_scope.set(execution_options.get(SCOPE_OPTION))
-    _connection.set(conn)
+    set_statement_connection(conn)
     if chosen is not None:
         slot_for(conn.dialect).add_reader(chosen)
         redact_rows(conn.engine)
+
+
+def _envelope_of(chosen: Any) -> Envelope | None:
+    """The envelope of the registry an execution option or Session names."""
+    if chosen is None or isinstance(chosen, Envelope):
+        return chosen
+    envelope = getattr(chosen, "envelope", None)
+    if isinstance(envelope, Envelope):
+        return envelope
+    raise ConfigurationError(
+        f"the {EXECUTION_OPTION!r} execution option takes a KeyRegistry or "
+        f"AsyncKeyRegistry, not {type(chosen).__name__}"
+    )
 
 
 def _after_execute(
@@ -269,7 +278,7 @@ def _after_execute(
     result: Any,
 ) -> None:
     if not execution_options.get(INTERNAL_OPTION):
-        _connection.set(None)  # the connection may go back to the pool
+        set_statement_connection(None)  # the connection may go back to the pool
 
 
 def _after_begin(session: Session, transaction: SessionTransaction, connection: Connection) -> None:

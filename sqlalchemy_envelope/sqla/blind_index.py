@@ -57,6 +57,7 @@ from ..errors import (
     EncryptedComparisonError,
     InvalidValueError,
 )
+from ..keys.envelope import Envelope
 from . import binding
 from .expressions import EnvelopeColumnType, Kind, _extend, check_written, is_value
 
@@ -1097,7 +1098,7 @@ def _raw(column: sa.Column[Any]) -> sa.ColumnElement[Any]:
     return sa.type_coerce(column, stored)
 
 
-def backfill(registry: Any, target: Any, *, batch_size: int = 1000) -> Any:
+def backfill(envelope: Envelope, target: Any, *, batch_size: int = 1000) -> Any:
     """Fill a blind index column wherever it is NULL and its sources are not:
     keyset batches, one transaction each, compare-and-swap updates (a row the
     application changed meanwhile keeps the index its own write computed),
@@ -1109,7 +1110,7 @@ def backfill(registry: Any, target: Any, *, batch_size: int = 1000) -> Any:
     assert isinstance(index_type, BlindIndex)
     table = index.table
     pk = list(table.primary_key.columns)
-    key = registry.derived_key(index_type.label(), index_type.key_version)
+    key = envelope.derived_key(index_type.label(), index_type.key_version)
     report = MigrationReport(columns=[f"{table.name}.{index.name}"])
     started = time.perf_counter()
     n_pk, n_src = len(pk), len(sources)
@@ -1127,7 +1128,7 @@ def backfill(registry: Any, target: Any, *, batch_size: int = 1000) -> Any:
     )
     last: tuple[Any, ...] | None = None
     while True:
-        with registry._begin() as conn:
+        with envelope.keyring.store.begin() as conn:
             stmt = (
                 sa.select(*pk, *sources, *(_raw(s) for s in sources))
                 .where(index.is_(None))

@@ -1,0 +1,208 @@
+"""Changing keys on purpose: creating the table and first keys, rotating,
+tenants, state changes, shredding, and re-wrapping under a new root key.
+Every change is one transaction, and proves the root key first."""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy.engine import Connection
+
+from ..errors import ConfigurationError, UnknownKeyError, WrongRootKeyError
+from . import lifecycle, storage
+from .cache import DataKey
+from .keyring import Keyring
+from .rootkey import RootKeyProvider
+from .scopes import check_scope, index_scope
+from .storage import KeyRow, KeyState
+
+__all__ = ["KeyAdmin"]
+
+log = logging.getLogger("sqlalchemy_envelope")
+
+
+class KeyAdmin:
+    """Key administration for one keyring; returns the rows it leaves behind."""
+
+    def __init__(self, keyring: Keyring) -> None:
+        self.keyring = keyring
+        self.store = keyring.store
+        self.wrapper = keyring.wrapper
+        self.table = keyring.table
+
+    def init(self) -> KeyRow:
+        """Create ``data_keys`` if missing and the scope's first data key if
+        none is active; prove the root key. Safe to call from many processes.
+        A shredded scope is not brought back (`ShreddedScopeError`)."""
+        keyring = self.keyring
+        keyring.check_open()
+        self.store.create_table()
+        scope = keyring.scope
+
+        def work(conn: Connection) -> tuple[KeyRow | None, DataKey | None]:
+            row = storage.active_key(conn, self.table, scope)
+            index = storage.key_by_version(conn, self.table, index_scope(scope), 1)
+            if row is not None and index is not None:
+                self.wrapper.check(conn)  # the active key's unwrapping proves the rest
+                return row, None
+            if row is None:
+                keyring.refuse_shredded(conn, scope)
+            self.wrapper.prove(conn)
+            if index is None:
+                keyring.insert_active(conn, index_scope(scope), 1)
+            if row is not None:
+                return row, None
+            version = storage.next_version(conn, self.table, scope)
+            return None, keyring.insert_active(conn, scope, version)
+
+        row, new = self.store.write(work)
+        if new is not None:
+            keyring.cache.put(new)
+            log.info("created data key version %d in scope %r", new.version, scope)
+            return self.row(scope, new.version)
+        assert row is not None
+        keyring.remember(row, previous=None)
+        return row
+
+    def rotate(self, scope: str) -> KeyRow:
+        """Make a new data key active in one transaction; the old one is
+        retired (still decrypts). Concurrent rotations each commit in turn."""
+        self.keyring.check_open()
+        new = self.store.write(lambda conn: self.keyring.rotate_in(conn, scope, expected_id=None))
+        assert new is not None
+        self.keyring.adopt(new)
+        log.info("rotated scope %r to data key version %d", scope, new.version)
+        return self.row(scope, new.version)
+
+    def rotate_if(self, scope: str, expected_id: int) -> KeyRow | None:
+        """Rotate unless the active key is no longer ``expected_id``."""
+        new = self.store.write(
+            lambda conn: self.keyring.rotate_in(conn, scope, expected_id=expected_id)
+        )
+        if new is None:
+            return None
+        self.keyring.adopt(new)
+        return self.row(scope, new.version)
+
+    def create_scopes(self, names: list[str]) -> list[KeyRow]:
+        """Give each scope that has none an active data key, in one transaction."""
+        names = [check_scope(s) for s in names]
+
+        def work(conn: Connection) -> None:
+            self.wrapper.prove(conn)
+            for name in names:
+                if storage.active_key(conn, self.table, name) is None:
+                    version = storage.next_version(conn, self.table, name)
+                    self.keyring.insert_active(conn, name, version)
+
+        self.store.write(work)
+
+        def active_rows(conn: Connection) -> list[KeyRow | None]:
+            return [storage.active_key(conn, self.table, name) for name in names]
+
+        return [row for row in self.store.read(active_rows) if row is not None]
+
+    def shred(self, scope: str) -> int:
+        """Destroy every key of a scope and its index keys, in one transaction;
+        the number of keys destroyed."""
+        scope = check_scope(scope)
+
+        def work(conn: Connection) -> int:
+            self.wrapper.prove(conn)
+            now = self.keyring.now()
+            count = 0
+            if not storage.all_keys(conn, self.table, scope):
+                raise ConfigurationError(
+                    f"scope {scope!r} has no keys: nothing to shred (check the scope's name)"
+                )
+            for name in (scope, index_scope(scope)):
+                for row in storage.all_keys(conn, self.table, name):
+                    if row.state is not KeyState.DESTROYED:
+                        storage.set_state(conn, self.table, row.id, KeyState.DESTROYED, now)
+                        count += 1
+            return count
+
+        count = self.store.write(work)
+        self.keyring.forget_scope(scope)
+        log.warning("shredded scope %r: %d keys destroyed", scope, count)
+        return count
+
+    def retire(self, scope: str, version: int) -> KeyRow:
+        """Retire a key (it still decrypts). Retiring the active key rotates,
+        so that a successor takes over in the same transaction."""
+        row = self.row(scope, version)
+        if row.state is not KeyState.ACTIVE:
+            return self.transition("retire", scope, version)
+        self.rotate_if(scope, row.id)
+        return self.row(scope, version)
+
+    def transition(self, action: str, scope: str, version: int) -> KeyRow:
+        """Apply a lifecycle action (retire, disable, enable, destroy) to a key."""
+
+        def work(conn: Connection) -> KeyRow:
+            self.wrapper.prove(conn)
+            row = storage.key_by_version(conn, self.table, scope, version, for_update=True)
+            if row is None:
+                raise UnknownKeyError(scope=scope, version=version)
+            target = lifecycle.target_state(action, row.state, version, scope)
+            if target is not row.state:
+                storage.set_state(conn, self.table, row.id, target, self.keyring.now())
+            return row
+
+        before = self.store.write(work)
+        after = self.row(scope, version)
+        if after.state is not before.state:
+            log.info(
+                "data key version %d of scope %r: %s -> %s",
+                version,
+                scope,
+                before.state.value,
+                after.state.value,
+            )
+        self.keyring.refresh(after)
+        return after
+
+    def rewrap(self, new_root_key: RootKeyProvider) -> int:
+        """Re-wrap every data key under ``new_root_key`` in one transaction (all
+        or nothing), without touching any value; the number re-wrapped."""
+        self.keyring.check_open()
+        if not isinstance(new_root_key, RootKeyProvider):
+            raise ConfigurationError("rewrap() needs a RootKeyProvider")
+        new_fingerprint = new_root_key.fingerprint
+        if new_fingerprint == self.wrapper.fingerprint:
+            raise ConfigurationError("the new root key is the one already in use")
+
+        def work(conn: Connection) -> int:
+            storage.lock_table(conn, self.table)
+            self.wrapper.check(conn)
+            count = 0
+            for row in storage.all_keys(conn, self.table):
+                context = self.wrapper.context(row.id, row.scope)
+                wrapped = None
+                if row.wrapped_key is not None:
+                    plaintext = self.wrapper.unwrap(row)
+                    wrapped = new_root_key.wrap(plaintext, context)
+                    if new_root_key.unwrap(wrapped, context) != plaintext:
+                        raise WrongRootKeyError("the new root key does not unwrap what it wrapped")
+                    count += 1
+                storage.rewrap(
+                    conn,
+                    self.table,
+                    row.id,
+                    wrapped_key=wrapped,
+                    root_key_fingerprint=new_fingerprint,
+                    root_key_description=new_root_key.description,
+                )
+            return count
+
+        count = self.store.write(work)
+        with self.keyring.lock:
+            self.wrapper.replace(new_root_key, new_fingerprint)
+        log.info("re-wrapped %d data keys under root key %s", count, new_fingerprint)
+        return count
+
+    def row(self, scope: str, version: int) -> KeyRow:
+        row = self.store.read(lambda conn: storage.key_by_version(conn, self.table, scope, version))
+        if row is None:
+            raise UnknownKeyError(scope=scope, version=version)
+        return row

@@ -1,0 +1,181 @@
+"""The per-value path: encrypting and decrypting with cached keys.
+
+``encrypt_bytes`` and the closures ``decryptor`` returns are the hot path: a
+dict lookup, a clock read, a counter and one AES-GCM call. Anything else (a
+key missing or stale, a claim used up, an error to explain) goes to the
+`Keyring`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from ..crypto import format as fmt
+from ..crypto.primitives import AESSIV, NONCE_BYTES, InvalidTag, hmac_sha256
+from ..errors import DecryptionError
+from .cache import DataKey, IndexKey
+from .keyring import Keyring
+
+__all__ = ["Envelope"]
+
+_urandom = os.urandom
+_HEADER = fmt.HEADER_BYTES
+_PAYLOAD = fmt.PAYLOAD_OFFSET
+DETERMINISTIC_PURPOSE = b"sqlalchemy-envelope/deterministic/v1\x00"
+HASH_FIELD_PURPOSE = b"sqlalchemy-envelope/hash-field/v1\x00"
+
+
+class Envelope:
+    """Encrypts values under the active key of a scope and decrypts them
+    under the key their header names."""
+
+    def __init__(self, keyring: Keyring) -> None:
+        self.keyring = keyring
+        self.scope = keyring.scope
+        cache = keyring.cache
+        self._active = cache.active
+        self._by_header = cache.by_header
+        self._clock = cache.clock
+
+    # -- randomized: AES-256-GCM under rotating data keys --------------------
+
+    def encrypt_bytes(self, plaintext: bytes, context: bytes, scope: str | None = None) -> bytes:
+        """Encrypt under ``scope``'s active key (default: the registry's)."""
+        scope = scope or self.scope
+        key = self._active.get(scope)
+        if key is None or self._clock() > key.fresh_until:
+            key = self.keyring.active(scope)
+        if next(key.counter) >= key.budget:
+            key = self.keyring.claim(key)
+        aead = key.aead
+        assert aead is not None
+        nonce = _urandom(NONCE_BYTES)
+        header = key.header
+        return header + nonce + aead.encrypt(nonce, plaintext, header + context)
+
+    def decryptor(self, context: bytes) -> Callable[[bytes], bytes]:
+        """Decrypt values written for ``context``, with every lookup bound
+        once: what a column's result processor calls per value. Anything but
+        a cached, fresh, usable key and an authentic value takes `decrypt_bytes`,
+        which loads the key or raises the right error."""
+        get = self._by_header.get
+        clock = self._clock
+        keyring = self.keyring
+
+        def decrypt(ciphertext: bytes) -> bytes:
+            header = ciphertext[:_HEADER]
+            key = get(header)
+            if key is None or clock() > key.fresh_until or key.aead is None:
+                key = keyring.usable(keyring.for_ciphertext(ciphertext))
+            aead = key.aead
+            assert aead is not None
+            try:
+                return aead.decrypt(
+                    ciphertext[_HEADER:_PAYLOAD], ciphertext[_PAYLOAD:], header + context
+                )
+            except InvalidTag:
+                raise _altered(context) from None
+            except ValueError:  # too short to hold a nonce: cut short after a known header
+                fmt.check(ciphertext)
+                raise DecryptionError("value is truncated: it was altered") from None
+
+        return decrypt
+
+    def decrypt_bytes(self, ciphertext: bytes, context: bytes) -> bytes:
+        """Decrypt one value written for ``context``."""
+        return self.decryptor(context)(ciphertext)
+
+    def decrypt_scoped(self, ciphertext: bytes, context: bytes, scope: str | None) -> bytes:
+        """Decrypt a value whose context binds its scope (``EncryptedType(...,
+        bind_scope=True)``). With ``scope``, a value written in another scope is
+        refused, even if it was copied into this scope's rows."""
+        key = self.keyring.usable(self._key_for(ciphertext))
+        if scope is not None and key.scope != scope:
+            raise DecryptionError(
+                f"value for context {context.decode('utf-8', 'replace')!r} was written in "
+                f"another scope than {scope!r}: it was copied from another tenant's row"
+            )
+        return self.decrypt_bytes(ciphertext, fmt.scoped_context(context, key.scope))
+
+    def _key_for(self, ciphertext: bytes) -> DataKey:
+        key = self._by_header.get(ciphertext[:_HEADER])
+        if key is None or self._clock() > key.fresh_until:
+            key = self.keyring.for_ciphertext(ciphertext)
+        return key
+
+    def active_header(self, scope: str | None = None) -> bytes:
+        """The header of a scope's active key: values starting with it need
+        no re-encryption."""
+        scope = scope or self.scope
+        key = self._active.get(scope)
+        if key is None or self._clock() > key.fresh_until:
+            key = self.keyring.active(scope)
+        return key.header
+
+    # -- deterministic: AES-SIV under the non-rotating index key --------------
+
+    def _index_key(self, version: int) -> IndexKey:
+        key = self.keyring.index_key(version)
+        if key.secret is None:
+            raise self.keyring.destroyed(key)
+        return key
+
+    def derived_key(self, purpose: bytes, version: int = 1, length: int = 32) -> bytes:
+        """A key for one purpose and column (HKDF, RFC 5869), derived from the
+        scope's non-rotating index key: blind indexes and `hash_field`. It
+        expires with the index key's cache entry, so a shred reaches it."""
+        key = self._index_key(version)
+        derived = key.derive(purpose, length)
+        if derived is None:
+            raise self.keyring.destroyed(key)
+        return derived
+
+    def hash_field(self, value: bytes, context: str, version: int = 1) -> str:
+        """A keyed, context-bound HMAC-SHA256 (hex) for equality lookups."""
+        key = self.derived_key(HASH_FIELD_PURPOSE + context.encode(), version)
+        return hmac_sha256(key, value).hex()
+
+    def _siv(self, key: IndexKey, context: bytes) -> AESSIV:
+        siv = key.sivs.get(context)
+        if siv is None:
+            derived = key.derive(DETERMINISTIC_PURPOSE + context, 64)
+            if derived is None:
+                raise self.keyring.destroyed(key)
+            siv = key.sivs[context] = AESSIV(derived)
+        return siv
+
+    def deterministic_header(self, context: bytes, version: int = 1) -> bytes:
+        return self._index_key(version).header
+
+    def encrypt_deterministic(self, plaintext: bytes, context: bytes, version: int = 1) -> bytes:
+        """AES-SIV: the same plaintext and context always give the same
+        ciphertext, so the database can compare, join and enforce uniqueness."""
+        key = self._index_key(version)
+        header = key.header
+        return header + self._siv(key, context).encrypt(plaintext, [header, context])
+
+    def decrypt_deterministic(self, ciphertext: bytes, context: bytes) -> bytes:
+        fmt.check(ciphertext)
+        if ciphertext[0] != fmt.DETERMINISTIC_VERSION:
+            raise DecryptionError("value is randomized ciphertext in a deterministic column")
+        key = self.keyring.index_key_for(ciphertext)
+        if key is None:
+            # Only this registry's index keys encrypt deterministically: a
+            # header naming any other key was altered.
+            raise _altered(context)
+        if key.secret is None:
+            raise self.keyring.destroyed(key)
+        header = key.header
+        try:
+            return self._siv(key, context).decrypt(ciphertext[_HEADER:], [header, context])
+        except InvalidTag:
+            raise _altered(context) from None
+
+
+def _altered(context: bytes) -> DecryptionError:
+    return DecryptionError(
+        f"value for context {context.decode('utf-8', 'replace')!r} failed "
+        "authentication: it was altered, or it was written for another "
+        "column or row (a different context)"
+    )

@@ -1,0 +1,155 @@
+"""The one owner of the connections a registry uses.
+
+Statements on ``data_keys`` run on the registry's own pool (see
+connections.py), or, while a block runs `pinned` to the application's
+connection (an Alembic migration's), on that connection inside its
+transaction. Jobs on the application's tables (re-encryption, census) use the
+application's engine, or that same pinned connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.util.concurrency import in_greenlet
+
+from ..errors import ConfigurationError
+from . import transactions
+from .connections import KeyConnections, statement_connection
+
+__all__ = ["KeyStore"]
+
+T = TypeVar("T")
+
+
+class KeyStore:
+    """Named ways to reach the database: `read`, `write`, `try_write`
+    (without waiting for locks), `try_write_in_statement` (on the connection of
+    the application statement being executed), and `connect`/`begin` for work
+    on the application's own tables."""
+
+    def __init__(self, engine: Engine, table: sa.Table) -> None:
+        self.engine = engine
+        self.table = table
+        self._keys = KeyConnections(engine)
+        self._pinned: ContextVar[Connection | None] = ContextVar("envelope_pinned", default=None)
+
+    @property
+    def pinned(self) -> bool:
+        """Whether this thread or task works on a pinned application connection."""
+        return self._pinned.get() is not None
+
+    @contextmanager
+    def pin(self, connection: Connection) -> Iterator[None]:
+        """Do all database work on ``connection``, inside its transaction,
+        while the block runs."""
+        token = self._pinned.set(connection)
+        try:
+            yield
+        finally:
+            self._pinned.reset(token)
+
+    def _call(self, work: Callable[[Engine | Connection], T]) -> T:
+        pinned = self._pinned.get()
+        if pinned is not None:
+            return work(pinned)
+        engine = self._keys.engine
+        return self._keys.call(lambda: work(engine))
+
+    def read(self, query: Callable[[Connection], T]) -> T:
+        """Run a read of data_keys."""
+
+        def read(bind: Engine | Connection) -> T:
+            if isinstance(bind, Connection):
+                return query(bind)
+            with bind.connect() as conn:
+                return query(conn)
+
+        return self._explained(lambda: self._call(read))
+
+    def write(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` in a transaction of its own (retried on contention),
+        or in the pinned connection's."""
+        return self._explained(lambda: self._call(lambda bind: transactions.run(bind, work)))
+
+    def try_write(self, work: Callable[[Connection], T]) -> T | transactions.Busy:
+        """`write`, unless it would wait for a lock: then `transactions.BUSY`."""
+        return self._call(lambda bind: transactions.attempt(bind, work))
+
+    def try_write_in_statement(
+        self, statement: sa.Update, undo: Callable[[], None]
+    ) -> int | transactions.Busy | None:
+        """On SQLite, run ``statement`` on the connection of the application
+        statement being executed, inside its transaction if one is open
+        (``undo`` runs if that is rolled back); None when there is no such
+        connection to use. Rowcount, or `transactions.BUSY`."""
+        conn = self._statement_connection()
+        if conn is None:
+            return None
+        return transactions.attempt_within(conn, statement, undo)
+
+    def _statement_connection(self) -> Connection | None:
+        if self.engine.dialect.name != "sqlite" or self._pinned.get() is not None:
+            return None
+        conn = statement_connection()
+        if conn is None or conn.closed or conn.invalidated or conn.engine.url != self.engine.url:
+            return None
+        if conn.dialect.is_async and not in_greenlet():
+            return None
+        return conn
+
+    @contextmanager
+    def connect(self) -> Iterator[Connection]:
+        """A connection to the application's database, for reading its tables."""
+        pinned = self._pinned.get()
+        if pinned is not None:
+            yield pinned
+            return
+        with self.engine.connect() as conn:
+            yield conn
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """A transaction on the application's database, for writing its tables."""
+        pinned = self._pinned.get()
+        if pinned is not None:
+            yield pinned
+            return
+        with self.engine.begin() as conn:
+            yield conn
+
+    def create_table(self) -> None:
+        try:
+            self._call(lambda bind: self.table.create(bind, checkfirst=True))
+        except sa.exc.DBAPIError:
+            # Another process created it between our check and our CREATE.
+            if not self._call(lambda bind: sa.inspect(bind).has_table(self.table.name)):
+                raise
+
+    def _explained(self, statement: Callable[[], T]) -> T:
+        """Run ``statement``; if it fails because data_keys is missing, say so."""
+        try:
+            return statement()
+        except sa.exc.DBAPIError as error:
+            if self._pinned.get() is not None:
+                raise  # a failed statement aborted the pinned transaction
+            if self._call(lambda bind: sa.inspect(bind).has_table(self.table.name)):
+                raise
+            name = "AsyncKeyRegistry" if self.engine.dialect.is_async else "KeyRegistry"
+            raise ConfigurationError(
+                f"table {self.table.name!r} does not exist: call {name}.init() "
+                "(or run `sqlalchemy-envelope init`, or the Alembic migration) first"
+            ) from error
+
+    def after_fork(self) -> None:
+        """In a forked child: open connections of its own."""
+        self.engine.dispose(close=False)
+        self._keys.after_fork()
+
+    def close(self) -> None:
+        self._keys.close()

@@ -1,0 +1,189 @@
+"""Key administration that looks at stored values: the census, the guard
+that keeps a key from being destroyed while rows need it, status and
+maintenance."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import replace
+from datetime import timedelta
+
+from sqlalchemy.engine import Connection
+
+from ..crypto import format as fmt
+from ..errors import KeyInUseError, KeyStateError, RootKeyAccessDeniedError, RootKeyUnavailableError
+from ..keys import lifecycle, storage
+from ..keys.admin import KeyAdmin
+from ..keys.rootkey import CheckableRootKey
+from ..keys.storage import KeyRow, KeyState
+from . import census
+from .census import ColumnCensus, Target
+from .status import KeyInfo, MaintenanceReport, RegistryStatus
+
+__all__ = ["census_of", "destroy", "maintenance", "status"]
+
+log = logging.getLogger("sqlalchemy_envelope")
+
+
+def _max_age(admin: KeyAdmin) -> timedelta:
+    return timedelta(seconds=admin.keyring.cache.max_age)
+
+
+def _all_keys(admin: KeyAdmin) -> dict[int, KeyRow]:
+    return {row.id: row for row in admin.store.read(lambda c: storage.all_keys(c, admin.table))}
+
+
+def _discover(admin: KeyAdmin, conn: Connection) -> list[census.EncryptedColumnRef]:
+    """Every column of every table that could hold ciphertext, but data_keys."""
+    return census.discover(conn, skip_table=(admin.table.schema, admin.table.name))
+
+
+def census_of(
+    admin: KeyAdmin, targets: Iterable[Target], scope: str | None = None
+) -> list[ColumnCensus]:
+    """Rows per data key of the target columns (every defined encrypted column
+    by default), counted in SQL from the ciphertext headers."""
+    keys = _all_keys(admin)
+    with admin.store.connect() as conn:
+        counts = [census.count(conn, ref, keys) for ref in census.resolve(conn, targets)]
+    if scope is None:
+        return counts
+    return [replace(c, keys=tuple(k for k in c.keys if k.scope == scope)) for c in counts]
+
+
+def _census_everywhere(admin: KeyAdmin) -> list[ColumnCensus]:
+    """Columns anywhere in the database (models or not) that hold values
+    under a data key: what the destroy guard checks, counted the same way."""
+    keys = _all_keys(admin)
+    with admin.store.connect() as conn:
+        counts = [census.count(conn, ref, keys) for ref in _discover(admin, conn)]
+    return [c for c in counts if c.keys or c.unknown_key_rows]
+
+
+def destroy(
+    admin: KeyAdmin, scope: str, version: int, *, force: bool, columns: Iterable[Target]
+) -> KeyRow:
+    """Erase a retired or disabled key's wrapped key, unless rows or writers
+    may still need it (``force`` crypto-shreds on purpose)."""
+    row = admin.row(scope, version)
+    lifecycle.target_state("destroy", row.state, version, scope)
+    if not force and row.state is not KeyState.DESTROYED:
+        _guard_destroy(admin, row, columns)
+    after = admin.transition("destroy", scope, version)
+    log.warning("destroyed data key version %d of scope %r", version, scope)
+    return after
+
+
+def _guard_destroy(admin: KeyAdmin, row: KeyRow, columns: Iterable[Target]) -> None:
+    max_age = _max_age(admin)
+    quiet_for = admin.keyring.now() - row.state_changed_at
+    if quiet_for < max_age:
+        raise KeyStateError(
+            f"data key version {row.version} of scope {row.scope!r} changed state "
+            f"{quiet_for.total_seconds():.0f}s ago; processes may still be writing under "
+            f"it until their caches refresh ({max_age.total_seconds():.0f}s): "
+            "wait, then take the census again"
+        )
+    headers = [fmt.header(row.id), fmt.header(row.id, fmt.DETERMINISTIC_VERSION)]
+    with admin.store.connect() as conn:
+        targets = list(columns)
+        refs = census.resolve(conn, targets) if targets else _discover(admin, conn)
+        counts = {
+            ref.qualified_name: sum(census.rows_under(conn, ref, h) for h in headers)
+            for ref in refs
+        }
+    in_use = {name: n for name, n in counts.items() if n}
+    if in_use:
+        raise KeyInUseError(row.version, row.scope, in_use)
+
+
+def status(admin: KeyAdmin, scope: str, *, with_census: bool = False) -> RegistryStatus:
+    """A scope's keys, its rotation policy and the root key; with
+    ``with_census``, the rows under each key version anywhere in the database."""
+    keyring = admin.keyring
+
+    def read(conn: Connection) -> list[KeyRow]:
+        admin.wrapper.check(conn)
+        return storage.all_keys(conn, admin.table, scope)
+
+    rows = admin.store.read(read)
+    active = next((r for r in rows if r.state is KeyState.ACTIVE), None)
+    columns = tuple(_census_everywhere(admin)) if with_census else None
+    rows_by_version: dict[int, int] | None = None
+    if columns is not None:
+        by_id = {r.id: r.version for r in rows}
+        counts: Counter[int] = Counter()
+        for column in columns:
+            for key in column.keys:
+                if key.key_id in by_id:
+                    counts[by_id[key.key_id]] += key.rows
+        rows_by_version = dict(counts)
+    now = keyring.now()
+    policy = keyring.policy
+    return RegistryStatus(
+        scope=scope,
+        active_version=None if active is None else active.version,
+        active_key_id=None if active is None else active.id,
+        active_age=None if active is None else now - active.created_at,
+        active_encryptions=None if active is None else active.encryptions,
+        rotation_due=(
+            None if active is None else policy.reason(active.created_at, active.encryptions, now)
+        ),
+        rotate_after=policy.rotate_after,
+        max_encryptions=policy.max_encryptions,
+        root_key_fingerprint=admin.wrapper.fingerprint,
+        root_key_description=admin.wrapper.root_key.description,
+        cache_max_age=_max_age(admin),
+        keys=tuple(KeyInfo.from_row(r) for r in rows),
+        keys_by_state=dict(Counter(r.state.value for r in rows)),
+        root_key_problem=_root_key_problem(admin),
+        cached_keys=len(keyring.cache.by_header),
+        rows_by_version=rows_by_version,
+        columns=columns,
+    )
+
+
+def _root_key_problem(admin: KeyAdmin) -> str | None:
+    root_key = admin.wrapper.root_key
+    if not isinstance(root_key, CheckableRootKey):
+        return None
+    try:
+        root_key.check()
+    except (RootKeyUnavailableError, RootKeyAccessDeniedError) as error:
+        return str(error)
+    return None
+
+
+def maintenance(admin: KeyAdmin, scope: str) -> MaintenanceReport:
+    """Rotate if the policy says so, and report which old keys no row needs
+    any more. Deletes nothing."""
+    due = status(admin, scope)
+    rotated = None
+    if due.rotation_due is not None and due.active_key_id is not None:
+        new = admin.rotate_if(scope, due.active_key_id)
+        rotated = None if new is None else KeyInfo.from_row(new)
+    current = status(admin, scope, with_census=True)
+    referenced = current.rows_by_version or {}
+    now = admin.keyring.now()
+    max_age = _max_age(admin)
+    destroyable = tuple(
+        key.version
+        for key in current.keys
+        if key.state in (KeyState.RETIRED, KeyState.DISABLED)
+        and not referenced.get(key.version)
+        and now - key.state_changed_at >= max_age
+    )
+    still_referenced = {
+        key.version: referenced[key.version]
+        for key in current.keys
+        if key.state in (KeyState.RETIRED, KeyState.DISABLED) and referenced.get(key.version)
+    }
+    return MaintenanceReport(
+        scope=scope,
+        rotated=rotated,
+        rotation_reason=due.rotation_due if rotated is not None else None,
+        destroyable=destroyable,
+        still_referenced=still_referenced,
+    )
