@@ -2,7 +2,8 @@
 
 Cached `DataKey` objects are immutable. Refreshing or invalidating a key swaps
 the reference in a dict, so a thread that is encrypting with a key it already
-holds is never disturbed (the seed zeroed key bytes in place under it).
+holds is never disturbed (zeroing key bytes in place would pull them from
+under an encryption in flight).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from ..crypto.primitives import AESGCM
@@ -86,10 +87,6 @@ class KeyCache:
             if current is not None and current.id == key.id:
                 self.active.pop(key.scope, None)
         return key
-
-    def renewed(self, key: DataKey) -> DataKey:
-        """The same key, fresh for another ``max_age``, reusing its cipher object."""
-        return self.put(replace(key, fresh_until=self.expiry()))
 
     def clear(self) -> None:
         # In place: the registry's hot path holds references to these dicts.
