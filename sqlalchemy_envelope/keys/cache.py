@@ -3,7 +3,7 @@ indexes and deterministic columns, with everything derived from them.
 
 Every entry carries ``fresh_until``, a monotonic time after which its row is
 read again; `fresh` is the one freshness rule. A shred or destroy replaces a
-scope's entries with unusable ones (`forget_scope`), and any other process
+scope's entries with unusable ones (`forget_scopes`), and any other process
 sees the change when its entries go stale. Entries are immutable: refreshing
 or invalidating one swaps the reference in a dict, so a thread encrypting
 with a key it already holds is never disturbed.

@@ -246,7 +246,7 @@ class PBKDF2RootKey:
 
     @property
     def strength(self) -> str:
-        """The seed's GetKeyStrength: the root key's size and work factor."""
+        """The root key's size and work factor, for people."""
         return (
             f"AES-{self.key_length * 8} from PBKDF2-HMAC-SHA256 with {self.iterations:,} iterations"
         )

@@ -21,6 +21,7 @@ from ..crypto import format as fmt
 from ..errors import ConfigurationError
 from ..keys.storage import KeyRow
 from ..sqla import columns
+from .report import Report
 
 __all__ = ["ColumnCensus", "KeyRows", "Target", "count", "discover", "resolve", "rows_under"]
 
@@ -54,7 +55,7 @@ class EncryptedColumnRef:
 
 
 @dataclass(frozen=True)
-class KeyRows:
+class KeyRows(Report):
     """Rows of one column under one data key."""
 
     key_id: int
@@ -63,18 +64,9 @@ class KeyRows:
     version: int | None = None
     state: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "key_id": self.key_id,
-            "scope": self.scope,
-            "version": self.version,
-            "state": self.state,
-            "rows": self.rows,
-        }
-
 
 @dataclass(frozen=True)
-class ColumnCensus:
+class ColumnCensus(Report):
     """One encrypted column: rows per data key, NULLs, and values that are not
     ciphertext. ``unknown_key_rows`` counts values whose header names a key
     data_keys does not hold; those key ids are not kept (for a legacy
@@ -89,16 +81,6 @@ class ColumnCensus:
 
     def rows_under(self, key_id: int) -> int:
         return sum(k.rows for k in self.keys if k.key_id == key_id)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "column": self.column,
-            "rows": self.rows,
-            "nulls": self.nulls,
-            "not_ciphertext": self.not_ciphertext,
-            "unknown_key_rows": self.unknown_key_rows,
-            "keys": [k.to_dict() for k in self.keys],
-        }
 
 
 def with_context(ref: EncryptedColumnRef, context: str) -> EncryptedColumnRef:

@@ -43,6 +43,7 @@ from ..keys.envelope import Envelope
 from ..sqla import mysql_text
 from . import census
 from .census import EncryptedColumnRef, Target
+from .report import Report, plain_fields
 
 __all__ = ["LeftRow", "MigrationReport", "explain", "run"]
 
@@ -84,7 +85,9 @@ def explain(reason: str) -> str:
     return _REASONS.get(reason, "does not decrypt")
 
 
-def _jsonable(value: Any) -> Any:
+def _key_part(value: Any) -> Any:
+    """A part of a primary key as JSON holds it: itself if JSON has its type,
+    else its text (as `_key_form` compares it, so a report's key matches)."""
     return value if value is None or isinstance(value, bool | int | float | str) else str(value)
 
 
@@ -97,7 +100,7 @@ def _key_form(key: Any) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class LeftRow:
+class LeftRow(Report):
     """One value left as it was: its column, its row's primary key (in key
     column order) and why (``explain(reason)`` says it in words)."""
 
@@ -110,18 +113,14 @@ class LeftRow:
         key, else a JSON array."""
         if len(self.primary_key) == 1 and not str(self.primary_key[0]).startswith("["):
             return str(self.primary_key[0])
-        return json.dumps([_jsonable(v) for v in self.primary_key])
+        return json.dumps([_key_part(v) for v in self.primary_key])
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "column": self.column,
-            "primary_key": [_jsonable(v) for v in self.primary_key],
-            "reason": self.reason,
-        }
+        return {**super().to_dict(), "primary_key": [_key_part(v) for v in self.primary_key]}
 
 
 @dataclass
-class MigrationReport:
+class MigrationReport(Report):
     """What a re-encrypt (or decrypt) job did.
 
     ``values_by_version`` counts values moved off each old key version;
@@ -204,24 +203,23 @@ class MigrationReport:
         self._listed = {}
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "columns": self.columns,
-            "rows_scanned": self.rows_scanned,
-            "rows_updated": self.rows_updated,
-            "values_by_version": {str(v): n for v, n in sorted(self.values_by_version.items())},
-            "plaintext_encrypted": self.plaintext_encrypted,
-            "values_decrypted": self.values_decrypted,
-            "skipped": self.skipped,
-            "left_behind": self.left_behind,
-            "failures": dict(self.failures),
-            "left_rows": [r.to_dict() for r in self.left_rows],
-            "other_scopes": self.other_scopes,
-            "elapsed_seconds": round(self.elapsed, 3),
-            "rows_per_second": round(self.rows_per_second, 1),
-        }
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
+        return plain_fields(
+            {
+                "columns": self.columns,
+                "rows_scanned": self.rows_scanned,
+                "rows_updated": self.rows_updated,
+                "values_by_version": self.values_by_version,
+                "plaintext_encrypted": self.plaintext_encrypted,
+                "values_decrypted": self.values_decrypted,
+                "skipped": self.skipped,
+                "left_behind": self.left_behind,
+                "failures": self.failures,
+                "left_rows": self.left_rows,
+                "other_scopes": self.other_scopes,
+                "elapsed_seconds": round(self.elapsed, 3),
+                "rows_per_second": round(self.rows_per_second, 1),
+            }
+        )
 
 
 @dataclass(frozen=True)

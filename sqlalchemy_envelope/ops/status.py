@@ -1,23 +1,24 @@
-"""What `KeyRegistry.status` and `KeyRegistry.maintenance` report: the seed's
-GetStatus, GetKeyStatistics and PerformMaintenance, as dataclasses that also
-render as JSON. Nothing here is secret: key ids, versions, states, counts,
-times and the root key's fingerprint."""
+"""What `KeyRegistry.status` and `KeyRegistry.maintenance` report: a scope's
+keys, their use and whether rotation is due; what maintenance rotated and
+which versions may be destroyed. Dataclasses that also render as JSON.
+Nothing here is secret: key ids, versions, states, counts, times and the root
+key's fingerprint."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from ..keys.storage import KeyRow, KeyState
 from .census import ColumnCensus
+from .report import Report, plain_fields
 
 __all__ = ["KeyInfo", "MaintenanceReport", "RegistryStatus"]
 
 
 @dataclass(frozen=True)
-class KeyInfo:
+class KeyInfo(Report):
     """One data key, without its key material."""
 
     id: int
@@ -44,26 +45,9 @@ class KeyInfo:
             state_changed_at=row.state_changed_at,
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "scope": self.scope,
-            "version": self.version,
-            "state": self.state.value,
-            "algorithm": self.algorithm,
-            "root_key_fingerprint": self.root_key_fingerprint,
-            "encryptions": self.encryptions,
-            "created_at": self.created_at.isoformat(),
-            "state_changed_at": self.state_changed_at.isoformat(),
-        }
-
-
-def _seconds(value: timedelta | None) -> float | None:
-    return None if value is None else value.total_seconds()
-
 
 @dataclass(frozen=True)
-class RegistryStatus:
+class RegistryStatus(Report):
     """The registry's view of one scope.
 
     ``active_encryptions`` counts encryptions claimed under the active key by
@@ -100,37 +84,33 @@ class RegistryStatus:
         return self.root_key_problem is None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "scope": self.scope,
-            "active_version": self.active_version,
-            "active_key_id": self.active_key_id,
-            "active_age_seconds": _seconds(self.active_age),
-            "active_encryptions": self.active_encryptions,
-            "rotation_due": self.rotation_due,
-            "rotate_after_seconds": _seconds(self.rotate_after),
-            "max_encryptions": self.max_encryptions,
-            "root_key_fingerprint": self.root_key_fingerprint,
-            "root_key_description": self.root_key_description,
-            "root_key_available": self.root_key_available,
-            "root_key_problem": self.root_key_problem,
-            "cached_keys": self.cached_keys,
-            "cache_max_age_seconds": self.cache_max_age.total_seconds(),
-            "keys_by_state": dict(self.keys_by_state),
-            "keys": [key.to_dict() for key in self.keys],
-            "rows_by_version": (
-                None
-                if self.rows_by_version is None
-                else {str(v): n for v, n in sorted(self.rows_by_version.items())}
-            ),
-            "columns": None if self.columns is None else [c.to_dict() for c in self.columns],
-        }
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
+        # Durations in seconds, named so.
+        return plain_fields(
+            {
+                "scope": self.scope,
+                "active_version": self.active_version,
+                "active_key_id": self.active_key_id,
+                "active_age_seconds": self.active_age,
+                "active_encryptions": self.active_encryptions,
+                "rotation_due": self.rotation_due,
+                "rotate_after_seconds": self.rotate_after,
+                "max_encryptions": self.max_encryptions,
+                "root_key_fingerprint": self.root_key_fingerprint,
+                "root_key_description": self.root_key_description,
+                "root_key_available": self.root_key_available,
+                "root_key_problem": self.root_key_problem,
+                "cached_keys": self.cached_keys,
+                "cache_max_age_seconds": self.cache_max_age,
+                "keys_by_state": self.keys_by_state,
+                "keys": self.keys,
+                "rows_by_version": self.rows_by_version,
+                "columns": self.columns,
+            }
+        )
 
 
 @dataclass(frozen=True)
-class MaintenanceReport:
+class MaintenanceReport(Report):
     """What `KeyRegistry.maintenance` did and found. It never deletes a key:
     ``destroyable`` lists retired or disabled versions that no row needs and
     that no process can still be writing under; ``still_referenced`` lists
@@ -141,15 +121,3 @@ class MaintenanceReport:
     rotation_reason: str | None
     destroyable: tuple[int, ...]
     still_referenced: dict[int, int]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "scope": self.scope,
-            "rotated": None if self.rotated is None else self.rotated.to_dict(),
-            "rotation_reason": self.rotation_reason,
-            "destroyable": list(self.destroyable),
-            "still_referenced": {str(v): n for v, n in sorted(self.still_referenced.items())},
-        }
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)

@@ -59,7 +59,7 @@ from ..errors import (
 )
 from ..keys.envelope import Envelope
 from . import binding
-from .expressions import EnvelopeColumnType, Kind, _extend, check_written, is_value
+from .expressions import EnvelopeColumnType, Kind, check_written, extend_compilation, is_value
 
 __all__ = ["NORMALIZERS", "BlindDigest", "BlindIndex", "blind_index", "blind_index_column"]
 
@@ -968,7 +968,7 @@ def _compile_update(before: Callable[..., str], update: Any, compiler: Any, **kw
     return before(update, compiler, **kw)
 
 
-_extend(Update, _compile_update)
+extend_compilation(Update, _compile_update)
 
 
 def _source_keys(mapper: Mapper[Any], index: BlindIndex) -> list[str]:

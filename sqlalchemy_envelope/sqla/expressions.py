@@ -461,7 +461,7 @@ def _original(element: Any, compiler: SQLCompiler, **kw: Any) -> str:
     return element._original_compiler_dispatch(compiler, **kw)  # type: ignore[no-any-return]
 
 
-def _extend(class_: type[Any], extension: Callable[..., str]) -> None:
+def extend_compilation(class_: type[Any], extension: Callable[..., str]) -> None:
     """Compile ``class_`` through ``extension(before, element, compiler, **kw)``,
     where ``before`` is how it compiled until now: SQLAlchemy's own
     compilation, or one another library registered."""
@@ -603,15 +603,15 @@ _WITH_ORDER_BY: list[type[Any]] = [elements.Over, elements.WithinGroup, aggregat
 if hasattr(elements, "AggregateOrderBy"):  # SQLAlchemy 2.1
     _WITH_ORDER_BY.append(elements.AggregateOrderBy)
 
-_extend(elements.BinaryExpression, _checked(_check_binary))
-_extend(Select, _checked(_check_statement))
-_extend(CompoundSelect, _checked(_check_statement))
+extend_compilation(elements.BinaryExpression, _checked(_check_binary))
+extend_compilation(Select, _checked(_check_statement))
+extend_compilation(CompoundSelect, _checked(_check_statement))
 for _class in _WITH_ORDER_BY:
-    _extend(_class, _checked(_check_ordered))
-_extend(Insert, _checked(_check_writes))
-_extend(Update, _checked(_check_writes))
-_extend(Case, _checked(_check_case))
-_extend(Cast, _checked(_check_cast))
+    extend_compilation(_class, _checked(_check_ordered))
+extend_compilation(Insert, _checked(_check_writes))
+extend_compilation(Update, _checked(_check_writes))
+extend_compilation(Case, _checked(_check_case))
+extend_compilation(Cast, _checked(_check_cast))
 for _class in _ONE_OF_ARGUMENTS:
-    _extend(_class, _checked(_check_arguments))
-_extend(elements.BindParameter, _compile_bind)
+    extend_compilation(_class, _checked(_check_arguments))
+extend_compilation(elements.BindParameter, _compile_bind)

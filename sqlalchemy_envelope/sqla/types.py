@@ -55,9 +55,10 @@ RAISE: Any = _Raise()
 `DestroyedKeyError`. Pass any other value to read that instead."""
 
 
-class _ColumnBinding:
-    """The column a type instance serves, shared with the per-dialect copies
-    SQLAlchemy makes of it, so that all of them use one context."""
+class _Attachment:
+    """The table column a type instance is attached to, shared with the
+    per-dialect copies SQLAlchemy makes of it, so that all of them use one
+    context."""
 
     __slots__ = ("column", "explicit", "owner")
 
@@ -159,7 +160,7 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         # Whether the ORM sends None rather than leave the column out of an
         # INSERT: the wrapped type's choice (JSON's unless none_as_null).
         self.should_evaluate_none = bool(value_type.should_evaluate_none)
-        self._binding = _ColumnBinding(self, context)
+        self._attachment = _Attachment(self, context)
         self.impl = self._storage_type()
 
     def _storage_type(self) -> TypeEngine[Any]:
@@ -195,12 +196,12 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
 
     @property
     def envelope_column(self) -> str:
-        return self._binding.name()
+        return self._attachment.name()
 
     @property
     def envelope_values(self) -> Hashable | None:
         try:
-            context = self._binding.context()
+            context = self._attachment.context()
         except ConfigurationError:
             return None
         return (self.envelope_kind, context, self.storage, self.bind_scope)
@@ -237,20 +238,20 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         super()._set_parent(parent, outer=outer, **kw)
         if not isinstance(parent, sa.Column):
             return
-        if self._binding.owner is not self:
+        if self._attachment.owner is not self:
             # A copy made by Column._copy() (mixins, to_metadata): its own column.
-            self._binding = _ColumnBinding(self, self.context)
-        elif self._binding.column is not None and self._binding.column is not parent:
+            self._attachment = _Attachment(self, self.context)
+        elif self._attachment.column is not None and self._attachment.column is not parent:
             raise ConfigurationError(
                 "one EncryptedType instance was given to two columns; create one "
                 "EncryptedType per column"
             )
-        self._binding.column = parent
+        self._attachment.column = parent
         columns.remember(
             parent,
             columns.ColumnInfo(
                 self.storage,
-                self._binding.context,
+                self._attachment.context,
                 self.migrating,
                 self.deterministic,
                 self.bind_scope,
@@ -261,11 +262,11 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
 
     def _where(self) -> str:
         """What errors about a value name: the column and the wrapped type."""
-        return f"{self._binding.name()} ({_label(self.value_type)})"
+        return f"{self._attachment.name()} ({_label(self.value_type)})"
 
     def bind_processor(self, dialect: Dialect) -> Any:
         encode = self._codec.encode
-        context = self._binding.context()
+        context = self._attachment.context()
         where = self._where()
         # Every plaintext must fit the storage sized for it: no database ever
         # sees a longer value (MySQL in non-strict mode would cut it short).
@@ -321,7 +322,7 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
 
     def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
         decode = self._codec.decode
-        context = self._binding.context()
+        context = self._attachment.context()
         slot = binding.slot_for(dialect)
         decrypt = slot.decrypt
         if self.deterministic:
@@ -365,18 +366,18 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         if text or migrating or self.deterministic or self.bind_scope or impl is not None:
             return process
 
-        bound: tuple[Any, Any] = (None, None)  # a registry and its decryptor for this column
+        cached: tuple[Any, Any] = (None, None)  # a registry and its decryptor for this column
 
         def process_common(value: Any) -> Any:
             # The common case in one frame: bytes from the driver, one
             # registry serving the engine. Anything else takes the full path.
-            nonlocal bound
+            nonlocal cached
             registry = slot.sole
             if registry is None or value.__class__ is not bytes:
                 return None if value is None else process(value)
-            pair = bound
+            pair = cached
             if pair[0] is not registry:
-                pair = bound = (registry, registry.decryptor(context))
+                pair = cached = (registry, registry.decryptor(context))
             try:
                 plaintext = pair[1](value)
             except DestroyedKeyError:
