@@ -244,7 +244,7 @@ def test_scoped_and_context_columns_by_name_on_the_command_line(
 
     cli("reencrypt", "memos.body", "--models", "no_such_models", code=2)
     assert "cannot import the models module 'no_such_models'" in cli.outputs[-1]
-    report = cli.json("--scope", "acme", "reencrypt", "memos.body", "--models", MODELS,
+    report = cli.json("--models", MODELS, "--scope", "acme", "reencrypt", "memos.body",
                       PYTHONPATH=TESTS)  # fmt: skip
     assert report["left_behind"] == 0 and report["values_by_version"] == {"1": 4}
     report = cli.json("reencrypt", "memos.note", "--scope", "acme",
