@@ -20,7 +20,10 @@ It registers, through Alembic's own extension points:
 
 The data operations find the root key in the ``ENVELOPE_*`` variables (or
 use the registry already attached to the migration's engine) and do all their
-work on the migration's own connection and transaction.
+work on the migration's own connection and transaction. ``encrypt_column`` and
+``decrypt_column`` name the column: its options (context, deterministic,
+bind_scope) come from the models env.py imports, else the defaults are
+assumed, and values that do not decrypt with them are left (UnknownDefinition).
 """
 
 from __future__ import annotations

@@ -2,10 +2,12 @@
 
 The database URL comes from ``--url`` or ``DATABASE_URL``; the root key from
 the ``ENVELOPE_*`` variables (``ENVELOPE_NEW_*`` for ``rewrap``). It works by
-reflection, so no models are needed. Output is for people by default and JSON
-with ``--json``; nothing secret is ever printed. The options ``--url``,
-``--scope``, ``--table``, ``--cache-max-age`` and ``--json`` go before or after
-the command; after it, they win.
+reflection; ``--models`` (``ENVELOPE_MODELS``, or the ``sqlalchemy_envelope.models``
+entry points) imports the application's models, which give the columns named
+TABLE.COLUMN their definitions (context, deterministic, bind_scope...). Output
+is for people by default and JSON with ``--json``; nothing secret is ever
+printed. The options ``--url``, ``--scope``, ``--table``, ``--cache-max-age``,
+``--models`` and ``--json`` go before or after the command; after it, they win.
 
 Exit codes: 0 done; 1 the library refused (wrong root key, a value that does
 not decrypt...); 2 bad usage or configuration; 3 refused by a safety guard
@@ -18,8 +20,10 @@ line: the command and the driver's reason, never the statement's values).
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import json
 import logging
+import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
@@ -63,14 +67,24 @@ class _Unreachable(Exception):
     driver's cause, without the URL's password."""
 
 
+MODELS_ENTRY_POINTS = "sqlalchemy_envelope.models"
+
+
 class Context:
     def __init__(
-        self, url: str | None, scope: str, table: str, cache_max_age: float, as_json: bool
+        self,
+        url: str | None,
+        scope: str,
+        table: str,
+        cache_max_age: float,
+        models: tuple[str, ...],
+        as_json: bool,
     ) -> None:
         self.url = url
         self.scope = scope
         self.table = table
         self.cache_max_age = cache_max_age
+        self.models = models
         self.as_json = as_json
 
     @property
@@ -78,6 +92,7 @@ class Context:
         return None if self.scope == DEFAULT_SCOPE else self.scope
 
     def registry(self) -> KeyRegistry:
+        self.load_models()
         return KeyRegistry.from_env(
             self._engine(),
             scope=self.scope,
@@ -119,11 +134,49 @@ class Context:
             ) from None
         return engine
 
+    def load_models(self) -> None:
+        """Import the application's models (``--models``, else
+        ``ENVELOPE_MODELS``, and the ``sqlalchemy_envelope.models`` entry
+        points): their encrypted columns are the definitions a job by
+        TABLE.COLUMN uses."""
+        given = self.models or (os.environ.get("ENVELOPE_MODELS", ""),)
+        for name in (n.strip() for value in given for n in value.split(",")):
+            if name:
+                _import(name, f"the models module {name!r} (--models, ENVELOPE_MODELS)")
+        for entry in importlib.metadata.entry_points(group=MODELS_ENTRY_POINTS):
+            try:
+                entry.load()
+            except Exception as error:
+                raise ConfigurationError(
+                    f"cannot load the {MODELS_ENTRY_POINTS} entry point {entry.name!r} "
+                    f"({entry.value}): {_import_failure(error)}"
+                ) from None
+
     def emit(self, data: dict[str, Any], text: str) -> None:
         click.echo(json.dumps(data, indent=2) if self.as_json else text)
 
 
 _SYNC = {"postgresql": "postgresql+psycopg://", "sqlite": "sqlite://", "mysql": "mysql+pymysql://"}
+
+
+def _import(name: str, what: str) -> Any:
+    """Import a module of the application, from the working directory too (as
+    ``python -m`` would): a failure is a configuration error naming it."""
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    try:
+        return importlib.import_module(name)
+    except Exception as error:
+        raise ConfigurationError(f"cannot import {what}: {_import_failure(error)}") from None
+
+
+def _import_failure(error: Exception) -> str:
+    """Why an import failed: an ImportError's text (a module's name); of any
+    other error raised by the module's own code only its type, as its text
+    may hold anything (a setting, a secret)."""
+    if isinstance(error, ImportError):
+        return str(error)
+    return f"it raised {type(error).__name__} (import it in Python to see why)"
 
 
 def _without(password: str | None, error: BaseException | None) -> str:
@@ -147,6 +200,13 @@ _OPTIONS: list[tuple[str, str, dict[str, Any], str]] = [
         {"type": float},
         "seconds; the longest cache_max_age of your applications (destroy waits it out)",
     ),
+    (
+        "--models",
+        "models",
+        {"multiple": True, "metavar": "MODULE"},
+        "a module of the application's models to import, so that TABLE.COLUMN gets its "
+        "column's definition (repeatable) [env: ENVELOPE_MODELS, comma-separated]",
+    ),
     ("--json", "as_json", {"is_flag": True}, "machine-readable output"),
 ]
 _GROUP_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -166,7 +226,7 @@ def _group_options(group: Callable[..., Any]) -> Callable[..., Any]:
 
 def _override(name: str) -> Callable[[click.Context, click.Parameter, Any], None]:
     def callback(ctx: click.Context, param: click.Parameter, value: Any) -> None:
-        if value is not None and value is not False:
+        if value is not None and value is not False and value != ():
             setattr(ctx.find_object(Context), name, value)
 
     return callback
@@ -300,13 +360,14 @@ def main(
     scope: str,
     table: str,
     cache_max_age: float,
+    models: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Manage envelope-encryption keys and encrypted columns."""
     # psycopg logs its own warning beside the error the command reports (an
     # aborted pipeline): the error is reported once, in one line.
     logging.getLogger("psycopg").setLevel(logging.ERROR)
-    ctx.obj = Context(url, scope, table, cache_max_age, as_json)
+    ctx.obj = Context(url, scope, table, cache_max_age, models, as_json)
 
 
 @main.command()
@@ -558,12 +619,11 @@ def backfill_index(c: Context, target: str, batch_size: int) -> None:
         module_name, _, path = target.partition(":")
         if not module_name or not path:
             raise ConfigurationError("name the index as module:Class.attribute")
-        sys.path.insert(0, "")
+        found: Any = _import(module_name, f"the index {target!r}")
         try:
-            found: Any = importlib.import_module(module_name)
             for part in path.split("."):
                 found = getattr(found, part)
-        except (ImportError, AttributeError) as error:
+        except AttributeError as error:
             raise ConfigurationError(f"cannot find the index {target!r}: {error}") from None
         report = c.registry().backfill_index(found, batch_size=batch_size)
         c.emit(report.to_dict(), _report_text(report))

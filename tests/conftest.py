@@ -269,6 +269,7 @@ MARIADB_MODULES = frozenset(
         "test_alembic",
         "test_codec",
         "test_shredding",
+        "test_column_definitions",
     }
 )
 

@@ -230,9 +230,10 @@ def test_named_rows_by_composite_key_never_overwrite_this_registrys_ciphertext(
 def test_named_rows_under_a_known_key_are_never_taken_as_plaintext(
     db_url: str, tmp_path: Path
 ) -> None:
-    """A job by name reflects the default options, so values of a bind_scope
-    or context column fail authentication; naming their rows as plaintext
-    must not encrypt the ciphertext again (the value would be lost)."""
+    """A job by name without the models assumes the default options, so
+    values of a bind_scope or context column fail authentication; naming
+    their rows as plaintext must not encrypt the ciphertext again (the value
+    would be lost). With the models, by name or not, they move."""
     cli = Cli(db_url, tmp_path)
     cli("init")
     engine = sa.create_engine(db_url)
@@ -245,13 +246,6 @@ def test_named_rows_under_a_known_key_are_never_taken_as_plaintext(
     before = {c: _stored(engine, raw, c) for c in ("body", "mail")}
     registry.rotate("acme")
 
-    listed = {"records.body": [1], "records.mail": [1]}
-    for _ in range(2):
-        report = registry.reencrypt(
-            "records.body", "records.mail", scope="acme", plaintext_rows=listed
-        )
-        assert report.plaintext_encrypted == 0 and report.failures == {"DecryptionError": 2}
-        assert {c: _stored(engine, raw, c) for c in ("body", "mail")} == before
     text = cli(
         "--scope",
         "acme",
@@ -264,12 +258,17 @@ def test_named_rows_under_a_known_key_are_never_taken_as_plaintext(
         "records.mail=1",
         code=4,
     )
-    assert "records.body=1: DecryptionError" in text and "records.mail=1: DecryptionError" in text
-    assert "run again with --plaintext-row" not in text and "models" in text
+    assert "records.body=1: UnknownDefinition" in text
+    assert "records.mail=1: UnknownDefinition" in text
+    assert "run again with --plaintext-row" not in text and "--models" in text
     assert {c: _stored(engine, raw, c) for c in ("body", "mail")} == before
 
-    moved = registry.reencrypt(Record, scope="acme")  # with the models: their options
+    listed = {"records.body": [1], "records.mail": [1]}
+    moved = registry.reencrypt(  # in this process, the models give their options
+        "records.body", "records.mail", scope="acme", plaintext_rows=listed
+    )
     assert moved.values_by_version == {1: 2} and moved.left_behind == 0
+    assert moved.plaintext_encrypted == 0
     with sqlalchemy_envelope.scope("acme"), Session(engine) as session:
         for _ in range(2):
             rows = session.execute(sa.select(Record.body, Record.mail).where(Record.id == 1))
@@ -568,9 +567,9 @@ def test_decrypt_in_place_refuses_values_that_are_not_strings_or_bytes(
     db_url: str, tmp_path: Path
 ) -> None:
     """Decrypt in place writes strings (text storage) and bytes (binary
-    storage): a model's non-string column is refused by name, and by name
-    (type unknown) a text value that is not UTF-8 text without NUL is left
-    behind, never written in an internal encoding."""
+    storage): a model's non-string column is refused, also by name, and by
+    name without the models (type unknown) a text value that is not UTF-8
+    text without NUL is left behind, never written in an internal encoding."""
     cli = Cli(db_url, tmp_path)
     cli("init")
     engine = sa.create_engine(db_url)
@@ -581,15 +580,15 @@ def test_decrypt_in_place_refuses_values_that_are_not_strings_or_bytes(
         session.commit()
     raw = _raw(engine, "counters")
     before = {c: _stored(engine, raw, c) for c in ("as_text", "as_bytes")}
-    for target in (Counter, Counter.as_text, Counter.as_bytes):
+    for target in (Counter, Counter.as_text, Counter.as_bytes, "counters.as_text"):
         with pytest.raises(ConfigurationError, match=r"counters\.as_(text|bytes)"):
             registry.decrypt_in_place(target)
     for _ in range(2):
-        report = registry.decrypt_in_place("counters.as_text")
-        assert report.values_decrypted == 0 and report.failures == {"NotText": 2}
-        assert report.left_rows == [
-            LeftRow("counters.as_text", (1,), "NotText"),
-            LeftRow("counters.as_text", (2,), "NotText"),
+        report = cli.json("decrypt-in-place", "counters.as_text", "--yes", code=4)
+        assert report["values_decrypted"] == 0 and report["failures"] == {"NotText": 2}
+        assert report["left_rows"] == [
+            {"column": "counters.as_text", "primary_key": [1], "reason": "NotText"},
+            {"column": "counters.as_text", "primary_key": [2], "reason": "NotText"},
         ]
     text = cli("decrypt-in-place", "counters.as_text", "--yes", code=4)
     assert "counters.as_text=1: NotText" in text

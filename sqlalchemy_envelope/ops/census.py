@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import binascii
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -31,7 +31,9 @@ Target = Any  # "table.column", a Column, an ORM attribute, a mapped class or a 
 @dataclass(frozen=True)
 class EncryptedColumnRef:
     """Where an encrypted column lives, how it stores values, and the context
-    its values are bound to; found from a model or by reflection."""
+    its values are bound to. ``defined``: taken from the column's definition
+    (its `EncryptedType`); else found by reflection, with the default options
+    assumed, which a job must not trust to change a value's format."""
 
     schema: str | None
     table: str
@@ -42,6 +44,7 @@ class EncryptedColumnRef:
     deterministic: bool = False
     bind_scope: bool = False
     value_kind: str | None = None  # "text", "binary" or "other"; None: unknown (by name)
+    defined: bool = False
 
     @property
     def name(self) -> str:
@@ -99,23 +102,9 @@ def _ref(column: sa.Column[Any], info: columns.ColumnInfo) -> EncryptedColumnRef
         info.migrating,
         info.deterministic,
         info.bind_scope,
-        _value_kind(column),
+        info.value_kind,
+        defined=True,
     )
-
-
-def _value_kind(column: sa.Column[Any]) -> str | None:
-    """What the encrypted column's wrapped type holds, as plaintext: text
-    (strings, enums), binary, or other (numbers, dates... in an internal
-    encoding that is no plain column's value)."""
-    wrapped = getattr(column.type, "value_type", None)
-    if wrapped is None:
-        return None
-    wrapped = sa.types.to_instance(wrapped)
-    if isinstance(wrapped, sa.String):
-        return "text"
-    if isinstance(wrapped, sa.types._Binary):
-        return "binary"
-    return "other"
 
 
 def _encrypted(column: sa.Column[Any]) -> EncryptedColumnRef | None:
@@ -144,7 +133,48 @@ def _by_name(conn: Connection, name: str) -> EncryptedColumnRef:
             "column: it cannot hold ciphertext"
         )
     storage = "binary" if kind is bytes else "text"
-    return EncryptedColumnRef(schema, table, column, storage, f"{table}.{column}".encode())
+    defined = _defined(inspector, schema, table, column)
+    if defined is None:
+        return EncryptedColumnRef(schema, table, column, storage, f"{table}.{column}".encode())
+    if defined.storage != storage:
+        raise ConfigurationError(
+            f"{name}: the loaded models define it with storage={defined.storage!r}, but the "
+            f"database column is {reflected[column]['type']}: are these the models of "
+            "this database?"
+        )
+    return defined
+
+
+def _defined(
+    inspector: sa.Inspector, schema: str | None, table: str, column: str
+) -> EncryptedColumnRef | None:
+    """The definition of ``schema.table.column`` among the loaded models
+    (the connection's default schema matching a table without one), or None
+    if no model defines it. Two that disagree are refused: a job cannot
+    tell which one the column's values were written with."""
+    default = inspector.default_schema_name
+
+    def home(name: str | None) -> str | None:
+        return None if name == default else name
+
+    refs = {
+        replace(_ref(found, info), schema=home(found.table.schema))
+        for found, info in columns.definitions_of(table, column)
+        if home(found.table.schema) == home(schema)
+    }
+    if len(refs) > 1:
+        differ = sorted(
+            f.name
+            for f in fields(EncryptedColumnRef)
+            if len({getattr(r, f.name) for r in refs}) > 1
+        )
+        name = ".".join(p for p in (home(schema), table, column) if p)
+        raise ConfigurationError(
+            f"{name} has {len(refs)} loaded definitions that disagree ({', '.join(differ)}): "
+            "a job cannot tell which one its values were written with; pass the Column or "
+            "ORM attribute instead, or load only this database's models"
+        )
+    return refs.pop() if refs else None
 
 
 def _python_type(column_type: sa.types.TypeEngine[Any]) -> type | None:
@@ -237,17 +267,21 @@ def rows_under(conn: Connection, ref: EncryptedColumnRef, header: bytes) -> int:
 
 def resolve(conn: Connection, targets: Iterable[Target]) -> list[EncryptedColumnRef]:
     """The encrypted columns that ``targets`` name, or, with no targets, every
-    encrypted column the process has defined whose table is in this database."""
+    encrypted column the process has defined whose table is in this database.
+    A column named "table.column" gets its definition from the loaded models
+    when one defines it, else its storage by reflection (``defined`` False)."""
     found: list[EncryptedColumnRef] = []
     targets = list(targets)
     if not targets:
         inspector = sa.inspect(conn)
-        for column, info in columns.defined_columns():
-            ref = _ref(column, info)
-            if inspector.has_table(ref.table, schema=ref.schema) and ref.column in {
-                c["name"] for c in inspector.get_columns(ref.table, schema=ref.schema)
+        names = {(c.table.schema, c.table.name, c.name) for c, _ in columns.defined_columns()}
+        for schema, table, column in sorted(names, key=lambda n: (n[0] or "", n[1], n[2])):
+            if inspector.has_table(table, schema=schema) and column in {
+                c["name"] for c in inspector.get_columns(table, schema=schema)
             }:
-                found.append(ref)
+                ref = _defined(inspector, schema, table, column)
+                if ref is not None:  # None: its model was garbage-collected meanwhile
+                    found.append(ref)
     for target in targets:
         found.extend(_resolve_one(conn, target))
     unique: dict[tuple[str | None, str, str], EncryptedColumnRef] = {}

@@ -50,6 +50,7 @@ __all__ = ["LeftRow", "MigrationReport", "explain", "run"]
 _PASSES = 3  # passes over rows skipped because the application wrote them meanwhile
 LISTED_PER_COLUMN = 100  # rows left behind that a report names, per column
 NOT_STORED = "NotStoredExactly"  # the reason for a value the database changed on writing
+UNKNOWN_DEFINITION = "UnknownDefinition"  # fails authentication, and the job has no definition
 
 _REASONS = {
     "plaintext": (
@@ -57,10 +58,15 @@ _REASONS = {
         "--encrypt-plaintext, or migrating=True)"
     ),
     "DecryptionError": (
-        "fails authentication under a data key of this registry: written with other "
-        "column options (a context, bind_scope) than the job's, or altered; a job "
-        "by TABLE.COLUMN assumes the default options: run it with the application's "
-        "models (registry.reencrypt(Model.column))"
+        "fails authentication under a data key of this registry with the column's "
+        "definition: altered, or written with other options (a context, bind_scope) "
+        "than the column declares now"
+    ),
+    UNKNOWN_DEFINITION: (
+        "does not decrypt with the default options (context TABLE.COLUMN, no bind_scope), "
+        "and the column's definition is unknown (no model loaded defines it): pass "
+        "--models your.models (or the Column/ORM attribute to the API; in a migration, "
+        "import the models in env.py)"
     ),
     "UnknownKeyError": (
         "names a data key that data_keys does not hold: another database's "
@@ -537,6 +543,26 @@ def _same(stored: Any, written: Any) -> bool:
     return bool(stored == written)
 
 
+def _left_reason(ref: EncryptedColumnRef, error: DecryptionError) -> str:
+    """Why a value that does not decrypt is left: its error's type, but a
+    failed authentication in a column known only by name may be the job's
+    ignorance of its context or bind_scope rather than tampering."""
+    if type(error) is DecryptionError and not ref.defined:
+        return UNKNOWN_DEFINITION
+    return type(error).__name__
+
+
+def _seals_deterministic(ref: EncryptedColumnRef, ciphertext: bytes | None) -> bool:
+    """The format a value is (re)sealed in: the column's definition's, or,
+    for a column known only by name, the format the value already has: a job
+    never turns a value into another format on a guess (a deterministic
+    value resealed randomized would no longer read, nor match a lookup).
+    Plaintext by name is sealed with the default options (randomized)."""
+    if ref.defined or ciphertext is None:
+        return ref.deterministic
+    return ciphertext[0] == fmt.DETERMINISTIC_VERSION
+
+
 def _ciphertext_of(ref: EncryptedColumnRef, stored: Any) -> bytes | None:
     """The stored value as ciphertext, or None if it is plaintext."""
     try:
@@ -583,8 +609,10 @@ def _reencrypt_rewrite(
                 keys[key_id] = None
         return keys[key_id]
 
-    def seal(ref: EncryptedColumnRef, plaintext: bytes) -> bytes:
-        if ref.deterministic:
+    def seal(ref: EncryptedColumnRef, plaintext: bytes, ciphertext: bytes | None) -> bytes:
+        """``plaintext`` sealed for the column, in place of ``ciphertext``
+        (None: of legacy plaintext)."""
+        if _seals_deterministic(ref, ciphertext):
             return registry.encrypt_deterministic(plaintext, ref.context)
         context = fmt.scoped_context(ref.context, scope) if ref.bind_scope else ref.context
         return registry.encrypt_bytes(plaintext, context, scope)
@@ -596,7 +624,7 @@ def _reencrypt_rewrite(
         return found
 
     def as_plaintext(ref: EncryptedColumnRef, old: Any) -> _Change:
-        return _Change(_stored(ref, seal(ref, _legacy(old))), "plaintext")
+        return _Change(_stored(ref, seal(ref, _legacy(old), None)), "plaintext")
 
     def rewrite(
         ref: EncryptedColumnRef, old: Any, key: tuple[Any, ...], report: MigrationReport
@@ -624,9 +652,9 @@ def _reencrypt_rewrite(
                 # The user says it is plaintext, and it cannot be ours: a value
                 # under a key of data_keys (any state, any scope) never is.
                 return as_plaintext(ref, old)
-            report.leave(ref.name, key, type(error).__name__, failure=True)
+            report.leave(ref.name, key, _left_reason(ref, error), failure=True)
             return None
-        new = seal(ref, plaintext)
+        new = seal(ref, plaintext, ciphertext)
         if new[: fmt.HEADER_BYTES] == header:
             return None  # already under the active key (it changed during the job)
         return _Change(_stored(ref, new), "moved", version)
@@ -659,7 +687,7 @@ def _decrypt_rewrite(registry: Envelope) -> Rewrite:
         try:
             plaintext = _decrypt(registry, ref, ciphertext)
         except DecryptionError as error:
-            report.leave(ref.name, key, type(error).__name__, failure=True)
+            report.leave(ref.name, key, _left_reason(ref, error), failure=True)
             return None
         if ref.storage == "binary":
             return _Change(plaintext, "decrypted")

@@ -1,8 +1,9 @@
 """The encrypted columns this process has defined.
 
-Every `EncryptedType` records the column it is attached to, so that the
-registry can count rows per data key (the census behind the destroy guard)
-from the application's own metadata, without being told the columns.
+Every `EncryptedType` records the column it is attached to, with its
+definition: the one source of truth of how the column's values are sealed,
+which every job uses, whether it is given the column or its name (the census,
+re-encrypt and decrypt in place, the command line, the Alembic operations).
 """
 
 from __future__ import annotations
@@ -15,20 +16,35 @@ from typing import Any
 
 import sqlalchemy as sa
 
-__all__ = ["ColumnInfo", "defined_columns", "info_of", "remember"]
+__all__ = ["ColumnInfo", "defined_columns", "definitions_of", "info_of", "remember"]
 
 
 @dataclass(frozen=True)
 class ColumnInfo:
-    """What the census and the re-encrypt job need to know of a column's type:
-    how values are stored, their context, and whether legacy plaintext may
-    be encrypted in place."""
+    """A column's definition, as its `EncryptedType` declares it: how values
+    are stored, their context, their format (deterministic or randomized,
+    bound to the tenant scope or not), whether legacy plaintext may be
+    encrypted in place, and the type of the plaintext."""
 
     storage: str
     context: Callable[[], bytes]
     migrating: bool
     deterministic: bool = False
     bind_scope: bool = False
+    value_type: sa.types.TypeEngine[Any] | None = None
+
+    @property
+    def value_kind(self) -> str | None:
+        """What the wrapped type holds, as plaintext: text (strings, enums),
+        binary, or other (numbers, dates... in an internal encoding that is
+        no plain column's value); None when not recorded."""
+        if self.value_type is None:
+            return None
+        if isinstance(self.value_type, sa.String):
+            return "text"
+        if isinstance(self.value_type, sa.types._Binary):
+            return "binary"
+        return "other"
 
 
 _lock = threading.Lock()
@@ -66,3 +82,13 @@ def defined_columns() -> list[tuple[sa.Column[Any], ColumnInfo]]:
         if column is not None and getattr(column, "table", None) is not None:
             found.append((column, info))
     return found
+
+
+def definitions_of(table: str, column: str) -> list[tuple[sa.Column[Any], ColumnInfo]]:
+    """The loaded definitions of ``table.column``, in any schema: a job given
+    a column by name finds its definition here."""
+    return [
+        (found, info)
+        for found, info in defined_columns()
+        if found.name == column and getattr(found.table, "name", None) == table
+    ]

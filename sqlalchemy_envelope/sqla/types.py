@@ -255,6 +255,7 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
                 self.migrating,
                 self.deterministic,
                 self.bind_scope,
+                self.value_type,
             ),
         )
 
