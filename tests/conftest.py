@@ -268,6 +268,7 @@ MARIADB_MODULES = frozenset(
         "test_expressions",
         "test_alembic",
         "test_codec",
+        "test_batch",
     }
 )
 

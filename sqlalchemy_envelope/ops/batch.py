@@ -25,8 +25,8 @@ what to write (`TableJob`); the engine does the rest, the same way for all:
 Shards. ``shard=(K, N)`` (``--shard K/N``) takes the rows whose primary key
 hashes to K, counting from 0 as Kubernetes' ``JOB_COMPLETION_INDEX`` does.
 The hash is a function of the key alone: over the key's integer columns k1,
-k2... , ``h = 0``, then ``h = ((h + k mod P) * 48271) mod P`` for each, with
-``P = 2**31 - 1``; the shard is ``h mod N`` (`shard_of`). So every machine
+k2..., ``h = 0``, then ``h = ((h + k mod P) * 1327217884) mod P`` for each,
+with ``P = 2**31 - 1``; the shard is ``h mod N`` (`shard_of`). So every machine
 splits a table the same way whenever it starts, also while the application
 inserts rows, and a rerun of shard K finds exactly the rows it left. Ranges
 of the key would need its current bounds, which move as rows are inserted
@@ -111,7 +111,9 @@ def _jsonable(value: Any) -> Any:
 # -- shards ----------------------------------------------------------------------------
 
 _P = 2_147_483_647  # 2**31 - 1, prime: (h + k mod P) * _A stays below 2**63
-_A = 48_271
+_A = 1_327_217_884  # about P / 1.618 (Knuth's multiplicative hashing): spreads keys in
+# any arithmetic progression over the shards, where a small multiplier leaves
+# small keys striding by N in one shard
 
 
 def shard_of(key: Sequence[int], count: int) -> int:
