@@ -281,7 +281,7 @@ def _report_text(report: MigrationReport) -> str:
     moved = ", ".join(f"v{v}: {n:,}" for v, n in sorted(report.values_by_version.items()))
     lines = [
         f"columns: {', '.join(report.columns)}",
-        *([f"shard {report.shard[0]}/{report.shard[1]}"] if report.shard else []),
+        *([f"shard {report.shard[0]}/{report.shard[1]} of each table"] if report.shard else []),
         f"rows scanned {report.rows_scanned:,}, updated {report.rows_updated:,}, "
         f"skipped (written meanwhile, retried) {report.skipped:,}",
         f"values moved off: {moved or 'none'}",

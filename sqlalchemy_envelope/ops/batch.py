@@ -60,7 +60,7 @@ __all__ = [
     "RowWrite",
     "Shard",
     "TableJob",
-    "count_pending",
+    "check_options",
     "explain",
     "run",
     "shard_of",
@@ -420,13 +420,13 @@ def run(
     label: str,
 ) -> bool:
     """Run ``jobs`` to the end, in up to `PASSES` passes while rows were
-    skipped, counting into ``report``. True if the last pass skipped no row
-    (nothing is left to do but what the report names)."""
-    check_options(batch_size, workers, conns)
+    skipped, counting into ``report``; the caller checked the options first
+    (`check_options`). True if the last pass skipped no row (nothing is left
+    to do but what the report names)."""
     report.shard = None if shard is None else (shard.index, shard.count)
     parts = [(job, _in_shard(conns, job, shard)) for job in jobs]
     bar = _progress(
-        lambda: sum(count_pending(conns, job, part) for job, part in parts), progress, label
+        lambda: sum(_count_pending(conns, job, part) for job, part in parts), progress, label
     )
     tick = (lambda n: bar.update(n)) if bar is not None else (lambda n: None)
     this_pass = MigrationReport()
@@ -449,6 +449,7 @@ def run(
 
 
 def check_options(batch_size: int, workers: int, conns: Connections) -> None:
+    """Refuse options the engine cannot run with, before a job does anything."""
     if batch_size < 1 or workers < 1:
         raise ConfigurationError("batch_size and workers must be at least 1")
     if workers > 1 and conns.pinned():
@@ -480,7 +481,7 @@ def _in_shard(
     return shard.condition(integers)
 
 
-def count_pending(
+def _count_pending(
     conns: Connections, job: TableJob, condition: sa.ColumnElement[bool] | None = None
 ) -> int:
     """Rows of the job (and of ``condition``) that still have work to do."""
