@@ -278,7 +278,7 @@ def _decrypt_column(operations: Operations, op: DecryptColumnOp) -> MigrationRep
 @Operations.implementation_for(BackfillIndexOp)
 def _backfill_index(operations: Operations, op: BackfillIndexOp) -> MigrationReport:
     with _migration_registry(operations, "backfill_index") as registry:
-        return registry.backfill_index(op.target, batch_size=op.batch_size)
+        return registry.backfill_index(op.target, batch_size=op.batch_size, progress=False)
 
 
 def _render_table_op(name: str, op: CreateDataKeysTableOp | DropDataKeysTableOp) -> str:

@@ -160,6 +160,7 @@ class AsyncKeyRegistry:
         progress: bool | None = False,
         scope: str | None = None,
         plaintext_rows: Mapping[str, Iterable[Any]] | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> MigrationReport:
         """`KeyRegistry.reencrypt` in batches, each awaited on the event
         loop. For parallel workers, run ``sqlalchemy-envelope reencrypt
@@ -172,17 +173,39 @@ class AsyncKeyRegistry:
             progress=progress,
             scope=scope,
             plaintext_rows=plaintext_rows,
+            shard=shard,
         )
 
     async def decrypt_in_place(
-        self, *targets: Target, batch_size: int = 1000, progress: bool | None = False
+        self,
+        *targets: Target,
+        batch_size: int = 1000,
+        progress: bool | None = False,
+        shard: tuple[int, int] | None = None,
     ) -> MigrationReport:
         return await self._call(
-            self.sync_registry.decrypt_in_place, *targets, batch_size=batch_size, progress=progress
+            self.sync_registry.decrypt_in_place,
+            *targets,
+            batch_size=batch_size,
+            progress=progress,
+            shard=shard,
         )
 
-    async def backfill_index(self, target: Any, *, batch_size: int = 1000) -> MigrationReport:
-        return await self._call(self.sync_registry.backfill_index, target, batch_size=batch_size)
+    async def backfill_index(
+        self,
+        target: Any,
+        *,
+        batch_size: int = 1000,
+        progress: bool | None = False,
+        shard: tuple[int, int] | None = None,
+    ) -> MigrationReport:
+        return await self._call(
+            self.sync_registry.backfill_index,
+            target,
+            batch_size=batch_size,
+            progress=progress,
+            shard=shard,
+        )
 
     # -- values outside columns: CPU work, I/O only when a key is not cached ----------
 

@@ -51,6 +51,7 @@ from .errors import (
     database_reason,
 )
 from .keys.rootkey import root_key_from_env
+from .ops.batch import Shard
 from .ops.census import ColumnCensus
 from .ops.migrate import MigrationReport
 from .ops.status import KeyInfo, RegistryStatus
@@ -305,10 +306,42 @@ def _status_text(status: RegistryStatus) -> str:
     return "\n".join(lines)
 
 
+class _ShardType(click.ParamType[Shard]):
+    """``--shard K/N``: a bad value is a usage error saying what is expected."""
+
+    name = "K/N"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> Shard:
+        if isinstance(value, Shard):
+            return value
+        try:
+            return Shard.parse(str(value))
+        except ConfigurationError as error:
+            self.fail(str(error), param, ctx)
+
+
+def _shard_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    option = click.option(
+        "--shard",
+        type=_ShardType(),
+        default=None,
+        help="do only shard K of N of each table, 0 <= K < N (e.g. "
+        "$JOB_COMPLETION_INDEX/N): one per machine, each resumable (docs/sharding.md)",
+    )
+    return option(command)
+
+
+def _shard(shard: Shard | None) -> tuple[int, int] | None:
+    return None if shard is None else (shard.index, shard.count)
+
+
 def _report_text(report: MigrationReport) -> str:
     moved = ", ".join(f"v{v}: {n:,}" for v, n in sorted(report.values_by_version.items()))
     lines = [
         f"columns: {', '.join(report.columns)}",
+        *([f"shard {report.shard[0]}/{report.shard[1]} of each table"] if report.shard else []),
         f"rows scanned {report.rows_scanned:,}, updated {report.rows_updated:,}, "
         f"skipped (written meanwhile, retried) {report.skipped:,}",
         f"values moved off: {moved or 'none'}",
@@ -460,6 +493,7 @@ def _census_text(col: ColumnCensus) -> str:
     "encrypt it as plaintext (repeatable; KEY as the report prints it)",
 )
 @click.option("--progress/--no-progress", default=None, help="[default: on a terminal]")
+@_shard_option
 @pass_context
 def reencrypt(
     c: Context,
@@ -469,6 +503,7 @@ def reencrypt(
     encrypt_plaintext: bool,
     plaintext_rows: tuple[str, ...],
     progress: bool | None,
+    shard: Shard | None,
 ) -> None:
     """Move every value of TABLE.COLUMN... onto the active key (resumable)."""
 
@@ -481,6 +516,7 @@ def reencrypt(
             encrypt_plaintext=encrypt_plaintext,
             progress=progress,
             plaintext_rows=_plaintext_rows(plaintext_rows),
+            shard=_shard(shard),
         )
         text = _report_text(report)
         if any(r.reason == _LOOKALIKE for r in report.left_rows):
@@ -499,16 +535,24 @@ def reencrypt(
 @click.option("--batch-size", default=1000, show_default=True)
 @click.option("--progress/--no-progress", default=None)
 @click.option("--yes", is_flag=True, help="do not ask for confirmation")
+@_shard_option
 @pass_context
 def decrypt_in_place(
-    c: Context, columns: tuple[str, ...], batch_size: int, progress: bool | None, yes: bool
+    c: Context,
+    columns: tuple[str, ...],
+    batch_size: int,
+    progress: bool | None,
+    yes: bool,
+    shard: Shard | None,
 ) -> None:
     """Write TABLE.COLUMN... back as plaintext (undoes an in-place encryption)."""
     if not yes:  # asked on stderr: stdout is the report (--json)
         click.confirm("Write these columns back as plaintext?", abort=True, err=True)
 
     def action() -> int:
-        report = c.registry().decrypt_in_place(*columns, batch_size=batch_size, progress=progress)
+        report = c.registry().decrypt_in_place(
+            *columns, batch_size=batch_size, progress=progress, shard=_shard(shard)
+        )
         c.emit(report.to_dict(), _report_text(report))
         return EXIT_LEFT_BEHIND if report.left_behind else 0
 
@@ -610,8 +654,12 @@ def maintenance(c: Context) -> None:
 @main.command("backfill-index")
 @click.argument("target")
 @click.option("--batch-size", default=1000, show_default=True)
+@click.option("--progress/--no-progress", default=None, help="[default: on a terminal]")
+@_shard_option
 @pass_context
-def backfill_index(c: Context, target: str, batch_size: int) -> None:
+def backfill_index(
+    c: Context, target: str, batch_size: int, progress: bool | None, shard: Shard | None
+) -> None:
     """Fill a blind index for existing rows; TARGET is module:Class.attribute
     (the models define the index's sources and normalizers)."""
 
@@ -625,7 +673,9 @@ def backfill_index(c: Context, target: str, batch_size: int) -> None:
                 found = getattr(found, part)
         except AttributeError as error:
             raise ConfigurationError(f"cannot find the index {target!r}: {error}") from None
-        report = c.registry().backfill_index(found, batch_size=batch_size)
+        report = c.registry().backfill_index(
+            found, batch_size=batch_size, progress=progress, shard=_shard(shard)
+        )
         c.emit(report.to_dict(), _report_text(report))
 
     _run(action)

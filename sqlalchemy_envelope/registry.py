@@ -30,11 +30,10 @@ from .keys.rootkey import RootKeyProvider, root_key_from_env
 from .keys.scopes import DEFAULT_SCOPE, check_scope, index_scope
 from .keys.store import KeyStore
 from .keys.wrapper import KeyWrapper
-from .ops import key_reports, migrate
+from .ops import backfill, key_reports, migrate
 from .ops.census import ColumnCensus, Target
 from .ops.status import KeyInfo, MaintenanceReport, RegistryStatus
 from .sqla import binding, strict_mode
-from .sqla.blind_index import backfill
 
 __all__ = ["DEFAULT_SCOPE", "KeyRegistry"]
 
@@ -313,6 +312,7 @@ class KeyRegistry:
         progress: bool | None = None,
         scope: str | None = None,
         plaintext_rows: Mapping[str, Iterable[Any]] | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> migrate.MigrationReport:
         """Move every value of the target columns that is under an older key
         of ``scope`` (default: the registry's) onto the scope's active key:
@@ -327,7 +327,9 @@ class KeyRegistry:
         "table.column" to primary keys (a tuple for a composite key) of rows
         whose value is legacy plaintext that merely looks like ciphertext:
         such a value is encrypted as plaintext unless it decrypts, or its key
-        is disabled or destroyed (then it is this registry's ciphertext)."""
+        is disabled or destroyed (then it is this registry's ciphertext).
+        ``shard=(K, N)`` does only shard K (0 <= K < N) of each table, for
+        running one job on many machines (see docs/sharding.md)."""
         self._keyring.check_open()
         return migrate.run(
             self.envelope,
@@ -338,6 +340,7 @@ class KeyRegistry:
             progress=progress,
             scope=self._scope(scope),
             plaintext_rows=plaintext_rows,
+            shard=shard,
         )
 
     def decrypt_in_place(
@@ -346,6 +349,7 @@ class KeyRegistry:
         batch_size: int = 1000,
         workers: int = 1,
         progress: bool | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> migrate.MigrationReport:
         """The reverse of encrypting a column in place: write every value back
         as plaintext (strings in text storage, bytes in binary storage), with
@@ -358,14 +362,23 @@ class KeyRegistry:
             batch_size=batch_size,
             workers=workers,
             progress=progress,
+            shard=shard,
         )
 
-    def backfill_index(self, target: Any, *, batch_size: int = 1000) -> migrate.MigrationReport:
+    def backfill_index(
+        self,
+        target: Any,
+        *,
+        batch_size: int = 1000,
+        progress: bool | None = None,
+        shard: tuple[int, int] | None = None,
+    ) -> migrate.MigrationReport:
         """Fill a blind index column for existing rows (resumable, batched,
         compare-and-swap); to re-key or re-normalize an index, add a second
         index column, backfill it, switch lookups to it, then drop the first."""
-        report: migrate.MigrationReport = backfill(self.envelope, target, batch_size=batch_size)
-        return report
+        return backfill.run(
+            self.envelope, target, batch_size=batch_size, progress=progress, shard=shard
+        )
 
     # -- values outside ORM columns --------------------------------------------
 

@@ -270,6 +270,7 @@ MARIADB_MODULES = frozenset(
         "test_codec",
         "test_shredding",
         "test_column_definitions",
+        "test_batch",
     }
 )
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 import re
 import threading
-import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
@@ -57,7 +56,6 @@ from ..errors import (
     EncryptedComparisonError,
     InvalidValueError,
 )
-from ..keys.envelope import Envelope
 from . import binding
 from .expressions import EnvelopeColumnType, Kind, check_written, extend_compilation, is_value
 
@@ -1077,7 +1075,9 @@ def _expire_index(
         session.expire(target, stale)
 
 
-def _index_and_sources(target: Any) -> tuple[sa.Column[Any], list[sa.Column[Any]]]:
+def index_and_sources(target: Any) -> tuple[sa.Column[Any], list[sa.Column[Any]]]:
+    """A blind index column (given as a Column or ORM attribute) and its
+    source columns, as the backfill reads them."""
     prop = getattr(target, "property", None)
     column = prop.columns[0] if prop is not None else target
     if not isinstance(column, sa.Column) or not isinstance(column.type, BlindIndex):
@@ -1090,70 +1090,9 @@ def _index_and_sources(target: Any) -> tuple[sa.Column[Any], list[sa.Column[Any]
     return column, sources
 
 
-def _raw(column: sa.Column[Any]) -> sa.ColumnElement[Any]:
+def as_stored(column: sa.Column[Any]) -> sa.ColumnElement[Any]:
     """The column as stored (ciphertext), bypassing its type's processing."""
     stored = (
         sa.String() if getattr(column.type, "storage", "binary") == "text" else sa.LargeBinary()
     )
     return sa.type_coerce(column, stored)
-
-
-def backfill(envelope: Envelope, target: Any, *, batch_size: int = 1000) -> Any:
-    """Fill a blind index column wherever it is NULL and its sources are not:
-    keyset batches, one transaction each, compare-and-swap updates (a row the
-    application changed meanwhile keeps the index its own write computed),
-    resumable after a crash because done rows are never selected again."""
-    from ..ops.migrate import MigrationReport
-
-    index, sources = _index_and_sources(target)
-    index_type = index.type
-    assert isinstance(index_type, BlindIndex)
-    table = index.table
-    pk = list(table.primary_key.columns)
-    key = envelope.derived_key(index_type.label(), index_type.key_version)
-    report = MigrationReport(columns=[f"{table.name}.{index.name}"])
-    started = time.perf_counter()
-    n_pk, n_src = len(pk), len(sources)
-    update = (
-        sa.update(table)
-        .where(*(c == sa.bindparam(f"pk_{i}") for i, c in enumerate(pk)))
-        .where(index.is_(None))
-        .where(
-            *(
-                _raw(s).is_not_distinct_from(sa.bindparam(f"old_{i}", type_=_raw(s).type))
-                for i, s in enumerate(sources)
-            )
-        )
-        .values({index.key: sa.bindparam("digest")})
-    )
-    last: tuple[Any, ...] | None = None
-    while True:
-        with envelope.keyring.store.begin() as conn:
-            stmt = (
-                sa.select(*pk, *sources, *(_raw(s) for s in sources))
-                .where(index.is_(None))
-                .where(sa.or_(*(s.is_not(None) for s in sources)))
-                .order_by(*pk)
-                .limit(batch_size)
-            )
-            if last is not None:
-                stmt = stmt.where(sa.tuple_(*pk) > sa.tuple_(*last))
-            rows = conn.execute(stmt).all()
-            if not rows:
-                break
-            last = tuple(rows[-1][:n_pk])
-            report.rows_scanned += len(rows)
-            params = []
-            for row in rows:
-                plain = tuple(row[n_pk : n_pk + n_src])
-                value = plain[0] if n_src == 1 else plain
-                entry = {f"pk_{i}": row[i] for i in range(n_pk)}
-                entry["digest"] = BlindDigest(index_type.digest(key, value))
-                entry.update({f"old_{i}": row[n_pk + n_src + i] for i in range(n_src)})
-                params.append(entry)
-            result = conn.execute(update, params)
-            applied = result.rowcount if conn.dialect.supports_sane_multi_rowcount else len(params)
-            report.rows_updated += applied
-            report.skipped += len(params) - applied
-    report.elapsed = time.perf_counter() - started
-    return report
