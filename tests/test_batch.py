@@ -189,7 +189,8 @@ def test_counts_are_exact_when_the_application_writes_mid_batch(
         assert report.rows_updated == 300 - changed and report.skipped == changed
         if form == "reencrypt":
             assert report.values_by_version == {1: 300 - changed}
-    assert _header_ids(engine, "notes", "body", registry.active_header()) == set(range(300))
+    active = registry.envelope.active_header()
+    assert _header_ids(engine, "notes", "body", active) == set(range(300))
     with Session(engine) as session:
         assert dict(session.execute(sa.select(Note.id, Note.body)).all()) == bodies
     assert _indexed_rightly(engine, bodies)
@@ -229,7 +230,7 @@ def test_counts_are_exact_on_asyncpg(pg_url: str, root_key: StaticRootKey) -> No
         await engine.dispose()
 
     asyncio.run(main())
-    assert _header_ids(setup, "notes", "body", registry.active_header()) == set(range(150))
+    assert _header_ids(setup, "notes", "body", registry.envelope.active_header()) == set(range(150))
     assert _indexed_rightly(setup, bodies)
     application.close()
     registry.close()
@@ -449,7 +450,8 @@ def test_shard_processes_reencrypt_with_one_killed_and_rerun(db_url: str) -> Non
     sizes = [len(m) for m in members]
 
     def done_in(k: int) -> int:
-        return len(_header_ids(engine, "ledger", "value", registry.active_header()) & members[k])
+        active = registry.envelope.active_header()
+        return len(_header_ids(engine, "ledger", "value", active) & members[k])
 
     def command(k: int) -> list[str]:
         args = ["ledger.value", "--batch-size", "10", "--no-progress", "--shard", f"{k}/3"]
@@ -462,7 +464,7 @@ def test_shard_processes_reencrypt_with_one_killed_and_rerun(db_url: str) -> Non
         assert report["shard"] == {"index": k, "count": 3}
         assert report["left_behind"] == 0
     assert [r["rows_updated"] for r in reports] == [sizes[0], sizes[1] - killed, sizes[2]]
-    assert _header_ids(engine, "ledger", "value", registry.active_header()) == set(ids)
+    assert _header_ids(engine, "ledger", "value", registry.envelope.active_header()) == set(ids)
     with engine.connect() as conn:
         values = dict(conn.execute(sa.select(ledger.c.id, ledger.c.value)).all())
     assert values == {i: f"entry {i}" for i in ids}

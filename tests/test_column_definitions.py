@@ -165,8 +165,8 @@ def test_by_name_without_a_definition_never_changes_a_value_format(
     rows = [
         {
             "id": i,
-            "ssn": registry.encrypt_deterministic(ssn.encode(), b"ledgers.ssn"),
-            "body": registry.encrypt_bytes(
+            "ssn": registry.envelope.encrypt_deterministic(ssn.encode(), b"ledgers.ssn"),
+            "body": registry.envelope.encrypt_bytes(
                 f"body {i}".encode(), fmt.scoped_context(b"ledgers.body", "acme"), "acme"
             ),
             "note": registry.encrypt(f"note {i}".encode(), "old_ledgers.note"),
@@ -194,7 +194,7 @@ def test_by_name_without_a_definition_never_changes_a_value_format(
     with engine.connect() as conn:
         for _ in range(2):
             for i, ssn in enumerate(SSNS):  # a lookup by the value's deterministic form
-                probe = registry.encrypt_deterministic(ssn.encode(), b"ledgers.ssn")
+                probe = registry.envelope.encrypt_deterministic(ssn.encode(), b"ledgers.ssn")
                 found = conn.execute(sa.select(ledgers.c.id).where(ledgers.c.ssn == probe))
                 assert found.scalars().all() == [i]
     assert "UnknownDefinition: does not decrypt with the default options" in "\n".join(
