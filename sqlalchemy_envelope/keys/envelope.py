@@ -14,7 +14,7 @@ from collections.abc import Callable
 from ..crypto import format as fmt
 from ..crypto.primitives import AESSIV, NONCE_BYTES, InvalidTag, hmac_sha256
 from ..errors import DecryptionError
-from .cache import DataKey, IndexKey
+from .cache import IndexKey
 from .keyring import Keyring
 
 __all__ = ["Envelope"]
@@ -44,7 +44,7 @@ class Envelope:
         """Encrypt under ``scope``'s active key (default: the registry's)."""
         scope = scope or self.scope
         key = self._active.get(scope)
-        if key is None or self._clock() > key.fresh_until:
+        if key is None or self._clock() > key.fresh_until:  # KeyCache.fresh, inlined
             key = self.keyring.active(scope)
         if next(key.counter) >= key.budget:
             key = self.keyring.claim(key)
@@ -66,7 +66,7 @@ class Envelope:
         def decrypt(ciphertext: bytes) -> bytes:
             header = ciphertext[:_HEADER]
             key = get(header)
-            if key is None or clock() > key.fresh_until or key.aead is None:
+            if key is None or clock() > key.fresh_until or key.aead is None:  # KeyCache.fresh
                 key = keyring.usable(keyring.for_ciphertext(ciphertext))
             aead = key.aead
             assert aead is not None
@@ -90,7 +90,7 @@ class Envelope:
         """Decrypt a value whose context binds its scope (``EncryptedType(...,
         bind_scope=True)``). With ``scope``, a value written in another scope is
         refused, even if it was copied into this scope's rows."""
-        key = self.keyring.usable(self._key_for(ciphertext))
+        key = self.keyring.usable(self.keyring.for_ciphertext(ciphertext))
         if scope is not None and key.scope != scope:
             raise DecryptionError(
                 f"value for context {context.decode('utf-8', 'replace')!r} was written in "
@@ -98,20 +98,10 @@ class Envelope:
             )
         return self.decrypt_bytes(ciphertext, fmt.scoped_context(context, key.scope))
 
-    def _key_for(self, ciphertext: bytes) -> DataKey:
-        key = self._by_header.get(ciphertext[:_HEADER])
-        if key is None or self._clock() > key.fresh_until:
-            key = self.keyring.for_ciphertext(ciphertext)
-        return key
-
     def active_header(self, scope: str | None = None) -> bytes:
         """The header of a scope's active key: values starting with it need
         no re-encryption."""
-        scope = scope or self.scope
-        key = self._active.get(scope)
-        if key is None or self._clock() > key.fresh_until:
-            key = self.keyring.active(scope)
-        return key.header
+        return self.keyring.active(scope or self.scope).header
 
     # -- deterministic: AES-SIV under the non-rotating index key --------------
 
