@@ -51,9 +51,9 @@ from .errors import (
     database_reason,
 )
 from .keys.rootkey import root_key_from_env
-from .ops.batch import Shard
 from .ops.census import ColumnCensus
 from .ops.migrate import MigrationReport
+from .ops.shards import Shard
 from .ops.status import KeyInfo, RegistryStatus
 from .registry import DEFAULT_SCOPE, KeyRegistry
 

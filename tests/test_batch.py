@@ -34,7 +34,7 @@ from sqlalchemy_envelope import (
     StaticRootKey,
     blind_index,
 )
-from sqlalchemy_envelope.ops.batch import shard_of
+from sqlalchemy_envelope.ops.shards import shard_of
 
 
 class Base(DeclarativeBase):

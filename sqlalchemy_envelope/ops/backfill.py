@@ -19,7 +19,8 @@ import sqlalchemy as sa
 from ..keys.envelope import Envelope
 from ..sqla.blind_index import BlindDigest, BlindIndex, as_stored, index_and_sources
 from . import batch
-from .batch import MigrationReport
+from .migration_report import MigrationReport
+from .shards import Shard
 
 __all__ = ["run"]
 
@@ -34,7 +35,7 @@ def run(
 ) -> MigrationReport:
     conns = envelope.keyring.store
     batch.check_options(batch_size, 1, conns)
-    part = batch.Shard.of(shard)
+    part = Shard.of(shard)
     started = time.perf_counter()
     index, sources = index_and_sources(target)
     index_type = index.type

@@ -21,29 +21,15 @@ what to write (`TableJob`); the engine does the rest, the same way for all:
   read back; a value stored otherwise is put back and named.
 * A progress bar on a terminal; parallel workers (forked processes, each on
   a primary-key range) and shards, for many machines.
-
-Shards. ``shard=(K, N)`` (``--shard K/N``) takes the rows whose primary key
-hashes to K, counting from 0 as Kubernetes' ``JOB_COMPLETION_INDEX`` does.
-The hash is a function of the key alone: over the key's integer columns k1,
-k2..., ``h = 0``, then ``h = ((h + k mod P) * 1327217884) mod P`` for each,
-with ``P = 2**31 - 1``; the shard is ``h mod N`` (`shard_of`). So every machine
-splits a table the same way whenever it starts, also while the application
-inserts rows, and a rerun of shard K finds exactly the rows it left. Ranges
-of the key would need its current bounds, which move as rows are inserted
-(two shards starting at different moments would overlap or leave a gap),
-and a plain ``k mod N`` puts every row in one shard when keys stride by N
-(``auto_increment_increment``). The price: each shard walks the whole
-primary key, skipping other shards' rows; it writes only its own.
 """
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -51,274 +37,12 @@ from sqlalchemy.engine import Connection
 
 from ..errors import ConfigurationError, EnvelopeError, StatementFailedError, database_reason
 from ..keys.store import KeyStore
+from .migration_report import NOT_STORED, MigrationReport
+from .shards import Shard
 
-__all__ = [
-    "Change",
-    "LeftRow",
-    "MigrationReport",
-    "RowWrite",
-    "Shard",
-    "TableJob",
-    "check_options",
-    "explain",
-    "run",
-    "shard_of",
-]
+__all__ = ["PASSES", "Change", "RowWrite", "TableJob", "check_options", "run"]
 
 PASSES = 3  # passes over rows skipped because the application wrote them meanwhile
-LISTED_PER_COLUMN = 100  # rows left behind that a report names, per column
-NOT_STORED = "NotStoredExactly"  # the reason for a value the database changed on writing
-UNKNOWN_DEFINITION = "UnknownDefinition"  # fails authentication, and the job has no definition
-
-_REASONS = {
-    "plaintext": (
-        "legacy plaintext in a column not being converted (encrypt_plaintext=True, "
-        "--encrypt-plaintext, or migrating=True)"
-    ),
-    "DecryptionError": (
-        "fails authentication under a data key of this registry with the column's "
-        "definition: altered, or written with other options (a context, bind_scope) "
-        "than the column declares now"
-    ),
-    UNKNOWN_DEFINITION: (
-        "does not decrypt with the default options (context TABLE.COLUMN, no bind_scope), "
-        "and the column's definition is unknown (no model loaded defines it): pass "
-        "--models your.models (or the Column/ORM attribute to the API; in a migration, "
-        "import the models in env.py)"
-    ),
-    "UnknownKeyError": (
-        "names a data key that data_keys does not hold: another database's "
-        "ciphertext, or legacy plaintext that looks like ciphertext"
-    ),
-    "KeyDisabledError": "its data key is disabled: enable the key, then run the job again",
-    "DestroyedKeyError": "its data key was destroyed: the value is unreadable for good",
-    NOT_STORED: (
-        "the database stored another value than the one written (a column too narrow for "
-        "it, or one that changes text, such as CHAR dropping trailing spaces): the value "
-        "was put back as it was; give the column a type that holds it, then run the job again"
-    ),
-    "NotText": (
-        "its plaintext is not text (not UTF-8, or holds NUL): the column holds another "
-        "type than strings, which cannot be written back in place; use a new column"
-    ),
-}
-
-
-def explain(reason: str) -> str:
-    """Why a value was left behind, and what to do, for people."""
-    return _REASONS.get(reason, "does not decrypt")
-
-
-def _jsonable(value: Any) -> Any:
-    return value if value is None or isinstance(value, bool | int | float | str) else str(value)
-
-
-# -- shards ----------------------------------------------------------------------------
-
-_P = 2_147_483_647  # 2**31 - 1, prime: (h + k mod P) * _A stays below 2**63
-_A = 1_327_217_884  # about P / 1.618 (Knuth's multiplicative hashing): spreads keys in
-# any arithmetic progression over the shards, where a small multiplier leaves
-# small keys striding by N in one shard
-
-
-def shard_of(key: Sequence[int], count: int) -> int:
-    """The shard of ``count`` that holds the row whose primary key has the
-    integer columns ``key`` (in key order): what the database computes."""
-    h = 0
-    for part in key:
-        h = (h + part % _P) * _A % _P
-    return h % count
-
-
-@dataclass(frozen=True)
-class Shard:
-    """Shard ``index`` of ``count`` (0 <= index < count): the rows whose
-    primary key hashes to ``index`` (see the module's docstring)."""
-
-    index: int
-    count: int
-
-    @classmethod
-    def of(cls, value: tuple[int, int] | Shard | None) -> Shard | None:
-        """A shard from ``(K, N)``, checked; None for the whole table."""
-        if value is None or isinstance(value, Shard):
-            return value
-        parts = tuple(value) if isinstance(value, tuple | list) else ()
-        if len(parts) == 2 and all(type(p) is int for p in parts) and 0 <= parts[0] < parts[1]:
-            return cls(parts[0], parts[1])
-        raise ConfigurationError(f"shard=(K, N) takes {_SHARD_RULE}, not {value!r}")
-
-    @classmethod
-    def parse(cls, text: str) -> Shard:
-        """``K/N``, as ``--shard`` takes it."""
-        index, slash, count = text.strip().partition("/")
-        try:
-            if slash:
-                return cls._checked(int(index), int(count))
-        except ValueError:
-            pass
-        raise ConfigurationError(f"a shard is K/N, {_SHARD_RULE}, not {text!r}")
-
-    @classmethod
-    def _checked(cls, index: int, count: int) -> Shard:
-        if not 0 <= index < count:
-            raise ValueError
-        return cls(index, count)
-
-    def __str__(self) -> str:
-        return f"{self.index}/{self.count}"
-
-    def condition(self, key: Sequence[sa.ColumnElement[Any]]) -> sa.ColumnElement[bool]:
-        """Rows of this shard, given the primary key's integer columns."""
-        prime: sa.ColumnElement[Any] = sa.literal_column(str(_P))
-        multiplier: sa.ColumnElement[Any] = sa.literal_column(str(_A))
-        h: sa.ColumnElement[Any] | None = None
-        for column in key:
-            part = (sa.cast(column, sa.BigInteger) % prime + prime) % prime  # SQL's % keeps sign
-            h = (part if h is None else h + part) * multiplier % prime
-        assert h is not None
-        return h % sa.literal_column(str(self.count)) == sa.literal_column(str(self.index))
-
-
-_SHARD_RULE = (
-    "K and N whole numbers with 0 <= K < N (K counts from 0, like Kubernetes' JOB_COMPLETION_INDEX)"
-)
-
-
-# -- the report ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LeftRow:
-    """One value left as it was: its column, its row's primary key (in key
-    column order) and why (``explain(reason)`` says it in words)."""
-
-    column: str
-    primary_key: tuple[Any, ...]
-    reason: str
-
-    def key_text(self) -> str:
-        """The key as ``--plaintext-row`` takes it: the value for a one-column
-        key, else a JSON array."""
-        if len(self.primary_key) == 1 and not str(self.primary_key[0]).startswith("["):
-            return str(self.primary_key[0])
-        return json.dumps([_jsonable(v) for v in self.primary_key])
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "column": self.column,
-            "primary_key": [_jsonable(v) for v in self.primary_key],
-            "reason": self.reason,
-        }
-
-
-@dataclass
-class MigrationReport:
-    """What a batch job did: re-encrypt, decrypt in place, or backfill.
-
-    ``values_by_version`` counts values moved off each old key version;
-    ``plaintext_encrypted`` counts legacy plaintext values encrypted;
-    ``values_decrypted`` values written back as plaintext; all three count
-    only writes whose compare-and-swap applied. ``skipped`` counts rows the
-    application changed between read and write (they are retried);
-    ``left_behind`` counts values still not under the target key at the end:
-    plaintext in a column not being converted, values that do not decrypt, or
-    values the database stored otherwise than written (``failures`` counts
-    those by error type, or ``NotStoredExactly``); ``left_rows`` names the first
-    ``LISTED_PER_COLUMN`` of them per column, with the reason.
-    ``other_scopes`` counts values under other scopes' keys, which a job of
-    one scope leaves alone (they are other tenants' business). ``shard`` is
-    the ``(K, N)`` the job covered, or None for whole tables.
-    """
-
-    columns: list[str] = field(default_factory=list)
-    rows_scanned: int = 0
-    rows_updated: int = 0
-    values_by_version: dict[int, int] = field(default_factory=dict)
-    plaintext_encrypted: int = 0
-    values_decrypted: int = 0
-    skipped: int = 0
-    left_behind: int = 0
-    failures: dict[str, int] = field(default_factory=dict)
-    left_rows: list[LeftRow] = field(default_factory=list)
-    other_scopes: int = 0
-    elapsed: float = 0.0
-    shard: tuple[int, int] | None = None
-    _listed: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
-
-    @property
-    def rows_per_second(self) -> float:
-        return self.rows_scanned / self.elapsed if self.elapsed > 0 else 0.0
-
-    def leave(self, column: str, key: tuple[Any, ...], reason: str, failure: bool) -> None:
-        """Count a value left as it was, and name its row while the column
-        has fewer than ``LISTED_PER_COLUMN`` named."""
-        self.left_behind += 1
-        if failure:
-            self.failures[reason] = self.failures.get(reason, 0) + 1
-        self._name(LeftRow(column, key, reason))
-
-    def _name(self, row: LeftRow) -> None:
-        listed = self._listed.get(row.column, 0)
-        if listed < LISTED_PER_COLUMN:
-            self._listed[row.column] = listed + 1
-            self.left_rows.append(row)
-
-    def merge(self, other: MigrationReport) -> None:
-        self.rows_scanned += other.rows_scanned
-        self.rows_updated += other.rows_updated
-        self.plaintext_encrypted += other.plaintext_encrypted
-        self.values_decrypted += other.values_decrypted
-        self.skipped += other.skipped
-        self.left_behind += other.left_behind
-        self.other_scopes += other.other_scopes
-        for version, n in other.values_by_version.items():
-            self.values_by_version[version] = self.values_by_version.get(version, 0) + n
-        for reason, n in other.failures.items():
-            self.failures[reason] = self.failures.get(reason, 0) + n
-        for row in other.left_rows:
-            self._name(row)
-
-    def left_lines(self, limit: int | None = None) -> list[str]:
-        """The rows left behind, one line each as ``table.column=KEY: reason``
-        (at most ``limit``), then what each reason means."""
-        rows = self.left_rows[:limit]
-        lines = [f"{r.column}={r.key_text()}: {r.reason}" for r in rows]
-        if len(rows) < self.left_behind:
-            lines.append(f"... and {self.left_behind - len(rows):,} more")
-        lines += [f"{reason}: {explain(reason)}" for reason in sorted({r.reason for r in rows})]
-        return lines
-
-    def _forget_left(self) -> None:
-        """A new pass examines every value still to do: what an earlier pass
-        left behind is counted again by this one, not twice."""
-        self.left_behind = self.other_scopes = 0
-        self.failures = {}
-        self.left_rows = []
-        self._listed = {}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "columns": self.columns,
-            "shard": None
-            if self.shard is None
-            else {"index": self.shard[0], "count": self.shard[1]},
-            "rows_scanned": self.rows_scanned,
-            "rows_updated": self.rows_updated,
-            "values_by_version": {str(v): n for v, n in sorted(self.values_by_version.items())},
-            "plaintext_encrypted": self.plaintext_encrypted,
-            "values_decrypted": self.values_decrypted,
-            "skipped": self.skipped,
-            "left_behind": self.left_behind,
-            "failures": dict(self.failures),
-            "left_rows": [r.to_dict() for r in self.left_rows],
-            "other_scopes": self.other_scopes,
-            "elapsed_seconds": round(self.elapsed, 3),
-            "rows_per_second": round(self.rows_per_second, 1),
-        }
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
 
 
 # -- what a job gives the engine ---------------------------------------------------------
@@ -417,7 +141,7 @@ def run(
                     _run_slice(conns, job, batch_size, this_pass, part, tick)
                 else:
                     _run_parallel(conns, job, batch_size, workers, this_pass, part, tick)
-            report._forget_left()
+            report.forget_left()
             report.merge(this_pass)
             if not this_pass.skipped:
                 break

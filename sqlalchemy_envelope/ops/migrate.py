@@ -33,8 +33,9 @@ from ..keys.storage import MYSQL_DIALECTS
 from ..keys.store import KeyStore
 from ..sqla import mysql_text
 from . import batch, census
-from .batch import LeftRow, MigrationReport, explain
 from .census import EncryptedColumnRef, Target
+from .migration_report import UNKNOWN_DEFINITION, LeftRow, MigrationReport, explain
+from .shards import Shard
 
 __all__ = ["LeftRow", "MigrationReport", "explain", "run"]
 
@@ -164,7 +165,7 @@ def _left_reason(ref: EncryptedColumnRef, error: DecryptionError) -> str:
     failed authentication in a column known only by name may be the job's
     ignorance of its context or bind_scope rather than tampering."""
     if type(error) is DecryptionError and not ref.defined:
-        return batch.UNKNOWN_DEFINITION
+        return UNKNOWN_DEFINITION
     return type(error).__name__
 
 
@@ -418,7 +419,7 @@ def run(
 ) -> MigrationReport:
     conns = registry.keyring.store
     batch.check_options(batch_size, workers, conns)
-    part = batch.Shard.of(shard)
+    part = Shard.of(shard)
     started = time.perf_counter()
     with conns.connect() as conn:
         refs = census.resolve(conn, targets)
