@@ -108,8 +108,10 @@ class AsyncKeyRegistry:
     async def create_scope(self, *scopes: str) -> list[KeyInfo]:
         return await self._call(self.sync_registry.create_scope, *scopes)
 
-    async def shred(self, scope: str) -> int:
-        return await self._call(self.sync_registry.shred, scope)
+    async def shred(self, scope: str, *, including_shared_index: bool = False) -> int:
+        return await self._call(
+            self.sync_registry.shred, scope, including_shared_index=including_shared_index
+        )
 
     async def rewrap(self, new_root_key: RootKeyProvider) -> int:
         await asyncio.to_thread(lambda: new_root_key.fingerprint)
@@ -120,8 +122,10 @@ class AsyncKeyRegistry:
     async def retire(self, version: int, scope: str | None = None) -> KeyInfo:
         return await self._call(self.sync_registry.retire, version, scope)
 
-    async def disable(self, version: int, scope: str | None = None) -> KeyInfo:
-        return await self._call(self.sync_registry.disable, version, scope)
+    async def disable(
+        self, version: int, scope: str | None = None, *, force: bool = False
+    ) -> KeyInfo:
+        return await self._call(self.sync_registry.disable, version, scope, force=force)
 
     async def enable(self, version: int, scope: str | None = None) -> KeyInfo:
         return await self._call(self.sync_registry.enable, version, scope)

@@ -583,8 +583,22 @@ def _transition(name: str, help_text: str) -> None:
 
 
 _transition("retire", "Retire VERSION (decrypt only); retiring the active key rotates.")
-_transition("disable", "Refuse decryption under VERSION, reversibly.")
 _transition("enable", "Bring a disabled VERSION back to retired.")
+
+
+@main.command()
+@click.argument("version", type=int)
+@click.option("--force", is_flag=True, help="also an index key (scope ~index:...)")
+@pass_context
+def disable(c: Context, version: int, force: bool) -> None:
+    """Refuse decryption under VERSION, reversibly; an index key only with --force."""
+
+    def action() -> None:
+        with _known_version(version):
+            key = c.registry().disable(version, force=force)
+        c.emit(key.to_dict(), _key_line(key))
+
+    _run(action)
 
 
 @main.command()
@@ -622,13 +636,29 @@ def rewrap(c: Context) -> None:
 
 @main.command()
 @click.argument("tenant", metavar="SCOPE")
-@click.confirmation_option(prompt="Destroy every key of this scope? Its data becomes unreadable")
+@click.option(
+    "--including-shared-index",
+    is_flag=True,
+    help="also when SCOPE's index key is shared by other scopes (--scope's own scope): "
+    "every tenant's deterministic values, blind indexes and hash_field become unusable",
+)
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
 @pass_context
-def shred(c: Context, tenant: str) -> None:
-    """Crypto-shred SCOPE (a tenant): destroy all its keys; other scopes are untouched."""
+def shred(c: Context, tenant: str, including_shared_index: bool, yes: bool) -> None:
+    """Crypto-shred SCOPE (a tenant): destroy all its keys; other scopes' data keys
+    are untouched."""
+    if not yes:
+        prompt = "Destroy every key of this scope? Its data becomes unreadable"
+        if including_shared_index:
+            prompt = (
+                "Destroy every key of this scope, and the index key it shares with every "
+                "tenant? Its data becomes unreadable, and so do every tenant's deterministic "
+                "values, blind-index lookups and hash_field digests"
+            )
+        click.confirm(prompt, abort=True)
 
     def action() -> None:
-        count = c.registry().shred(tenant)
+        count = c.registry().shred(tenant, including_shared_index=including_shared_index)
         c.emit({"scope": tenant, "destroyed": count}, f"destroyed {count} keys of scope {tenant!r}")
 
     _run(action)

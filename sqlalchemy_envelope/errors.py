@@ -177,18 +177,46 @@ class KeyStateError(EnvelopeError):
 
 
 class KeyInUseError(EnvelopeError):
-    """Destroying a key that rows still need; ``rows`` maps "table.column" to
-    the number of rows under the key."""
+    """Destroying a key that rows still need, or destroying or disabling an
+    index key, whose use no census can rule out; ``rows`` maps "table.column"
+    to the number of rows under the key (for an index key, its deterministic
+    values: blind-index digests carry no key id)."""
 
-    def __init__(self, version: int, scope: str, rows: dict[str, int]) -> None:
+    def __init__(
+        self,
+        version: int,
+        scope: str,
+        rows: dict[str, int],
+        *,
+        index_key: bool = False,
+        action: str = "destroy",
+    ) -> None:
         self.version = version
         self.scope = scope
         self.rows = rows
         where = ", ".join(f"{column}: {count}" for column, count in sorted(rows.items()))
+        if not index_key:
+            super().__init__(
+                f"data key version {version} of scope {scope!r} still encrypts rows ({where}): "
+                "re-encrypt them under the active key first, or pass force=True to "
+                "crypto-shred them on purpose"
+            )
+            return
+        deterministic = (
+            f"; deterministic values are under it ({where}), and no job moves them to "
+            "another version (deterministic columns always use version 1 of their index "
+            "key): decrypt them in place or copy them to a new column first"
+            if rows
+            else ""
+        )
         super().__init__(
-            f"data key version {version} of scope {scope!r} still encrypts rows ({where}): "
-            "re-encrypt them under the active key first, or pass force=True to "
-            "crypto-shred them on purpose"
+            f"cannot {action} index key version {version} of scope {scope!r} without "
+            "force=True: blind-index and hash_field digests carry no key id, so no census "
+            "can tell whether rows still need it. Re-key each blind index that uses it "
+            "first: add an index column with key_version=N (a newer version of this index "
+            "scope), backfill it, switch lookups to it and drop the old column (README, "
+            f"'Finding rows by an encrypted value'){deterministic}; then pass force=True "
+            f"to {action} it on purpose"
         )
 
 

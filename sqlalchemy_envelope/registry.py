@@ -227,23 +227,33 @@ class KeyRegistry:
         version; their old values stay unreadable)."""
         return [KeyInfo.from_row(row) for row in self._admin.create_scopes(list(scopes))]
 
-    def shred(self, scope: str) -> int:
+    def shred(self, scope: str, *, including_shared_index: bool = False) -> int:
         """Crypto-shred a scope (a tenant): destroy every key of the scope,
         the active one included, and its index key, in one transaction. Every
         value written under them becomes unreadable for good (in this process
-        at once, in others within ``cache_max_age``); other scopes are
-        untouched. Returns the number of keys destroyed. Backups taken before
-        still hold the wrapped keys: see the README."""
-        return self._admin.shred(scope)
+        at once, in others within ``cache_max_age``); other scopes' data keys
+        are untouched. Returns the number of keys destroyed. Backups taken
+        before still hold the wrapped keys: see the README.
+
+        This registry's own scope's index key is shared by every tenant it
+        writes for (deterministic columns, blind indexes, `hash_field`):
+        shredding that scope while other scopes have keys is refused with
+        `ConfigurationError` unless ``including_shared_index=True``, which
+        says that every tenant's deterministic values and blind indexes go
+        too."""
+        return self._admin.shred(scope, including_shared_index=including_shared_index)
 
     def retire(self, version: int, scope: str | None = None) -> KeyInfo:
         """Retire a key (it still decrypts). Retiring the active key rotates,
         so that a successor takes over in the same transaction."""
         return KeyInfo.from_row(self._admin.retire(self._scope(scope), version))
 
-    def disable(self, version: int, scope: str | None = None) -> KeyInfo:
-        """Refuse decryption under a retired key, reversibly (see `enable`)."""
-        return KeyInfo.from_row(self._admin.transition("disable", self._scope(scope), version))
+    def disable(self, version: int, scope: str | None = None, *, force: bool = False) -> KeyInfo:
+        """Refuse decryption under a retired key, reversibly (see `enable`).
+        An index key (scope ``~index:...``) is refused with `KeyInUseError`
+        unless ``force=True``: no census counts the blind-index digests that
+        need it."""
+        return KeyInfo.from_row(self._admin.disable(self._scope(scope), version, force=force))
 
     def enable(self, version: int, scope: str | None = None) -> KeyInfo:
         """Bring a disabled key back to retired."""
@@ -262,7 +272,9 @@ class KeyRegistry:
         (counted in SQL over ``columns``, or else over every text and binary
         column of every table in every schema the connection can see, models
         loaded or not), or while processes may still be writing under it,
-        unless ``force=True``: crypto-shredding on purpose."""
+        unless ``force=True``: crypto-shredding on purpose. An index key is
+        always refused without ``force``: blind-index digests carry no key
+        id, so no count can show that nothing needs it."""
         row = key_reports.destroy(
             self._admin, self._scope(scope), version, force=force, columns=columns
         )

@@ -8,12 +8,12 @@ import logging
 
 from sqlalchemy.engine import Connection
 
-from ..errors import ConfigurationError, UnknownKeyError, WrongRootKeyError
+from ..errors import ConfigurationError, KeyInUseError, UnknownKeyError, WrongRootKeyError
 from . import lifecycle, storage
 from .cache import DataKey
 from .keyring import Keyring
 from .rootkey import RootKeyProvider
-from .scopes import check_scope, index_scope
+from .scopes import check_scope, index_scope, is_index_scope
 from .storage import KeyRow, KeyState
 
 __all__ = ["KeyAdmin"]
@@ -102,9 +102,11 @@ class KeyAdmin:
 
         return [row for row in self.store.read(active_rows) if row is not None]
 
-    def shred(self, scope: str) -> int:
+    def shred(self, scope: str, *, including_shared_index: bool = False) -> int:
         """Destroy every key of a scope and its index keys, in one transaction;
-        the number of keys destroyed."""
+        the number of keys destroyed. The registry's own index key is shared
+        by every scope it writes for: destroying it while other scopes live
+        takes ``including_shared_index``."""
         scope = check_scope(scope)
 
         def work(conn: Connection) -> int:
@@ -115,6 +117,8 @@ class KeyAdmin:
                 raise ConfigurationError(
                     f"scope {scope!r} has no keys: nothing to shred (check the scope's name)"
                 )
+            if not including_shared_index:
+                self._refuse_shared_index(conn, scope)
             for name in (scope, index_scope(scope)):
                 for row in storage.all_keys(conn, self.table, name):
                     if row.state is not KeyState.DESTROYED:
@@ -127,6 +131,31 @@ class KeyAdmin:
         log.warning("shredded scope %r: %d keys destroyed", scope, count)
         return count
 
+    def _refuse_shared_index(self, conn: Connection, scope: str) -> None:
+        """Refuse a shred that would destroy this registry's index key while
+        other scopes live: their deterministic values, blind indexes and
+        hash_field digests were made with it too (a tenant's data written
+        by this registry uses the registry's index key, not its own)."""
+        shared = index_scope(self.keyring.scope)
+        if shared not in (scope, index_scope(scope)):
+            return
+        others = [
+            name
+            for name in storage.active_scopes(conn, self.table)
+            if name != scope and not is_index_scope(name)
+        ]
+        if others:
+            named = ", ".join(repr(name) for name in others[:5])
+            more = f" and {len(others) - 5} more" if len(others) > 5 else ""
+            raise ConfigurationError(
+                f"shredding scope {scope!r} destroys the index key {shared!r}, which "
+                "the deterministic values, blind indexes and hash_field digests of every "
+                f"tenant this registry writes for use, and other scopes still have keys "
+                f"({named}{more}): pass including_shared_index=True (sqlalchemy-envelope "
+                "shred --including-shared-index) to destroy it anyway, which makes every "
+                "tenant's deterministic values, blind-index lookups and hash_field unusable"
+            )
+
     def retire(self, scope: str, version: int) -> KeyRow:
         """Retire a key (it still decrypts). Retiring the active key rotates,
         so that a successor takes over in the same transaction."""
@@ -135,6 +164,16 @@ class KeyAdmin:
             return self.transition("retire", scope, version)
         self.rotate_if(scope, row.id)
         return self.row(scope, version)
+
+    def disable(self, scope: str, version: int, *, force: bool) -> KeyRow:
+        """Disable a retired key. An index key only with ``force``: while it is
+        disabled every blind index and deterministic value made with it
+        fails, and no census can tell which rows those are."""
+        if is_index_scope(scope) and not force:
+            row = self.row(scope, version)
+            if lifecycle.target_state("disable", row.state, version, scope) is not row.state:
+                raise KeyInUseError(version, scope, {}, index_key=True, action="disable")
+        return self.transition("disable", scope, version)
 
     def transition(self, action: str, scope: str, version: int) -> KeyRow:
         """Apply a lifecycle action (retire, disable, enable, destroy) to a key."""

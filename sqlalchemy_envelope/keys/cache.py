@@ -60,11 +60,12 @@ class DataKey:
 class IndexKey:
     """An index key (a scope's non-rotating key) and the keys derived from it
     for each purpose: they live and expire with this entry. ``secret`` is
-    None once the key is destroyed."""
+    None while the key is disabled, and once it is destroyed."""
 
     id: int
     version: int
     scope: str
+    state: KeyState
     header: bytes  # the header of deterministic values under this key
     secret: bytes | None
     fresh_until: float
@@ -72,7 +73,7 @@ class IndexKey:
     sivs: dict[bytes, AESSIV] = field(default_factory=dict)
 
     def derive(self, purpose: bytes, length: int = 32) -> bytes | None:
-        """A key for one purpose (HKDF, RFC 5869); None once destroyed."""
+        """A key for one purpose (HKDF, RFC 5869); None without the secret."""
         derived = self.derived.get((purpose, length))
         if derived is None:
             if self.secret is None:

@@ -108,7 +108,7 @@ class Envelope:
     def _index_key(self, version: int) -> IndexKey:
         key = self.keyring.index_key(version)
         if key.secret is None:
-            raise self.keyring.destroyed(key)
+            raise self.keyring.unusable(key)
         return key
 
     def derived_key(self, purpose: bytes, version: int = 1, length: int = 32) -> bytes:
@@ -118,7 +118,7 @@ class Envelope:
         key = self._index_key(version)
         derived = key.derive(purpose, length)
         if derived is None:
-            raise self.keyring.destroyed(key)
+            raise self.keyring.unusable(key)
         return derived
 
     def hash_field(self, value: bytes, context: str, version: int = 1) -> str:
@@ -131,12 +131,20 @@ class Envelope:
         if siv is None:
             derived = key.derive(DETERMINISTIC_PURPOSE + context, 64)
             if derived is None:
-                raise self.keyring.destroyed(key)
+                raise self.keyring.unusable(key)
             siv = key.sivs[context] = AESSIV(derived)
         return siv
 
-    def deterministic_header(self, context: bytes, version: int = 1) -> bytes:
-        return self._index_key(version).header
+    def deterministic_header(self, version: int = 1) -> bytes | None:
+        """The header of the deterministic values this registry writes under
+        index key ``version``; None if its index scope has no such key (so
+        no value is under it)."""
+        key = self.keyring.find_index_key(version)
+        if key is None:
+            return None
+        if key.secret is None:
+            raise self.keyring.unusable(key)
+        return key.header
 
     def encrypt_deterministic(self, plaintext: bytes, context: bytes, version: int = 1) -> bytes:
         """AES-SIV: the same plaintext and context always give the same
@@ -151,11 +159,11 @@ class Envelope:
             raise DecryptionError("value is randomized ciphertext in a deterministic column")
         key = self.keyring.index_key_for(ciphertext)
         if key is None:
-            # Only this registry's index keys encrypt deterministically: a
-            # header naming any other key was altered.
+            # Only index keys encrypt deterministically: a header naming a
+            # data key was altered.
             raise _altered(context)
         if key.secret is None:
-            raise self.keyring.destroyed(key)
+            raise self.keyring.unusable(key)
         header = key.header
         try:
             return self._siv(key, context).decrypt(ciphertext[_HEADER:], [header, context])

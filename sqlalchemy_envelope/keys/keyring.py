@@ -35,7 +35,7 @@ from ..errors import (
 from . import storage, transactions
 from .cache import DataKey, IndexKey, KeyCache
 from .policy import RotationPolicy
-from .scopes import INDEX_SCOPE_PREFIX, check_scope, index_scope
+from .scopes import check_scope, index_scope, is_index_scope
 from .storage import KeyRow, KeyState
 from .store import KeyStore
 from .wrapper import KeyWrapper
@@ -172,7 +172,7 @@ class Keyring:
     def refresh(self, row: KeyRow) -> None:
         """Cache a row this process just changed (a state change), whatever its kind."""
         with self.lock:
-            if row.scope.startswith(INDEX_SCOPE_PREFIX):
+            if is_index_scope(row.scope):
                 self._remember_index(row, self.cache.index.get((row.scope, row.version)))
             else:
                 self.remember(row, previous=self.cached(row.id))
@@ -372,23 +372,41 @@ class Keyring:
 
     def index_key(self, version: int) -> IndexKey:
         """This registry's index key ``version``, read again if stale."""
-        scope = index_scope(self.scope)
-        key = self.cache.index.get((scope, version))
+        key = self.cache.index.get((index_scope(self.scope), version))
         if key is not None and self.cache.fresh(key):
             return key
+        found = self._load_index_key(version, key)
+        if found is None:
+            raise ConfigurationError(
+                f"no blind-index key version {version} in scope {index_scope(self.scope)!r}: "
+                "call KeyRegistry.init() (version 1), or rotate that scope for a new version"
+            )
+        return found
+
+    def find_index_key(self, version: int) -> IndexKey | None:
+        """This registry's index key ``version``, read again if stale; None
+        if data_keys holds no such key."""
+        key = self.cache.index.get((index_scope(self.scope), version))
+        if key is not None and self.cache.fresh(key):
+            return key
+        return self._load_index_key(version, key)
+
+    def _load_index_key(self, version: int, previous: IndexKey | None) -> IndexKey | None:
+        scope = index_scope(self.scope)
         with self.lock:
             self.check_open()
             row = self.store.read(lambda c: storage.key_by_version(c, self.table, scope, version))
-            if row is None:
-                raise ConfigurationError(
-                    f"no blind-index key version {version} in scope {scope!r}: call "
-                    "KeyRegistry.init() (version 1), or rotate that scope for a new version"
-                )
-            return self._remember_index(row, key)
+            return None if row is None else self._remember_index(row, previous)
 
     def index_key_for(self, ciphertext: bytes) -> IndexKey | None:
         """The index key named by a deterministic value's header, read again if
-        stale; None if the header names no index key of this registry."""
+        stale; None if the header names a key that is no index key.
+
+        Any index scope will do, not only this registry's: a value written by
+        another registry on the same data_keys (a tenant's, bound to a
+        session) names its own, and reading needs no choice. AES-SIV
+        authenticates the header, so a value cannot be made to name another
+        index key than its own."""
         fmt.check(ciphertext)
         key = self.cache.index_by_header.get(ciphertext[: fmt.HEADER_BYTES])
         if key is not None and self.cache.fresh(key):
@@ -399,13 +417,14 @@ class Keyring:
             row = self.store.read(lambda c: storage.key_by_id(c, self.table, key_id))
             if row is None:
                 raise UnknownKeyError(key_id)
-            if row.scope != index_scope(self.scope):
+            if not is_index_scope(row.scope):
                 return None
             return self._remember_index(row, key)
 
     def _remember_index(self, row: KeyRow, previous: IndexKey | None) -> IndexKey:
+        """Cache an index key; a disabled or destroyed one without its secret."""
         secret = None
-        if row.wrapped_key is not None:
+        if row.state in (KeyState.ACTIVE, KeyState.RETIRED):
             same = previous is not None and previous.id == row.id and previous.secret is not None
             secret = previous.secret if same and previous is not None else None
             if secret is None:
@@ -415,6 +434,7 @@ class Keyring:
                 id=row.id,
                 version=row.version,
                 scope=row.scope,
+                state=row.state,
                 header=fmt.header(row.id, fmt.DETERMINISTIC_VERSION),
                 secret=secret,
                 fresh_until=self.cache.expiry(),
@@ -422,5 +442,8 @@ class Keyring:
         )
 
     @staticmethod
-    def destroyed(key: IndexKey) -> EnvelopeError:
+    def unusable(key: IndexKey) -> EnvelopeError:
+        """Why an index key without its secret cannot be used."""
+        if key.state is KeyState.DISABLED:
+            return KeyDisabledError(key.id, key.version, key.scope)
         return DestroyedKeyError(key.id, key.version, key.scope)

@@ -7,7 +7,14 @@ from typing import Any
 from ..errors import ConfigurationError
 from .storage import SCOPE_CHARS
 
-__all__ = ["DEFAULT_SCOPE", "INDEX_SCOPE_PREFIX", "MAX_SCOPE_CHARS", "check_scope", "index_scope"]
+__all__ = [
+    "DEFAULT_SCOPE",
+    "INDEX_SCOPE_PREFIX",
+    "MAX_SCOPE_CHARS",
+    "check_scope",
+    "index_scope",
+    "is_index_scope",
+]
 
 DEFAULT_SCOPE = "default"
 INDEX_SCOPE_PREFIX = "~index:"
@@ -29,3 +36,8 @@ def index_scope(scope: str) -> str:
     """The scope of the non-rotating key behind ``scope``'s blind indexes and
     deterministic columns."""
     return INDEX_SCOPE_PREFIX + scope
+
+
+def is_index_scope(scope: str) -> bool:
+    """Whether ``scope`` holds index keys rather than data keys."""
+    return scope.startswith(INDEX_SCOPE_PREFIX)

@@ -185,6 +185,12 @@ def sample_key(conn: Connection, table: sa.Table, *, for_update: bool = False) -
     return _one(conn, stmt.with_for_update() if for_update else stmt)
 
 
+def active_scopes(conn: Connection, table: sa.Table) -> list[str]:
+    """Every scope that has an active key (every scope but shredded ones)."""
+    stmt = sa.select(table.c.active_scope).where(table.c.active_scope.is_not(None))
+    return sorted(conn.execute(stmt.order_by(table.c.active_scope)).scalars())
+
+
 def is_shredded(conn: Connection, table: sa.Table, scope: str) -> bool:
     """True if the scope has keys and all of them were destroyed."""
     stmt = sa.select(table.c.state).where(table.c.scope == scope).distinct()

@@ -17,6 +17,7 @@ from ..errors import KeyInUseError, KeyStateError, RootKeyAccessDeniedError, Roo
 from ..keys import lifecycle, storage
 from ..keys.admin import KeyAdmin
 from ..keys.rootkey import CheckableRootKey
+from ..keys.scopes import is_index_scope
 from ..keys.storage import KeyRow, KeyState
 from . import census
 from .census import ColumnCensus, Target
@@ -77,9 +78,13 @@ def destroy(
 
 
 def _guard_destroy(admin: KeyAdmin, row: KeyRow, columns: Iterable[Target]) -> None:
+    """Refuse while rows or writers may still need the key. An index key is
+    always refused: the digests of blind indexes and hash_field carry no key
+    id, so no count can show that nothing needs it."""
+    index_key = is_index_scope(row.scope)
     max_age = _max_age(admin)
     quiet_for = admin.keyring.now() - row.state_changed_at
-    if quiet_for < max_age:
+    if quiet_for < max_age and not index_key:
         raise KeyStateError(
             f"data key version {row.version} of scope {row.scope!r} changed state "
             f"{quiet_for.total_seconds():.0f}s ago; processes may still be writing under "
@@ -95,8 +100,8 @@ def _guard_destroy(admin: KeyAdmin, row: KeyRow, columns: Iterable[Target]) -> N
             for ref in refs
         }
     in_use = {name: n for name, n in counts.items() if n}
-    if in_use:
-        raise KeyInUseError(row.version, row.scope, in_use)
+    if in_use or index_key:
+        raise KeyInUseError(row.version, row.scope, in_use, index_key=index_key)
 
 
 def status(admin: KeyAdmin, scope: str, *, with_census: bool = False) -> RegistryStatus:
@@ -174,6 +179,7 @@ def maintenance(admin: KeyAdmin, scope: str) -> MaintenanceReport:
         if key.state in (KeyState.RETIRED, KeyState.DISABLED)
         and not referenced.get(key.version)
         and now - key.state_changed_at >= max_age
+        and not is_index_scope(scope)  # no count can clear an index key (see destroy)
     )
     still_referenced = {
         key.version: referenced[key.version]

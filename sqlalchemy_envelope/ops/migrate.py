@@ -29,6 +29,7 @@ from ..errors import (
     UnknownKeyError,
 )
 from ..keys.envelope import Envelope
+from ..keys.scopes import index_scope, is_index_scope
 from ..keys.storage import MYSQL_DIALECTS
 from ..keys.store import KeyStore
 from ..sqla import mysql_text
@@ -139,7 +140,7 @@ def _pending(
     table: sa.TableClause, refs: Sequence[EncryptedColumnRef], target: HeaderFor
 ) -> sa.ColumnElement[bool]:
     """Rows with a value not under its column's target key (any non-NULL
-    value when the target is None, for decryption). The prefix comparison is
+    value when the target is None: decrypting, or no such key). The prefix comparison is
     NULL-safe: SQLite's substr of an empty BLOB is NULL, and an empty value
     has work to do like any other."""
     conditions: list[sa.ColumnElement[bool]] = []
@@ -258,11 +259,18 @@ def _reencrypt_rewrite(
             return None  # done: the row was selected for another column
         version = 0
         try:
-            if ciphertext[0] == fmt.FORMAT_VERSION:
-                owner, version = key_of(header)
-                if owner != scope:
-                    report.other_scopes += 1  # another tenant's value: not this job's
-                    return None
+            deterministic = ciphertext[0] == fmt.DETERMINISTIC_VERSION
+            owner, key_version = key_of(header)
+            own = index_scope(registry.scope) if deterministic else scope
+            if owner != own and is_index_scope(owner) == deterministic:
+                # Another tenant's value, or a deterministic value under
+                # another index scope's key: not this job's, and never moved
+                # between index scopes. (A value whose format does not match
+                # its key's kind was altered: decrypting says so.)
+                report.other_scopes += 1
+                return None
+            if not deterministic:
+                version = key_version
             plaintext = _decrypt(registry, ref, ciphertext)
         except DecryptionError as error:
             if listed and known(header) is None:
@@ -321,13 +329,21 @@ def _decrypt_rewrite(registry: Envelope) -> Rewrite:
 
 
 def _target(registry: Envelope, decrypt: bool, scope: str) -> HeaderFor:
-    """The header each column's values should carry when the job is done."""
+    """The header each column's values should carry when the job is done:
+    None when decrypting, and for a deterministic column when the
+    registry's index scope has no key (as for a tenant's job on data written
+    under the shared index key): then no value is under it, each is looked
+    at, and the job needs the key only if it has a value to seal."""
+
+    @functools.cache
+    def deterministic() -> bytes | None:
+        return registry.deterministic_header()
 
     def target(ref: EncryptedColumnRef) -> bytes | None:
         if decrypt:
             return None
         if ref.deterministic:
-            return registry.deterministic_header(ref.context)
+            return deterministic()
         return registry.active_header(scope)
 
     return target
