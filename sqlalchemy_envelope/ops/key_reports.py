@@ -179,8 +179,9 @@ def maintenance(admin: KeyAdmin, scope: str) -> MaintenanceReport:
         if key.state in (KeyState.RETIRED, KeyState.DISABLED)
         and not referenced.get(key.version)
         and now - key.state_changed_at >= max_age
-        and not is_index_scope(scope)  # no count can clear an index key (see destroy)
     )
+    if is_index_scope(scope):  # no count clears an index key (see _guard_destroy)
+        destroyable = ()
     still_referenced = {
         key.version: referenced[key.version]
         for key in current.keys

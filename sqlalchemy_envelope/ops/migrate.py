@@ -140,9 +140,9 @@ def _pending(
     table: sa.TableClause, refs: Sequence[EncryptedColumnRef], target: HeaderFor
 ) -> sa.ColumnElement[bool]:
     """Rows with a value not under its column's target key (any non-NULL
-    value when the target is None: decrypting, or no such key). The prefix comparison is
-    NULL-safe: SQLite's substr of an empty BLOB is NULL, and an empty value
-    has work to do like any other."""
+    value when the target is None: decrypting, or no such key). The prefix
+    comparison is NULL-safe: SQLite's substr of an empty BLOB is NULL, and an
+    empty value has work to do like any other."""
     conditions: list[sa.ColumnElement[bool]] = []
     for ref in refs:
         value = table.c[ref.column]
