@@ -215,6 +215,7 @@ def _reencrypt_rewrite(
     plaintext_rows: frozenset[tuple[str, tuple[str, ...]]],
 ) -> Rewrite:
     keys: dict[int, tuple[str, int] | None] = {}  # key id -> (scope, version), None: unknown
+    own_index = index_scope(registry.scope)  # where the job seals deterministic values
 
     def known(header: bytes) -> tuple[str, int] | None:
         """The scope and version of the data key a header names, of any state
@@ -261,7 +262,7 @@ def _reencrypt_rewrite(
         try:
             deterministic = ciphertext[0] == fmt.DETERMINISTIC_VERSION
             owner, key_version = key_of(header)
-            own = index_scope(registry.scope) if deterministic else scope
+            own = own_index if deterministic else scope
             if owner != own and is_index_scope(owner) == deterministic:
                 # Another tenant's value, or a deterministic value under
                 # another index scope's key: not this job's, and never moved
