@@ -927,6 +927,38 @@ class KeyRegistry:
         header = key.header
         return header + nonce + aead.encrypt(nonce, plaintext, header + context)
 
+    def encryptor(self, context: bytes, scope: str | None = None) -> Callable[[bytes], bytes]:
+        """`encrypt_bytes` for one context and scope, with every lookup bound
+        once: what a column's bind processor calls per value, for the statement
+        at hand. It checks the active key's age and claimed encryptions per
+        value, exactly as `encrypt_bytes` does, and leaves loading, claiming and
+        rotating to it."""
+        scope = scope or self.scope
+        get = self._active.get
+        clock = self._clock
+        claim = self._claim
+        slow = self.encrypt_bytes
+        # The last key used and its associated data (header + context): one
+        # tuple, replaced whole, so that threads sharing it read a matching pair.
+        bound: tuple[DataKey | None, bytes] = (None, b"")
+
+        def encrypt(plaintext: bytes) -> bytes:
+            nonlocal bound
+            key = get(scope)
+            if key is None or clock() > key.fresh_until:
+                return slow(plaintext, context, scope)
+            if next(key.counter) >= key.budget:
+                key = claim(key)
+            aead = key.aead
+            assert aead is not None  # an active key can encrypt
+            pair = bound
+            if pair[0] is not key:
+                pair = bound = (key, key.header + context)
+            nonce = _urandom(NONCE_BYTES)
+            return key.header + nonce + aead.encrypt(nonce, plaintext, pair[1])
+
+        return encrypt
+
     def decrypt_bytes(self, ciphertext: bytes, context: bytes) -> bytes:
         """`decrypt` with the context already encoded: what column types call."""
         header = ciphertext[:_HEADER]
@@ -958,15 +990,21 @@ class KeyRegistry:
         get = self._by_header.get
         clock = self._clock
         slow = self.decrypt_bytes
+        # The last key used and its associated data (header + context): one
+        # tuple, replaced whole, so that threads sharing it read a matching pair.
+        bound: tuple[DataKey | None, bytes] = (None, b"")
 
         def decrypt(ciphertext: bytes) -> bytes:
-            header = ciphertext[:_HEADER]
-            key = get(header)
+            nonlocal bound
+            key = get(ciphertext[:_HEADER])
             if key is None or clock() > key.fresh_until or key.aead is None:
                 return slow(ciphertext, context)
+            pair = bound
+            if pair[0] is not key:
+                pair = bound = (key, key.header + context)
             try:
                 return key.aead.decrypt(
-                    ciphertext[_HEADER:_PAYLOAD], ciphertext[_PAYLOAD:], header + context
+                    ciphertext[_HEADER:_PAYLOAD], ciphertext[_PAYLOAD:], pair[1]
                 )
             except (InvalidTag, ValueError):
                 return slow(ciphertext, context)
