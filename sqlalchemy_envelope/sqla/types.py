@@ -410,17 +410,18 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         if text or migrating or self.deterministic or self.bind_scope or impl is not None:
             return process
 
-        bound: tuple[Any, Any] = (None, None)  # a registry and its decryptor for this column
+        # A registry and its decryptor for this column; none at first.
+        bound: tuple[Any, Any] = (object(), None)
 
         def process_common(value: Any) -> Any:
             # The common case in one frame: bytes from the driver, one
             # registry serving the engine. Anything else takes the full path.
             nonlocal bound
-            registry = slot.sole
-            if registry is None or value.__class__ is not bytes:
-                return None if value is None else process(value)
             pair = bound
-            if pair[0] is not registry:
+            if pair[0] is not slot.sole or value.__class__ is not bytes:
+                registry = slot.sole
+                if registry is None or value.__class__ is not bytes:
+                    return None if value is None else process(value)
                 pair = bound = (registry, registry.decryptor(context))
             try:
                 plaintext = pair[1](value)
