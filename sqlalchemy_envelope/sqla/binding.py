@@ -171,18 +171,19 @@ class EngineSlot:
         registry = self.registry
         self.sole = registry if registry is not None and self.readers == (registry,) else None
 
-    def writer(self) -> KeyRegistry:
-        """The registry to encrypt with for the statement being executed."""
-        return self.writing(_writing.get())[0]
-
-    def writing(self, writing: Writing) -> tuple[KeyRegistry, str | None]:
-        """The registry and key scope (None: the registry's own) to encrypt with."""
-        registry = writing.writer
+    def writer(self, writing: Writing | None = None) -> KeyRegistry:
+        """The registry to encrypt with for ``writing``, by default the
+        statement being executed's."""
+        registry = (writing or _writing.get()).writer
         if registry is None:
             registry = self.registry
             if registry is None:
                 raise _no_registry(self.is_async)
-        return registry, writing.scope or writing.ambient
+        return registry
+
+    def writing(self, writing: Writing) -> tuple[KeyRegistry, str | None]:
+        """The registry and key scope (None: the registry's own) to encrypt with."""
+        return self.writer(writing), writing.scope or writing.ambient
 
     def decrypt(self, ciphertext: bytes, context: bytes) -> bytes:
         registry = self.registry
