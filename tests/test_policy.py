@@ -65,6 +65,37 @@ def test_rotation_by_use_never_passes_the_limit(engine: sa.Engine, root_key: Sta
     registry.close()
 
 
+@pytest.mark.parametrize("storage", ["binary", "text"])
+def test_rotation_by_use_inside_one_statement(
+    engine: sa.Engine, root_key: StaticRootKey, storage: str
+) -> None:
+    """A column's values of one executemany cross several rotations: each is
+    encrypted under the key active at that moment, and every one reads back."""
+    registry = KeyRegistry(engine, root_key, max_encryptions=640)  # blocks of 10
+    registry.init()
+    table = sa.Table(
+        "notes",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("body", EncryptedType(sa.String(100), storage=storage)),
+    )
+    table.metadata.create_all(engine)
+    rows = [{"id": i, "body": f"note {i}"} for i in range(1500)]
+    for _ in range(2):  # the second time from the compiled cache
+        with engine.begin() as conn:
+            conn.execute(table.delete())
+        with engine.begin() as conn:
+            conn.execute(table.insert(), rows)
+        with engine.connect() as conn:
+            read = conn.execute(sa.select(table.c.id, table.c.body).order_by(table.c.id)).all()
+        assert [tuple(row) for row in read] == [(i, f"note {i}") for i in range(1500)]
+    status = registry.status()
+    assert status.active_version is not None and status.active_version >= 5
+    assert all(key.encryptions <= 640 for key in status.keys)
+    assert sum(key.encryptions for key in status.keys) >= 3000
+    registry.close()
+
+
 def _claimed(registry: KeyRegistry) -> int:
     """Encryptions claimed in data_keys under every key of the scope."""
     return sum(key.encryptions for key in registry.status().keys)

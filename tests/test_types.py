@@ -630,10 +630,11 @@ def _refuse_everywhere(
 _ids = itertools.count(10, 2)
 
 
+@pytest.mark.parametrize("storage", ["binary", "text"])
 def test_refused_values_are_never_in_errors_or_tracebacks(
-    engine: sa.Engine, registry: KeyRegistry
+    engine: sa.Engine, registry: KeyRegistry, storage: str
 ) -> None:
-    table = _table("text")
+    table = _table(storage)
     table.metadata.create_all(engine)
     with engine.begin() as conn:
         conn.execute(table.insert(), {"id": 1})

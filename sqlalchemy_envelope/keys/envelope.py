@@ -14,7 +14,7 @@ from collections.abc import Callable
 from ..crypto import format as fmt
 from ..crypto.primitives import AESSIV, NONCE_BYTES, InvalidTag, hmac_sha256
 from ..errors import DecryptionError
-from .cache import IndexKey
+from .cache import DataKey, IndexKey
 from .keyring import Keyring
 
 __all__ = ["Envelope"]
@@ -54,6 +54,38 @@ class Envelope:
         header = key.header
         return header + nonce + aead.encrypt(nonce, plaintext, header + context)
 
+    def encryptor(self, context: bytes, scope: str | None = None) -> Callable[[bytes], bytes]:
+        """`encrypt_bytes` for one context and scope, with every lookup bound
+        once: what a column's bind processor calls per value, for the statement
+        at hand. It checks the active key's age and claimed encryptions per
+        value, as `encrypt_bytes` does, and leaves loading, claiming and
+        rotating to the keyring."""
+        scope = scope or self.scope
+        get = self._active.get
+        clock = self._clock
+        claim = self.keyring.claim
+        slow = self.encrypt_bytes
+        # The last key used and its associated data (header + context): one
+        # tuple, replaced whole, so that threads sharing it read a matching pair.
+        cached: tuple[DataKey | None, bytes] = (None, b"")
+
+        def encrypt(plaintext: bytes) -> bytes:
+            nonlocal cached
+            key = get(scope)
+            if key is None or clock() > key.fresh_until:  # KeyCache.fresh, inlined
+                return slow(plaintext, context, scope)
+            if next(key.counter) >= key.budget:
+                key = claim(key)
+            aead = key.aead
+            assert aead is not None  # an active key can encrypt
+            pair = cached
+            if pair[0] is not key:
+                pair = cached = (key, key.header + context)
+            nonce = _urandom(NONCE_BYTES)
+            return key.header + nonce + aead.encrypt(nonce, plaintext, pair[1])
+
+        return encrypt
+
     def decryptor(self, context: bytes) -> Callable[[bytes], bytes]:
         """Decrypt values written for ``context``, with every lookup bound
         once: what a column's result processor calls per value. Anything but
@@ -63,17 +95,21 @@ class Envelope:
         clock = self._clock
         keyring = self.keyring
 
+        # The last key used and its associated data, as in `encryptor`.
+        cached: tuple[DataKey | None, bytes] = (None, b"")
+
         def decrypt(ciphertext: bytes) -> bytes:
-            header = ciphertext[:_HEADER]
-            key = get(header)
+            nonlocal cached
+            key = get(ciphertext[:_HEADER])
             if key is None or clock() > key.fresh_until or key.aead is None:  # KeyCache.fresh
                 key = keyring.usable(keyring.for_ciphertext(ciphertext))
             aead = key.aead
             assert aead is not None
+            pair = cached
+            if pair[0] is not key:
+                pair = cached = (key, key.header + context)
             try:
-                return aead.decrypt(
-                    ciphertext[_HEADER:_PAYLOAD], ciphertext[_PAYLOAD:], header + context
-                )
+                return aead.decrypt(ciphertext[_HEADER:_PAYLOAD], ciphertext[_PAYLOAD:], pair[1])
             except InvalidTag:
                 raise _altered(context) from None
             except ValueError:  # too short to hold a nonce: cut short after a known header

@@ -32,7 +32,9 @@ __all__ = [
     "SCOPE_OPTION",
     "SESSION_INFO_KEY",
     "EngineSlot",
+    "Writing",
     "current_scope",
+    "current_writing",
     "scope",
     "session_scope",
     "slot_for",
@@ -43,27 +45,53 @@ SCOPE_OPTION = "envelope_scope"
 SESSION_INFO_KEY = "sqlalchemy_envelope.registry"
 SESSION_SCOPE_KEY = "sqlalchemy_envelope.scope"
 
-_writer: ContextVar[Envelope | None] = ContextVar("envelope_writer", default=None)
-_statement_scope: ContextVar[str | None] = ContextVar("envelope_statement_scope", default=None)
-_ambient_scope: ContextVar[str | None] = ContextVar("envelope_ambient_scope", default=None)
+
+class Writing:
+    """What values are written with: the registry and key scope chosen for
+    the statement being executed (None: the engine's registry, the
+    registry's own scope), and the scope of the enclosing ``scope(...)``
+    block. Immutable, and a new one for every execution and every block, so
+    a processor can resolve its registry and scope once per `Writing`."""
+
+    __slots__ = ("ambient", "scope", "writer")
+
+    def __init__(self, writer: Envelope | None, scope: str | None, ambient: str | None) -> None:
+        self.writer = writer
+        self.scope = scope
+        self.ambient = ambient
+
+
+_NOTHING_CHOSEN = Writing(None, None, None)
+_writing: ContextVar[Writing] = ContextVar("envelope_writing", default=_NOTHING_CHOSEN)
+
+current_writing = _writing.get
+"""The `Writing` in effect: one call, cheap enough per value."""
 
 
 def current_scope() -> str | None:
     """The key scope chosen for the statement being executed: its execution
     option (per call, per connection, or per Session), else the scope of the
     enclosing ``scope(...)`` block, else None (the registry's own scope)."""
-    return _statement_scope.get() or _ambient_scope.get()
+    writing = _writing.get()
+    return writing.scope or writing.ambient
 
 
 @contextmanager
 def scope(name: str) -> Iterator[None]:
     """Write under the key scope ``name`` (a tenant) inside this block, in
     this thread or asyncio task: ``with sqlalchemy_envelope.scope("acme"): ...``"""
-    token = _ambient_scope.set(name)
+    outer = _writing.get().ambient
+    _set_ambient(name)
     try:
         yield
     finally:
-        _ambient_scope.reset(token)
+        _set_ambient(outer)
+
+
+def _set_ambient(name: str | None) -> None:
+    # The statement's choices stay: the block only changes the scope around them.
+    writing = _writing.get()
+    _writing.set(Writing(writing.writer, writing.scope, name))
 
 
 @contextmanager
@@ -133,15 +161,19 @@ class EngineSlot:
         registry = self.registry
         self.sole = registry if registry is not None and self.readers == (registry,) else None
 
-    def writer(self) -> Envelope:
-        """The registry to encrypt with for the statement being executed."""
-        chosen = _writer.get()
-        if chosen is not None:
-            return chosen
-        registry = self.registry
+    def writer(self, writing: Writing | None = None) -> Envelope:
+        """The registry to encrypt with for ``writing``, by default the
+        statement being executed's."""
+        registry = (writing or _writing.get()).writer
         if registry is None:
-            raise _no_registry(self.is_async)
+            registry = self.registry
+            if registry is None:
+                raise _no_registry(self.is_async)
         return registry
+
+    def writing(self, writing: Writing) -> tuple[Envelope, str | None]:
+        """The registry and key scope (None: the registry's own) to encrypt with."""
+        return self.writer(writing), writing.scope or writing.ambient
 
     def decrypt(self, ciphertext: bytes, context: bytes) -> bytes:
         registry = self.registry
@@ -248,8 +280,8 @@ def _before_execute(
     if execution_options.get(INTERNAL_OPTION):
         return
     chosen = _envelope_of(execution_options.get(EXECUTION_OPTION))
-    _writer.set(chosen)
-    _statement_scope.set(execution_options.get(SCOPE_OPTION))
+    ambient = _writing.get().ambient
+    _writing.set(Writing(chosen, execution_options.get(SCOPE_OPTION), ambient))
     set_statement_connection(conn)
     if chosen is not None:
         slot_for(conn.dialect).add_reader(chosen)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import struct
+import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,13 +60,18 @@ class Codec:
     """How one wrapped type is turned into bytes. ``max_bytes`` is the longest
     plaintext ``encode`` returns, or None if unbounded (it sizes storage).
     ``none_as_null``: Python None is stored as SQL NULL, as for most plain
-    columns; if False (JSON's default), ``encode`` gives None a plaintext."""
+    columns; if False (JSON's default), ``encode`` gives None a plaintext.
+    ``str_chars``: for strings, the most characters ``encode`` takes from a
+    ``str``, which it encodes as ``str.encode()`` does (UTF-8): a processor
+    can do that itself, without a call per value, and call ``encode`` for
+    anything else (which also gives the error for a lone surrogate)."""
 
     encode: Encode
     decode: Decode
     python_type: type
     max_bytes: int | None
     none_as_null: bool = True
+    str_chars: int | None = None
 
 
 def _wrong(value: Any, expected: str) -> InvalidValueError:
@@ -89,7 +95,13 @@ def _string(value_type: sa.String) -> Codec:
             raise InvalidValueError(_SURROGATE) from None
 
     # bytes.decode defaults to strict UTF-8, and as a builtin it costs no frame.
-    return Codec(encode, bytes.decode, str, None if length is None else 4 * length)
+    return Codec(
+        encode,
+        bytes.decode,
+        str,
+        None if length is None else 4 * length,
+        str_chars=sys.maxsize if length is None else length,
+    )
 
 
 def _binary(value_type: sa.LargeBinary) -> Codec:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import sys
 from collections.abc import Callable, Hashable
+from functools import partial
 from typing import Any
 
 import sqlalchemy as sa
@@ -266,30 +267,58 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         return f"{self._attachment.name()} ({_label(self.value_type)})"
 
     def bind_processor(self, dialect: Dialect) -> Any:
-        encode = self._codec.encode
+        codec = self._codec
+        encode = codec.encode
         context = self._attachment.context()
         where = self._where()
         # Every plaintext must fit the storage sized for it: no database ever
         # sees a longer value (MySQL in non-strict mode would cut it short).
-        limit = sys.maxsize if self._codec.max_bytes is None else self._codec.max_bytes
-        writer = binding.slot_for(dialect).writer
-        current_scope = binding.current_scope
-        deterministic = self.deterministic
-        bind_scope = self.bind_scope
-        none_as_null = self._codec.none_as_null  # else None is encoded (JSON null)
-        if self.storage == "binary" and not (deterministic or bind_scope):
+        limit = sys.maxsize if codec.max_bytes is None else codec.max_bytes
+        none_as_null = codec.none_as_null  # else None is encoded (JSON null)
+        # A str the codec would encode with str.encode() is encoded here, in
+        # the processor's frame, and fits: the codec's max_bytes counts four
+        # bytes per character. A longer one, another type or a lone surrogate
+        # take the codec, for its error.
+        str_chars = -1 if codec.str_chars is None else codec.str_chars
+
+        def plaintext_of(value: Any) -> bytes:
+            try:
+                plaintext = encode(value)
+            except Exception as error:
+                raise _refused(where, error) from None
+            if len(plaintext) > limit:
+                raise _overlong(where, len(plaintext), limit)
+            return plaintext
+
+        # The registry and scope come from the statement being executed (its
+        # execution options, its Session, the scope() block around it): they
+        # are resolved into an encrypting function once per `Writing`, which
+        # changes with every execution, and kept with it in one tuple,
+        # replaced whole, so that threads sharing this processor read a pair.
+        encrypting = self._encrypting(binding.slot_for(dialect), context)
+        current_writing = binding.current_writing
+        # Starts with no Writing (so with no function to call: bytes stands in).
+        bound: tuple[binding.Writing | None, Callable[[bytes], Any]] = (None, bytes)
+
+        if self.storage == "binary" and not (self.deterministic or self.bind_scope):
             # Every Python 3 DB-API driver takes bytes for BLOB/bytea; the
             # impl's DBAPI.Binary() wrapper would only add a copy per value.
             def process_binary(value: Any) -> Any:
-                if value is None and none_as_null:
+                nonlocal bound
+                if value.__class__ is str and len(value) <= str_chars:
+                    try:
+                        plaintext = value.encode()
+                    except UnicodeEncodeError:
+                        plaintext = plaintext_of(value)
+                elif value is None and none_as_null:
                     return None
-                try:
-                    plaintext = encode(value)
-                except Exception as error:
-                    raise _refused(where, error) from None
-                if len(plaintext) > limit:
-                    raise _overlong(where, len(plaintext), limit)
-                return writer().encrypt_bytes(plaintext, context, current_scope())
+                else:
+                    plaintext = plaintext_of(value)
+                writing = current_writing()
+                pair = bound
+                if pair[0] is not writing:
+                    pair = bound = (writing, encrypting(writing))
+                return pair[1](plaintext)
 
             return process_binary
 
@@ -297,29 +326,45 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         to_text = fmt.to_text if self.storage == "text" else None
 
         def process(value: Any) -> Any:
-            if value is None and none_as_null:
+            nonlocal bound
+            if value.__class__ is str and len(value) <= str_chars:
+                try:
+                    plaintext = value.encode()
+                except UnicodeEncodeError:
+                    plaintext = plaintext_of(value)
+            elif value is None and none_as_null:
                 return None
-            try:
-                plaintext = encode(value)
-            except Exception as error:
-                raise _refused(where, error) from None
-            if len(plaintext) > limit:
-                raise _overlong(where, len(plaintext), limit)
-            registry = writer()
-            scope = current_scope()
-            if deterministic:
-                data: Any = registry.encrypt_deterministic(plaintext, context)
-            elif bind_scope:
-                scope = scope or registry.scope
-                aad = fmt.scoped_context(context, scope)
-                data = registry.encrypt_bytes(plaintext, aad, scope)
             else:
-                data = registry.encrypt_bytes(plaintext, context, scope)
+                plaintext = plaintext_of(value)
+            writing = current_writing()
+            pair = bound
+            if pair[0] is not writing:
+                pair = bound = (writing, encrypting(writing))
+            data = pair[1](plaintext)
             if to_text is not None:
                 data = to_text(data)
             return impl(data) if impl is not None else data
 
         return process
+
+    def _encrypting(
+        self, slot: binding.EngineSlot, context: bytes
+    ) -> Callable[[binding.Writing], Callable[[bytes], bytes]]:
+        """How this column encrypts a plaintext for a `Writing`: under the
+        chosen registry's active key for the chosen scope, or deterministically."""
+        deterministic = self.deterministic
+        bind_scope = self.bind_scope
+
+        def encrypting(writing: binding.Writing) -> Callable[[bytes], bytes]:
+            registry, scope = slot.writing(writing)
+            if deterministic:
+                return partial(registry.encrypt_deterministic, context=context)
+            if bind_scope:
+                scope = scope or registry.scope
+                return registry.encryptor(fmt.scoped_context(context, scope), scope)
+            return registry.encryptor(context, scope)
+
+        return encrypting
 
     def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
         decode = self._codec.decode
@@ -367,17 +412,18 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         if text or migrating or self.deterministic or self.bind_scope or impl is not None:
             return process
 
-        cached: tuple[Any, Any] = (None, None)  # a registry and its decryptor for this column
+        # A registry and its decryptor for this column; none at first.
+        cached: tuple[Any, Any] = (object(), None)
 
         def process_common(value: Any) -> Any:
             # The common case in one frame: bytes from the driver, one
             # registry serving the engine. Anything else takes the full path.
             nonlocal cached
-            registry = slot.sole
-            if registry is None or value.__class__ is not bytes:
-                return None if value is None else process(value)
             pair = cached
-            if pair[0] is not registry:
+            if pair[0] is not slot.sole or value.__class__ is not bytes:
+                registry = slot.sole
+                if registry is None or value.__class__ is not bytes:
+                    return None if value is None else process(value)
                 pair = cached = (registry, registry.decryptor(context))
             try:
                 plaintext = pair[1](value)
