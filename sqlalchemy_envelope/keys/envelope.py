@@ -100,9 +100,12 @@ class Envelope:
 
         def decrypt(ciphertext: bytes) -> bytes:
             nonlocal cached
-            key = get(ciphertext[:_HEADER])
+            header = ciphertext[:_HEADER]
+            key = get(header)
             if key is None or clock() > key.fresh_until or key.aead is None:  # KeyCache.fresh
                 key = keyring.usable(keyring.for_ciphertext(ciphertext))
+                if key.header != header:  # another format's header naming this key's id
+                    raise _altered(context)
             aead = key.aead
             assert aead is not None
             pair = cached
