@@ -120,6 +120,7 @@ class MigrationReport(Report):
     elapsed: float = 0.0
     shard: tuple[int, int] | None = None
     _listed: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _reasons: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def rows_per_second(self) -> float:
@@ -129,9 +130,16 @@ class MigrationReport(Report):
         """Count a value left as it was, and name its row while the column
         has fewer than ``LISTED_PER_COLUMN`` named."""
         self.left_behind += 1
+        self._reasons[reason] = self._reasons.get(reason, 0) + 1
         if failure:
             self.failures[reason] = self.failures.get(reason, 0) + 1
         self._name(LeftRow(column, key, reason))
+
+    def left_by_reason(self) -> dict[str, int]:
+        """Every value left behind, by reason: ``failures`` and the values
+        left without failing (plaintext in a column not being converted),
+        adding up to ``left_behind``."""
+        return dict(sorted(self._reasons.items(), key=lambda item: item[0].casefold()))
 
     def _name(self, row: LeftRow) -> None:
         listed = self._listed.get(row.column, 0)
@@ -151,6 +159,8 @@ class MigrationReport(Report):
             self.values_by_version[version] = self.values_by_version.get(version, 0) + n
         for reason, n in other.failures.items():
             self.failures[reason] = self.failures.get(reason, 0) + n
+        for reason, n in other.left_by_reason().items():
+            self._reasons[reason] = self._reasons.get(reason, 0) + n
         for row in other.left_rows:
             self._name(row)
 
@@ -171,6 +181,7 @@ class MigrationReport(Report):
         self.failures = {}
         self.left_rows = []
         self._listed = {}
+        self._reasons = {}
 
     def to_dict(self) -> dict[str, Any]:
         return plain_fields(
