@@ -138,7 +138,7 @@ def test_a_declined_confirmation_has_an_exit_code_of_its_own(db_url: str, tmp_pa
 
     def stored() -> dict[int, str]:
         with engine.connect() as conn:
-            return dict(conn.execute(sa.select(raw.c.id, raw.c.body)).all())  # type: ignore[arg-type]
+            return dict(conn.execute(sa.select(raw.c.id, raw.c.body)).all())
 
     before = stored()
 
