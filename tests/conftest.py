@@ -271,6 +271,7 @@ MARIADB_MODULES = frozenset(
         "test_shredding",
         "test_column_definitions",
         "test_batch",
+        "test_job_targets",
     }
 )
 

@@ -422,7 +422,7 @@ def run(
     part = Shard.of(shard)
     started = time.perf_counter()
     with conns.connect() as conn:
-        refs = census.resolve(conn, targets)
+        refs = census.resolve(conn, targets, registry.keyring.table)
         if not refs:
             raise ConfigurationError("no encrypted columns to process")
         tables = _tables(conn, refs)

@@ -1,0 +1,175 @@
+"""What a job (re-encrypt, decrypt in place, backfill) may be pointed at:
+never the registry's own keys table, never a column the loaded models define
+as something else than an encrypted column (a blind index, a plain column);
+and under a column's definition, never a value of another format than the
+definition's, which it leaves as it is. Through the command line, as the
+README tells users to run it, and through the API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Session
+from test_cli import ROOT, Cli
+
+from sqlalchemy_envelope import (
+    ConfigurationError,
+    EncryptedType,
+    KeyRegistry,
+    blind_index_column,
+    data_keys_table,
+)
+
+
+def _keys(engine: sa.Engine, table: str = "data_keys") -> list[tuple[Any, ...]]:
+    """Every key of a keys table, as stored (but its count of encryptions,
+    which encrypting claims from)."""
+    columns = "id, scope, version, algorithm, wrapped_key, root_key_fingerprint, state"
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(f"SELECT {columns} FROM {table} ORDER BY id")).all()
+    return [tuple(bytes(v) if isinstance(v, memoryview) else v for v in row) for row in rows]
+
+
+def _visits(engine: sa.Engine) -> sa.Table:
+    """An application table with encrypted values, under key version 1."""
+    visits = sa.Table(
+        "visits",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("reason", EncryptedType(sa.String(40), storage="text")),
+    )
+    visits.create(engine)
+    with engine.begin() as conn:
+        conn.execute(visits.insert(), [{"id": i, "reason": f"reason {i}"} for i in range(5)])
+    return visits
+
+
+def _reasons(engine: sa.Engine, visits: sa.Table) -> list[str]:
+    """The visits' values, read through a Session and a Connection."""
+    with Session(engine) as session:
+        read = list(session.scalars(sa.select(visits.c.reason).order_by(visits.c.id)))
+    with engine.connect() as conn:
+        assert list(conn.execute(sa.select(visits.c.reason).order_by(visits.c.id)).scalars()) == (
+            read
+        )
+    return read
+
+
+# -- the registry's keys table ------------------------------------------------------
+
+
+def test_the_command_line_refuses_jobs_on_the_keys_table(db_url: str, tmp_path: Path) -> None:
+    """Following the README, a user points a job at data_keys (by any name of
+    it): every job is refused, exit 2, before anything is written; the keys
+    and every value under them stay as they were."""
+    cli = Cli(db_url, tmp_path)
+    cli("init")
+    engine = sa.create_engine(db_url)
+    registry = KeyRegistry.from_env(engine, environ={"ENVELOPE_ROOT_KEY": ROOT})
+    visits = _visits(engine)
+    cli("rotate")
+    before = _keys(engine)
+    (key_id, *_) = before[0]
+    default = sa.inspect(engine).default_schema_name
+    names = [
+        "data_keys.wrapped_key",
+        "data_keys.root_key_fingerprint",
+        f"{default}.data_keys.scope",
+    ]
+    if engine.dialect.name != "postgresql":  # case-insensitive table names
+        names.append("DATA_KEYS.wrapped_key")
+    runs = [
+        ("reencrypt", "--encrypt-plaintext"),
+        ("reencrypt", "--plaintext-row", f"data_keys.wrapped_key={key_id}"),
+        ("decrypt-in-place", "--yes"),
+        ("reencrypt", "--shard", "0/2", "--encrypt-plaintext"),
+    ]
+    for name in names:
+        for command, *options in runs:
+            for _ in range(2):
+                cli(command, name, *options, code=2)
+                (line,) = cli.outputs[-1].splitlines()
+                assert (
+                    line.startswith("configuration error: ") and "the registry's keys table" in line
+                )
+    assert _keys(engine) == before
+
+    cli("--table", "vault_keys", "init")
+    vault = _keys(engine, "vault_keys")
+    cli(
+        "--table",
+        "vault_keys",
+        "reencrypt",
+        "vault_keys.wrapped_key",
+        "--encrypt-plaintext",
+        code=2,
+    )
+    assert "vault_keys, the registry's keys table" in cli.outputs[-1]
+    assert _keys(engine, "vault_keys") == vault
+
+    report = cli.json("reencrypt", "visits.reason")
+    assert report["values_by_version"] == {"1": 5} and report["left_behind"] == 0
+    assert _reasons(engine, visits) == [f"reason {i}" for i in range(5)]
+    registry.close()
+    engine.dispose()
+
+
+def test_the_api_refuses_jobs_on_the_keys_table(db_url: str) -> None:
+    """By name, Table, Column, ORM attribute or mapped class, and among the
+    columns a job finds by itself: the keys table is never a job's."""
+    engine = sa.create_engine(db_url)
+    registry = KeyRegistry.from_env(engine, environ={"ENVELOPE_ROOT_KEY": ROOT})
+    registry.init()
+    visits = _visits(engine)
+    registry.rotate()
+    before = _keys(engine)
+
+    keys = data_keys_table(sa.MetaData())
+    # Models that (wrongly) map data_keys with an encrypted column: a job
+    # taking every defined column must still leave data_keys out.
+    mapped = sa.Table(
+        "data_keys",
+        sa.MetaData(),
+        sa.Column("id", sa.BigInteger, primary_key=True),
+        sa.Column("wrapped_key", EncryptedType(sa.LargeBinary)),
+        sa.Column("scope", EncryptedType(sa.String(40), storage="text")),
+        blind_index_column("scope_index", "scope"),
+    )
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Key(Base):
+        __table__ = mapped
+
+    targets: list[Any] = [
+        "data_keys.wrapped_key",
+        "data_keys.algorithm",
+        keys,
+        keys.c.wrapped_key,
+        keys.c.state,
+        mapped,
+        mapped.c.wrapped_key,
+        Key,
+        Key.wrapped_key,
+    ]
+    for target in targets:
+        for _ in range(2):
+            with pytest.raises(ConfigurationError, match="the registry's keys table"):
+                registry.reencrypt(target, encrypt_plaintext=True)
+            with pytest.raises(ConfigurationError, match="the registry's keys table"):
+                registry.reencrypt(target, plaintext_rows={"data_keys.wrapped_key": [before[0][0]]})
+            with pytest.raises(ConfigurationError, match="the registry's keys table"):
+                registry.decrypt_in_place(target)
+    with pytest.raises(ConfigurationError, match="the registry's keys table"):
+        registry.backfill_index(mapped.c.scope_index)
+    for _ in range(2):
+        report = registry.reencrypt(encrypt_plaintext=True)  # every defined column
+        assert "data_keys.wrapped_key" not in report.columns and "visits.reason" in report.columns
+    assert _keys(engine) == before
+    assert _reasons(engine, visits) == [f"reason {i}" for i in range(5)]
+    registry.close()
+    engine.dispose()
