@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from job_targets_models import Base, Patient, Record, Room
 from sqlalchemy.orm import DeclarativeBase, Session
 from test_cli import ROOT, Cli
 
@@ -22,6 +23,10 @@ from sqlalchemy_envelope import (
     blind_index_column,
     data_keys_table,
 )
+
+TESTS = str(Path(__file__).parent)
+MODELS = "job_targets_models"
+EMAILS = ["Ada@Example.org", "grace@example.org", "Edsger@Example.org"]
 
 
 def _keys(engine: sa.Engine, table: str = "data_keys") -> list[tuple[Any, ...]]:
@@ -171,5 +176,129 @@ def test_the_api_refuses_jobs_on_the_keys_table(db_url: str) -> None:
         assert "data_keys.wrapped_key" not in report.columns and "visits.reason" in report.columns
     assert _keys(engine) == before
     assert _reasons(engine, visits) == [f"reason {i}" for i in range(5)]
+    registry.close()
+    engine.dispose()
+
+
+# -- columns the models define as something else --------------------------------------
+
+
+def _clinic(engine: sa.Engine) -> None:
+    """Patients (with a blind index filled by the application), records with
+    a plain tenant column, rooms; then a rotation, so that there is work."""
+    Base.metadata.create_all(engine)
+    with Session(engine) as session:
+        session.add_all(Patient(id=i, email=e) for i, e in enumerate(EMAILS))
+        session.add_all(Record(id=i, tenant=f"tenant-{i}", note=f"note {i}") for i in range(3))
+        session.add_all(Room(id=i, label=f"room {i}") for i in range(3))
+        session.commit()
+
+
+def _plain_values(engine: sa.Engine) -> dict[str, list[Any]]:
+    """What the non-encrypted columns hold, as stored."""
+    with engine.connect() as conn:
+        return {
+            column: list(
+                conn.execute(sa.text(f"SELECT {column} FROM {table} ORDER BY id")).scalars()
+            )
+            for table, column in [
+                ("clinic_patients", "email_index"),
+                ("clinic_records", "tenant"),
+                ("clinic_rooms", "label"),
+            ]
+        }
+
+
+def _check_clinic(engine: sa.Engine) -> None:
+    """Every lookup by the blind index still finds its patient, and the plain
+    columns read as written, through a Session and a Connection, twice."""
+    for _ in range(2):
+        with Session(engine) as session:
+            for i, email in enumerate(EMAILS):
+                found = session.scalars(
+                    sa.select(Patient.id).where(Patient.email_index.matches(email.upper()))
+                )
+                assert found.all() == [i]
+            assert session.scalars(sa.select(Record.tenant).order_by(Record.id)).all() == [
+                f"tenant-{i}" for i in range(3)
+            ]
+        with engine.connect() as conn:
+            patients = Patient.__table__
+            for i, email in enumerate(EMAILS):
+                stmt = sa.select(patients.c.id).where(patients.c.email_index.matches(email))
+                assert conn.execute(stmt).scalars().all() == [i]
+
+
+def test_the_command_line_refuses_columns_the_models_define_otherwise(
+    db_url: str, tmp_path: Path
+) -> None:
+    """With --models, a blind index column or a plain column named to a job
+    is refused (exit 2) before anything is written: encrypting digests would
+    break every lookup, and a plain column is read as it is."""
+    cli = Cli(db_url, tmp_path)
+    cli("init")
+    engine = sa.create_engine(db_url)
+    registry = KeyRegistry.from_env(engine, environ={"ENVELOPE_ROOT_KEY": ROOT})
+    _clinic(engine)
+    cli("rotate")
+    before = _plain_values(engine)
+    models = ("--models", MODELS)
+    runs = {
+        "clinic_patients.email_index": "is a blind index column in your models, not an encrypted",
+        "clinic_records.tenant": "is a plain column in your models (VARCHAR(50)), not an",
+        "clinic_rooms.label": "is a plain column in your models (VARCHAR(20)), not an",
+    }
+    for name, refusal in runs.items():
+        for args in [
+            ("reencrypt", name, "--encrypt-plaintext"),
+            ("reencrypt", name, "--plaintext-row", f"{name}=1"),
+            ("reencrypt", name, "--encrypt-plaintext", "--shard", "1/2", "--workers", "2"),
+            ("decrypt-in-place", name, "--yes"),
+            ("census", name),
+        ]:
+            for _ in range(2):
+                cli(*args, *models, code=2, PYTHONPATH=TESTS)
+                (line,) = cli.outputs[-1].splitlines()
+                assert line.startswith(f"configuration error: {name} {refusal}"), line
+    assert _plain_values(engine) == before
+    report = cli.json("reencrypt", "clinic_patients.email", "clinic_records.note", *models,
+                      PYTHONPATH=TESTS)  # fmt: skip
+    assert report["values_by_version"] == {"1": 6} and report["left_behind"] == 0
+    assert _plain_values(engine) == before
+    _check_clinic(engine)
+    registry.close()
+    engine.dispose()
+
+
+def test_the_api_refuses_columns_that_are_not_encrypted(db_url: str) -> None:
+    """By name (the models being loaded in this process), Column or ORM
+    attribute: a blind index or plain column is refused, whichever job."""
+    engine = sa.create_engine(db_url)
+    registry = KeyRegistry.from_env(engine, environ={"ENVELOPE_ROOT_KEY": ROOT})
+    registry.init()
+    _clinic(engine)
+    registry.rotate()
+    before = _plain_values(engine)
+    refusals: list[tuple[Any, str]] = [
+        ("clinic_patients.email_index", "is a blind index column in your models"),
+        (Patient.email_index, "is a blind index column, not an encrypted column"),
+        (Patient.__table__.c.email_index, "is a blind index column, not an encrypted column"),
+        ("clinic_records.tenant", "is a plain column in your models"),
+        (Record.tenant, "is a plain column .VARCHAR.50.., not an encrypted column"),
+        ("clinic_rooms.label", "is a plain column in your models"),
+        (Room.__table__.c.label, "is a plain column .VARCHAR.20.., not an encrypted column"),
+    ]
+    for target, refusal in refusals:
+        for _ in range(2):
+            with pytest.raises(ConfigurationError, match=refusal):
+                registry.reencrypt(target, encrypt_plaintext=True)
+            with pytest.raises(ConfigurationError, match=refusal):
+                registry.decrypt_in_place(target)
+    for _ in range(2):
+        report = registry.reencrypt(Patient, Record, Room)  # their encrypted columns only
+        assert report.columns == ["clinic_patients.email", "clinic_records.note"]
+    assert report.values_by_version == {} and report.left_behind == 0
+    assert _plain_values(engine) == before
+    _check_clinic(engine)
     registry.close()
     engine.dispose()

@@ -21,6 +21,7 @@ from ..crypto import format as fmt
 from ..errors import ConfigurationError
 from ..keys.storage import MYSQL_DIALECTS, KeyRow
 from ..sqla import columns
+from ..sqla.blind_index import BlindIndex
 from .report import Report
 
 __all__ = [
@@ -136,6 +137,7 @@ def _by_name(conn: Connection, name: str, keys_table: sa.Table | None) -> Encryp
     reflected = {c["name"]: c for c in inspector.get_columns(table, schema=schema)}
     if column not in reflected:
         raise ConfigurationError(f"table {table!r} has no column {column!r}")
+    defined = _defined(inspector, schema, table, column)
     kind = _python_type(reflected[column]["type"])
     if kind not in (bytes, str):
         raise ConfigurationError(
@@ -143,7 +145,6 @@ def _by_name(conn: Connection, name: str, keys_table: sa.Table | None) -> Encryp
             "column: it cannot hold ciphertext"
         )
     storage = "binary" if kind is bytes else "text"
-    defined = _defined(inspector, schema, table, column)
     if defined is None:
         return EncryptedColumnRef(schema, table, column, storage, f"{table}.{column}".encode())
     if defined.storage != storage:
@@ -161,30 +162,57 @@ def _defined(
     """The definition of ``schema.table.column`` among the loaded models
     (the connection's default schema matching a table without one), or None
     if no model defines it. Two that disagree are refused: a job cannot
-    tell which one the column's values were written with."""
+    tell which one the column's values were written with; so is a column
+    the models define as anything but an encrypted column."""
     default = inspector.default_schema_name
 
     def home(name: str | None) -> str | None:
         return None if name == default else name
 
+    name = ".".join(p for p in (home(schema), table, column) if p)
+    loaded = [
+        c for c in columns.loaded_columns(table, column) if home(c.table.schema) == home(schema)
+    ]
+    others = [c for c in loaded if columns.info_of(c) is None]
     refs = {
         replace(_ref(found, info), schema=home(found.table.schema))
         for found, info in columns.definitions_of(table, column)
         if home(found.table.schema) == home(schema)
     }
-    if len(refs) > 1:
+    if others and not refs:
+        raise _not_encrypted(others[0], name, " in your models")
+    if len(refs) + bool(others) > 1:
         differ = sorted(
             f.name
             for f in fields(EncryptedColumnRef)
             if len({getattr(r, f.name) for r in refs}) > 1
         )
-        name = ".".join(p for p in (home(schema), table, column) if p)
+        if others:
+            differ.append("not encrypted in some")
         raise ConfigurationError(
-            f"{name} has {len(refs)} loaded definitions that disagree ({', '.join(differ)}): "
-            "a job cannot tell which one its values were written with; pass the Column or "
-            "ORM attribute instead, or load only this database's models"
+            f"{name} has {len(refs) + len(others)} loaded definitions that disagree "
+            f"({', '.join(differ)}): a job cannot tell which one its values were written "
+            "with; pass the Column or ORM attribute instead, or load only this database's "
+            "models"
         )
     return refs.pop() if refs else None
+
+
+def _not_encrypted(column: sa.Column[Any], name: str, where: str) -> ConfigurationError:
+    """The refusal of a column that is not an encrypted one: a job would
+    write ciphertext over its values (a blind index's digests, which every
+    lookup would then miss, or a plain column the application reads as is)."""
+    if isinstance(column.type, BlindIndex):
+        return ConfigurationError(
+            f"{name} is a blind index column{where}, not an encrypted column: its values "
+            "are digests, which jobs never rewrite (fill a blind index with "
+            "backfill_index, or `sqlalchemy-envelope backfill-index`)"
+        )
+    return ConfigurationError(
+        f"{name} is a plain column{where} ({column.type}), not an encrypted column: to "
+        "encrypt it in place, declare it EncryptedType(..., migrating=True) first (see "
+        "'Encrypting an existing plaintext column' in the README)"
+    )
 
 
 def _python_type(column_type: sa.types.TypeEngine[Any]) -> type | None:
@@ -358,7 +386,7 @@ def _resolve_one(
             refuse_keys_table(conn, keys_table, table.schema, table.name, what)
         ref = _encrypted(column)
         if ref is None:
-            raise ConfigurationError(f"{column.table}.{column.name} is not an encrypted column")
+            raise _not_encrypted(column, f"{column.table}.{column.name}", "")
         return [ref]
     mapper = sa.inspect(target, raiseerr=False)
     local_table = getattr(mapper, "local_table", None)
