@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from job_targets_models import Base, Patient, Record, Room
+from job_targets_models import Base, Code, Patient, Record, Room
 from sqlalchemy.orm import DeclarativeBase, Session
 from test_cli import ROOT, Cli
 
@@ -284,9 +284,9 @@ def test_the_api_refuses_columns_that_are_not_encrypted(db_url: str) -> None:
         (Patient.email_index, "is a blind index column, not an encrypted column"),
         (Patient.__table__.c.email_index, "is a blind index column, not an encrypted column"),
         ("clinic_records.tenant", "is a plain column in your models"),
-        (Record.tenant, "is a plain column .VARCHAR.50.., not an encrypted column"),
+        (Record.tenant, r"is a plain column \(VARCHAR\(50\)\), not an encrypted column"),
         ("clinic_rooms.label", "is a plain column in your models"),
-        (Room.__table__.c.label, "is a plain column .VARCHAR.20.., not an encrypted column"),
+        (Room.__table__.c.label, r"is a plain column \(VARCHAR\(20\)\), not an encrypted column"),
     ]
     for target, refusal in refusals:
         for _ in range(2):
@@ -300,5 +300,112 @@ def test_the_api_refuses_columns_that_are_not_encrypted(db_url: str) -> None:
     assert report.values_by_version == {} and report.left_behind == 0
     assert _plain_values(engine) == before
     _check_clinic(engine)
+    registry.close()
+    engine.dispose()
+
+
+# -- values of another format than the definition's -----------------------------------
+
+
+def _codes_of_the_other_format(engine: sa.Engine) -> sa.Table:
+    """clinic_codes as another version of the models wrote it: ``code``
+    deterministic and ``tag`` randomized, the reverse of job_targets_models;
+    the writer's table, to read the values back with."""
+    writer = sa.Table(
+        "clinic_codes",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("code", EncryptedType(sa.String(20), deterministic=True)),
+        sa.Column("tag", EncryptedType(sa.String(20))),
+    )
+    writer.create(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            writer.insert(), [{"id": i, "code": f"C-{i}", "tag": f"T-{i}"} for i in range(20)]
+        )
+    return writer
+
+
+def _stored(engine: sa.Engine, table: str) -> list[tuple[Any, ...]]:
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(f"SELECT * FROM {table} ORDER BY id")).all()
+    return [tuple(bytes(v) if isinstance(v, memoryview) else v for v in row) for row in rows]
+
+
+def _check_codes(engine: sa.Engine, writer: sa.Table) -> None:
+    """The values read as their writer wrote them, and the deterministic ones
+    are found by equality: by a Session and a Connection, twice."""
+    expected = [(i, f"C-{i}", f"T-{i}") for i in range(20)]
+    for _ in range(2):
+        with Session(engine) as session:
+            assert [tuple(r) for r in session.execute(writer.select().order_by(writer.c.id))] == (
+                expected
+            )
+            assert session.scalars(sa.select(writer.c.id).where(writer.c.code == "C-7")).all() == [
+                7
+            ]
+        with engine.connect() as conn:
+            found = conn.execute(sa.select(writer.c.id).where(writer.c.code == "C-3"))
+            assert found.scalars().all() == [3]
+
+
+def test_the_command_line_leaves_values_of_another_format_than_the_models(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Models that say randomized where the database holds deterministic
+    values (or the reverse): re-encrypt leaves them as they are, named with
+    the reason OtherFormat, exit 4; it never reports a version 0. Without
+    models, each value keeps its format and moves if it has to."""
+    cli = Cli(db_url, tmp_path)
+    cli("init")
+    engine = sa.create_engine(db_url)
+    registry = KeyRegistry.from_env(engine, environ={"ENVELOPE_ROOT_KEY": ROOT})
+    writer = _codes_of_the_other_format(engine)
+    cli("rotate")
+    before = _stored(engine, "clinic_codes")
+    columns = ("clinic_codes.code", "clinic_codes.tag")
+    for _ in range(2):
+        report = cli.json("reencrypt", *columns, "--models", MODELS, code=4, PYTHONPATH=TESTS)
+        assert report["values_by_version"] == {} and report["left_behind"] == 40
+        assert report["failures"] == {"OtherFormat": 40}
+        assert {r["reason"] for r in report["left_rows"]} == {"OtherFormat"}
+        text = cli("reencrypt", *columns, "--models", MODELS, code=4, PYTHONPATH=TESTS)
+        assert (
+            "clinic_codes.code=0: OtherFormat" in text
+            and "clinic_codes.tag=19: OtherFormat" in text
+        )
+        assert (
+            "OtherFormat: the value is deterministic (or randomized) but the column's definition"
+            in text
+        )
+        assert "left behind 40 (OtherFormat: 40)" in text
+        assert _stored(engine, "clinic_codes") == before
+    _check_codes(engine, writer)
+
+    report = cli.json("reencrypt", *columns)  # by reflection: each value keeps its format
+    assert report["values_by_version"] == {"1": 20} and report["left_behind"] == 0
+    assert cli.json("reencrypt", *columns)["values_by_version"] == {}
+    after = _stored(engine, "clinic_codes")
+    assert [row[1] for row in after] == [row[1] for row in before]  # deterministic: as it was
+    _check_codes(engine, writer)
+    registry.close()
+    engine.dispose()
+
+
+def test_the_api_leaves_values_of_another_format_than_the_definition(db_url: str) -> None:
+    engine = sa.create_engine(db_url)
+    registry = KeyRegistry.from_env(engine, environ={"ENVELOPE_ROOT_KEY": ROOT})
+    registry.init()
+    writer = _codes_of_the_other_format(engine)
+    registry.rotate()
+    before = _stored(engine, "clinic_codes")
+    for targets in [(Code.code, Code.tag), (Code,), (Code.__table__,)]:
+        for workers in (1, 2):
+            report = registry.reencrypt(*targets, workers=workers, progress=False)
+            assert report.values_by_version == {} and report.failures == {"OtherFormat": 40}
+            assert report.left_by_reason() == {"OtherFormat": 40}
+            assert 0 not in report.values_by_version
+    assert _stored(engine, "clinic_codes") == before
+    _check_codes(engine, writer)
     registry.close()
     engine.dispose()

@@ -12,6 +12,7 @@ from .report import Report, plain_fields
 __all__ = [
     "LISTED_PER_COLUMN",
     "NOT_STORED",
+    "OTHER_FORMAT",
     "UNKNOWN_DEFINITION",
     "LeftRow",
     "MigrationReport",
@@ -21,6 +22,7 @@ __all__ = [
 LISTED_PER_COLUMN = 100  # rows left behind that a report names, per column
 NOT_STORED = "NotStoredExactly"  # the reason for a value the database changed on writing
 UNKNOWN_DEFINITION = "UnknownDefinition"  # fails authentication, and the job has no definition
+OTHER_FORMAT = "OtherFormat"  # deterministic where the definition says randomized, or the reverse
 
 _REASONS = {
     "plaintext": (
@@ -37,6 +39,11 @@ _REASONS = {
         "and the column's definition is unknown (no model loaded defines it): pass "
         "--models your.models (or the Column/ORM attribute to the API; in a migration, "
         "import the models in env.py)"
+    ),
+    OTHER_FORMAT: (
+        "the value is deterministic (or randomized) but the column's definition says "
+        "otherwise: check that the models are this database's, or convert the column "
+        "explicitly (through a new column); a job never changes a value's format"
     ),
     "UnknownKeyError": (
         "names a data key that data_keys does not hold: another database's "
