@@ -272,6 +272,7 @@ MARIADB_MODULES = frozenset(
         "test_column_definitions",
         "test_batch",
         "test_job_targets",
+        "test_batch_conflicts",
     }
 )
 

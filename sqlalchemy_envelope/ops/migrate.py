@@ -481,6 +481,9 @@ def _give_charset(
     conversion left nothing but ciphertext (see mysql_text.py)."""
     if not refs:
         return
-    with conns.begin() as conn:
+
+    def give(conn: Connection) -> None:
         for ref in refs:
             mysql_text.give_charset(conn, ref.schema, ref.table, ref.column, charset)
+
+    conns.transaction(give)  # shards running at once may deadlock on the ALTER
