@@ -113,4 +113,4 @@ def loaded_columns(table: str, column: str) -> list[sa.Column[Any]]:
         if isinstance(home, sa.Table):
             for loaded in (home, *home.metadata.tables.values()):
                 tables[id(loaded)] = loaded
-    return [t.c[column] for t in tables.values() if t.name == table and column in t.c]
+    return [c for t in tables.values() if t.name == table for c in t.columns if c.name == column]
