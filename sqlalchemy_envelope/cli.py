@@ -14,7 +14,8 @@ not decrypt...); 2 bad usage or configuration; 3 refused by a safety guard
 (an illegal key transition, a key still in use); 4 a re-encrypt or decrypt
 that finished with values left behind (the report names their rows and why);
 5 the database could not be reached; 6 the database refused a statement (one
-line: the command and the driver's reason, never the statement's values).
+line: the command and the driver's reason, never the statement's values); 7 a
+confirmation was declined (nothing was done).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ from .registry import DEFAULT_SCOPE, KeyRegistry
 __all__ = ["main"]
 
 EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_LEFT_BEHIND, EXIT_UNREACHABLE = 1, 2, 3, 4, 5
-EXIT_DATABASE = 6
+EXIT_DATABASE, EXIT_DECLINED = 6, 7
 
 
 class _Unreachable(Exception):
@@ -273,6 +274,21 @@ def _run(action: Callable[[], int | None]) -> None:
     sys.exit(code or 0)
 
 
+def _confirm(yes: bool, question: str) -> None:
+    """Ask ``question`` on stderr (stdout is the report) unless ``yes``; any
+    answer but yes (also none: end of input, Ctrl-C) exits with its own code,
+    having done nothing."""
+    if yes:
+        return
+    try:
+        agreed = click.confirm(question, err=True)
+    except click.Abort:
+        agreed = False
+    if not agreed:
+        click.echo("declined: nothing was done", err=True)
+        sys.exit(EXIT_DECLINED)
+
+
 def _command() -> str:
     context = click.get_current_context(silent=True)
     return context.info_name or "sqlalchemy-envelope" if context else "sqlalchemy-envelope"
@@ -337,6 +353,12 @@ def _shard(shard: Shard | None) -> tuple[int, int] | None:
     return None if shard is None else (shard.index, shard.count)
 
 
+def _reasons(report: MigrationReport) -> str:
+    """The values left behind by reason, adding up to their number."""
+    reasons = report.left_by_reason()
+    return f" ({', '.join(f'{r}: {n:,}' for r, n in reasons.items())})" if reasons else ""
+
+
 def _report_text(report: MigrationReport) -> str:
     moved = ", ".join(f"v{v}: {n:,}" for v, n in sorted(report.values_by_version.items()))
     lines = [
@@ -347,7 +369,7 @@ def _report_text(report: MigrationReport) -> str:
         f"values moved off: {moved or 'none'}",
         f"plaintext encrypted {report.plaintext_encrypted:,}, "
         f"decrypted {report.values_decrypted:,}",
-        f"left behind {report.left_behind:,} {report.failures or ''}".rstrip(),
+        f"left behind {report.left_behind:,}{_reasons(report)}",
         *(f"  {line}" for line in report.left_lines()),
         *(
             [f"values of other scopes left alone {report.other_scopes:,}"]
@@ -546,8 +568,7 @@ def decrypt_in_place(
     shard: Shard | None,
 ) -> None:
     """Write TABLE.COLUMN... back as plaintext (undoes an in-place encryption)."""
-    if not yes:  # asked on stderr: stdout is the report (--json)
-        click.confirm("Write these columns back as plaintext?", abort=True, err=True)
+    _confirm(yes, "Write these columns back as plaintext?")
 
     def action() -> int:
         report = c.registry().decrypt_in_place(
@@ -647,15 +668,14 @@ def rewrap(c: Context) -> None:
 def shred(c: Context, tenant: str, including_shared_index: bool, yes: bool) -> None:
     """Crypto-shred SCOPE (a tenant): destroy all its keys; other scopes' data keys
     are untouched."""
-    if not yes:
-        prompt = "Destroy every key of this scope? Its data becomes unreadable"
-        if including_shared_index:
-            prompt = (
-                "Destroy every key of this scope, and the index key it shares with every "
-                "tenant? Its data becomes unreadable, and so do every tenant's deterministic "
-                "values, blind-index lookups and hash_field digests"
-            )
-        click.confirm(prompt, abort=True)
+    prompt = "Destroy every key of this scope? Its data becomes unreadable"
+    if including_shared_index:
+        prompt = (
+            "Destroy every key of this scope, and the index key it shares with every "
+            "tenant? Its data becomes unreadable, and so do every tenant's deterministic "
+            "values, blind-index lookups and hash_field digests"
+        )
+    _confirm(yes, prompt)
 
     def action() -> None:
         count = c.registry().shred(tenant, including_shared_index=including_shared_index)

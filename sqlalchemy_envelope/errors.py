@@ -277,9 +277,18 @@ def database_reason(error: BaseException) -> str:
     SQLAlchemy error), safe to print: no statement or parameters, and every
     quoted literal masked unless it is an identifier that is none of the
     statement's values (drivers quote the offending value, e.g. PostgreSQL's
-    ``invalid input syntax ...: "x"`` or MySQL's ``Incorrect string value``)."""
+    ``invalid input syntax ...: "x"`` or MySQL's ``Duplicate entry 'x'``). A
+    MySQL error's code comes first, its message unquoted: a deadlock's or a
+    lock wait's reason holds no value and reads in full."""
     cause = error.orig if isinstance(error, StatementError) and error.orig else error
-    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    args: tuple[Any, ...] = tuple(getattr(cause, "args", ()))
+    code: int | None = None
+    message = str(cause)
+    if len(args) == 2 and isinstance(args[0], int) and isinstance(args[1], str):
+        # MySQL's drivers: (code, message), whose repr quotes the whole message
+        # (which the masking below would hide); quoted parts inside it stay masked.
+        code, message = args
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
     text = lines[0] if lines else type(cause).__name__
     values = set(_values(error.params)) if isinstance(error, StatementError) else set()
 
@@ -293,4 +302,4 @@ def database_reason(error: BaseException) -> str:
     for value in sorted(values, key=len, reverse=True):
         if len(value) >= 3:
             text = text.replace(value, "***")
-    return f"{type(cause).__name__}: {text}"
+    return f"{type(cause).__name__}: {'' if code is None else f'({code}) '}{text}"

@@ -272,6 +272,8 @@ MARIADB_MODULES = frozenset(
         "test_column_definitions",
         "test_batch",
         "test_index_scopes",
+        "test_job_targets",
+        "test_batch_conflicts",
     }
 )
 

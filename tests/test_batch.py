@@ -339,10 +339,12 @@ def test_bad_shards_are_refused(db_url: str, root_key: StaticRootKey) -> None:
     registry.init()
     ledger = _ledger()
     ledger.metadata.create_all(engine)
-    bad: list[Any] = [(3, 3), (-1, 3), (0, 0), (True, 2), ("0", 3), (1,), 2]
+    bad: list[Any] = [(3, 3), (-1, 3), (0, 0), (True, 2), ("0", 3), (1,), 2, (0, 2**31)]
     for shard in bad:
         with pytest.raises(ConfigurationError, match=r"0 <= K < N \(K counts from 0"):
             registry.reencrypt(ledger.c.value, shard=shard)
+    largest = registry.reencrypt(ledger.c.value, shard=(2**31 - 2, 2**31 - 1))
+    assert largest.shard == (2**31 - 2, 2**31 - 1)
     by_name = sa.Table(
         "by_name",
         sa.MetaData(),
@@ -370,7 +372,9 @@ def _env(**extra: str) -> dict[str, str]:
 def test_bad_shard_options_are_usage_errors(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'app.db'}"
     for command in (("reencrypt", "t.c"), ("decrypt-in-place", "t.c"), ("backfill-index", "m:C.a")):
-        for value in ("3/3", "-1/3", "1/0", "1", "a/b", "1/2/3"):
+        bad = ["3/3", "-1/3", "1/0", "1", "a/b", "1/2/3", " 0/4", "0/4 ", "0/4\n", "+1/+4"]
+        bad += ["1_0/20", "\uff10/\uff14", "\u0660/\u0664", "0/2147483648", "0/" + "9" * 5000]
+        for value in bad:
             result = subprocess.run(
                 [*_cli(url, *command, "--shard", value)],
                 env=_env(),
@@ -380,7 +384,8 @@ def test_bad_shard_options_are_usage_errors(tmp_path: Path) -> None:
             )
             assert result.returncode == 2, (command, value, result.stderr)
             assert "Invalid value for '--shard'" in result.stderr
-            assert "0 <= K < N" in result.stderr and repr(value) in result.stderr
+            assert "0 <= K < N" in result.stderr and "at most 2147483647" in result.stderr
+            assert repr(value)[:40] in result.stderr
     assert (
         "JOB_COMPLETION_INDEX"
         in subprocess.run(

@@ -117,6 +117,55 @@ def test_cli_end_to_end(db_url: str, tmp_path: Path) -> None:
         assert secret not in everything
 
 
+def test_a_declined_confirmation_has_an_exit_code_of_its_own(db_url: str, tmp_path: Path) -> None:
+    """Answering no to `shred` or `decrypt-in-place` (or not answering) does
+    nothing and exits 7, not 1 ("the library refused"); yes goes ahead."""
+    cli = Cli(db_url, tmp_path)
+    cli("init")
+    cli("--scope", "acme", "init")
+    engine = sa.create_engine(db_url)
+    notes = sa.Table(
+        "notes",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("body", EncryptedType(sa.String(40), storage="text")),
+    )
+    notes.metadata.create_all(engine)
+    registry = KeyRegistry.from_env(engine, environ={"ENVELOPE_ROOT_KEY": ROOT})
+    with engine.begin() as conn:
+        conn.execute(notes.insert(), [{"id": i, "body": f"note {i}"} for i in range(3)])
+    raw = sa.table("notes", sa.column("id"), sa.column("body"))
+
+    def stored() -> dict[int, str]:
+        with engine.connect() as conn:
+            return dict(conn.execute(sa.select(raw.c.id, raw.c.body)).all())
+
+    before = stored()
+
+    def answering(answer: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "sqlalchemy_envelope", *args],
+            env=cli.env,
+            input=answer,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    for args in (("shred", "acme"), ("decrypt-in-place", "notes.body", "--json")):
+        for answer in ("n\n", "", "no\n"):
+            result = answering(answer, *args)
+            assert result.returncode == 7, (args, answer, result.stderr)
+            assert result.stdout == "" and "declined: nothing was done" in result.stderr
+    assert "active version 1" in cli("status", "--scope", "acme")
+    assert stored() == before
+    assert answering("y\n", "shred", "acme").returncode == 0
+    assert answering("y\n", "decrypt-in-place", "notes.body").returncode == 0
+    assert stored() == {i: f"note {i}" for i in range(3)}
+    registry.close()
+    engine.dispose()
+
+
 def test_global_options_after_the_command(db_url: str, tmp_path: Path) -> None:
     """--url, --scope, --table, --cache-max-age and --json work before the
     command and after it, where users type them; after it, they win."""
@@ -320,4 +369,4 @@ def test_bad_usage_is_one_line_and_exit_2(db_url: str, tmp_path: Path) -> None:
         text=True,
         check=False,
     )
-    assert result.stdout == "" and "plaintext?" in result.stderr and result.returncode == 1
+    assert result.stdout == "" and "plaintext?" in result.stderr and result.returncode == 7

@@ -490,6 +490,51 @@ def test_cli_reports_rows_left_behind_and_takes_named_rows(db_url: str, tmp_path
     assert ROOT not in "\n".join(cli.outputs)
 
 
+def test_cli_text_report_breaks_every_value_left_behind_down_by_reason(
+    db_url: str, tmp_path: Path
+) -> None:
+    """The text report's reasons add up to the values left behind, the
+    plaintext ones included; the JSON counts failures apart, as documented."""
+    cli = Cli(db_url, tmp_path)
+    cli("init")
+    engine = sa.create_engine(db_url)
+    drafts = sa.Table(
+        "drafts",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("body", sa.LargeBinary),
+    )
+    drafts.metadata.create_all(engine)
+    registry = KeyRegistry.from_env(engine, environ={"ENVELOPE_ROOT_KEY": ROOT})
+    renamed = [registry.encrypt(f"draft {i}".encode(), "old_drafts.body") for i in range(2)]
+    foreign = KeyRegistry(
+        engine, StaticRootKey(os.urandom(32)), table_name="other_keys", attach=False
+    )
+    foreign.init()
+    lost = foreign.encrypt(b"another database's value", "drafts.body")
+    foreign.close()
+    registry.rotate()
+    bodies = [b"legacy one", b"legacy two", *renamed, lost]
+    with engine.begin() as conn:
+        conn.execute(drafts.insert(), [{"id": i, "body": b} for i, b in enumerate(bodies)])
+
+    expected = {"plaintext": 2, "UnknownDefinition": 2, "UnknownKeyError": 1}
+    for workers in ("1", "2"):
+        for _ in range(2):
+            text = cli("reencrypt", "drafts.body", "--workers", workers, code=4)
+            line = "left behind 5 (plaintext: 2, UnknownDefinition: 2, UnknownKeyError: 1)"
+            assert line in text.splitlines()
+            report = cli.json("reencrypt", "drafts.body", "--workers", workers, code=4)
+            assert report["left_behind"] == 5
+            assert report["failures"] == {"UnknownDefinition": 2, "UnknownKeyError": 1}
+            api = registry.reencrypt("drafts.body", workers=int(workers), progress=False)
+            assert api.left_by_reason() == expected and api.left_behind == 5
+    done = cli("reencrypt", "drafts.body", "--encrypt-plaintext", code=4)
+    assert "left behind 3 (UnknownDefinition: 2, UnknownKeyError: 1)" in done.splitlines()
+    registry.close()
+    engine.dispose()
+
+
 def test_cli_database_errors_are_one_line_without_values(db_url: str, tmp_path: Path) -> None:
     """A statement the database refuses is one line naming the command and the
     driver's reason, exit 6, never a traceback with the statement's values; a

@@ -30,8 +30,9 @@ T = TypeVar("T")
 class KeyStore:
     """Named ways to reach the database: `read`, `write`, `try_write`
     (without waiting for locks), `try_write_in_statement` (on the connection of
-    the application statement being executed), and `connect`/`begin` for work
-    on the application's own tables."""
+    the application statement being executed), and `connect`/`begin`/
+    `transaction` (retried on lock conflicts) for work on the application's
+    own tables."""
 
     def __init__(self, engine: Engine, table: sa.Table) -> None:
         self.engine = engine
@@ -112,6 +113,15 @@ class KeyStore:
             return
         with self.engine.connect() as conn:
             yield conn
+
+    def transaction(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` in a transaction on the application's database, again
+        when it loses a lock conflict (a deadlock, a lock wait timeout: see
+        `transactions.run_retrying_conflicts`); once, in the pinned
+        connection's transaction, while one is pinned."""
+        pinned = self._pinned.get()
+        bind: Engine | Connection = self.engine if pinned is None else pinned
+        return transactions.run_retrying_conflicts(bind, work)
 
     @contextmanager
     def begin(self) -> Iterator[Connection]:

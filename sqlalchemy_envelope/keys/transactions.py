@@ -2,6 +2,8 @@
 
 `run` retries a transaction that lost a race (a unique violation, a deadlock,
 a serialization failure, SQLite's "database is locked") until it commits.
+`run_retrying_conflicts` retries the longer transactions of jobs on the
+application's tables (a batch) a few times when they lose a lock conflict.
 `attempt` is for writes made on behalf of the encrypt path: it must never wait
 on a lock the application itself may hold (SQLite locks the whole database
 for the length of a write transaction), so it gives up at once and lets the
@@ -12,6 +14,7 @@ encrypt path (see `KeyRegistry._claim_block`).
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import time
@@ -23,13 +26,25 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.util.concurrency import await_only, in_greenlet
 
-__all__ = ["BUSY", "Busy", "attempt", "attempt_within", "is_contention", "run"]
+__all__ = [
+    "BUSY",
+    "Busy",
+    "attempt",
+    "attempt_within",
+    "is_contention",
+    "is_lock_conflict",
+    "run",
+    "run_retrying_conflicts",
+]
 
 T = TypeVar("T")
 _ATTEMPTS = 40
 _LOCKED_ATTEMPTS = 3  # SQLite already waited its busy timeout before saying "locked"
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "55P03"})  # serialization, deadlock, lock
+_CONFLICT_ATTEMPTS = 8  # a batch's tries when it loses a lock conflict
+_FIRST_PAUSE, _LONGEST_PAUSE = 0.05, 2.0  # seconds; the pause doubles, jittered
 
 
 class Busy:
@@ -43,9 +58,16 @@ BUSY = Busy()
 
 
 def is_contention(error: sa.exc.DBAPIError) -> bool:
-    """True for errors a concurrent writer causes, which a retry resolves."""
-    if isinstance(error, sa.exc.IntegrityError):
-        return True
+    """True for errors a concurrent writer causes, which a retry resolves:
+    on data_keys, a unique violation is a race lost too."""
+    return isinstance(error, sa.exc.IntegrityError) or is_lock_conflict(error)
+
+
+def is_lock_conflict(error: sa.exc.DBAPIError) -> bool:
+    """True for a lock conflict lost to another transaction: a deadlock, a
+    lock wait that timed out, a serialization failure, SQLite's "database is
+    locked". The database rolled the work back (or refused it); running the
+    whole transaction again resolves it."""
     orig = error.orig
     sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
     if sqlstate in _RETRYABLE_SQLSTATES:
@@ -76,6 +98,41 @@ def run(bind: Engine | Connection, work: Callable[[Connection], T]) -> T:
                 raise
         time.sleep(random.uniform(0, 0.005 * tries))
     raise AssertionError("unreachable")
+
+
+def run_retrying_conflicts(
+    bind: Engine | Connection,
+    work: Callable[[Connection], T],
+    attempts: int = _CONFLICT_ATTEMPTS,
+) -> T:
+    """Run ``work`` in a transaction of its own, again after a jittered,
+    doubling pause each time it loses a lock conflict (`is_lock_conflict`),
+    ``attempts`` times in all; then the last error is raised. SQLite waited
+    its busy timeout before saying "locked", so it gets fewer tries. On a
+    Connection (a registry pinned to a migration's), ``work`` runs once inside
+    its transaction, which a failed statement may have aborted: only its
+    owner can run it again."""
+    if isinstance(bind, Connection):
+        return work(bind)
+    for tries in range(1, attempts + 1):
+        try:
+            with bind.begin() as conn:
+                return work(conn)
+        except sa.exc.DBAPIError as error:
+            last = tries >= (min(attempts, _LOCKED_ATTEMPTS) if _locked(error.orig) else attempts)
+            if last or not is_lock_conflict(error):
+                raise
+        _pause(random.uniform(0, min(_LONGEST_PAUSE, _FIRST_PAUSE * 2**tries)))
+    raise AssertionError("unreachable")
+
+
+def _pause(seconds: float) -> None:
+    """Sleep without blocking an event loop: under AsyncKeyRegistry the job
+    runs in SQLAlchemy's greenlet, where the loop's sleep is awaited."""
+    if in_greenlet():
+        await_only(asyncio.sleep(seconds))
+    else:
+        time.sleep(seconds)
 
 
 @contextmanager

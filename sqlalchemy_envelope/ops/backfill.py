@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 from ..keys.envelope import Envelope
 from ..sqla.blind_index import BlindDigest, BlindIndex, as_stored, index_and_sources
-from . import batch
+from . import batch, census
 from .migration_report import MigrationReport
 from .shards import Shard
 
@@ -43,6 +43,8 @@ def run(
     table = index.table
     assert isinstance(table, sa.Table)
     name = f"{table.name}.{index.name}"
+    with conns.connect() as conn:
+        census.refuse_keys_table(conn, envelope.keyring.table, table.schema, table.name, name)
     key = envelope.derived_key(index_type.label(), index_type.key_version)
     stored = [as_stored(s) for s in sources]
     count = len(sources)

@@ -7,7 +7,9 @@ what to write (`TableJob`); the engine does the rest, the same way for all:
 * Keyset paging by primary key (never OFFSET), composite keys included,
   selecting only rows with work left: a job killed at any point finishes on
   the next run, redoing at most the batch whose transaction did not commit.
-* One short transaction per batch.
+* One short transaction per batch, run again (a few times, after a jittered
+  pause) when it loses a lock conflict: a deadlock, a lock wait timeout, a
+  serialization failure, SQLite's "database is locked".
 * Compare-and-swap writes, one ``executemany`` per batch (and shape of
   write): a row is written only if it still holds what was read, so a
   concurrent application write is never lost; the row counts as skipped and
@@ -204,33 +206,43 @@ def _run_slice(
     pk = job.primary_key
     width = len(pk)
     last: tuple[Any, ...] | None = None
+
+    def one_batch(conn: Connection) -> tuple[tuple[Any, ...] | None, MigrationReport]:
+        """The next batch after ``last``: its last key (None when no row is
+        left) and what it did, counted apart, so that a batch run again after
+        a lost lock conflict counts once."""
+        done = MigrationReport()
+        stmt = sa.select(*pk, *job.selected).where(job.pending)
+        if condition is not None:
+            stmt = stmt.where(condition)
+        if last is not None:
+            stmt = stmt.where(sa.tuple_(*pk) > sa.tuple_(*last))
+        rows = conn.execute(stmt.order_by(*pk).limit(batch_size)).all()
+        if not rows:
+            return None, done
+        done.rows_scanned += len(rows)
+        writes = []
+        for row in rows:
+            write = job.rewrite(tuple(row[:width]), row[width:], done)
+            if write is not None:
+                writes.append(write)
+        if writes:
+            job.check(writes)
+            _write(conn, job, writes, done)
+        return tuple(rows[-1][:width]), done
+
     while True:
         try:
-            with conns.begin() as conn:
-                stmt = sa.select(*pk, *job.selected).where(job.pending)
-                if condition is not None:
-                    stmt = stmt.where(condition)
-                if last is not None:
-                    stmt = stmt.where(sa.tuple_(*pk) > sa.tuple_(*last))
-                rows = conn.execute(stmt.order_by(*pk).limit(batch_size)).all()
-                if not rows:
-                    return
-                last = tuple(rows[-1][:width])
-                report.rows_scanned += len(rows)
-                writes = []
-                for row in rows:
-                    write = job.rewrite(tuple(row[:width]), row[width:], report)
-                    if write is not None:
-                        writes.append(write)
-                if writes:
-                    job.check(writes)
-                    _write(conn, job, writes, report)
+            last, done = conns.transaction(one_batch)
         except sa.exc.StatementError as error:
             # SQLAlchemy's text lists the statement's values: name the reason only.
             raise StatementFailedError(
                 f"{job.name}: the database refused a statement: {database_reason(error)}"
             ) from None
-        on_batch(len(rows))
+        if last is None:
+            return
+        report.merge(done)
+        on_batch(done.rows_scanned)
 
 
 # A write's shape: the columns it changes (each with whether it replaces

@@ -19,11 +19,21 @@ from sqlalchemy.engine import Connection
 
 from ..crypto import format as fmt
 from ..errors import ConfigurationError
-from ..keys.storage import KeyRow
+from ..keys.storage import MYSQL_DIALECTS, KeyRow
 from ..sqla import columns
+from ..sqla.blind_index import BlindIndex
 from .report import Report
 
-__all__ = ["ColumnCensus", "KeyRows", "Target", "count", "discover", "resolve", "rows_under"]
+__all__ = [
+    "ColumnCensus",
+    "KeyRows",
+    "Target",
+    "count",
+    "discover",
+    "refuse_keys_table",
+    "resolve",
+    "rows_under",
+]
 
 Target = Any  # "table.column", a Column, an ORM attribute, a mapped class or a Table
 
@@ -112,7 +122,7 @@ def _encrypted(column: sa.Column[Any]) -> EncryptedColumnRef | None:
     return None if info is None else _ref(column, info)
 
 
-def _by_name(conn: Connection, name: str) -> EncryptedColumnRef:
+def _by_name(conn: Connection, name: str, keys_table: sa.Table | None) -> EncryptedColumnRef:
     parts = name.split(".")
     if len(parts) not in (2, 3):
         raise ConfigurationError(
@@ -120,12 +130,14 @@ def _by_name(conn: Connection, name: str) -> EncryptedColumnRef:
         )
     schema = parts[0] if len(parts) == 3 else None
     table, column = parts[-2], parts[-1]
+    refuse_keys_table(conn, keys_table, schema, table, name)
     inspector = sa.inspect(conn)
     if not inspector.has_table(table, schema=schema):
         raise ConfigurationError(f"table {table!r} does not exist")
     reflected = {c["name"]: c for c in inspector.get_columns(table, schema=schema)}
     if column not in reflected:
         raise ConfigurationError(f"table {table!r} has no column {column!r}")
+    defined = _defined(inspector, schema, table, column)
     kind = _python_type(reflected[column]["type"])
     if kind not in (bytes, str):
         raise ConfigurationError(
@@ -133,7 +145,6 @@ def _by_name(conn: Connection, name: str) -> EncryptedColumnRef:
             "column: it cannot hold ciphertext"
         )
     storage = "binary" if kind is bytes else "text"
-    defined = _defined(inspector, schema, table, column)
     if defined is None:
         return EncryptedColumnRef(schema, table, column, storage, f"{table}.{column}".encode())
     if defined.storage != storage:
@@ -151,30 +162,57 @@ def _defined(
     """The definition of ``schema.table.column`` among the loaded models
     (the connection's default schema matching a table without one), or None
     if no model defines it. Two that disagree are refused: a job cannot
-    tell which one the column's values were written with."""
+    tell which one the column's values were written with; so is a column
+    the models define as anything but an encrypted column."""
     default = inspector.default_schema_name
 
     def home(name: str | None) -> str | None:
         return None if name == default else name
 
+    name = ".".join(p for p in (home(schema), table, column) if p)
+    loaded = [
+        c for c in columns.loaded_columns(table, column) if home(c.table.schema) == home(schema)
+    ]
+    others = [c for c in loaded if columns.info_of(c) is None]
     refs = {
         replace(_ref(found, info), schema=home(found.table.schema))
         for found, info in columns.definitions_of(table, column)
         if home(found.table.schema) == home(schema)
     }
-    if len(refs) > 1:
+    if others and not refs:
+        raise _not_encrypted(others[0], name, " in your models")
+    if len(refs) + bool(others) > 1:
         differ = sorted(
             f.name
             for f in fields(EncryptedColumnRef)
             if len({getattr(r, f.name) for r in refs}) > 1
         )
-        name = ".".join(p for p in (home(schema), table, column) if p)
+        if others:
+            differ.append("not encrypted in some")
         raise ConfigurationError(
-            f"{name} has {len(refs)} loaded definitions that disagree ({', '.join(differ)}): "
-            "a job cannot tell which one its values were written with; pass the Column or "
-            "ORM attribute instead, or load only this database's models"
+            f"{name} has {len(refs) + len(others)} loaded definitions that disagree "
+            f"({', '.join(differ)}): a job cannot tell which one its values were written "
+            "with; pass the Column or ORM attribute instead, or load only this database's "
+            "models"
         )
     return refs.pop() if refs else None
+
+
+def _not_encrypted(column: sa.Column[Any], name: str, where: str) -> ConfigurationError:
+    """The refusal of a column that is not an encrypted one: a job would
+    write ciphertext over its values (a blind index's digests, which every
+    lookup would then miss, or a plain column the application reads as is)."""
+    if isinstance(column.type, BlindIndex):
+        return ConfigurationError(
+            f"{name} is a blind index column{where}, not an encrypted column: its values "
+            "are digests, which jobs never rewrite (fill a blind index with "
+            "backfill_index, or `sqlalchemy-envelope backfill-index`)"
+        )
+    return ConfigurationError(
+        f"{name} is a plain column{where} ({column.type}), not an encrypted column: to "
+        "encrypt it in place, declare it EncryptedType(..., migrating=True) first (see "
+        "'Encrypting an existing plaintext column' in the README)"
+    )
 
 
 def _python_type(column_type: sa.types.TypeEngine[Any]) -> type | None:
@@ -265,17 +303,53 @@ def rows_under(conn: Connection, ref: EncryptedColumnRef, header: bytes) -> int:
     return int(conn.execute(stmt).scalar_one())
 
 
-def resolve(conn: Connection, targets: Iterable[Target]) -> list[EncryptedColumnRef]:
+def _is_keys_table(conn: Connection, keys_table: sa.Table, schema: str | None, table: str) -> bool:
+    """Whether ``schema.table`` names the registry's keys table: the
+    connection's default schema stands for no schema; SQLite, MySQL and
+    MariaDB may take a name in any case for the same table."""
+    default = sa.inspect(conn).default_schema_name
+
+    def where(schema: str | None, table: str) -> tuple[str | None, str]:
+        found = (None if schema == default else schema, table)
+        if conn.dialect.name == "sqlite" or conn.dialect.name in MYSQL_DIALECTS:
+            return (found[0] and found[0].casefold(), found[1].casefold())
+        return found
+
+    return where(schema, table) == where(keys_table.schema, keys_table.name)
+
+
+def refuse_keys_table(
+    conn: Connection, keys_table: sa.Table | None, schema: str | None, table: str, what: str
+) -> None:
+    """Refuse ``what`` (a column or table of ``schema.table``) if it is in the
+    registry's keys table: its values are wrapped keys and their metadata,
+    not encrypted values, and a job rewriting one loses every value under
+    that key."""
+    if keys_table is not None and _is_keys_table(conn, keys_table, schema, table):
+        raise ConfigurationError(
+            f"{what} is in {keys_table.name}, the registry's keys table, which no job "
+            "(re-encrypt, decrypt in place, backfill) may rewrite: a changed key row "
+            "loses every value under its key; name your application's encrypted columns"
+        )
+
+
+def resolve(
+    conn: Connection, targets: Iterable[Target], keys_table: sa.Table | None = None
+) -> list[EncryptedColumnRef]:
     """The encrypted columns that ``targets`` name, or, with no targets, every
     encrypted column the process has defined whose table is in this database.
     A column named "table.column" gets its definition from the loaded models
-    when one defines it, else its storage by reflection (``defined`` False)."""
+    when one defines it, else its storage by reflection (``defined`` False).
+    A target in ``keys_table`` (the registry's ``data_keys``) is refused, and
+    never listed."""
     found: list[EncryptedColumnRef] = []
     targets = list(targets)
     if not targets:
         inspector = sa.inspect(conn)
         names = {(c.table.schema, c.table.name, c.name) for c, _ in columns.defined_columns()}
         for schema, table, column in sorted(names, key=lambda n: (n[0] or "", n[1], n[2])):
+            if keys_table is not None and _is_keys_table(conn, keys_table, schema, table):
+                continue
             if inspector.has_table(table, schema=schema) and column in {
                 c["name"] for c in inspector.get_columns(table, schema=schema)
             }:
@@ -283,32 +357,42 @@ def resolve(conn: Connection, targets: Iterable[Target]) -> list[EncryptedColumn
                 if ref is not None:  # None: its model was garbage-collected meanwhile
                     found.append(ref)
     for target in targets:
-        found.extend(_resolve_one(conn, target))
+        found.extend(_resolve_one(conn, target, keys_table))
     unique: dict[tuple[str | None, str, str], EncryptedColumnRef] = {}
     for ref in found:
         unique.setdefault((ref.schema, ref.table, ref.column), ref)
     return sorted(unique.values(), key=lambda r: (r.schema or "", r.table, r.column))
 
 
-def _resolve_one(conn: Connection, target: Target) -> list[EncryptedColumnRef]:
+def _resolve_one(
+    conn: Connection, target: Target, keys_table: sa.Table | None
+) -> list[EncryptedColumnRef]:
     if isinstance(target, EncryptedColumnRef):
+        refuse_keys_table(conn, keys_table, target.schema, target.table, target.qualified_name)
         return [target]
     if isinstance(target, str):
-        return [_by_name(conn, target)]
+        return [_by_name(conn, target, keys_table)]
     if isinstance(target, sa.Table):
+        refuse_keys_table(conn, keys_table, target.schema, target.name, target.fullname)
         refs = [_encrypted(c) for c in target.columns]
         return [r for r in refs if r is not None]
     column = getattr(getattr(target, "property", None), "columns", [None])[0]
     if column is None and isinstance(target, sa.Column):
         column = target
     if isinstance(column, sa.Column):
+        table = column.table
+        if isinstance(table, sa.Table):
+            what = f"{table.fullname}.{column.name}"
+            refuse_keys_table(conn, keys_table, table.schema, table.name, what)
         ref = _encrypted(column)
         if ref is None:
-            raise ConfigurationError(f"{column.table}.{column.name} is not an encrypted column")
+            raise _not_encrypted(column, f"{column.table}.{column.name}", "")
         return [ref]
     mapper = sa.inspect(target, raiseerr=False)
     local_table = getattr(mapper, "local_table", None)
     if isinstance(local_table, sa.Table):
+        what = local_table.fullname
+        refuse_keys_table(conn, keys_table, local_table.schema, local_table.name, what)
         refs = [_encrypted(c) for c in getattr(mapper, "columns", [])]
         return [r for r in refs if r is not None]
     raise ConfigurationError(

@@ -35,7 +35,7 @@ from ..keys.store import KeyStore
 from ..sqla import mysql_text
 from . import batch, census
 from .census import EncryptedColumnRef, Target
-from .migration_report import UNKNOWN_DEFINITION, LeftRow, MigrationReport, explain
+from .migration_report import OTHER_FORMAT, UNKNOWN_DEFINITION, LeftRow, MigrationReport, explain
 from .shards import Shard
 
 __all__ = ["LeftRow", "MigrationReport", "explain", "run"]
@@ -52,11 +52,12 @@ def _key_form(key: Any) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class _Change:
     """A value's new form, and what to credit once its write applied:
-    ``version`` moved off a key version, or ``kind`` "plaintext"/"decrypted"."""
+    ``kind`` "moved" off key ``version`` (of the data or index key the old
+    value named), or "plaintext"/"decrypted"."""
 
     value: Any
     kind: str
-    version: int = 0
+    version: int | None = None
 
     @property
     def checked(self) -> bool:
@@ -68,6 +69,7 @@ class _Change:
 
     def credit(self, report: MigrationReport) -> None:
         if self.kind == "moved":
+            assert self.version is not None  # a moved value's key is in data_keys
             report.values_by_version[self.version] = (
                 report.values_by_version.get(self.version, 0) + 1
             )
@@ -170,17 +172,6 @@ def _left_reason(ref: EncryptedColumnRef, error: DecryptionError) -> str:
     return type(error).__name__
 
 
-def _seals_deterministic(ref: EncryptedColumnRef, ciphertext: bytes | None) -> bool:
-    """The format a value is (re)sealed in: the column's definition's, or,
-    for a column known only by name, the format the value already has: a job
-    never turns a value into another format on a guess (a deterministic
-    value resealed randomized would no longer read, nor match a lookup).
-    Plaintext by name is sealed with the default options (randomized)."""
-    if ref.defined or ciphertext is None:
-        return ref.deterministic
-    return ciphertext[0] == fmt.DETERMINISTIC_VERSION
-
-
 def _ciphertext_of(ref: EncryptedColumnRef, stored: Any) -> bytes | None:
     """The stored value as ciphertext, or None if it is plaintext."""
     try:
@@ -228,22 +219,17 @@ def _reencrypt_rewrite(
                 keys[key_id] = None
         return keys[key_id]
 
-    def seal(ref: EncryptedColumnRef, plaintext: bytes, ciphertext: bytes | None) -> bytes:
-        """``plaintext`` sealed for the column, in place of ``ciphertext``
-        (None: of legacy plaintext)."""
-        if _seals_deterministic(ref, ciphertext):
+    def seal(ref: EncryptedColumnRef, plaintext: bytes, deterministic: bool) -> bytes:
+        """``plaintext`` sealed for the column, deterministic or randomized."""
+        if deterministic:
             return registry.encrypt_deterministic(plaintext, ref.context)
         context = fmt.scoped_context(ref.context, scope) if ref.bind_scope else ref.context
         return registry.encrypt_bytes(plaintext, context, scope)
 
-    def key_of(header: bytes) -> tuple[str, int]:
-        found = known(header)
-        if found is None:
-            raise UnknownKeyError(fmt.key_id_of(header))
-        return found
-
     def as_plaintext(ref: EncryptedColumnRef, old: Any) -> _Change:
-        return _Change(_stored(ref, seal(ref, _legacy(old), None)), "plaintext")
+        """Legacy plaintext sealed in the format of the column's definition
+        (randomized by name, as the default options say)."""
+        return _Change(_stored(ref, seal(ref, _legacy(old), ref.deterministic)), "plaintext")
 
     def rewrite(
         ref: EncryptedColumnRef, old: Any, key: tuple[Any, ...], report: MigrationReport
@@ -258,29 +244,35 @@ def _reencrypt_rewrite(
         header = ciphertext[: fmt.HEADER_BYTES]
         if header == target(ref):
             return None  # done: the row was selected for another column
-        version = 0
-        try:
-            deterministic = ciphertext[0] == fmt.DETERMINISTIC_VERSION
-            owner, key_version = key_of(header)
-            own = own_index if deterministic else scope
-            if owner != own and is_index_scope(owner) == deterministic:
-                # Another tenant's value, or a deterministic value under
-                # another index scope's key: not this job's, and never moved
-                # between index scopes. (A value whose format does not match
-                # its key's kind was altered: decrypting says so.)
-                report.other_scopes += 1
-                return None
-            if not deterministic:
-                version = key_version
-            plaintext = _decrypt(registry, ref, ciphertext)
-        except DecryptionError as error:
-            if listed and known(header) is None:
+        found = known(header)
+        if found is None:
+            if listed:
                 # The user says it is plaintext, and it cannot be ours: a value
                 # under a key of data_keys (any state, any scope) never is.
                 return as_plaintext(ref, old)
+            report.leave(ref.name, key, UnknownKeyError.__name__, failure=True)
+            return None
+        owner, version = found
+        deterministic = ciphertext[0] == fmt.DETERMINISTIC_VERSION
+        own = own_index if deterministic else scope
+        if owner != own and is_index_scope(owner) == deterministic:
+            # Another tenant's value, or a deterministic value under another
+            # index scope's key: not this job's, and never moved between
+            # index scopes. (A value whose format does not match its key's
+            # kind was altered: decrypting says so.)
+            report.other_scopes += 1
+            return None
+        if ref.defined and deterministic != ref.deterministic:
+            # A job never turns a value into another format: one the
+            # definition does not expect says the models and the data differ.
+            report.leave(ref.name, key, OTHER_FORMAT, failure=True)
+            return None
+        try:
+            plaintext = _decrypt(registry, ref, ciphertext)
+        except DecryptionError as error:
             report.leave(ref.name, key, _left_reason(ref, error), failure=True)
             return None
-        new = seal(ref, plaintext, ciphertext)
+        new = seal(ref, plaintext, deterministic)  # in the format the value has
         if new[: fmt.HEADER_BYTES] == header:
             return None  # already under the active key (it changed during the job)
         return _Change(_stored(ref, new), "moved", version)
@@ -439,7 +431,7 @@ def run(
     part = Shard.of(shard)
     started = time.perf_counter()
     with conns.connect() as conn:
-        refs = census.resolve(conn, targets)
+        refs = census.resolve(conn, targets, registry.keyring.table)
         if not refs:
             raise ConfigurationError("no encrypted columns to process")
         tables = _tables(conn, refs)
@@ -504,6 +496,9 @@ def _give_charset(
     conversion left nothing but ciphertext (see mysql_text.py)."""
     if not refs:
         return
-    with conns.begin() as conn:
+
+    def give(conn: Connection) -> None:
         for ref in refs:
             mysql_text.give_charset(conn, ref.schema, ref.table, ref.column, charset)
+
+    conns.transaction(give)  # shards running at once may deadlock on the ALTER

@@ -12,6 +12,7 @@ from .report import Report, plain_fields
 __all__ = [
     "LISTED_PER_COLUMN",
     "NOT_STORED",
+    "OTHER_FORMAT",
     "UNKNOWN_DEFINITION",
     "LeftRow",
     "MigrationReport",
@@ -21,6 +22,7 @@ __all__ = [
 LISTED_PER_COLUMN = 100  # rows left behind that a report names, per column
 NOT_STORED = "NotStoredExactly"  # the reason for a value the database changed on writing
 UNKNOWN_DEFINITION = "UnknownDefinition"  # fails authentication, and the job has no definition
+OTHER_FORMAT = "OtherFormat"  # deterministic where the definition says randomized, or the reverse
 
 _REASONS = {
     "plaintext": (
@@ -37,6 +39,11 @@ _REASONS = {
         "and the column's definition is unknown (no model loaded defines it): pass "
         "--models your.models (or the Column/ORM attribute to the API; in a migration, "
         "import the models in env.py)"
+    ),
+    OTHER_FORMAT: (
+        "the value is deterministic (or randomized) but the column's definition says "
+        "otherwise: check that the models are this database's, or convert the column "
+        "explicitly (through a new column); a job never changes a value's format"
     ),
     "UnknownKeyError": (
         "names a data key that data_keys does not hold: another database's "
@@ -120,6 +127,7 @@ class MigrationReport(Report):
     elapsed: float = 0.0
     shard: tuple[int, int] | None = None
     _listed: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _reasons: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def rows_per_second(self) -> float:
@@ -129,9 +137,16 @@ class MigrationReport(Report):
         """Count a value left as it was, and name its row while the column
         has fewer than ``LISTED_PER_COLUMN`` named."""
         self.left_behind += 1
+        self._reasons[reason] = self._reasons.get(reason, 0) + 1
         if failure:
             self.failures[reason] = self.failures.get(reason, 0) + 1
         self._name(LeftRow(column, key, reason))
+
+    def left_by_reason(self) -> dict[str, int]:
+        """Every value left behind, by reason: ``failures`` and the values
+        left without failing (plaintext in a column not being converted),
+        adding up to ``left_behind``."""
+        return dict(sorted(self._reasons.items(), key=lambda item: item[0].casefold()))
 
     def _name(self, row: LeftRow) -> None:
         listed = self._listed.get(row.column, 0)
@@ -151,6 +166,8 @@ class MigrationReport(Report):
             self.values_by_version[version] = self.values_by_version.get(version, 0) + n
         for reason, n in other.failures.items():
             self.failures[reason] = self.failures.get(reason, 0) + n
+        for reason, n in other.left_by_reason().items():
+            self._reasons[reason] = self._reasons.get(reason, 0) + n
         for row in other.left_rows:
             self._name(row)
 
@@ -171,6 +188,7 @@ class MigrationReport(Report):
         self.failures = {}
         self.left_rows = []
         self._listed = {}
+        self._reasons = {}
 
     def to_dict(self) -> dict[str, Any]:
         return plain_fields(

@@ -16,6 +16,7 @@ primary key, skipping other shards' rows; it writes only its own.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,12 +25,14 @@ import sqlalchemy as sa
 
 from ..errors import ConfigurationError
 
-__all__ = ["Shard", "shard_of"]
+__all__ = ["MAX_SHARDS", "Shard", "shard_of"]
 
 _P = 2_147_483_647  # 2**31 - 1, prime: (h + k mod P) * _A stays below 2**63
 _A = 1_327_217_884  # about P / 1.618 (Knuth's multiplicative hashing): spreads keys in
 # any arithmetic progression over the shards, where a small multiplier leaves
 # small keys striding by N in one shard
+MAX_SHARDS = _P  # the hash is below P: a larger N would only add empty shards
+_TEXT = re.compile(r"([0-9]+)/([0-9]+)")  # ASCII digits only, nothing around them
 
 
 def shard_of(key: Sequence[int], count: int) -> int:
@@ -43,38 +46,37 @@ def shard_of(key: Sequence[int], count: int) -> int:
 
 @dataclass(frozen=True)
 class Shard:
-    """Shard ``index`` of ``count`` (0 <= index < count): the rows whose
-    primary key hashes to ``index`` (see the module's docstring)."""
+    """Shard ``index`` of ``count`` (0 <= index < count <= `MAX_SHARDS`):
+    the rows whose primary key hashes to ``index`` (see the module's
+    docstring)."""
 
     index: int
     count: int
+
+    def __post_init__(self) -> None:
+        parts = (self.index, self.count)
+        if not (all(type(p) is int for p in parts) and 0 <= self.index < self.count <= MAX_SHARDS):
+            raise ConfigurationError(f"shard=(K, N) takes {_SHARD_RULE}, not {parts!r}")
 
     @classmethod
     def of(cls, value: tuple[int, int] | Shard | None) -> Shard | None:
         """A shard from ``(K, N)``, checked; None for the whole table."""
         if value is None or isinstance(value, Shard):
             return value
-        parts = tuple(value) if isinstance(value, tuple | list) else ()
-        if len(parts) == 2 and all(type(p) is int for p in parts) and 0 <= parts[0] < parts[1]:
-            return cls(parts[0], parts[1])
+        if isinstance(value, tuple | list) and len(value) == 2:
+            return cls(value[0], value[1])
         raise ConfigurationError(f"shard=(K, N) takes {_SHARD_RULE}, not {value!r}")
 
     @classmethod
     def parse(cls, text: str) -> Shard:
-        """``K/N``, as ``--shard`` takes it."""
-        index, slash, count = text.strip().partition("/")
-        try:
-            if slash:
-                return cls._checked(int(index), int(count))
-        except ValueError:
-            pass
+        """``K/N`` in ASCII digits, as ``--shard`` takes it: no sign, space,
+        underscore or other script's digits, which int() would accept."""
+        found = _TEXT.fullmatch(text)
+        if found is not None and len(text) <= 2 * len(str(MAX_SHARDS)) + 1:
+            index, count = int(found[1]), int(found[2])
+            if index < count <= MAX_SHARDS:
+                return cls(index, count)
         raise ConfigurationError(f"a shard is K/N, {_SHARD_RULE}, not {text!r}")
-
-    @classmethod
-    def _checked(cls, index: int, count: int) -> Shard:
-        if not 0 <= index < count:
-            raise ValueError
-        return cls(index, count)
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
@@ -92,5 +94,6 @@ class Shard:
 
 
 _SHARD_RULE = (
-    "K and N whole numbers with 0 <= K < N (K counts from 0, like Kubernetes' JOB_COMPLETION_INDEX)"
+    "K and N whole numbers with 0 <= K < N (K counts from 0, like Kubernetes' "
+    f"JOB_COMPLETION_INDEX), N at most {MAX_SHARDS} (2**31 - 1)"
 )

@@ -16,7 +16,14 @@ from typing import Any
 
 import sqlalchemy as sa
 
-__all__ = ["ColumnInfo", "defined_columns", "definitions_of", "info_of", "remember"]
+__all__ = [
+    "ColumnInfo",
+    "defined_columns",
+    "definitions_of",
+    "info_of",
+    "loaded_columns",
+    "remember",
+]
 
 
 @dataclass(frozen=True)
@@ -92,3 +99,18 @@ def definitions_of(table: str, column: str) -> list[tuple[sa.Column[Any], Column
         for found, info in defined_columns()
         if found.name == column and getattr(found.table, "name", None) == table
     ]
+
+
+def loaded_columns(table: str, column: str) -> list[sa.Column[Any]]:
+    """Every column named ``table.column`` (in any schema, of any type) in
+    the tables the process has loaded: those holding an encrypted column,
+    and every table of their MetaData. A job given a column by name learns
+    here that the models define it as something else (a blind index, a
+    plain column)."""
+    tables: dict[int, sa.Table] = {}
+    for found, _ in defined_columns():
+        home = found.table
+        if isinstance(home, sa.Table):
+            for loaded in (home, *home.metadata.tables.values()):
+                tables[id(loaded)] = loaded
+    return [c for t in tables.values() if t.name == table for c in t.columns if c.name == column]

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..errors import ConfigurationError
+from ..keys import transactions
 from ..keys.storage import MYSQL_DIALECTS
 
 __all__ = ["ANY_TEXT", "ASCII", "give_charset"]
@@ -83,6 +84,8 @@ def give_charset(
     try:
         conn.exec_driver_sql(" ".join(definition))
     except sa.exc.DBAPIError as error:
+        if transactions.is_lock_conflict(error):
+            raise  # another job's statement held the table: the caller tries again
         # The server's message may quote the value: name only the error's number.
         code = error.orig.args[0] if error.orig is not None and error.orig.args else "?"
         raise ConfigurationError(
