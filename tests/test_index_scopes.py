@@ -440,8 +440,8 @@ def test_shredding_the_shared_scope_on_the_command_line(db_url: str, tmp_path: P
         text=True,
         check=False,
     )
-    assert result.returncode == 1, result.stderr
-    assert "every tenant's deterministic values, blind-index lookups" in result.stdout
+    assert result.returncode == 7, result.stderr  # declined: nothing was done
+    assert "every tenant's deterministic values, blind-index lookups" in result.stderr
     assert cli.json("status")["active_version"] == 1
     shredded = cli.json("shred", "default", "--including-shared-index", "--yes")
     assert shredded == {"scope": "default", "destroyed": 2}
