@@ -298,13 +298,13 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         encrypting = self._encrypting(binding.slot_for(dialect), context)
         current_writing = binding.current_writing
         # Starts with no Writing (so with no function to call: bytes stands in).
-        bound: tuple[binding.Writing | None, Callable[[bytes], Any]] = (None, bytes)
+        encrypting_for: tuple[binding.Writing | None, Callable[[bytes], Any]] = (None, bytes)
 
         if self.storage == "binary" and not (self.deterministic or self.bind_scope):
             # Every Python 3 DB-API driver takes bytes for BLOB/bytea; the
             # impl's DBAPI.Binary() wrapper would only add a copy per value.
             def process_binary(value: Any) -> Any:
-                nonlocal bound
+                nonlocal encrypting_for
                 if value.__class__ is str and len(value) <= str_chars:
                     try:
                         plaintext = value.encode()
@@ -315,9 +315,9 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
                 else:
                     plaintext = plaintext_of(value)
                 writing = current_writing()
-                pair = bound
+                pair = encrypting_for
                 if pair[0] is not writing:
-                    pair = bound = (writing, encrypting(writing))
+                    pair = encrypting_for = (writing, encrypting(writing))
                 return pair[1](plaintext)
 
             return process_binary
@@ -326,7 +326,7 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         to_text = fmt.to_text if self.storage == "text" else None
 
         def process(value: Any) -> Any:
-            nonlocal bound
+            nonlocal encrypting_for
             if value.__class__ is str and len(value) <= str_chars:
                 try:
                     plaintext = value.encode()
@@ -337,9 +337,9 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
             else:
                 plaintext = plaintext_of(value)
             writing = current_writing()
-            pair = bound
+            pair = encrypting_for
             if pair[0] is not writing:
-                pair = bound = (writing, encrypting(writing))
+                pair = encrypting_for = (writing, encrypting(writing))
             data = pair[1](plaintext)
             if to_text is not None:
                 data = to_text(data)
