@@ -25,7 +25,7 @@ class Base(DeclarativeBase):
 
 
 class Account(Base):
-    __tablename__ = "accounts"
+    __tablename__ = "census_accounts"
     id: Mapped[int] = mapped_column(primary_key=True)
     owner: Mapped[str | None] = mapped_column(EncryptedType(sa.String(100)))
     iban: Mapped[str | None] = mapped_column(EncryptedType(sa.String(34), storage="text"))
@@ -45,7 +45,7 @@ def test_census_counts_versions_nulls_and_plaintext(
     with engine.begin() as conn:
         conn.execute(sa.insert(table), [{"id": 10 + i, "owner": f"n{i}"} for i in range(4)])
         conn.execute(sa.insert(table), {"id": 20, "owner": None, "iban": None})
-    raw = sa.Table("accounts", sa.MetaData(), autoload_with=engine)
+    raw = sa.Table("census_accounts", sa.MetaData(), autoload_with=engine)
     with engine.begin() as conn:
         conn.execute(
             raw.insert(), {"id": 30, "owner": b"legacy plaintext", "iban": "DE00 legacy plain"}
@@ -53,7 +53,7 @@ def test_census_counts_versions_nulls_and_plaintext(
         conn.execute(raw.insert(), {"id": 31, "owner": b"\x07" + b"x" * 40, "iban": "short"})
 
     by_name = {c.column: c for c in registry.census(Account)}
-    owner, iban = by_name["accounts.owner"], by_name["accounts.iban"]
+    owner, iban = by_name["census_accounts.owner"], by_name["census_accounts.iban"]
     assert owner.rows == iban.rows == 10
     assert {k.version: k.rows for k in owner.keys} == {1: 3, 2: 4}
     assert owner.nulls == 1 and owner.not_ciphertext == 2 and owner.unknown_key_rows == 0
@@ -62,13 +62,14 @@ def test_census_counts_versions_nulls_and_plaintext(
     assert owner.rows_under(v2.id) == 4
 
     same = [
-        registry.census("accounts.owner"),
+        registry.census("census_accounts.owner"),
         registry.census(Account.owner),
         registry.census(table.c.owner),
     ]
     assert all(c == [owner] for c in same)
-    assert {c.column for c in registry.census(table)} == {"accounts.owner", "accounts.iban"}
-    assert {"accounts.owner", "accounts.iban"} <= {c.column for c in registry.census()}
+    columns = {"census_accounts.owner", "census_accounts.iban"}
+    assert {c.column for c in registry.census(table)} == columns
+    assert columns <= {c.column for c in registry.census()}
     assert owner.to_dict()["keys"][0]["version"] == 1
 
 
@@ -77,7 +78,7 @@ def test_census_by_reflection_sees_storage(engine: sa.Engine, registry: KeyRegis
     with engine.begin() as conn:
         conn.execute(sa.insert(Account.__table__), {"id": 1, "owner": "o", "iban": "DE1"})
     # "table.column" needs no model: the storage is read from the reflected type.
-    (iban,) = registry.census("accounts.iban")
+    (iban,) = registry.census("census_accounts.iban")
     assert [k.version for k in iban.keys] == [1]
 
 
@@ -112,7 +113,7 @@ def test_destroy_guard_counts_every_row_of_every_column(
     for _ in range(2):  # every text and binary column of every table, enums skipped
         with pytest.raises(KeyInUseError) as in_use:
             registry.destroy(1)
-        assert in_use.value.rows == {"accounts.owner": 1, "accounts.iban": 1}
+        assert in_use.value.rows == {"census_accounts.owner": 1, "census_accounts.iban": 1}
     label, blob = registry.census("things.label", "things.blob")
     assert (label.not_ciphertext, blob.not_ciphertext) == (2, 2)
     assert registry.reencrypt(Account).values_by_version == {1: 2}
@@ -157,7 +158,7 @@ def test_destroy_guard_maintenance_and_status_see_every_schema(
         status = registry.status(census=True)
         assert status.rows_by_version == {1: 2, 2: 1}
         assert {c.column: c.rows for c in status.columns or ()} == {
-            "accounts.owner": 1,
+            "census_accounts.owner": 1,
             f"{schema}.t_other_schema.body": 2,
         }
     assert registry.reencrypt(Note).values_by_version == {1: 2}
