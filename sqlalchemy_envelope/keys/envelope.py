@@ -37,6 +37,7 @@ class Envelope:
         self._active = cache.active
         self._by_header = cache.by_header
         self._clock = cache.clock
+        self._decryptors: dict[bytes, Callable[[bytes], bytes]] = {}
 
     # -- randomized: AES-256-GCM under rotating data keys --------------------
 
@@ -122,8 +123,12 @@ class Envelope:
         return decrypt
 
     def decrypt_bytes(self, ciphertext: bytes, context: bytes) -> bytes:
-        """Decrypt one value written for ``context``."""
-        return self.decryptor(context)(ciphertext)
+        """Decrypt one value written for ``context``, with that context's
+        `decryptor`, made once."""
+        decrypt = self._decryptors.get(context)
+        if decrypt is None:
+            decrypt = self._decryptors[context] = self.decryptor(context)
+        return decrypt(ciphertext)
 
     def decrypt_scoped(self, ciphertext: bytes, context: bytes, scope: str | None) -> bytes:
         """Decrypt a value whose context binds its scope (``EncryptedType(...,
