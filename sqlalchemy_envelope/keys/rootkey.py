@@ -443,6 +443,7 @@ def root_key_from_env(
 
 
 def _flag(env: Mapping[str, str], variable: str) -> bool:
+    """An opt-in variable: unset or 0 is off, 1 on, anything else a mistake."""
     text = env.get(variable, "").strip().lower()
     if text in ("", "0", "false", "no", "off"):
         return False
