@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -405,3 +406,156 @@ def test_a_wrong_kms_key_writing_for_a_new_tenant_writes_nothing(
     wrong.close()
     wrong_engine.dispose()
     right.close()
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+README_KEY_ARN = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-..."
+
+
+def _readme_policy() -> dict[str, Any]:
+    """The IAM policy the README's AWS KMS section gives, as written."""
+    section = README.read_text().split("### AWS KMS", 1)[1]
+    return dict(json.loads(section.split("```json\n", 1)[1].split("```", 1)[0]))
+
+
+def _allows(policy: dict[str, Any], action: str, context: dict[str, str] | None) -> bool:
+    """Whether ``policy`` allows a request on the application's key, by AWS's
+    documented evaluation of what the README's policy uses: a request is
+    allowed when an Allow statement names its action and every condition
+    holds, and no Deny applies. ``StringEquals`` on
+    ``kms:EncryptionContext:<k>`` holds when the request's encryption context
+    has ``k`` with that value; a request without that key (DescribeKey has no
+    encryption context at all) does not match. Anything else in the policy
+    fails the test rather than being guessed."""
+    allowed = False
+    for statement in policy["Statement"]:
+        assert set(statement) <= {"Sid", "Effect", "Action", "Resource", "Condition"}
+        assert statement["Resource"] == README_KEY_ARN  # the application's key, no other
+        actions = statement["Action"]
+        if action not in ([actions] if isinstance(actions, str) else actions):
+            continue
+        holds = True
+        for operator, conditions in statement.get("Condition", {}).items():
+            assert operator == "StringEquals", f"unsupported condition operator {operator}"
+            for key, expected in conditions.items():
+                assert key.startswith("kms:EncryptionContext:"), f"unsupported key {key}"
+                given = (context or {}).get(key.removeprefix("kms:EncryptionContext:"))
+                holds &= given in ([expected] if isinstance(expected, str) else expected)
+        if holds and statement["Effect"] == "Deny":
+            return False
+        allowed |= holds and statement["Effect"] == "Allow"
+    return allowed
+
+
+def _requests(root_key: AWSKMSRootKey) -> list[tuple[str, dict[str, str] | None]]:
+    """Every KMS operation a provider's real client asks for, with the
+    encryption context it sends."""
+    sent: list[tuple[str, dict[str, str] | None]] = []
+
+    def record(params: dict[str, Any], model: Any, **_: Any) -> None:
+        sent.append((model.name, params.get("EncryptionContext")))
+
+    root_key._client.meta.events.register("provide-client-params.kms", record)
+    return sent
+
+
+def test_the_readme_policy_allows_exactly_what_each_operation_asks_of_kms(
+    kms: KMSServer, db_url: str
+) -> None:
+    """Each operation, in a process of its own (nothing cached), against
+    moto's KMS: the KMS actions it asks for are the README's table, and the
+    README's IAM policy allows every request, the availability probe and
+    DescribeKey (a key named by alias) included. moto evaluates neither IAM
+    conditions nor KMS resource ARNs (its IAM check ignores the encryption
+    context and gives KMS requests the resource "*"; its key policies honour
+    only a Deny of DescribeKey), so the policy is evaluated here, by AWS's
+    documented rules, against the requests the registry really made; moto
+    does enforce that Decrypt gets the context Encrypt was given."""
+    arn = kms.create_key()
+    kms.client().create_alias(AliasName="alias/app", TargetKeyId=arn)
+    table = encrypted_table("notes")
+    policy = _readme_policy()
+    asked: dict[str, set[str]] = {}
+    static = StaticRootKey(os.urandom(32))
+
+    def operation(name: str, run: Any, key_id: str = arn) -> None:
+        engine = sa.create_engine(db_url)
+        root_key = AWSKMSRootKey(key_id)
+        sent = _requests(root_key)
+        run(root_key, engine)
+        engine.dispose()
+        asked[name] = {action for action, _ in sent}
+        for action, context in sent:
+            assert _allows(policy, f"kms:{action}", context), (name, action, context)
+
+    def registry_op(method: str, *args: Any) -> Any:
+        def run(root_key: AWSKMSRootKey, engine: sa.Engine) -> None:
+            registry = KeyRegistry(engine, root_key)
+            getattr(registry, method)(*args)
+            registry.close()
+
+        return run
+
+    def write(scope: str | None) -> Any:
+        def run(root_key: AWSKMSRootKey, engine: sa.Engine) -> None:
+            registry = KeyRegistry(engine, root_key)
+            options = {} if scope is None else {SCOPE_OPTION: scope}
+            for attempt in range(2):
+                with engine.begin() as conn:
+                    conn.execute(
+                        table.insert(),
+                        {"id": len(asked) * 10 + attempt, "body": "x"},
+                        execution_options=options,
+                    )
+            registry.close()
+
+        return run
+
+    def read(root_key: AWSKMSRootKey, engine: sa.Engine) -> None:
+        registry = KeyRegistry(engine, root_key)
+        for _ in range(2):
+            with Session(engine) as session:
+                assert session.execute(sa.select(table.c.body)).scalars().all()
+        registry.close()
+
+    def status(root_key: AWSKMSRootKey, engine: sa.Engine) -> None:
+        registry = KeyRegistry(engine, root_key)
+        report = registry.status()
+        assert report.root_key_available and report.root_key_problem is None
+        registry.close()
+
+    def rewrap_to_kms(root_key: AWSKMSRootKey, engine: sa.Engine) -> None:
+        registry = KeyRegistry(engine, static)
+        registry.rewrap(root_key)
+        registry.close()
+
+    operation("init", registry_op("init"))
+    setup = sa.create_engine(db_url)
+    table.metadata.create_all(setup)
+    setup.dispose()
+    operation("init again", registry_op("init"))
+    operation("write", write(None))
+    operation("read", read)
+    operation("rotate", registry_op("rotate"))
+    operation("create_scope", registry_op("create_scope", "tenant-a"))
+    operation("new tenant's first write", write("tenant-b"))
+    operation("status", status)
+    operation("status, key named by alias", status, key_id="alias/app")
+    operation("rewrap away from KMS", registry_op("rewrap", static))
+    operation("rewrap to KMS", rewrap_to_kms)
+    operation("read after the rewraps", read)
+    # The README's table.
+    assert asked == {
+        "init": {"Encrypt"},
+        "init again": {"Decrypt"},
+        "write": {"Decrypt"},
+        "read": {"Decrypt"},
+        "rotate": {"Encrypt", "Decrypt"},
+        "create_scope": {"Encrypt", "Decrypt"},
+        "new tenant's first write": {"Encrypt", "Decrypt"},
+        "status": {"Encrypt", "Decrypt"},
+        "status, key named by alias": {"DescribeKey", "Encrypt", "Decrypt"},
+        "rewrap away from KMS": {"Decrypt"},
+        "rewrap to KMS": {"Encrypt", "Decrypt"},
+        "read after the rewraps": {"Decrypt"},
+    }

@@ -240,14 +240,18 @@ def test_a_wrong_root_key_writes_nothing_on_any_path(
 def test_wrong_pbkdf2_parameters_are_a_wrong_root_key(
     engine: sa.Engine, second_engine: sa.Engine
 ) -> None:
-    right = KeyRegistry(engine, PBKDF2RootKey("seed", "salt", iterations=10_000))
+    right = KeyRegistry(engine, PBKDF2RootKey("seed", "salt", iterations=10_000, allow_weak=True))
     right.init()
-    wrong = KeyRegistry(second_engine, PBKDF2RootKey("seed", "salt", iterations=20_000))
+    wrong = KeyRegistry(
+        second_engine, PBKDF2RootKey("seed", "salt", iterations=20_000, allow_weak=True)
+    )
     with pytest.raises(WrongRootKeyError, match="ENVELOPE_PBKDF2_ITERATIONS") as info:
         wrong.init()
     assert "iterations=20000" in str(info.value)
     same = KeyRegistry(
-        second_engine, PBKDF2RootKey(b"seed", b"salt", iterations=10_000), attach=False
+        second_engine,
+        PBKDF2RootKey(b"seed", b"salt", iterations=10_000, allow_weak=True),
+        attach=False,
     )
     assert same.init().id == right.status().active_key_id
     right.close()

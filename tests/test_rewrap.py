@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Mapping
 
 import pytest
@@ -49,7 +50,7 @@ def _fingerprints(engine: sa.Engine) -> set[str]:
 
 
 def test_rewrap_moves_every_key_and_retires_the_old_root(db_url: str, engine: sa.Engine) -> None:
-    old = PBKDF2RootKey("old seed", "old salt", iterations=10_000)
+    old = PBKDF2RootKey("old seed", "old salt", iterations=10_000, allow_weak=True)
     registry = KeyRegistry(engine, old)
     registry.init()
     table = sa.Table(
@@ -84,7 +85,9 @@ def test_rewrap_moves_every_key_and_retires_the_old_root(db_url: str, engine: sa
 
     second = sa.create_engine(db_url)
     with pytest.raises(WrongRootKeyError):
-        KeyRegistry(second, PBKDF2RootKey("old seed", "old salt", iterations=10_000)).init()
+        KeyRegistry(
+            second, PBKDF2RootKey("old seed", "old salt", iterations=10_000, allow_weak=True)
+        ).init()
     second.dispose()
     third = sa.create_engine(db_url)
     fresh = KeyRegistry(third, new)
@@ -94,7 +97,7 @@ def test_rewrap_moves_every_key_and_retires_the_old_root(db_url: str, engine: sa
     with pytest.raises(ConfigurationError, match="already in use"):
         fresh.rewrap(new)
     # And raise PBKDF2's work factor by moving to a new derived root key.
-    stronger = PBKDF2RootKey("new seed", "new salt", iterations=20_000)
+    stronger = PBKDF2RootKey(secrets.token_urlsafe(32), "new salt")
     assert fresh.rewrap(stronger) == 4
     fresh.close()
     third.dispose()

@@ -22,7 +22,10 @@ from ..errors import (
 __all__ = ["AWSKMSRootKey"]
 
 _PURPOSE = {"purpose": "sqlalchemy-envelope/data-key"}
-_PROBE_CONTEXT = {"purpose": "sqlalchemy-envelope/probe"}
+# The probe wraps as a data key is wrapped, with the same context keys and
+# purpose, so that the policy that lets the registry wrap and unwrap data keys
+# lets the probe through; its key_id is no data key's (theirs are numbers).
+_PROBE_CONTEXT = {"key_id": "probe", "scope": "probe"}
 
 # KMS error codes that mean "this application may not use this key".
 _DENIED = frozenset(
@@ -114,15 +117,12 @@ class AWSKMSRootKey:
         return bytes(response["Plaintext"])
 
     def check(self) -> None:
-        """Ask KMS to encrypt one byte: raises the error a rotation or a cache
-        miss would meet now. `KeyRegistry.status` reports the outcome."""
-        self._call(
-            "Encrypt",
-            self._client.encrypt,
-            KeyId=self.key_arn,
-            Plaintext=b"\x00",
-            EncryptionContext=_PROBE_CONTEXT,
-        )
+        """Wrap one byte and unwrap it again, as a rotation and a cache miss
+        would: raises the error they would meet now (kms:Encrypt and
+        kms:Decrypt under the data keys' encryption context, and
+        kms:DescribeKey for a key not named by its ARN).
+        `KeyRegistry.status` reports the outcome."""
+        self.unwrap(self.wrap(b"\x00", _PROBE_CONTEXT), _PROBE_CONTEXT)
 
     def _call(self, operation: str, method: Any, **arguments: Any) -> Any:
         from botocore.exceptions import (
@@ -143,8 +143,9 @@ class AWSKMSRootKey:
                 ) from None
             if code in _DENIED:
                 raise RootKeyAccessDeniedError(
-                    f"{where}: grant this application kms:Encrypt, kms:Decrypt (and "
-                    "kms:DescribeKey unless the key is given by its ARN) on an enabled key"
+                    f"{where}: grant this application kms:Encrypt and kms:Decrypt with the "
+                    f"encryption context purpose={_PURPOSE['purpose']} (and kms:DescribeKey "
+                    "unless the key is given by its ARN) on an enabled key"
                 ) from None
             raise RootKeyUnavailableError(f"{where}; retry later") from None
         except (NoCredentialsError, PartialCredentialsError):

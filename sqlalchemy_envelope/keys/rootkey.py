@@ -9,11 +9,15 @@ external KMS implementing `RootKeyProvider`.
 from __future__ import annotations
 
 import binascii
+import errno
 import json
+import logging
+import math
 import os
 import stat
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -41,8 +45,16 @@ _WRAP_LABEL = b"sqlalchemy-envelope/data-key/v1\x00"
 _FINGERPRINT_LABEL = b"sqlalchemy-envelope/root-key-fingerprint/v1"
 _WRAP_VERSION = b"\x01"
 _KEY_LENGTHS = (16, 24, 32)
-MIN_PBKDF2_ITERATIONS = 10_000
-DEFAULT_PBKDF2_ITERATIONS = 600_000
+# OWASP's 2023 figure for PBKDF2-HMAC-SHA256; derivation runs once per process.
+DEFAULT_PBKDF2_ITERATIONS = MIN_PBKDF2_ITERATIONS = 600_000
+# What ``allow_weak=True`` still requires: the minimum of earlier versions, so
+# that every deployment they allowed can read its keys and rewrap them.
+WEAK_PBKDF2_ITERATIONS = 10_000
+MIN_SEED_BITS = 128
+_MAX_KEY_FILE_BYTES = 4096
+_GENERATE_KEY = 'python -c "import base64, os; print(base64.b64encode(os.urandom(32)).decode())"'
+
+log = logging.getLogger("sqlalchemy_envelope")
 
 
 @runtime_checkable
@@ -142,40 +154,99 @@ class StaticRootKey:
         return self._key.unwrap(wrapped, context)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> StaticRootKey:
-        """Read the key from a file, such as a mounted secret: 32 raw bytes, or
-        their base64 on one line. The file must be readable by its owner only."""
+    def from_file(cls, path: str | os.PathLike[str], *, raw: bool = False) -> StaticRootKey:
+        """Read the key from a file, such as a mounted secret: the base64 of 32
+        bytes (surrounding whitespace ignored), or with ``raw=True`` exactly 32
+        bytes. The file must be a regular file, not a symbolic link, owned by
+        this process's user (or root) and inaccessible to anyone else; it is
+        checked and read through one descriptor, so it cannot be swapped
+        between the check and the read."""
         path = Path(path)
-        try:
-            mode = path.stat().st_mode
-            if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        data = _read_key_file(path)
+        if raw:
+            if len(data) != 32:
                 raise ConfigurationError(
-                    f"root key file {path} is accessible to other users (mode "
-                    f"{stat.S_IMODE(mode):04o}): run `chmod 600 {path}` (in Kubernetes, "
-                    "mount the secret with defaultMode 0400)"
+                    f"root key file {path} is read as raw bytes (ENVELOPE_ROOT_KEY_FILE_RAW, "
+                    "raw=True) but does not hold exactly 32 bytes"
                 )
-            data = path.read_bytes()
-        except OSError as error:
-            raise ConfigurationError(
-                f"cannot read root key file {path}: {error.strerror or error}"
-            ) from None
-        if len(data) == 32:
             return cls(data)
-        return cls(_decode_base64_key(data.strip(), f"root key file {path}"))
+        if len(data) == 32:  # what earlier versions took as a raw key
+            advice = (
+                ". Earlier versions took its 32 bytes as a raw key: to keep reading the data "
+                "keys wrapped with it, set ENVELOPE_ROOT_KEY_FILE_RAW=1 (raw=True); if they "
+                f"are random bytes, convert the file instead: `(umask 077; base64 {path} > "
+                f"{path}.b64)`; if they are a password, rewrap to a generated key "
+                f"(`{_GENERATE_KEY}`)"
+            )
+        else:
+            advice = (
+                " (a password is not a key): generate one with "
+                f"`(umask 077; {_GENERATE_KEY} > {path})`"
+            )
+        return cls(_decode_base64_key(data.strip(), f"root key file {path}", advice))
 
     def __repr__(self) -> str:
         return f"StaticRootKey(fingerprint={self.fingerprint!r})"
 
 
-def _decode_base64_key(text: bytes, what: str) -> bytes:
+def _read_key_file(path: Path) -> bytes:
+    """The file's bytes, opened once without following a final symbolic link,
+    checked on the open descriptor and read from it."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # a FIFO must not block
+    try:
+        descriptor = os.open(path, flags)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise ConfigurationError(
+                f"root key file {path} is a symbolic link, refused whatever it points to: name "
+                "the file itself (in Kubernetes, whose secret volumes present each key as a "
+                "link, mount the key with subPath)"
+            ) from None
+        raise ConfigurationError(
+            f"cannot read root key file {path}: {error.strerror or error}"
+        ) from None
+    try:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigurationError(f"root key file {path} is not a regular file")
+        user = os.geteuid()
+        if info.st_uid not in (user, 0):
+            raise ConfigurationError(
+                f"root key file {path} belongs to user id {info.st_uid}, not to this "
+                f"process's user ({user}) or root: `chown` it to the user the application "
+                "runs as"
+            )
+        if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigurationError(
+                f"root key file {path} is accessible to other users (mode "
+                f"{stat.S_IMODE(info.st_mode):04o}): run `chmod 600 {path}` (in Kubernetes, "
+                "mount the secret with defaultMode 0400)"
+            )
+        data = b""
+        while chunk := os.read(descriptor, _MAX_KEY_FILE_BYTES + 1 - len(data)):
+            data += chunk
+            if len(data) > _MAX_KEY_FILE_BYTES:
+                break
+    except OSError as error:
+        raise ConfigurationError(
+            f"cannot read root key file {path}: {error.strerror or error}"
+        ) from None
+    finally:
+        os.close(descriptor)
+    if len(data) > _MAX_KEY_FILE_BYTES:
+        raise ConfigurationError(f"root key file {path} is too large to hold a root key")
+    return data
+
+
+def _decode_base64_key(text: bytes, what: str, advice: str = "") -> bytes:
     try:
         key = binascii.a2b_base64(text, strict_mode=True)
     except binascii.Error:
         key = b""
     if len(key) != 32:
         raise ConfigurationError(
-            f"{what} is not the base64 of 32 bytes; generate a key with `python -c "
-            '"import base64, os; print(base64.b64encode(os.urandom(32)).decode())"`'
+            f"{what} is not the base64 of 32 bytes"
+            + (advice or f"; generate a key with `{_GENERATE_KEY}`")
         )
     return key
 
@@ -194,13 +265,34 @@ def _as_bytes(value: str | bytes, name: str) -> bytes:
     return bytes(value)
 
 
+def _seed_bits(seed: str | bytes) -> float:
+    """A rough strength of a seed: its length times the Shannon entropy of its
+    own characters' (or bytes') frequencies. Random seeds of 32 bytes, or their
+    hex or base64, score well over `MIN_SEED_BITS`; short, repetitive or
+    small-alphabet seeds (a password, a few words) score under it. A long
+    sentence can still pass: it is a check against mistakes, not a proof."""
+    counts = Counter(seed)
+    return -sum(n * math.log2(n / len(seed)) for n in counts.values())
+
+
+_LEGACY = (
+    "; if data_keys already depends on weaker parameters, pass allow_weak=True "
+    "(ENVELOPE_PBKDF2_ALLOW_WEAK=1) to read it, then rewrap to a stronger root key"
+)
+
+
 class PBKDF2RootKey:
     """A root key derived with PBKDF2-HMAC-SHA256 from a secret seed and salt.
 
     Derivation is deliberately slow, so it runs once, on first use, and the
     seed and salt are dropped afterwards. The iteration count is recorded in
     ``data_keys`` (via `description`) so that it can be raised later by
-    re-wrapping under a new root key.
+    re-wrapping under a new root key. The seed must look random (its length
+    times the entropy of its characters' frequencies at least
+    `MIN_SEED_BITS`) and the count be at least `MIN_PBKDF2_ITERATIONS`;
+    ``allow_weak=True`` accepts what earlier versions did (any non-empty
+    seed, `WEAK_PBKDF2_ITERATIONS`) for deployments whose keys depend on it,
+    until they rewrap.
     """
 
     def __init__(
@@ -209,15 +301,31 @@ class PBKDF2RootKey:
         salt: str | bytes,
         iterations: int = DEFAULT_PBKDF2_ITERATIONS,
         key_length: int = 32,
+        *,
+        allow_weak: bool = False,
     ) -> None:
         self._seed: bytes | None = _as_bytes(seed, "seed")
         self._salt: bytes | None = _as_bytes(salt, "salt")
-        if not isinstance(iterations, int) or iterations < MIN_PBKDF2_ITERATIONS:
+        floor = WEAK_PBKDF2_ITERATIONS if allow_weak else MIN_PBKDF2_ITERATIONS
+        if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < floor:
             raise ConfigurationError(
-                f"PBKDF2 iterations must be an integer of at least "
-                f"{MIN_PBKDF2_ITERATIONS:,} ({DEFAULT_PBKDF2_ITERATIONS:,} is recommended)"
+                f"PBKDF2 iterations must be an integer of at least {floor:,}"
+                + (" even with allow_weak=True" if allow_weak else _LEGACY)
+            )
+        weak_seed = _seed_bits(seed) < MIN_SEED_BITS
+        if weak_seed and not allow_weak:
+            raise ConfigurationError(
+                f"the PBKDF2 seed looks weak (under {MIN_SEED_BITS} bits by its length and "
+                'character frequencies): use 32 random bytes, e.g. `python -c "import '
+                'secrets; print(secrets.token_urlsafe(32))"`, or better a random root key '
+                "(StaticRootKey, ENVELOPE_ROOT_KEY)" + _LEGACY
             )
         _check_key_length(key_length, "the PBKDF2 key length")
+        if weak_seed or iterations < MIN_PBKDF2_ITERATIONS:
+            log.warning(
+                "a PBKDF2 root key below the minimums is in use (allow_weak=True): "
+                "rewrap the data keys to a stronger root key"
+            )
         self.iterations = iterations
         self.key_length = key_length
         self._key: _LocalKey | None = None
@@ -277,8 +385,9 @@ def root_key_from_env(
 ) -> RootKeyProvider:
     """The root key the ``ENVELOPE_*`` variables describe, from exactly one of:
     ``ENVELOPE_ROOT_KEY`` (base64 of 32 bytes), ``ENVELOPE_ROOT_KEY_FILE``
-    (a file holding it), ``ENVELOPE_ROOT_SEED`` + ``ENVELOPE_ROOT_SALT``
-    (PBKDF2, optionally ``ENVELOPE_PBKDF2_ITERATIONS``), or
+    (a file holding it; 32 raw bytes with ``ENVELOPE_ROOT_KEY_FILE_RAW=1``),
+    ``ENVELOPE_ROOT_SEED`` + ``ENVELOPE_ROOT_SALT`` (PBKDF2, optionally
+    ``ENVELOPE_PBKDF2_ITERATIONS`` and ``ENVELOPE_PBKDF2_ALLOW_WEAK``), or
     ``ENVELOPE_AWS_KMS_KEY_ID`` (optionally ``ENVELOPE_AWS_REGION``). Another
     ``prefix`` reads another set, such as ``ENVELOPE_NEW_`` for the target of
     a root key rotation."""
@@ -309,7 +418,8 @@ def root_key_from_env(
             raise ConfigurationError(f"{name('ROOT_KEY')} is not the base64 of 32 bytes")
         return StaticRootKey(_decode_base64_key(text.encode("ascii"), name("ROOT_KEY")))
     if source == "ROOT_KEY_FILE":
-        return StaticRootKey.from_file(env[name("ROOT_KEY_FILE")])
+        raw = _flag(env, name("ROOT_KEY_FILE_RAW"))
+        return StaticRootKey.from_file(env[name("ROOT_KEY_FILE")], raw=raw)
     if source == "AWS_KMS_KEY_ID":
         from .aws_kms import AWSKMSRootKey
 
@@ -328,4 +438,15 @@ def root_key_from_env(
             raise ConfigurationError(
                 f"{name('PBKDF2_ITERATIONS')} must be a whole number"
             ) from None
-    return PBKDF2RootKey(seed, salt, iterations=iterations)
+    allow_weak = _flag(env, name("PBKDF2_ALLOW_WEAK"))
+    return PBKDF2RootKey(seed, salt, iterations=iterations, allow_weak=allow_weak)
+
+
+def _flag(env: Mapping[str, str], variable: str) -> bool:
+    """An opt-in variable: unset or 0 is off, 1 on, anything else a mistake."""
+    text = env.get(variable, "").strip().lower()
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    if text in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigurationError(f"{variable} must be 1 or 0")
