@@ -416,9 +416,11 @@ def test_a_tenant_named_like_an_index_scope_gets_no_key(
             row = {"id": next(ids), "tenant": "evil", "email": EMAIL}
             with pytest.raises(ConfigurationError, match="reserved"):
                 _insert(patients, form, row, "~index:default")
-            with pytest.raises(ConfigurationError, match="reserved"):
-                with sqlalchemy_envelope.scope("~index:default"):
-                    _insert(patients, form, {**row, "id": next(ids)}, None)
+            with (
+                pytest.raises(ConfigurationError, match="reserved"),
+                sqlalchemy_envelope.scope("~index:default"),
+            ):
+                _insert(patients, form, {**row, "id": next(ids)}, None)
     for _ in range(2):
         with pytest.raises(ConfigurationError, match="reserved"):
             app.shred("~index:default", including_shared_index=True)
