@@ -228,14 +228,15 @@ class Keyring:
     def create_keys(self, conn: Connection, scope: str, *, revive: bool = False) -> None:
         """Give ``scope`` what it lacks of an active data key and its index
         key version 1, in the caller's transaction, which proved the root key.
-        With ``revive`` (`create_scope`), a scope whose index keys were all
-        destroyed (shredded) gets a new one: the destroyed ones keep their
-        rows, renumbered below zero, so that version 1, which its columns
-        use, names the new key."""
+        With ``revive`` (`create_scope`), a shredded scope gets a new index
+        key too: the destroyed ones keep their rows, renumbered below zero,
+        so that version 1, which its columns use, names the new key. (Index
+        keys destroyed on purpose in a live scope stay as they are.)"""
         index = index_scope(scope)
+        revived = revive and storage.is_shredded(conn, self.table, scope)
         if storage.active_key(conn, self.table, scope) is None:
             self.insert_active(conn, scope, storage.next_version(conn, self.table, scope))
-        if revive and storage.is_shredded(conn, self.table, index):
+        if revived and storage.is_shredded(conn, self.table, index):
             storage.renumber_destroyed(conn, self.table, index)
         if storage.key_by_version(conn, self.table, index, 1) is None:
             self.insert_index(conn, index, 1)
