@@ -327,6 +327,8 @@ class Keyring:
             return None
         if retired == 0:
             self.refuse_shredded(conn, scope)
+            if is_index_scope(scope):  # nor does a shredded scope's index scope
+                self.refuse_shredded(conn, scope_of_index(scope))
         self.wrapper.prove(conn)
         version = storage.next_version(conn, self.table, scope)
         if is_index_scope(scope):
