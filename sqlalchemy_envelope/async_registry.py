@@ -165,6 +165,7 @@ class AsyncKeyRegistry:
         scope: str | None = None,
         plaintext_rows: Mapping[str, Iterable[Any]] | None = None,
         shard: tuple[int, int] | None = None,
+        where: Any = None,
     ) -> MigrationReport:
         """`KeyRegistry.reencrypt` in batches, each awaited on the event
         loop. For parallel workers, run ``sqlalchemy-envelope reencrypt
@@ -178,6 +179,7 @@ class AsyncKeyRegistry:
             scope=scope,
             plaintext_rows=plaintext_rows,
             shard=shard,
+            where=where,
         )
 
     async def decrypt_in_place(
@@ -202,6 +204,7 @@ class AsyncKeyRegistry:
         batch_size: int = 1000,
         progress: bool | None = False,
         shard: tuple[int, int] | None = None,
+        recompute: bool = False,
     ) -> MigrationReport:
         return await self._call(
             self.sync_registry.backfill_index,
@@ -209,6 +212,7 @@ class AsyncKeyRegistry:
             batch_size=batch_size,
             progress=progress,
             shard=shard,
+            recompute=recompute,
         )
 
     # -- values outside columns: CPU work, I/O only when a key is not cached ----------
@@ -219,8 +223,10 @@ class AsyncKeyRegistry:
     def decrypt(self, ciphertext: bytes, context: str) -> bytes:
         return self.sync_registry.decrypt(ciphertext, context)
 
-    def hash_field(self, value: bytes, context: str, *, version: int = 1) -> str:
-        return self.sync_registry.hash_field(value, context, version=version)
+    def hash_field(
+        self, value: bytes, context: str, *, version: int = 1, scope: str | None = None
+    ) -> str:
+        return self.sync_registry.hash_field(value, context, version=version, scope=scope)
 
     # -- no I/O: plain calls ---------------------------------------------------------
 

@@ -52,6 +52,7 @@ from .errors import (
     database_reason,
 )
 from .keys.rootkey import root_key_from_env
+from .keys.scopes import check_key_scope, is_index_scope, scope_of_index
 from .ops.census import ColumnCensus
 from .ops.migrate import MigrationReport
 from .ops.shards import Shard
@@ -93,11 +94,19 @@ class Context:
     def scope_filter(self) -> str | None:
         return None if self.scope == DEFAULT_SCOPE else self.scope
 
-    def registry(self) -> KeyRegistry:
+    def registry(self, *, keys: bool = False) -> KeyRegistry:
+        """A registry of ``--scope``. With ``keys`` (a command that addresses
+        keys: status, census, rotate, retire, enable, disable, destroy,
+        maintenance), ``--scope`` may name an index scope (``~index:<scope>``):
+        the registry is then of that scope, and the command passes ``--scope``
+        on to address the index keys."""
+        scope = self.scope
+        if keys and is_index_scope(check_key_scope(scope)):
+            scope = scope_of_index(scope)
         self.load_models()
         return KeyRegistry.from_env(
             self._engine(),
-            scope=self.scope,
+            scope=scope,
             table_name=self.table,
             cache_max_age=self.cache_max_age,
         )
@@ -445,9 +454,9 @@ def status(c: Context, with_census: bool, columns: tuple[str, ...]) -> None:
     """Keys, their states and use, and whether rotation is due."""
 
     def action() -> None:
-        registry = c.registry()
+        registry = c.registry(keys=True)
         everywhere = with_census and not columns
-        result = registry.status(census=everywhere)
+        result = registry.status(c.scope, census=everywhere)
         data = result.to_dict()
         text = _status_text(result)
         counts = registry.census(*columns) if columns else list(result.columns or ())
@@ -467,7 +476,7 @@ def rotate(c: Context) -> None:
     """Make a new data key active; the old one keeps decrypting."""
 
     def action() -> None:
-        key = c.registry().rotate()
+        key = c.registry(keys=True).rotate(c.scope)
         c.emit(key.to_dict(), f"active: {_key_line(key)}")
 
     _run(action)
@@ -480,7 +489,7 @@ def census(c: Context, columns: tuple[str, ...]) -> None:
     """Rows per key version, NULLs and plaintext in TABLE.COLUMN..."""
 
     def action() -> None:
-        counts = c.registry().census(*columns, scope=c.scope_filter)
+        counts = c.registry(keys=True).census(*columns, scope=c.scope_filter)
         text = "\n".join(_census_text(col) for col in counts)
         c.emit({"columns": [col.to_dict() for col in counts]}, text)
 
@@ -597,7 +606,7 @@ def _transition(name: str, help_text: str) -> None:
     def command(c: Context, version: int) -> None:
         def action() -> None:
             with _known_version(version):
-                key = getattr(c.registry(), name)(version)
+                key = getattr(c.registry(keys=True), name)(version, c.scope)
             c.emit(key.to_dict(), _key_line(key))
 
         _run(action)
@@ -616,7 +625,7 @@ def disable(c: Context, version: int, force: bool) -> None:
 
     def action() -> None:
         with _known_version(version):
-            key = c.registry().disable(version, force=force)
+            key = c.registry(keys=True).disable(version, c.scope, force=force)
         c.emit(key.to_dict(), _key_line(key))
 
     _run(action)
@@ -632,7 +641,7 @@ def destroy(c: Context, version: int, columns: tuple[str, ...], force: bool) -> 
 
     def action() -> None:
         with _known_version(version):
-            key = c.registry().destroy(version, force=force, columns=columns)
+            key = c.registry(keys=True).destroy(version, c.scope, force=force, columns=columns)
         c.emit(key.to_dict(), _key_line(key))
 
     _run(action)
@@ -660,20 +669,22 @@ def rewrap(c: Context) -> None:
 @click.option(
     "--including-shared-index",
     is_flag=True,
-    help="also when SCOPE's index key is shared by other scopes (--scope's own scope): "
-    "every tenant's deterministic values, blind indexes and hash_field become unusable",
+    help="also when SCOPE is --scope's own scope while other scopes have keys: tenants' "
+    "deterministic values and blind indexes written before they had index keys of their "
+    "own, and not moved to them, become unusable",
 )
 @click.option("--yes", is_flag=True, help="do not ask for confirmation")
 @pass_context
 def shred(c: Context, tenant: str, including_shared_index: bool, yes: bool) -> None:
-    """Crypto-shred SCOPE (a tenant): destroy all its keys; other scopes' data keys
-    are untouched."""
+    """Crypto-shred SCOPE (a tenant): destroy all its keys, its index keys included;
+    other scopes' keys are untouched."""
     prompt = "Destroy every key of this scope? Its data becomes unreadable"
     if including_shared_index:
         prompt = (
-            "Destroy every key of this scope, and the index key it shares with every "
-            "tenant? Its data becomes unreadable, and so do every tenant's deterministic "
-            "values, blind-index lookups and hash_field digests"
+            "Destroy every key of this scope, and its index key, which tenants used "
+            "before they had their own? Its data becomes unreadable, and so do the "
+            "deterministic values, blind-index lookups and hash_field digests of tenants "
+            "not yet moved to their own index keys"
         )
     _confirm(yes, prompt)
 
@@ -690,7 +701,7 @@ def maintenance(c: Context) -> None:
     """Rotate if the policy says so; report which old keys can go."""
 
     def action() -> None:
-        report = c.registry().maintenance()
+        report = c.registry(keys=True).maintenance(c.scope)
         c.emit(
             report.to_dict(),
             f"rotated: {report.rotated.version if report.rotated else 'no'}\n"
@@ -705,13 +716,24 @@ def maintenance(c: Context) -> None:
 @click.argument("target")
 @click.option("--batch-size", default=1000, show_default=True)
 @click.option("--progress/--no-progress", default=None, help="[default: on a terminal]")
+@click.option(
+    "--recompute",
+    is_flag=True,
+    help="also rewrite digests already set that differ (under each row's scope's index key)",
+)
 @_shard_option
 @pass_context
 def backfill_index(
-    c: Context, target: str, batch_size: int, progress: bool | None, shard: Shard | None
+    c: Context,
+    target: str,
+    batch_size: int,
+    progress: bool | None,
+    recompute: bool,
+    shard: Shard | None,
 ) -> None:
-    """Fill a blind index for existing rows; TARGET is module:Class.attribute
-    (the models define the index's sources and normalizers)."""
+    """Fill a blind index for existing rows, each under its scope's index key;
+    TARGET is module:Class.attribute (the models define the index's sources and
+    normalizers)."""
 
     def action() -> None:
         module_name, _, path = target.partition(":")
@@ -724,7 +746,11 @@ def backfill_index(
         except AttributeError as error:
             raise ConfigurationError(f"cannot find the index {target!r}: {error}") from None
         report = c.registry().backfill_index(
-            found, batch_size=batch_size, progress=progress, shard=_shard(shard)
+            found,
+            batch_size=batch_size,
+            progress=progress,
+            shard=_shard(shard),
+            recompute=recompute,
         )
         c.emit(report.to_dict(), _report_text(report))
 

@@ -27,7 +27,7 @@ from .keys.envelope import Envelope
 from .keys.keyring import Keyring
 from .keys.policy import DEFAULT_MAX_ENCRYPTIONS, RotationPolicy
 from .keys.rootkey import RootKeyProvider, root_key_from_env
-from .keys.scopes import DEFAULT_SCOPE, check_scope, index_scope
+from .keys.scopes import DEFAULT_SCOPE, check_key_scope, check_scope, index_scope
 from .keys.store import KeyStore
 from .keys.wrapper import KeyWrapper
 from .ops import backfill, key_reports, migrate
@@ -176,8 +176,9 @@ class KeyRegistry:
 
     @property
     def index_scope(self) -> str:
-        """The scope of the keys behind this registry's blind indexes and
-        deterministic columns."""
+        """The scope of the keys behind the blind indexes and deterministic
+        columns this registry writes for its own scope (each tenant's are
+        under its own, ``~index:<tenant>``)."""
         return index_scope(self.scope)
 
     @contextmanager
@@ -205,7 +206,8 @@ class KeyRegistry:
         self._store.close()
 
     def _scope(self, scope: str | None) -> str:
-        return self.scope if scope is None else check_scope(scope)
+        """A scope whose keys a call addresses: a user scope or an index scope."""
+        return self.scope if scope is None else check_key_scope(scope)
 
     # -- keys ----------------------------------------------------------------
 
@@ -221,26 +223,27 @@ class KeyRegistry:
         return KeyInfo.from_row(self._admin.rotate(self._scope(scope)))
 
     def create_scope(self, *scopes: str) -> list[KeyInfo]:
-        """Give each scope that has none an active data key, in one
-        transaction. Scopes are also created on first use (``create_scopes``),
-        except shredded ones, which only this brings back (with a new key
-        version; their old values stay unreadable)."""
+        """Give each scope what it lacks of an active data key and an index
+        key, in one transaction; the active data keys. Scopes are also
+        created on first use (``create_scopes``), except shredded ones, which
+        only this brings back (with new keys; their old values stay
+        unreadable). The registry's own scope is no new tenant: it has its
+        keys from `init`, and this only brings it back after a shred."""
         return [KeyInfo.from_row(row) for row in self._admin.create_scopes(list(scopes))]
 
     def shred(self, scope: str, *, including_shared_index: bool = False) -> int:
         """Crypto-shred a scope (a tenant): destroy every key of the scope,
-        the active one included, and its index key, in one transaction. Every
-        value written under them becomes unreadable for good (in this process
-        at once, in others within ``cache_max_age``); other scopes' data keys
-        are untouched. Returns the number of keys destroyed. Backups taken
-        before still hold the wrapped keys: see the README.
+        the active one included, and its index keys, in one transaction. Every
+        value written for it, deterministic values and blind-index digests
+        included, becomes unreadable and unfindable for good (in this process
+        at once, in others within ``cache_max_age``); other scopes' keys are
+        untouched. Returns the number of keys destroyed. Backups taken before
+        still hold the wrapped keys: see the README.
 
-        This registry's own scope's index key is shared by every tenant it
-        writes for (deterministic columns, blind indexes, `hash_field`):
-        shredding that scope while other scopes have keys is refused with
-        `ConfigurationError` unless ``including_shared_index=True``, which
-        says that every tenant's deterministic values and blind indexes go
-        too."""
+        Shredding this registry's own scope while other scopes have keys is
+        refused with `ConfigurationError` unless
+        ``including_shared_index=True``: its index key is the one tenants
+        used before they had their own, and may still hold their values."""
         return self._admin.shred(scope, including_shared_index=including_shared_index)
 
     def retire(self, version: int, scope: str | None = None) -> KeyInfo:
@@ -299,7 +302,9 @@ class KeyRegistry:
         Tables; with none, every encrypted column this process has defined
         whose table exists in the database. With ``scope``, only that
         scope's keys are listed (a tenant's census)."""
-        return key_reports.census_of(self._admin, targets, scope)
+        return key_reports.census_of(
+            self._admin, targets, None if scope is None else check_key_scope(scope)
+        )
 
     def status(self, scope: str | None = None, *, census: bool = False) -> RegistryStatus:
         """A scope's keys, rotation policy and root key; with ``census=True``
@@ -325,6 +330,7 @@ class KeyRegistry:
         scope: str | None = None,
         plaintext_rows: Mapping[str, Iterable[Any]] | None = None,
         shard: tuple[int, int] | None = None,
+        where: Any = None,
     ) -> migrate.MigrationReport:
         """Move every value of the target columns that is under an older key
         of ``scope`` (default: the registry's) onto the scope's active key:
@@ -341,7 +347,12 @@ class KeyRegistry:
         such a value is encrypted as plaintext unless it decrypts, or its key
         is disabled or destroyed (then it is this registry's ciphertext).
         ``shard=(K, N)`` does only shard K (0 <= K < N) of each table, for
-        running one job on many machines (see docs/sharding.md)."""
+        running one job on many machines (see docs/sharding.md).
+        ``where`` (a condition on one target table's columns) limits the job
+        to the rows it selects, which it takes to be ``scope``'s: there it
+        also moves deterministic values under the index key of the
+        registry's own scope (where earlier versions sealed every tenant's)
+        to ``scope``'s own."""
         self._keyring.check_open()
         return migrate.run(
             self.envelope,
@@ -350,9 +361,10 @@ class KeyRegistry:
             workers=workers,
             encrypt_plaintext=encrypt_plaintext,
             progress=progress,
-            scope=self._scope(scope),
+            scope=self.scope if scope is None else check_scope(scope),
             plaintext_rows=plaintext_rows,
             shard=shard,
+            where=where,
         )
 
     def decrypt_in_place(
@@ -384,12 +396,21 @@ class KeyRegistry:
         batch_size: int = 1000,
         progress: bool | None = None,
         shard: tuple[int, int] | None = None,
+        recompute: bool = False,
     ) -> migrate.MigrationReport:
         """Fill a blind index column for existing rows (resumable, batched,
-        compare-and-swap); to re-key or re-normalize an index, add a second
-        index column, backfill it, switch lookups to it, then drop the first."""
+        compare-and-swap), each row's digest under the index key of the scope
+        its sources belong to; ``recompute`` also rewrites the digests already
+        set that differ (digests written before tenants had index keys of
+        their own). To re-key or re-normalize an index, add a second index
+        column, backfill it, switch lookups to it, then drop the first."""
         return backfill.run(
-            self.envelope, target, batch_size=batch_size, progress=progress, shard=shard
+            self.envelope,
+            target,
+            batch_size=batch_size,
+            progress=progress,
+            shard=shard,
+            recompute=recompute,
         )
 
     # -- values outside ORM columns --------------------------------------------
@@ -420,8 +441,13 @@ class KeyRegistry:
         decrypt = self.envelope.decryptor(context.encode("utf-8"))
         return [decrypt(c) for c in ciphertexts]
 
-    def hash_field(self, value: bytes, context: str, *, version: int = 1) -> str:
+    def hash_field(
+        self, value: bytes, context: str, *, version: int = 1, scope: str | None = None
+    ) -> str:
         """A keyed, context-bound HMAC-SHA256 (hex) for equality lookups
-        outside ORM columns. Never a bare hash."""
+        outside ORM columns, under the index key of ``scope``, by default the
+        enclosing ``scope()`` block's, else the registry's own. Never a bare
+        hash."""
         _check_bytes(value, "hash_field", "value")
-        return self.envelope.hash_field(bytes(value), context, version)
+        scope = binding.current_writing().ambient if scope is None else check_scope(scope)
+        return self.envelope.hash_field(bytes(value), context, version, scope=scope)

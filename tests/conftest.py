@@ -267,6 +267,7 @@ MARIADB_MODULES = frozenset(
         "test_sqlalchemy_forms",
         "test_expressions",
         "test_alembic",
+        "test_tenant_isolation",
         "test_codec",
         "test_shredding",
         "test_column_definitions",

@@ -1,8 +1,8 @@
 """Index keys and tenants: a deterministic value reads back whichever
 registry on the engine wrote it, a tenant's job leaves values under another
 index scope's key alone, an index key is destroyed or disabled only on
-purpose, and the registry's own index key, shared by every tenant it writes
-for, is not shredded with its scope by accident."""
+purpose, and the registry's own scope, whose index key tenants used before
+they had their own, is not shredded by accident."""
 
 from __future__ import annotations
 
@@ -31,8 +31,10 @@ from sqlalchemy_envelope import (
     KeyInUseError,
     KeyRegistry,
     KeyState,
+    ShreddedScopeError,
     StaticRootKey,
     blind_index,
+    set_session_scope,
 )
 from sqlalchemy_envelope.crypto import format as fmt
 
@@ -174,71 +176,59 @@ def test_deterministic_values_of_a_tenant_registry_read_back_everywhere(
 # -- a tenant's jobs and deterministic values of other index scopes -----------
 
 
-def test_a_tenant_job_leaves_deterministic_values_of_other_index_scopes_alone(
+def test_a_tenant_job_moves_only_the_tenant_s_values(
     people: sa.Engine, db_url: str, root_key: StaticRootKey
 ) -> None:
     """A job for one tenant (what ``--scope acme`` runs: a registry of scope
-    "acme") re-encrypts the tenant's randomized values and counts the
-    deterministic values under another index scope's key as other scopes':
-    it neither fails for want of its own index key nor moves them. The
-    application's job for the tenant likewise leaves values a tenant
-    registry wrote under its own index key."""
+    "acme"; or the application's registry with scope="acme") re-encrypts the
+    tenant's randomized values and leaves its deterministic values, under
+    its own index key, as they are; every other scope's values, deterministic
+    ones under their own scope's index key included, are counted as other
+    scopes' and never moved between index scopes."""
     app = KeyRegistry(people, root_key)
     app.init()
-    app.create_scope("acme")
-    with sqlalchemy_envelope.scope("acme"), Session(people) as session:
-        session.add_all(Person(id=i, tenant="acme", ssn=SSN, email=EMAIL) for i in range(1, 4))
-        session.commit()
+    app.create_scope("acme", "globex")
+    for n, tenant in ((1, "acme"), (2, "acme"), (3, "acme"), (4, "globex"), (5, "")):
+        with Session(people) as session:
+            if tenant:
+                set_session_scope(session, tenant)
+            session.add(Person(id=n, tenant=tenant, ssn=SSN, email=EMAIL))
+            session.commit()
     shared = _raw(people)
+    assert len(set(shared.values())) == 3  # one deterministic ciphertext per scope
     job_engine = sa.create_engine(db_url)
-    job = KeyRegistry(job_engine, root_key, scope="acme")  # no index key of its own yet
+    job = KeyRegistry(job_engine, root_key, scope="acme")
     job.rotate()
 
     def reencrypt(registry: KeyRegistry, scope: str | None = "acme") -> tuple[Any, ...]:
         report = registry.reencrypt(Person.ssn, Person.email, scope=scope)
         return report.left_behind, report.other_scopes, report.values_by_version
 
-    assert reencrypt(job) == (0, 3, {1: 3})
-    assert reencrypt(job) == (0, 3, {})
-    job.init()  # sqlalchemy-envelope --scope acme init: "~index:acme" exists now
+    assert reencrypt(job) == (0, 4, {1: 3})
     for _ in range(2):
-        assert reencrypt(job) == (0, 3, {})
+        assert reencrypt(job) == (0, 4, {})
+        assert reencrypt(app) == (0, 4, {})
+        assert reencrypt(app, None) == (0, 8, {})
     assert _raw(people) == shared
 
-    tenant = KeyRegistry(people, root_key, scope="acme", attach=False)
-    TenantSession = sessionmaker(people)
-    tenant.bind(TenantSession)
-    with TenantSession() as session:
-        session.add(Person(id=10, tenant="acme", ssn=SSN_2, email=EMAIL))
-        session.commit()
-    own = _raw(people)[10]
-    for registry, scope in ((app, "acme"), (app, None)):
+    found = sa.select(Person.id).where(Person.ssn == SSN).order_by(Person.id)
+    for name, read in _readers(people).items():
         for _ in range(2):
-            left, others, _ = reencrypt(registry, scope)
-            assert (left, others) == (0, 5 if scope is None else 1)
-    for _ in range(2):
-        assert reencrypt(job) == (0, 3, {})
-    assert _raw(people) == {**shared, 10: own}
-
-    everything = sa.select(Person.ssn).order_by(Person.id)
-    for name, read in _readers(people, TenantSession).items():
-        for _ in range(2):
-            assert read(everything) == [SSN, SSN, SSN, SSN_2], name
-            found = sa.select(Person.id).where(Person.ssn == SSN).order_by(Person.id)
-            if name != "bound session 0":
-                assert read(found) == [1, 2, 3], name
-            email = sa.select(Person.email).where(Person.tenant == "acme")
-            assert read(email) == [EMAIL] * 4, name
-    tenant.close()
+            assert read(sa.select(Person.email).order_by(Person.id)) == [EMAIL] * 5, name
+            assert read(found) == [5], name
+            for tenant, rows in (("acme", [1, 2, 3]), ("globex", [4])):
+                with sqlalchemy_envelope.scope(tenant):
+                    assert read(found) == rows, (name, tenant)
     job.close()
     job_engine.dispose()
     app.close()
 
 
 def test_a_tenant_job_on_the_command_line(db_url: str, tmp_path: Path) -> None:
-    """``--scope acme reencrypt`` on a column with a deterministic column,
+    """``--scope acme reencrypt`` on a table with deterministic columns,
     before and after ``--scope acme init``: done, nothing left behind, the
-    shared index key's values untouched and counted as other scopes'."""
+    deterministic values of the tenant's rows (under its own index key) and
+    every value of the registry's own scope's row untouched."""
     cli = Cli(db_url, tmp_path)
     engine = sa.create_engine(db_url)
     app = KeyRegistry.from_env(engine, environ={"ENVELOPE_ROOT_KEY": ROOT})
@@ -251,6 +241,9 @@ def test_a_tenant_job_on_the_command_line(db_url: str, tmp_path: Path) -> None:
             for i in range(3)
         )
         session.commit()
+    with Session(engine) as session:  # the registry's own scope
+        session.add(Citizen(id=9, ssn="000-00-0009", badge="B-9", name="citizen 9"))
+        session.commit()
     deterministic = sa.select(Citizen.__table__.c.ssn, Citizen.__table__.c.badge)
     with engine.connect() as conn:
         before = conn.execute(deterministic.order_by(Citizen.id)).all()
@@ -261,14 +254,14 @@ def test_a_tenant_job_on_the_command_line(db_url: str, tmp_path: Path) -> None:
     moved = {"1": 3}
     for _ in range(2):
         report = cli.json(*job, *columns, PYTHONPATH=TESTS)
-        assert (report["left_behind"], report["other_scopes"]) == (0, 6)
+        assert (report["left_behind"], report["other_scopes"]) == (0, 3)
         assert report["values_by_version"] == moved
         moved = {}
     cli("--scope", "acme", "init")
     for _ in range(2):
         report = cli.json(*job, *columns, PYTHONPATH=TESTS)
-        assert (report["left_behind"], report["other_scopes"]) == (0, 6)
-    assert "values of other scopes left alone 6" in cli(*job, *columns, PYTHONPATH=TESTS)
+        assert (report["left_behind"], report["other_scopes"]) == (0, 3)
+    assert "values of other scopes left alone 3" in cli(*job, *columns, PYTHONPATH=TESTS)
     with engine.connect() as conn:
         assert conn.execute(deterministic.order_by(Citizen.id)).all() == before
     with sqlalchemy_envelope.scope("acme"), Session(engine) as session:
@@ -365,15 +358,18 @@ def test_index_keys_on_the_command_line(db_url: str, tmp_path: Path) -> None:
     assert cli.json("--scope", INDEX, "destroy", "1", "--force")["state"] == "destroyed"
 
 
-# -- shredding the scope whose index key every tenant shares --------------------
+# -- shredding the registry's own scope ------------------------------------------
 
 
-def test_shredding_the_registry_s_own_scope_spares_the_shared_index_key(
+def test_shredding_the_registry_s_own_scope_while_tenants_live_is_asked_for(
     people: sa.Engine, root_key: StaticRootKey
 ) -> None:
-    """Tenants written through one registry share its scope's index key:
-    shredding that scope while they live is refused, unless the caller says
-    that every tenant's deterministic values and blind indexes go too."""
+    """Tenants written through one registry used its scope's index key
+    before they had their own, and may still have values under it:
+    shredding that scope while they live is refused, unless asked for. Then
+    the tenants' own index keys, and their lookups, are untouched; the
+    registry's own scope's are gone. An index scope is never shredded as a
+    scope."""
     registry = KeyRegistry(people, root_key)
     registry.init()
     registry.create_scope("acme", "globex")
@@ -381,50 +377,64 @@ def test_shredding_the_registry_s_own_scope_spares_the_shared_index_key(
         with sqlalchemy_envelope.scope(tenant), Session(people) as session:
             session.add(Person(id=n, tenant=tenant, ssn=SSN, email=EMAIL))
             session.commit()
+    with Session(people) as session:
+        session.add(Person(id=3, tenant="", ssn=SSN, email=EMAIL))
+        session.commit()
     readers = _readers(people)
-    lookups = {
-        sa.select(Person.id).where(Person.ssn == SSN).order_by(Person.id): [1, 2],
-        sa.select(Person.id).where(Person.email_index.matches(EMAIL)).order_by(Person.id): [1, 2],
-        sa.select(Person.email).where(Person.tenant == "globex"): [EMAIL],
-    }
+    lookups = [
+        sa.select(Person.id).where(Person.ssn == SSN),
+        sa.select(Person.id).where(Person.email_index.matches(EMAIL)),
+    ]
+
+    def tenants_served() -> None:
+        for read in readers.values():
+            for n, tenant in enumerate(("acme", "globex"), 1):
+                with sqlalchemy_envelope.scope(tenant):
+                    for stmt in lookups:
+                        for _ in range(2):
+                            assert read(stmt) == [n]
+            assert read(sa.select(Person.email).where(Person.tenant == "globex")) == [EMAIL]
 
     def keys() -> list[tuple[Any, ...]]:
         with people.connect() as conn:
             return [tuple(r) for r in conn.execute(sa.text("SELECT * FROM data_keys ORDER BY id"))]
 
     before = keys()
-    for scope in ("default", INDEX):
-        for _ in range(2):
-            with pytest.raises(ConfigurationError, match="including_shared_index=True") as refused:
-                registry.shred(scope)
-            assert "'acme'" in str(refused.value) and "'globex'" in str(refused.value)
+    for _ in range(2):
+        with pytest.raises(ConfigurationError, match="including_shared_index=True") as refused:
+            registry.shred("default")
+        assert "'acme'" in str(refused.value) and "'globex'" in str(refused.value)
+        with pytest.raises(ConfigurationError, match="reserved"):
+            registry.shred(INDEX, including_shared_index=True)
     assert keys() == before
+    tenants_served()
     for read in readers.values():
-        for stmt, expected in lookups.items():
-            for _ in range(2):
-                assert read(stmt) == expected
+        for stmt in lookups:
+            assert read(stmt) == [3]
 
     assert registry.shred("default", including_shared_index=True) == 2
+    tenants_served()
     for read in readers.values():
-        assert read(sa.select(Person.email).where(Person.tenant == "globex")) == [EMAIL]
-        for stmt in list(lookups)[:2]:
-            with pytest.raises(DestroyedKeyError):
+        for stmt in lookups:
+            with pytest.raises((DestroyedKeyError, ShreddedScopeError)):
                 read(stmt)
     registry.close()
 
 
-def test_a_scope_whose_index_key_no_other_scope_shares_is_shredded_as_before(
+def test_a_tenant_then_the_registry_s_own_scope_alone_are_shredded(
     people: sa.Engine, root_key: StaticRootKey
 ) -> None:
     registry = KeyRegistry(people, root_key)
     registry.init()
     registry.create_scope("acme")
-    assert registry.shred("acme") == 1  # a tenant: its data key
+    assert registry.shred("acme") == 2  # a tenant: its data key and its index key
     assert registry.shred("default") == 2  # alone now: its data key and index key
     registry.close()
 
 
-def test_shredding_the_shared_scope_on_the_command_line(db_url: str, tmp_path: Path) -> None:
+def test_shredding_the_registry_s_own_scope_on_the_command_line(
+    db_url: str, tmp_path: Path
+) -> None:
     cli = Cli(db_url, tmp_path)
     cli("init")
     cli("--scope", "acme", "rotate")
@@ -441,7 +451,7 @@ def test_shredding_the_shared_scope_on_the_command_line(db_url: str, tmp_path: P
         check=False,
     )
     assert result.returncode == 7, result.stderr  # declined: nothing was done
-    assert "every tenant's deterministic values, blind-index lookups" in result.stderr
+    assert "of tenants not yet moved to their own index keys" in result.stderr
     assert cli.json("status")["active_version"] == 1
     shredded = cli.json("shred", "default", "--including-shared-index", "--yes")
     assert shredded == {"scope": "default", "destroyed": 2}

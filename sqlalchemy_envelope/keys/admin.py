@@ -49,7 +49,7 @@ class KeyAdmin:
                 keyring.refuse_shredded(conn, scope)
             self.wrapper.prove(conn)
             if index is None:
-                keyring.insert_active(conn, index_scope(scope), 1)
+                keyring.insert_index(conn, index_scope(scope), 1)
             if row is not None:
                 return row, None
             version = storage.next_version(conn, self.table, scope)
@@ -85,15 +85,14 @@ class KeyAdmin:
         return self.row(scope, new.version)
 
     def create_scopes(self, names: list[str]) -> list[KeyRow]:
-        """Give each scope that has none an active data key, in one transaction."""
+        """Give each scope what it lacks of an active data key and its index
+        key, in one transaction; a shredded scope comes back with new ones."""
         names = [check_scope(s) for s in names]
 
         def work(conn: Connection) -> None:
             self.wrapper.prove(conn)
             for name in names:
-                if storage.active_key(conn, self.table, name) is None:
-                    version = storage.next_version(conn, self.table, name)
-                    self.keyring.insert_active(conn, name, version)
+                self.keyring.create_keys(conn, name, revive=True)
 
         self.store.write(work)
 
@@ -104,9 +103,8 @@ class KeyAdmin:
 
     def shred(self, scope: str, *, including_shared_index: bool = False) -> int:
         """Destroy every key of a scope and its index keys, in one transaction;
-        the number of keys destroyed. The registry's own index key is shared
-        by every scope it writes for: destroying it while other scopes live
-        takes ``including_shared_index``."""
+        the number of keys destroyed. The registry's own scope, while other
+        scopes live, takes ``including_shared_index`` (`_refuse_shared_index`)."""
         scope = check_scope(scope)
 
         def work(conn: Connection) -> int:
@@ -132,12 +130,13 @@ class KeyAdmin:
         return count
 
     def _refuse_shared_index(self, conn: Connection, scope: str) -> None:
-        """Refuse a shred that would destroy this registry's index key while
-        other scopes live: their deterministic values, blind indexes and
-        hash_field digests were made with it too (a tenant's data written
-        by this registry uses the registry's index key, not its own)."""
-        shared = index_scope(self.keyring.scope)
-        if shared not in (scope, index_scope(scope)):
+        """Refuse shredding this registry's own scope while other scopes live.
+        Each scope has an index key of its own now, but before it did, every
+        tenant written through this registry used the index key of the
+        registry's own scope: their deterministic values and blind indexes
+        may still be under it until they are moved to their own (digests
+        carry no key id: no count can tell)."""
+        if scope != self.keyring.scope:
             return
         others = [
             name
@@ -148,12 +147,13 @@ class KeyAdmin:
             named = ", ".join(repr(name) for name in others[:5])
             more = f" and {len(others) - 5} more" if len(others) > 5 else ""
             raise ConfigurationError(
-                f"shredding scope {scope!r} destroys the index key {shared!r}, which "
-                "the deterministic values, blind indexes and hash_field digests of every "
-                f"tenant this registry writes for use, and other scopes still have keys "
-                f"({named}{more}): pass including_shared_index=True (sqlalchemy-envelope "
-                "shred --including-shared-index) to destroy it anyway, which makes every "
-                "tenant's deterministic values, blind-index lookups and hash_field unusable"
+                f"scope {scope!r} is this registry's own scope, and other scopes still have "
+                f"keys ({named}{more}): its index key {index_scope(scope)!r} is also the one "
+                "tenants written through this registry used before they had index keys of "
+                "their own, so shredding it destroys any of their deterministic values and "
+                "blind indexes not yet moved to their own (see the README, 'Tenants'). Pass "
+                "including_shared_index=True (sqlalchemy-envelope shred "
+                "--including-shared-index) to shred it anyway"
             )
 
     def retire(self, scope: str, version: int) -> KeyRow:

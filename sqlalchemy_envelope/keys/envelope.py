@@ -147,27 +147,35 @@ class Envelope:
         no re-encryption."""
         return self.keyring.active(scope or self.scope).header
 
-    # -- deterministic: AES-SIV under the non-rotating index key --------------
+    # -- deterministic: AES-SIV under the scope's non-rotating index key -------
+    #
+    # Each scope (a tenant, the registry's own) has its own index key: what
+    # one scope writes and looks up is unrelated to another's equal values,
+    # and shredding a scope reaches them. ``scope`` None is the registry's own.
 
-    def _index_key(self, version: int) -> IndexKey:
-        key = self.keyring.index_key(version)
+    def _index_key(self, version: int, scope: str | None) -> IndexKey:
+        key = self.keyring.index_key(scope or self.scope, version)
         if key.secret is None:
             raise self.keyring.unusable(key)
         return key
 
-    def derived_key(self, purpose: bytes, version: int = 1, length: int = 32) -> bytes:
-        """A key for one purpose and column (HKDF, RFC 5869), derived from the
-        scope's non-rotating index key: blind indexes and `hash_field`. It
+    def derived_key(
+        self, purpose: bytes, version: int = 1, length: int = 32, *, scope: str | None = None
+    ) -> bytes:
+        """A key for one purpose and column (HKDF, RFC 5869), derived from
+        ``scope``'s non-rotating index key: blind indexes and `hash_field`. It
         expires with the index key's cache entry, so a shred reaches it."""
-        key = self._index_key(version)
+        key = self._index_key(version, scope)
         derived = key.derive(purpose, length)
         if derived is None:
             raise self.keyring.unusable(key)
         return derived
 
-    def hash_field(self, value: bytes, context: str, version: int = 1) -> str:
+    def hash_field(
+        self, value: bytes, context: str, version: int = 1, *, scope: str | None = None
+    ) -> str:
         """A keyed, context-bound HMAC-SHA256 (hex) for equality lookups."""
-        key = self.derived_key(HASH_FIELD_PURPOSE + context.encode(), version)
+        key = self.derived_key(HASH_FIELD_PURPOSE + context.encode(), version, scope=scope)
         return hmac_sha256(key, value).hex()
 
     def _siv(self, key: IndexKey, context: bytes) -> AESSIV:
@@ -179,21 +187,23 @@ class Envelope:
             siv = key.sivs[context] = AESSIV(derived)
         return siv
 
-    def deterministic_header(self, version: int = 1) -> bytes | None:
-        """The header of the deterministic values this registry writes under
+    def deterministic_header(self, version: int = 1, *, scope: str | None = None) -> bytes | None:
+        """The header of the deterministic values written for ``scope`` under
         index key ``version``; None if its index scope has no such key (so
         no value is under it)."""
-        key = self.keyring.find_index_key(version)
+        key = self.keyring.find_index_key(scope or self.scope, version)
         if key is None:
             return None
         if key.secret is None:
             raise self.keyring.unusable(key)
         return key.header
 
-    def encrypt_deterministic(self, plaintext: bytes, context: bytes, version: int = 1) -> bytes:
-        """AES-SIV: the same plaintext and context always give the same
+    def encrypt_deterministic(
+        self, plaintext: bytes, context: bytes, version: int = 1, *, scope: str | None = None
+    ) -> bytes:
+        """AES-SIV: the same plaintext, context and scope always give the same
         ciphertext, so the database can compare, join and enforce uniqueness."""
-        key = self._index_key(version)
+        key = self._index_key(version, scope)
         header = key.header
         return header + self._siv(key, context).encrypt(plaintext, [header, context])
 

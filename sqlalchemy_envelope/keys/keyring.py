@@ -23,6 +23,7 @@ from ..crypto import format as fmt
 from ..crypto.primitives import AESGCM, new_data_key
 from ..errors import (
     ConfigurationError,
+    DecryptionError,
     DestroyedKeyError,
     EnvelopeError,
     KeyDisabledError,
@@ -35,7 +36,7 @@ from ..errors import (
 from . import storage, transactions
 from .cache import DataKey, IndexKey, KeyCache
 from .policy import RotationPolicy
-from .scopes import check_scope, index_scope, is_index_scope
+from .scopes import check_scope, index_scope, is_index_scope, scope_of_index
 from .storage import KeyRow, KeyState
 from .store import KeyStore
 from .wrapper import KeyWrapper
@@ -144,7 +145,15 @@ class Keyring:
 
     def remember(self, row: KeyRow, previous: DataKey | None) -> DataKey:
         """Cache ``row``, unwrapping it unless the previous cache entry for the
-        same key already holds its cipher; keep that entry's use counter."""
+        same key already holds its cipher; keep that entry's use counter.
+        An index key is never taken for a data key: a value whose header
+        names one as its AES-GCM key was altered (or written by a scope that
+        named an index scope, which no user scope can)."""
+        if is_index_scope(row.scope):
+            raise DecryptionError(
+                f"the value names key {row.id:#012x}, an index key (scope {row.scope!r}), "
+                "as its data key: it was altered"
+            )
         usable = row.state in (KeyState.ACTIVE, KeyState.RETIRED)
         same = previous is not None and previous.id == row.id
         aead: AESGCM | None = None
@@ -191,16 +200,20 @@ class Keyring:
         return row
 
     def _create_on_first_use(self, scope: str) -> KeyRow | None:
-        """Create a scope met for the first time by the encrypt path. It must
-        not wait on locks the application may hold: SQLite has one writer at a
-        time, so there the scope must exist before a write transaction meets it."""
+        """Create a scope met for the first time by the encrypt path (its data
+        key and its index key), or give a scope of earlier versions the
+        index key it lacks. It must not wait on locks the application may
+        hold: SQLite has one writer at a time, so there the scope must exist
+        before a write transaction meets it."""
         check_scope(scope)
 
         def work(conn: Connection) -> None:
-            if storage.active_key(conn, self.table, scope) is None:
+            if storage.active_key(conn, self.table, scope) is None or (
+                storage.key_by_version(conn, self.table, index_scope(scope), 1) is None
+            ):
                 self.refuse_shredded(conn, scope)
                 self.wrapper.prove(conn)
-                self.insert_active(conn, scope, storage.next_version(conn, self.table, scope))
+                self.create_keys(conn, scope)
 
         outcome = self.store.try_write(work)
         row = self._active_row(scope)
@@ -211,6 +224,22 @@ class Keyring:
                 "KeyRegistry.create_scope() (on SQLite, always)"
             )
         return row
+
+    def create_keys(self, conn: Connection, scope: str, *, revive: bool = False) -> None:
+        """Give ``scope`` what it lacks of an active data key and its index
+        key version 1, in the caller's transaction, which proved the root key.
+        With ``revive`` (`create_scope`), a shredded scope gets a new index
+        key too: the destroyed ones keep their rows, renumbered below zero,
+        so that version 1, which its columns use, names the new key. (Index
+        keys destroyed on purpose in a live scope stay as they are.)"""
+        index = index_scope(scope)
+        revived = revive and storage.is_shredded(conn, self.table, scope)
+        if storage.active_key(conn, self.table, scope) is None:
+            self.insert_active(conn, scope, storage.next_version(conn, self.table, scope))
+        if revived and storage.is_shredded(conn, self.table, index):
+            storage.renumber_destroyed(conn, self.table, index)
+        if storage.key_by_version(conn, self.table, index, 1) is None:
+            self.insert_index(conn, index, 1)
 
     # -- claims: bounding encryptions per key across processes ------------------
 
@@ -286,21 +315,31 @@ class Keyring:
 
     # -- rotation --------------------------------------------------------------
 
-    def rotate_in(self, conn: Connection, scope: str, expected_id: int | None) -> DataKey | None:
-        """Retire the active key and insert its successor; with ``expected_id``,
-        only if that key is still the active one (compare-and-swap), so that
-        many processes acting on the same policy decision rotate once."""
+    def rotate_in(
+        self, conn: Connection, scope: str, expected_id: int | None
+    ) -> DataKey | IndexKey | None:
+        """Retire the active key and insert its successor (an index key in an
+        index scope); with ``expected_id``, only if that key is still the
+        active one (compare-and-swap), so that many processes acting on the
+        same policy decision rotate once."""
         retired = storage.retire_active(conn, self.table, scope, self.now(), expected_id)
         if expected_id is not None and retired == 0:
             return None
         if retired == 0:
             self.refuse_shredded(conn, scope)
+            if is_index_scope(scope):  # nor does a shredded scope's index scope
+                self.refuse_shredded(conn, scope_of_index(scope))
         self.wrapper.prove(conn)
         version = storage.next_version(conn, self.table, scope)
+        if is_index_scope(scope):
+            return self.insert_index(conn, scope, version)
         return self.insert_active(conn, scope, version)
 
-    def adopt(self, new: DataKey) -> None:
+    def adopt(self, new: DataKey | IndexKey) -> None:
         """Make a key this process just created its scope's active key."""
+        if isinstance(new, IndexKey):
+            self.cache.put_index(new)
+            return
         with self.lock:
             old = self.cache.active.get(new.scope)
             if old is not None and old.id != new.id:
@@ -331,6 +370,39 @@ class Keyring:
     def insert_active(self, conn: Connection, scope: str, version: int) -> DataKey:
         """Insert a new active data key. Callers prove the root key first, in the
         same transaction (`KeyWrapper.prove`)."""
+        if is_index_scope(scope):
+            raise ConfigurationError(f"{scope!r} is an index scope: it holds no data key")
+        key_id, plaintext, now = self._insert(conn, scope, version)
+        return DataKey(
+            id=key_id,
+            version=version,
+            scope=scope,
+            state=KeyState.ACTIVE,
+            header=fmt.header(key_id),
+            aead=AESGCM(plaintext),
+            fresh_until=self.cache.expiry(),
+            created_at=now,
+        )
+
+    def insert_index(self, conn: Connection, scope: str, version: int) -> IndexKey:
+        """Insert a new active index key in the index scope ``scope``; as
+        `insert_active`, the root key proven first. Its secret only ever
+        derives keys (HKDF): it is never an AES-GCM key."""
+        if not is_index_scope(scope):
+            raise ConfigurationError(f"{scope!r} is no index scope")
+        key_id, secret, _ = self._insert(conn, scope, version)
+        return IndexKey(
+            id=key_id,
+            version=version,
+            scope=scope,
+            state=KeyState.ACTIVE,
+            header=fmt.header(key_id, fmt.DETERMINISTIC_VERSION),
+            secret=secret,
+            fresh_until=self.cache.expiry(),
+        )
+
+    def _insert(self, conn: Connection, scope: str, version: int) -> tuple[int, bytes, datetime]:
+        """Insert a new active key's row; its id, its secret and its creation time."""
         plaintext = new_data_key()
         key_id = 1 + secrets.randbelow(fmt.MAX_KEY_ID)
         now = self.now()
@@ -345,23 +417,14 @@ class Keyring:
             root_key_description=self.wrapper.root_key.description,
             now=now,
         )
-        return DataKey(
-            id=key_id,
-            version=version,
-            scope=scope,
-            state=KeyState.ACTIVE,
-            header=fmt.header(key_id),
-            aead=AESGCM(plaintext),
-            fresh_until=self.cache.expiry(),
-            created_at=now,
-        )
+        return key_id, plaintext, now
 
     # -- shredded scopes -----------------------------------------------------
 
     def refuse_shredded(self, conn: Connection, scope: str) -> None:
-        """A shredded scope gets no new key but from `create_scope`."""
+        """A shredded scope (or index scope) gets no new key but from `create_scope`."""
         if storage.is_shredded(conn, self.table, scope):
-            raise ShreddedScopeError(scope)
+            raise ShreddedScopeError(scope_of_index(scope) if is_index_scope(scope) else scope)
 
     def forget_scope(self, scope: str) -> None:
         """Make every cached key of a shredded scope, and its index keys, unusable."""
@@ -370,43 +433,68 @@ class Keyring:
 
     # -- index keys: blind indexes and deterministic columns --------------------
 
-    def index_key(self, version: int) -> IndexKey:
-        """This registry's index key ``version``, read again if stale."""
-        key = self.cache.index.get((index_scope(self.scope), version))
+    def index_key(self, scope: str, version: int) -> IndexKey:
+        """``scope``'s index key ``version``, read again if stale. Version 1
+        of a scope met for the first time is created with its data key, as
+        on first use (and so is one that a scope of earlier versions lacks)."""
+        name = index_scope(scope)
+        key = self.cache.index.get((name, version))
         if key is not None and self.cache.fresh(key):
             return key
-        found = self._load_index_key(version, key)
+        found = self._load_index_key(name, version, key)
+        if found is None and version == 1:
+            found = self._first_index_key(scope)
         if found is None:
             raise ConfigurationError(
-                f"no blind-index key version {version} in scope {index_scope(self.scope)!r}: "
-                "call KeyRegistry.init() (version 1), or rotate that scope for a new version"
+                f"no index key version {version} in scope {name!r}: "
+                + (
+                    "rotate that scope for a new version"
+                    if version > 1
+                    else "call KeyRegistry.init() (the registry's own scope) or "
+                    f"KeyRegistry.create_scope({scope!r})"
+                )
             )
         return found
 
-    def find_index_key(self, version: int) -> IndexKey | None:
-        """This registry's index key ``version``, read again if stale; None
-        if data_keys holds no such key."""
-        key = self.cache.index.get((index_scope(self.scope), version))
+    def find_index_key(self, scope: str, version: int) -> IndexKey | None:
+        """``scope``'s index key ``version``, read again if stale; None if
+        data_keys holds no such key."""
+        name = index_scope(scope)
+        key = self.cache.index.get((name, version))
         if key is not None and self.cache.fresh(key):
             return key
-        return self._load_index_key(version, key)
+        return self._load_index_key(name, version, key)
 
-    def _load_index_key(self, version: int, previous: IndexKey | None) -> IndexKey | None:
-        scope = index_scope(self.scope)
+    def _load_index_key(
+        self, name: str, version: int, previous: IndexKey | None
+    ) -> IndexKey | None:
         with self.lock:
             self.check_open()
-            row = self.store.read(lambda c: storage.key_by_version(c, self.table, scope, version))
+            row = self.store.read(lambda c: storage.key_by_version(c, self.table, name, version))
             return None if row is None else self._remember_index(row, previous)
+
+    def _first_index_key(self, scope: str) -> IndexKey | None:
+        """Version 1 of the index key of a scope that has none: created with
+        the scope on first use (`_create_on_first_use`), unless the scope was
+        shredded; None where the scope must be created on purpose."""
+        with self.lock:
+            self.check_open()
+            if self.store.read(lambda conn: storage.is_shredded(conn, self.table, scope)):
+                self.forget_scope(scope)
+                raise ShreddedScopeError(scope)
+            if scope == self.scope or not self.create_scopes:
+                return None
+            self._create_on_first_use(scope)
+            return self._load_index_key(index_scope(scope), 1, None)
 
     def index_key_for(self, ciphertext: bytes) -> IndexKey | None:
         """The index key named by a deterministic value's header, read again if
-        stale; None if the header names a key that is no index key.
+        stale; None if the header names a key that is no index key (a data
+        key is never taken for one).
 
-        Any index scope will do, not only this registry's: a value written by
-        another registry on the same data_keys (a tenant's, bound to a
-        session) names its own, and reading needs no choice. AES-SIV
-        authenticates the header, so a value cannot be made to name another
-        index key than its own."""
+        Any index scope will do: each tenant's values name its own index key,
+        and reading needs no choice. AES-SIV authenticates the header, so a
+        value cannot be made to name another index key than its own."""
         fmt.check(ciphertext)
         key = self.cache.index_by_header.get(ciphertext[: fmt.HEADER_BYTES])
         if key is not None and self.cache.fresh(key):
@@ -423,6 +511,8 @@ class Keyring:
 
     def _remember_index(self, row: KeyRow, previous: IndexKey | None) -> IndexKey:
         """Cache an index key; a disabled or destroyed one without its secret."""
+        if not is_index_scope(row.scope):
+            raise ConfigurationError(f"key {row.id:#012x} is a data key, not an index key")
         secret = None
         if row.state in (KeyState.ACTIVE, KeyState.RETIRED):
             same = previous is not None and previous.id == row.id and previous.secret is not None

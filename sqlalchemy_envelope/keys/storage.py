@@ -285,6 +285,25 @@ def set_state(
     conn.execute(sa.update(table).where(table.c.id == key_id).values(**values))
 
 
+def renumber_destroyed(conn: Connection, table: sa.Table, scope: str) -> None:
+    """Move the destroyed keys of a scope out of the versions from 1 up, below
+    every version the scope ever had: their rows stay, as tombstones, and a
+    scope brought back after a shred can number its keys from 1 again."""
+    lowest = conn.execute(
+        sa.select(sa.func.min(table.c.version)).where(table.c.scope == scope)
+    ).scalar()
+    offset = max(0, -int(lowest or 0))
+    conn.execute(
+        sa.update(table)
+        .where(
+            table.c.scope == scope,
+            table.c.state == KeyState.DESTROYED.value,
+            table.c.version > 0,
+        )
+        .values(version=-table.c.version - offset)
+    )
+
+
 def rewrap(
     conn: Connection,
     table: sa.Table,

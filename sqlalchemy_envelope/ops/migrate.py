@@ -20,6 +20,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
+from sqlalchemy.sql import visitors
 
 from ..crypto import format as fmt
 from ..errors import (
@@ -204,9 +205,14 @@ def _reencrypt_rewrite(
     encrypt_plaintext: bool,
     scope: str,
     plaintext_rows: frozenset[tuple[str, tuple[str, ...]]],
+    filtered: bool,
 ) -> Rewrite:
     keys: dict[int, tuple[str, int] | None] = {}  # key id -> (scope, version), None: unknown
-    own_index = index_scope(registry.scope)  # where the job seals deterministic values
+    own_index = index_scope(scope)  # where the job seals deterministic values
+    # Before each scope had an index key of its own, every tenant's
+    # deterministic values were sealed under the registry's own scope's: in
+    # the rows a filter says are the tenant's, the job moves those to its own.
+    shared = index_scope(registry.scope) if filtered and scope != registry.scope else None
 
     def known(header: bytes) -> tuple[str, int] | None:
         """The scope and version of the data key a header names, of any state
@@ -222,7 +228,7 @@ def _reencrypt_rewrite(
     def seal(ref: EncryptedColumnRef, plaintext: bytes, deterministic: bool) -> bytes:
         """``plaintext`` sealed for the column, deterministic or randomized."""
         if deterministic:
-            return registry.encrypt_deterministic(plaintext, ref.context)
+            return registry.encrypt_deterministic(plaintext, ref.context, scope=scope)
         context = fmt.scoped_context(ref.context, scope) if ref.bind_scope else ref.context
         return registry.encrypt_bytes(plaintext, context, scope)
 
@@ -255,11 +261,12 @@ def _reencrypt_rewrite(
         owner, version = found
         deterministic = ciphertext[0] == fmt.DETERMINISTIC_VERSION
         own = own_index if deterministic else scope
-        if owner != own and is_index_scope(owner) == deterministic:
+        if owner != own and owner != shared and is_index_scope(owner) == deterministic:
             # Another tenant's value, or a deterministic value under another
             # index scope's key: not this job's, and never moved between
-            # index scopes. (A value whose format does not match its key's
-            # kind was altered: decrypting says so.)
+            # index scopes but from the shared one, in rows the job's filter
+            # names. (A value whose format does not match its key's kind was
+            # altered: decrypting says so.)
             report.other_scopes += 1
             return None
         if ref.defined and deterministic != ref.deterministic:
@@ -323,14 +330,14 @@ def _decrypt_rewrite(registry: Envelope) -> Rewrite:
 
 def _target(registry: Envelope, decrypt: bool, scope: str) -> HeaderFor:
     """The header each column's values should carry when the job is done:
-    None when decrypting, and for a deterministic column when the
-    registry's index scope has no key (as for a tenant's job on data written
-    under the shared index key): then no value is under it, each is looked
-    at, and the job needs the key only if it has a value to seal."""
+    None when decrypting, and for a deterministic column when the scope's
+    index scope has no key yet (a tenant of earlier versions): then no value
+    is under it, each is looked at, and the job needs the key only if it has
+    a value to seal."""
 
     @functools.cache
     def deterministic() -> bytes | None:
-        return registry.deterministic_header()
+        return registry.deterministic_header(scope=scope)
 
     def target(ref: EncryptedColumnRef) -> bytes | None:
         if decrypt:
@@ -366,10 +373,15 @@ def _named_rows(
     return frozenset(named)
 
 
-def _table_job(table: _Table, rewrite: Rewrite, target: HeaderFor) -> batch.TableJob:
+def _table_job(
+    table: _Table, rewrite: Rewrite, target: HeaderFor, where: Any = None
+) -> batch.TableJob:
     """The batch engine's job for one table: each value's new form, from
-    ``rewrite``."""
+    ``rewrite``, in the rows ``where`` selects (all without)."""
     clause = table.table()
+    pending = _pending(clause, table.refs, target)
+    if where is not None:
+        pending = sa.and_(pending, _on_clause(where, table))
     values = tuple(clause.c[ref.column] for ref in table.refs)
 
     def row_write(
@@ -394,10 +406,29 @@ def _table_job(table: _Table, rewrite: Rewrite, target: HeaderFor) -> batch.Tabl
         primary_key=tuple(clause.c[c] for c in table.primary_key),
         selected=values,
         stored={ref.column: clause.c[ref.column] for ref in table.refs},
-        pending=_pending(clause, table.refs, target),
+        pending=pending,
         rewrite=row_write,
         check=functools.partial(_check_fit, table),
     )
+
+
+def _on_clause(where: Any, table: _Table) -> sa.ColumnElement[bool]:
+    """A row filter on the job's table, as the models or a Table declare it
+    (or SQL text), on the table the job selects from: the job's own columns
+    stand for the table's, by name."""
+
+    def by_name(element: Any, **kw: Any) -> Any:
+        of = getattr(element, "table", None)
+        if (
+            isinstance(element, sa.ColumnClause)
+            and isinstance(of, sa.TableClause)
+            and (of.name, of.schema) == (table.name, table.schema)
+        ):
+            return sa.column(element.name, element.type)
+        return None
+
+    condition = sa.and_(sa.true(), where)
+    return visitors.replacement_traverse(condition, {}, by_name)
 
 
 def _check_fit(table: _Table, writes: Sequence[batch.RowWrite]) -> None:
@@ -425,6 +456,7 @@ def run(
     scope: str | None = None,
     plaintext_rows: Mapping[str, Iterable[Any]] | None = None,
     shard: tuple[int, int] | None = None,
+    where: Any = None,
 ) -> MigrationReport:
     conns = registry.keyring.store
     batch.check_options(batch_size, workers, conns)
@@ -435,6 +467,10 @@ def run(
         if not refs:
             raise ConfigurationError("no encrypted columns to process")
         tables = _tables(conn, refs)
+    if where is not None and (decrypt or len(tables) > 1):
+        raise ConfigurationError(
+            "where= filters the rows of one table's re-encryption: run one job per table"
+        )
     report = MigrationReport(columns=[r.name for r in refs])
     scope = scope or registry.scope
     target = _target(registry, decrypt, scope)
@@ -445,12 +481,14 @@ def run(
         rewrite = _decrypt_rewrite(registry)
     else:
         named = _named_rows(tables, plaintext_rows or {})
-        rewrite = _reencrypt_rewrite(registry, target, encrypt_plaintext, scope, named)
+        rewrite = _reencrypt_rewrite(
+            registry, target, encrypt_plaintext, scope, named, filtered=where is not None
+        )
     if decrypt:  # plaintext in any script must fit before the first is written
         _give_charset(conns, [r for r in refs if r.storage == "text"], mysql_text.ANY_TEXT)
     settled = batch.run(
         conns,
-        [_table_job(table, rewrite, target) for table in tables],
+        [_table_job(table, rewrite, target, where) for table in tables],
         report,
         batch_size=batch_size,
         workers=workers,

@@ -23,6 +23,7 @@ LISTED_PER_COLUMN = 100  # rows left behind that a report names, per column
 NOT_STORED = "NotStoredExactly"  # the reason for a value the database changed on writing
 UNKNOWN_DEFINITION = "UnknownDefinition"  # fails authentication, and the job has no definition
 OTHER_FORMAT = "OtherFormat"  # deterministic where the definition says randomized, or the reverse
+MIXED_SCOPES = "MixedScopes"  # a blind index's sources under keys of several scopes
 
 _REASONS = {
     "plaintext": (
@@ -55,6 +56,10 @@ _REASONS = {
         "the database stored another value than the one written (a column too narrow for "
         "it, or one that changes text, such as CHAR dropping trailing spaces): the value "
         "was put back as it was; give the column a type that holds it, then run the job again"
+    ),
+    MIXED_SCOPES: (
+        "the blind index's sources are under keys of several scopes (tenants), so no "
+        "scope's index key is the row's: write the row's sources again in one scope"
     ),
     "NotText": (
         "its plaintext is not text (not UTF-8, or holds NUL): the column holds another "

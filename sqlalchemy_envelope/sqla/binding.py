@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 from ..errors import ConfigurationError, UnknownKeyError, WrongRootKeyError
 from ..keys.connections import INTERNAL_OPTION, set_statement_connection
 from ..keys.envelope import Envelope
+from ..keys.scopes import check_scope
 from .redaction import redact_errors, redact_rows
 
 __all__ = [
@@ -80,6 +81,7 @@ def current_scope() -> str | None:
 def scope(name: str) -> Iterator[None]:
     """Write under the key scope ``name`` (a tenant) inside this block, in
     this thread or asyncio task: ``with sqlalchemy_envelope.scope("acme"): ...``"""
+    check_scope(name)
     outer = _writing.get().ambient
     _set_ambient(name)
     try:
@@ -108,6 +110,8 @@ def session_scope(session: Session, name: str) -> Iterator[Session]:
 
 def set_session_scope(target: Any, name: str | None) -> None:
     """Choose the key scope a Session, AsyncSession or sessionmaker writes under."""
+    if name is not None:
+        check_scope(name)
     info, session = _info_of(target, "set a key scope on")
     if name is None:
         info.pop(SESSION_SCOPE_KEY, None)
@@ -281,7 +285,10 @@ def _before_execute(
         return
     chosen = _envelope_of(execution_options.get(EXECUTION_OPTION))
     ambient = _writing.get().ambient
-    _writing.set(Writing(chosen, execution_options.get(SCOPE_OPTION), ambient))
+    name = execution_options.get(SCOPE_OPTION)
+    if name is not None:
+        check_scope(name)  # a tenant's slug, never one of the library's own scopes
+    _writing.set(Writing(chosen, name, ambient))
     set_statement_connection(conn)
     if chosen is not None:
         slot_for(conn.dialect).add_reader(chosen)

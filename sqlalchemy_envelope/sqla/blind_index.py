@@ -287,9 +287,28 @@ class BlindIndex(EnvelopeColumnType, TypeDecorator[str]):
         label = self.label()
         version = self.key_version
         digest = self.digest
+        current_writing = binding.current_writing
+
+        def keyed(writing: binding.Writing) -> Callable[[], bytes]:
+            # The index key of the scope written or looked up in: each
+            # tenant's digests are its own.
+            registry, scope = slot.writing(writing)
+            return functools.partial(registry.derived_key, label, version, scope=scope)
+
+        # The key function for the last `Writing`, replaced whole, as in
+        # EncryptedType.bind_processor; none at first.
+        keyed_for: tuple[binding.Writing | None, Callable[[], bytes]] = (None, bytes)
+
+        def key() -> bytes:
+            nonlocal keyed_for
+            writing = current_writing()
+            pair = keyed_for
+            if pair[0] is not writing:
+                pair = keyed_for = (writing, keyed(writing))
+            return pair[1]()
 
         def hashed(value: Any) -> str:
-            return digest(slot.writer().derived_key(label, version), value)
+            return digest(key(), value)
 
         def process(value: Any) -> Any:
             if value is None or isinstance(value, BlindDigest):
@@ -298,7 +317,7 @@ class BlindIndex(EnvelopeColumnType, TypeDecorator[str]):
                 return None
             if isinstance(value, _Checked):
                 return value.verify(hashed)
-            return digest(slot.writer().derived_key(label, version), value)
+            return digest(key(), value)
 
         return process
 

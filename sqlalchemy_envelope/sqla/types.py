@@ -351,14 +351,15 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         self, slot: binding.EngineSlot, context: bytes
     ) -> Callable[[binding.Writing], Callable[[bytes], bytes]]:
         """How this column encrypts a plaintext for a `Writing`: under the
-        chosen registry's active key for the chosen scope, or deterministically."""
+        chosen registry's active key for the chosen scope, or deterministically
+        under that scope's index key."""
         deterministic = self.deterministic
         bind_scope = self.bind_scope
 
         def encrypting(writing: binding.Writing) -> Callable[[bytes], bytes]:
             registry, scope = slot.writing(writing)
             if deterministic:
-                return partial(registry.encrypt_deterministic, context=context)
+                return partial(registry.encrypt_deterministic, context=context, scope=scope)
             if bind_scope:
                 scope = scope or registry.scope
                 return registry.encryptor(fmt.scoped_context(context, scope), scope)
