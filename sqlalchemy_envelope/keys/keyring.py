@@ -197,9 +197,9 @@ class Keyring:
         check_scope(scope)
 
         def work(conn: Connection) -> None:
+            self.wrapper.hold(conn)
             if storage.active_key(conn, self.table, scope) is None:
                 self.refuse_shredded(conn, scope)
-                self.wrapper.prove(conn)
                 self.insert_active(conn, scope, storage.next_version(conn, self.table, scope))
 
         outcome = self.store.try_write(work)
@@ -289,13 +289,15 @@ class Keyring:
     def rotate_in(self, conn: Connection, scope: str, expected_id: int | None) -> DataKey | None:
         """Retire the active key and insert its successor; with ``expected_id``,
         only if that key is still the active one (compare-and-swap), so that
-        many processes acting on the same policy decision rotate once."""
+        many processes acting on the same policy decision rotate once. The
+        root key's lock is taken first, before the row lock of the retired
+        key: two rotations then cannot each hold what the other waits for."""
+        self.wrapper.hold(conn)
         retired = storage.retire_active(conn, self.table, scope, self.now(), expected_id)
         if expected_id is not None and retired == 0:
             return None
         if retired == 0:
             self.refuse_shredded(conn, scope)
-        self.wrapper.prove(conn)
         version = storage.next_version(conn, self.table, scope)
         return self.insert_active(conn, scope, version)
 
@@ -329,8 +331,10 @@ class Keyring:
         return True
 
     def insert_active(self, conn: Connection, scope: str, version: int) -> DataKey:
-        """Insert a new active data key. Callers prove the root key first, in the
-        same transaction (`KeyWrapper.prove`)."""
+        """Insert a new active data key, under the lock and root key check of
+        `KeyWrapper.hold`. Callers take that first in the transaction (taken
+        again here, it checks nothing new)."""
+        self.wrapper.hold(conn)
         plaintext = new_data_key()
         key_id = 1 + secrets.randbelow(fmt.MAX_KEY_ID)
         now = self.now()
