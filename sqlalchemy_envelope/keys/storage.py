@@ -197,11 +197,11 @@ def keys_by_fingerprint(conn: Connection, table: sa.Table) -> dict[str, int]:
     return {str(name): int(count) for name, count in conn.execute(stmt).all()}
 
 
-def sample_key(conn: Connection, table: sa.Table, *, for_update: bool = False) -> KeyRow | None:
+def sample_key(conn: Connection, table: sa.Table) -> KeyRow | None:
     """One key that still has its wrapped key, if any: what a registry unwraps
     to prove that it holds the root key."""
     stmt = sa.select(table).where(table.c.wrapped_key.is_not(None)).order_by(table.c.id).limit(1)
-    return _one(conn, stmt.with_for_update() if for_update else stmt)
+    return _one(conn, stmt)
 
 
 def active_scopes(conn: Connection, table: sa.Table) -> list[str]:
