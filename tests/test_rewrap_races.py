@@ -32,6 +32,7 @@ from sqlalchemy_envelope import KeyRegistry, StaticRootKey
 # data_keys. Then it prints its outcome.
 _OTHER_PROCESS = r"""
 import json, sys
+from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy_envelope import SCOPE_OPTION, EncryptedType, KeyRegistry, StaticRootKey
@@ -69,7 +70,11 @@ def writing(conn, cursor, statement, parameters, context, executemany):
 
 engine = sa.create_engine(url)
 root_key = PausingRootKey(StaticRootKey(key))
-registry = KeyRegistry(engine, root_key)
+options = {}
+if action == "policy":  # its clock says the active key is due for rotation by age
+    later = datetime.now(UTC) + timedelta(days=91)
+    options = {"rotate_after": timedelta(days=90), "wall_clock": lambda: later}
+registry = KeyRegistry(engine, root_key, **options)
 registry.init()
 records = sa.Table(
     "records", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
@@ -80,6 +85,9 @@ try:
         with engine.begin() as conn:
             conn.execute(records.insert(), {"id": 2, "body": "acme's first"},
                          execution_options={SCOPE_OPTION: "acme"})
+    elif action == "policy":
+        with engine.begin() as conn:
+            conn.execute(records.insert(), {"id": 2, "body": "default's second"})
     elif action == "rotate":
         registry.rotate()
     elif action == "create_scope":
@@ -92,7 +100,9 @@ except Exception as error:
 print(json.dumps({"outcome": outcome}), flush=True)
 """
 
-ACTIONS = ["tenant", "rotate", "create_scope", "init"]
+ACTIONS = ["tenant", "policy", "rotate", "create_scope", "init"]
+# The row each action writes besides the first one, if it succeeds.
+WRITES = {"tenant": (2, "acme's first"), "policy": (2, "default's second")}
 
 
 class PausingRootKey:
@@ -222,7 +232,9 @@ def _start(engine: sa.Engine, old: StaticRootKey) -> KeyRegistry:
     return registry
 
 
-def _only_the_new_root_reads_everything(db_url: str, new: StaticRootKey, tenant: bool) -> None:
+def _only_the_new_root_reads_everything(
+    db_url: str, new: StaticRootKey, written: tuple[int, str] | None
+) -> None:
     """A process started with the new root key alone reads every key (a
     rewrap unwraps each) and every value; status finds no key under
     another root key."""
@@ -232,7 +244,7 @@ def _only_the_new_root_reads_everything(db_url: str, new: StaticRootKey, tenant:
     assert status.other_root_keys == {}
     assert status.other_root_keys_needed is False
     records = encrypted_table("records")
-    expected = [(1, "default's first")] + ([(2, "acme's first")] if tenant else [])
+    expected = [(1, "default's first")] + ([written] if written else [])
     for _ in range(2):
         with engine.connect() as conn:
             rows = conn.execute(sa.select(records).order_by(records.c.id)).all()
@@ -265,7 +277,7 @@ def test_a_key_written_by_the_old_root_during_a_rewrap_ends_under_the_new_root(
         outcome = other.outcome()
     assert outcome == "ok"
     registry.close()
-    _only_the_new_root_reads_everything(db_url, new, tenant=action == "tenant")
+    _only_the_new_root_reads_everything(db_url, new, WRITES.get(action))
 
 
 @pytest.mark.parametrize("action", ACTIONS)
@@ -275,8 +287,10 @@ def test_the_old_root_writes_nothing_while_a_rewrap_runs(
     """The rewrap is stopped in the middle of its transaction; the other
     process starts its write, and the rewrap goes on as soon as that write
     starts to lock or write data_keys. The other process must fail without
-    writing a key (WrongRootKeyError; a first-use tenant may also find
-    data_keys busy and give up, as the encrypt path never waits long)."""
+    writing a key: WrongRootKeyError. The encrypt path never waits long:
+    a first-use tenant may find data_keys busy and give up
+    (ConfigurationError), and a rotation by policy is put off, the value
+    then written under the key in hand (which the rewrap re-wrapped)."""
     raw_old = os.urandom(32)
     old = StaticRootKey(raw_old)
     new = PausingRootKey(StaticRootKey(os.urandom(32)))
@@ -287,7 +301,10 @@ def test_the_old_root_writes_nothing_while_a_rewrap_runs(
         line = other.line()
         new.go.set()
         outcome = other.outcome(None if line == "writing" else line)
-    allowed = {"WrongRootKeyError"} | ({"ConfigurationError"} if action == "tenant" else set())
+    allowed = {"WrongRootKeyError"} | {"tenant": {"ConfigurationError"}, "policy": {"ok"}}.get(
+        action, set()
+    )
     assert outcome in allowed
     registry.close()
-    _only_the_new_root_reads_everything(db_url, new.inner, tenant=False)
+    written = WRITES["policy"] if action == "policy" and outcome == "ok" else None
+    _only_the_new_root_reads_everything(db_url, new.inner, written)
