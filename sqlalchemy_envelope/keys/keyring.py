@@ -193,16 +193,21 @@ class Keyring:
     def _create_on_first_use(self, scope: str) -> KeyRow | None:
         """Create a scope met for the first time by the encrypt path. It must
         not wait on locks the application may hold: SQLite has one writer at a
-        time, so there the scope must exist before a write transaction meets it."""
+        time, so there the scope must exist before a write transaction meets it.
+        The key created is cached as created, not unwrapped again from its row
+        (which a rewrap may have moved to another root key already)."""
         check_scope(scope)
 
-        def work(conn: Connection) -> None:
+        def work(conn: Connection) -> DataKey | None:
             self.wrapper.hold(conn)
-            if storage.active_key(conn, self.table, scope) is None:
-                self.refuse_shredded(conn, scope)
-                self.insert_active(conn, scope, storage.next_version(conn, self.table, scope))
+            if storage.active_key(conn, self.table, scope) is not None:
+                return None
+            self.refuse_shredded(conn, scope)
+            return self.insert_active(conn, scope, storage.next_version(conn, self.table, scope))
 
         outcome = self.store.try_write(work)
+        if isinstance(outcome, DataKey):
+            self.cache.put(outcome)
         row = self._active_row(scope)
         if row is None and isinstance(outcome, transactions.Busy):
             raise ConfigurationError(
