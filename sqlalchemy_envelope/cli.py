@@ -316,8 +316,7 @@ def _status_text(status: RegistryStatus) -> str:
         f"rotation due: {status.rotation_due or 'no'}",
         *(_key_line(k) for k in status.keys),
         *(
-            f"keys under OTHER root key {name}: {count:,} (still needed: run rewrap "
-            "with it as ENVELOPE_* and this root key as ENVELOPE_NEW_*)"
+            f"keys under OTHER root key {name}: {count:,} (still needed until rewrap moves them)"
             for name, count in status.other_root_keys.items()
         ),
     ]

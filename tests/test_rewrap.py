@@ -194,7 +194,7 @@ def test_status_reports_keys_left_under_another_root_key(db_url: str, engine: sa
         ):
             session.execute(sa.select(notes.c.body)).all()
         # Nothing is written while a key is left behind; the error says why.
-        with pytest.raises(WrongRootKeyError, match=r"1 data keys .* left them behind"):
+        with pytest.raises(WrongRootKeyError, match=r"1 data keys .* left keys behind"):
             current.rotate()
     data = json.loads(_status_cli(db_url, raw_new, "--json"))
     assert data["keys_by_root_key"] == {new.fingerprint: 2, old.fingerprint: 1}

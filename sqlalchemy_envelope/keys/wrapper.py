@@ -129,10 +129,10 @@ class KeyWrapper:
             return WrongRootKeyError(
                 f"{counts.get(stored, 0)} data keys in {self.table.name!r} are wrapped by root "
                 f"key {stored} and {mine} by this registry's root key {self.fingerprint}: a "
-                "rewrap to this root key left them behind. Run rewrap again with root key "
-                f"{stored} as the current root key and this one as the new root key (it "
-                "re-wraps only the keys not yet moved), then check that status lists no "
-                "other root key. Nothing was written."
+                "rewrap from one to the other left keys behind. Finish it: run rewrap with "
+                "the root key it moved away from as the current root key and the other as "
+                "the new one (it re-wraps only the keys not yet moved), until status lists "
+                "no other root key. Nothing was written."
             )
         return WrongRootKeyError(
             f"the data keys in {self.table.name!r} were wrapped by root key {stored}, "

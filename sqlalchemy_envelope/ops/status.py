@@ -60,7 +60,7 @@ class RegistryStatus(Report):
     ``keys_by_root_key`` counts the stored keys of every scope (destroyed ones
     hold none) by the fingerprint of the root key that wraps them: while
     ``other_root_keys`` lists any but this registry's, those root keys are
-    still needed (re-wrap their keys with ``rewrap``, run with each of them).
+    still needed (until ``rewrap``, run with each of them, moves their keys).
     """
 
     scope: str
