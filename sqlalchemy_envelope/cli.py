@@ -324,7 +324,13 @@ def _status_text(status: RegistryStatus) -> str:
         ),
         f"rotation due: {status.rotation_due or 'no'}",
         *(_key_line(k) for k in status.keys),
+        *(
+            f"keys under OTHER root key {name}: {count:,} (still needed until rewrap moves them)"
+            for name, count in status.other_root_keys.items()
+        ),
     ]
+    if not status.other_root_keys:
+        lines.append("every stored key is under this root key: older root keys are not needed")
     if status.rows_by_version is not None:
         for version, rows in sorted(status.rows_by_version.items()):
             lines.append(f"rows under version {version}: {rows:,}")

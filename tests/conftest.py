@@ -275,6 +275,8 @@ MARIADB_MODULES = frozenset(
         "test_index_scopes",
         "test_job_targets",
         "test_batch_conflicts",
+        "test_rewrap",
+        "test_rewrap_races",
     }
 )
 
@@ -517,11 +519,14 @@ def type_storage(engine: sa.Engine, column_type: Any) -> tuple[Any, ...]:
 
 
 @pytest.fixture
-def other_schema(db_url: str, tmp_path: Path) -> Iterator[tuple[sa.Engine, str]]:
+def other_schema(
+    db_url: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[sa.Engine, str]]:
     """An engine on ``db_url`` and the name of a second schema its
     connections can see besides their default one: a PostgreSQL schema, a
-    MariaDB database, or a SQLite database attached to every connection."""
-    name = f"app_{secrets.token_hex(4)}"
+    MariaDB database, or a SQLite database attached to every connection.
+    Its name starts with the test's indirect parameter, if any, else "app"."""
+    name = f"{getattr(request, 'param', 'app')}_{secrets.token_hex(4)}"
     backend = sa.make_url(db_url).get_backend_name()
     engine = sa.create_engine(db_url)
     if backend == "sqlite":

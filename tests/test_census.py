@@ -121,6 +121,8 @@ def test_destroy_guard_counts_every_row_of_every_column(
     registry.close()
 
 
+# Any name: one that merely starts like a server's own (temp...) is an application's too.
+@pytest.mark.parametrize("other_schema", ["app", "temporary"], indirect=True)
 def test_destroy_guard_maintenance_and_status_see_every_schema(
     other_schema: tuple[sa.Engine, str], root_key: StaticRootKey, clocks: Clocks
 ) -> None:

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import secrets
+import subprocess
+import sys
 from collections.abc import Mapping
 
 import pytest
 import sqlalchemy as sa
+from conftest import encrypted_table
+from sqlalchemy.orm import Session
 
 from sqlalchemy_envelope import (
+    SCOPE_OPTION,
     ConfigurationError,
     EncryptedType,
     KeyRegistry,
@@ -127,3 +134,100 @@ def test_a_failed_rewrap_changes_nothing(db_url: str, engine: sa.Engine) -> None
     assert again.decrypt(value, "t.c") == b"still works"
     again.close()
     other.dispose()
+
+
+def _status_cli(db_url: str, raw_root: bytes, *args: str, code: int = 0) -> str:
+    """`sqlalchemy-envelope [args] status`, run as an operator would."""
+    result = subprocess.run(
+        [sys.executable, "-m", "sqlalchemy_envelope", *args, "status"],
+        env={
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "DATABASE_URL": db_url,
+            "ENVELOPE_ROOT_KEY": base64.b64encode(raw_root).decode(),
+        },
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == code, (result.stdout, result.stderr)
+    return result.stdout + result.stderr
+
+
+def test_status_reports_keys_left_under_another_root_key(db_url: str, engine: sa.Engine) -> None:
+    """A key left under the old root key (here: a tenant's key row restored
+    from a backup taken before the rewrap) is reported by status, API and
+    command line, with its count and that the old root key is still needed;
+    running rewrap again with the old root key moves it, and then status
+    says the old root key can go."""
+    raw_old, raw_new = os.urandom(32), os.urandom(32)
+    old, new = StaticRootKey(raw_old), StaticRootKey(raw_new)
+    registry = KeyRegistry(engine, old)
+    registry.init()
+    notes = encrypted_table("notes")
+    notes.metadata.create_all(engine)
+    with engine.begin() as conn:
+        for i in range(2):
+            conn.execute(
+                notes.insert(),
+                {"id": i, "body": "acme's secret"},
+                execution_options={SCOPE_OPTION: "acme"},
+            )
+    keys = sa.Table("data_keys", sa.MetaData(), autoload_with=engine)
+    with engine.connect() as conn:
+        backup = conn.execute(sa.select(keys).where(keys.c.scope == "acme")).one()
+    assert registry.rewrap(new) == 3  # default's, its index key, acme's
+    registry.close()
+    with engine.begin() as conn:  # the operator restores acme's key row from the backup
+        conn.execute(sa.update(keys).where(keys.c.id == backup.id).values(**backup._mapping))
+
+    second = sa.create_engine(db_url)
+    current = KeyRegistry(second, new)
+    for _ in range(2):
+        status = current.status()
+        assert status.keys_by_root_key == {new.fingerprint: 2, old.fingerprint: 1}
+        assert status.other_root_keys == {old.fingerprint: 1}
+        assert status.other_root_keys_needed is True
+        data = status.to_dict()
+        assert data["other_root_keys"] == {old.fingerprint: 1}
+        assert data["other_root_keys_needed"] is True
+    for _ in range(2):
+        with (
+            Session(second) as session,
+            pytest.raises(WrongRootKeyError, match=f"wrapped by root key {old.fingerprint}"),
+        ):
+            session.execute(sa.select(notes.c.body)).all()
+        # Nothing is written while a key is left behind; the error says why.
+        with pytest.raises(WrongRootKeyError, match=r"1 data keys .* left keys behind"):
+            current.rotate()
+    data = json.loads(_status_cli(db_url, raw_new, "--json"))
+    assert data["keys_by_root_key"] == {new.fingerprint: 2, old.fingerprint: 1}
+    assert data["other_root_keys"] == {old.fingerprint: 1}
+    assert data["other_root_keys_needed"] is True
+    text = _status_cli(db_url, raw_new)
+    assert f"keys under OTHER root key {old.fingerprint}: 1 (still needed" in text
+    assert "not needed" not in text
+    # The old root key's holder sees the same, from its side.
+    assert _status_cli(db_url, raw_old).count(f"OTHER root key {new.fingerprint}: 2") == 1
+    # A root key that wraps none of the keys is a configuration mistake.
+    assert "were wrapped by root key" in _status_cli(db_url, os.urandom(32), code=1)
+
+    # Finish the rewrap with the old root key: only the key left behind moves.
+    third = sa.create_engine(db_url)
+    finishing = KeyRegistry(third, old)
+    assert finishing.rewrap(new) == 1
+    finishing.close()
+    third.dispose()
+    for _ in range(2):
+        status = current.status()
+        assert status.other_root_keys == {} and status.other_root_keys_needed is False
+        assert status.keys_by_root_key == {new.fingerprint: 3}
+    data = json.loads(_status_cli(db_url, raw_new, "--json"))
+    assert (data["other_root_keys"], data["other_root_keys_needed"]) == ({}, False)
+    assert "older root keys are not needed" in _status_cli(db_url, raw_new)
+    for _ in range(2):
+        with second.connect() as conn:
+            assert conn.execute(sa.select(notes.c.body)).scalars().all() == ["acme's secret"] * 2
+        with Session(second) as session:
+            assert session.scalars(sa.select(notes.c.body)).all() == ["acme's secret"] * 2
+    current.close()
+    second.dispose()

@@ -8,7 +8,13 @@ import logging
 
 from sqlalchemy.engine import Connection
 
-from ..errors import ConfigurationError, KeyInUseError, UnknownKeyError, WrongRootKeyError
+from ..errors import (
+    ConfigurationError,
+    DecryptionError,
+    KeyInUseError,
+    UnknownKeyError,
+    WrongRootKeyError,
+)
 from . import lifecycle, storage
 from .cache import DataKey
 from .keyring import Keyring
@@ -39,23 +45,31 @@ class KeyAdmin:
         self.store.create_table()
         scope = keyring.scope
 
-        def work(conn: Connection) -> tuple[KeyRow | None, DataKey | None]:
+        def complete(conn: Connection) -> KeyRow | None:
+            """The scope's active key, if it and its index key exist."""
             row = storage.active_key(conn, self.table, scope)
             index = storage.key_by_version(conn, self.table, index_scope(scope), 1)
-            if row is not None and index is not None:
-                self.wrapper.check(conn)  # the active key's unwrapping proves the rest
-                return row, None
+            if row is None or index is None:
+                return None
+            self.wrapper.check(conn)  # the active key's unwrapping proves the rest
+            return row
+
+        def work(conn: Connection) -> tuple[KeyRow | None, DataKey | None]:
+            self.wrapper.hold(conn)
+            row = storage.active_key(conn, self.table, scope)
             if row is None:
                 keyring.refuse_shredded(conn, scope)
-            self.wrapper.prove(conn)
-            if index is None:
+            if storage.key_by_version(conn, self.table, index_scope(scope), 1) is None:
                 keyring.insert_index(conn, index_scope(scope), 1)
             if row is not None:
                 return row, None
             version = storage.next_version(conn, self.table, scope)
             return None, keyring.insert_active(conn, scope, version)
 
-        row, new = self.store.write(work)
+        row: KeyRow | None = self.store.read(complete)
+        new = None
+        if row is None:
+            row, new = self.store.write(work)
         if new is not None:
             keyring.cache.put(new)
             log.info("created data key version %d in scope %r", new.version, scope)
@@ -90,7 +104,7 @@ class KeyAdmin:
         names = [check_scope(s) for s in names]
 
         def work(conn: Connection) -> None:
-            self.wrapper.prove(conn)
+            self.wrapper.hold(conn)
             for name in names:
                 self.keyring.create_keys(conn, name, revive=True)
 
@@ -203,7 +217,12 @@ class KeyAdmin:
 
     def rewrap(self, new_root_key: RootKeyProvider) -> int:
         """Re-wrap every data key under ``new_root_key`` in one transaction (all
-        or nothing), without touching any value; the number re-wrapped."""
+        or nothing), without touching any value; the number re-wrapped. It
+        holds the lock every key insert takes (`KeyWrapper.hold`) from its
+        first statement to its commit: no key can be inserted under the old
+        root key meanwhile, nor go unseen. Keys already under the new root
+        key stay as they are (one is checked to unwrap with it), so that a
+        rewrap can be run again to finish one that left keys behind."""
         self.keyring.check_open()
         if not isinstance(new_root_key, RootKeyProvider):
             raise ConfigurationError("rewrap() needs a RootKeyProvider")
@@ -213,10 +232,20 @@ class KeyAdmin:
 
         def work(conn: Connection) -> int:
             storage.lock_table(conn, self.table)
-            self.wrapper.check(conn)
+            fingerprints = (self.wrapper.fingerprint, new_fingerprint)
+            counts = storage.keys_by_fingerprint(conn, self.table)
+            foreign = [name for name in counts if name not in fingerprints]
+            if foreign:
+                raise self.wrapper.wrong_root_key(foreign[0], counts)
             count = 0
+            checked = False
             for row in storage.all_keys(conn, self.table):
                 context = self.wrapper.context(row.id, row.scope)
+                if row.wrapped_key is not None and row.root_key_fingerprint == new_fingerprint:
+                    if not checked:
+                        self._unwraps(new_root_key, row.wrapped_key, context)
+                        checked = True
+                    continue
                 wrapped = None
                 if row.wrapped_key is not None:
                     plaintext = self.wrapper.unwrap(row)
@@ -239,6 +268,19 @@ class KeyAdmin:
             self.wrapper.replace(new_root_key, new_fingerprint)
         log.info("re-wrapped %d data keys under root key %s", count, new_fingerprint)
         return count
+
+    @staticmethod
+    def _unwraps(root_key: RootKeyProvider, wrapped: bytes, context: dict[str, str]) -> None:
+        """Refuse a new root key that does not unwrap a key stored under its fingerprint."""
+        try:
+            root_key.unwrap(wrapped, context)
+        except DecryptionError:
+            raise WrongRootKeyError(
+                f"a data key stored under the new root key's fingerprint "
+                f"({root_key.fingerprint}) does not unwrap with it: this is another key under "
+                "the same fingerprint (check the new root key's configuration). Nothing was "
+                "written."
+            ) from None
 
     def row(self, scope: str, version: int) -> KeyRow:
         row = self.store.read(lambda conn: storage.key_by_version(conn, self.table, scope, version))

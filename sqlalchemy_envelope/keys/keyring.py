@@ -204,18 +204,27 @@ class Keyring:
         key and its index key), or give a scope of earlier versions the
         index key it lacks. It must not wait on locks the application may
         hold: SQLite has one writer at a time, so there the scope must exist
-        before a write transaction meets it."""
+        before a write transaction meets it. The key created is cached as
+        created, not unwrapped again from its row (which a rewrap may have
+        moved to another root key already)."""
         check_scope(scope)
 
-        def work(conn: Connection) -> None:
-            if storage.active_key(conn, self.table, scope) is None or (
-                storage.key_by_version(conn, self.table, index_scope(scope), 1) is None
+        def work(conn: Connection) -> tuple[DataKey | None, IndexKey | None]:
+            self.wrapper.hold(conn)
+            if storage.active_key(conn, self.table, scope) is not None and (
+                storage.key_by_version(conn, self.table, index_scope(scope), 1) is not None
             ):
-                self.refuse_shredded(conn, scope)
-                self.wrapper.prove(conn)
-                self.create_keys(conn, scope)
+                return None, None
+            self.refuse_shredded(conn, scope)
+            return self.create_keys(conn, scope)
 
         outcome = self.store.try_write(work)
+        if isinstance(outcome, tuple):
+            data_key, index_key = outcome
+            if data_key is not None:
+                self.cache.put(data_key)
+            if index_key is not None:
+                self.cache.put_index(index_key)
         row = self._active_row(scope)
         if row is None and isinstance(outcome, transactions.Busy):
             raise ConfigurationError(
@@ -225,21 +234,28 @@ class Keyring:
             )
         return row
 
-    def create_keys(self, conn: Connection, scope: str, *, revive: bool = False) -> None:
+    def create_keys(
+        self, conn: Connection, scope: str, *, revive: bool = False
+    ) -> tuple[DataKey | None, IndexKey | None]:
         """Give ``scope`` what it lacks of an active data key and its index
-        key version 1, in the caller's transaction, which proved the root key.
+        key version 1, in the caller's transaction, which holds the root key's
+        lock; the keys it created.
         With ``revive`` (`create_scope`), a shredded scope gets a new index
         key too: the destroyed ones keep their rows, renumbered below zero,
         so that version 1, which its columns use, names the new key. (Index
         keys destroyed on purpose in a live scope stay as they are.)"""
         index = index_scope(scope)
         revived = revive and storage.is_shredded(conn, self.table, scope)
+        data_key = index_key = None
         if storage.active_key(conn, self.table, scope) is None:
-            self.insert_active(conn, scope, storage.next_version(conn, self.table, scope))
+            data_key = self.insert_active(
+                conn, scope, storage.next_version(conn, self.table, scope)
+            )
         if revived and storage.is_shredded(conn, self.table, index):
             storage.renumber_destroyed(conn, self.table, index)
         if storage.key_by_version(conn, self.table, index, 1) is None:
-            self.insert_index(conn, index, 1)
+            index_key = self.insert_index(conn, index, 1)
+        return data_key, index_key
 
     # -- claims: bounding encryptions per key across processes ------------------
 
@@ -321,7 +337,10 @@ class Keyring:
         """Retire the active key and insert its successor (an index key in an
         index scope); with ``expected_id``, only if that key is still the
         active one (compare-and-swap), so that many processes acting on the
-        same policy decision rotate once."""
+        same policy decision rotate once. The root key's lock is taken first,
+        before the row lock of the retired key: two rotations then cannot
+        each hold what the other waits for."""
+        self.wrapper.hold(conn)
         retired = storage.retire_active(conn, self.table, scope, self.now(), expected_id)
         if expected_id is not None and retired == 0:
             return None
@@ -329,7 +348,6 @@ class Keyring:
             self.refuse_shredded(conn, scope)
             if is_index_scope(scope):  # nor does a shredded scope's index scope
                 self.refuse_shredded(conn, scope_of_index(scope))
-        self.wrapper.prove(conn)
         version = storage.next_version(conn, self.table, scope)
         if is_index_scope(scope):
             return self.insert_index(conn, scope, version)
@@ -368,8 +386,8 @@ class Keyring:
         return True
 
     def insert_active(self, conn: Connection, scope: str, version: int) -> DataKey:
-        """Insert a new active data key. Callers prove the root key first, in the
-        same transaction (`KeyWrapper.prove`)."""
+        """Insert a new active data key, under the lock and root key check of
+        `KeyWrapper.hold` (callers take it first in the transaction)."""
         if is_index_scope(scope):
             raise ConfigurationError(f"{scope!r} is an index scope: it holds no data key")
         key_id, plaintext, now = self._insert(conn, scope, version)
@@ -385,9 +403,9 @@ class Keyring:
         )
 
     def insert_index(self, conn: Connection, scope: str, version: int) -> IndexKey:
-        """Insert a new active index key in the index scope ``scope``; as
-        `insert_active`, the root key proven first. Its secret only ever
-        derives keys (HKDF): it is never an AES-GCM key."""
+        """Insert a new active index key in the index scope ``scope``, as
+        `insert_active` does. Its secret only ever derives keys (HKDF): it is
+        never an AES-GCM key."""
         if not is_index_scope(scope):
             raise ConfigurationError(f"{scope!r} is no index scope")
         key_id, secret, _ = self._insert(conn, scope, version)
@@ -402,7 +420,10 @@ class Keyring:
         )
 
     def _insert(self, conn: Connection, scope: str, version: int) -> tuple[int, bytes, datetime]:
-        """Insert a new active key's row; its id, its secret and its creation time."""
+        """Insert a new active key's row; its id, its secret and its creation
+        time. The lock of `KeyWrapper.hold` is taken again here (it checks
+        nothing new when the caller took it first), so no insert escapes it."""
+        self.wrapper.hold(conn)
         plaintext = new_data_key()
         key_id = 1 + secrets.randbelow(fmt.MAX_KEY_ID)
         now = self.now()

@@ -167,22 +167,41 @@ def all_keys(conn: Connection, table: sa.Table, scope: str | None = None) -> lis
     return [KeyRow.from_mapping(r) for r in conn.execute(stmt).mappings()]
 
 
-def foreign_fingerprints(conn: Connection, table: sa.Table, fingerprint: str) -> list[str]:
-    """Fingerprints of root keys, other than ``fingerprint``, that still wrap keys."""
+def foreign_fingerprints(
+    conn: Connection, table: sa.Table, fingerprint: str, *, latest: bool = False
+) -> list[str]:
+    """Fingerprints of root keys, other than ``fingerprint``, that still wrap
+    keys. With ``latest``, as last committed even inside a MySQL/MariaDB
+    REPEATABLE READ snapshot taken earlier in the transaction (a locking read
+    there; a statement taken under `lock_table` sees them elsewhere)."""
     stmt = (
         sa.select(table.c.root_key_fingerprint)
         .where(table.c.root_key_fingerprint != fingerprint)
         .where(table.c.wrapped_key.is_not(None))
-        .distinct()
     )
-    return list(conn.execute(stmt).scalars())
+    if latest and conn.dialect.name in MYSQL_DIALECTS:
+        return sorted(set(conn.execute(stmt.with_for_update()).scalars()))
+    return list(conn.execute(stmt.distinct()).scalars())
 
 
-def sample_key(conn: Connection, table: sa.Table, *, for_update: bool = False) -> KeyRow | None:
+def keys_by_fingerprint(conn: Connection, table: sa.Table) -> dict[str, int]:
+    """How many stored keys (of every scope; destroyed ones hold none) each
+    root key wraps, by fingerprint."""
+    fingerprint = table.c.root_key_fingerprint
+    stmt = (
+        sa.select(fingerprint, sa.func.count())
+        .where(table.c.wrapped_key.is_not(None))
+        .group_by(fingerprint)
+        .order_by(fingerprint)
+    )
+    return {str(name): int(count) for name, count in conn.execute(stmt).all()}
+
+
+def sample_key(conn: Connection, table: sa.Table) -> KeyRow | None:
     """One key that still has its wrapped key, if any: what a registry unwraps
     to prove that it holds the root key."""
     stmt = sa.select(table).where(table.c.wrapped_key.is_not(None)).order_by(table.c.id).limit(1)
-    return _one(conn, stmt.with_for_update() if for_update else stmt)
+    return _one(conn, stmt)
 
 
 def active_scopes(conn: Connection, table: sa.Table) -> list[str]:
@@ -324,13 +343,20 @@ def rewrap(
 
 
 def lock_table(conn: Connection, table: sa.Table) -> None:
-    """Keep other writers out of data_keys for the rest of the transaction.
+    """Take the lock that every transaction inserting a key takes first, and
+    `rewrap` for its whole run: it conflicts with itself and with every write
+    to data_keys, not with reads. Whoever holds it sees the root key that
+    wraps every stored key stay as it is until commit.
 
-    PostgreSQL needs an explicit lock, since row locks do not stop an INSERT;
-    SQLite serializes writers already; MySQL's InnoDB takes gap locks on the
-    rows the transaction reads FOR UPDATE."""
+    PostgreSQL: SHARE ROW EXCLUSIVE (row locks do not stop an INSERT).
+    SQLite: the database's write lock, as BEGIN IMMEDIATE takes it, by a write
+    that changes nothing (which works in a transaction already begun too).
+    MySQL/MariaDB: every row FOR UPDATE (InnoDB's next-key locks keep INSERTs
+    out too)."""
     if conn.dialect.name == "postgresql":
         name = conn.dialect.identifier_preparer.format_table(table)
-        conn.exec_driver_sql(f"LOCK TABLE {name} IN EXCLUSIVE MODE")
+        conn.exec_driver_sql(f"LOCK TABLE {name} IN SHARE ROW EXCLUSIVE MODE")
+    elif conn.dialect.name == "sqlite":
+        conn.execute(sa.update(table).where(sa.false()).values(id=table.c.id))
     else:
         conn.execute(sa.select(table.c.id).with_for_update()).all()

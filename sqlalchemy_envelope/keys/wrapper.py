@@ -5,6 +5,7 @@ changes anything."""
 from __future__ import annotations
 
 import threading
+import weakref
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -15,6 +16,9 @@ from .rootkey import RootKeyProvider
 from .storage import KeyRow
 
 __all__ = ["KeyWrapper"]
+
+# Connection.info entry: the transaction that holds the lock, as proven with which root key.
+_HELD = "sqlalchemy_envelope.held"
 
 
 class KeyWrapper:
@@ -67,29 +71,27 @@ class KeyWrapper:
         self._proven = root_key
         return plaintext
 
-    def check(self, conn: Connection) -> None:
+    def check(self, conn: Connection, *, latest: bool = False) -> None:
         """Refuse to go on if any stored key was wrapped by another root key."""
-        foreign = storage.foreign_fingerprints(conn, self.table, self.fingerprint)
+        foreign = storage.foreign_fingerprints(conn, self.table, self.fingerprint, latest=latest)
         if foreign:
-            raise self.wrong_root_key(foreign[0])
+            counts = storage.keys_by_fingerprint(conn, self.table)
+            raise self.wrong_root_key(foreign[0], counts)
 
-    def prove(self, conn: Connection) -> None:
-        """Refuse to insert or change a data key unless this root key is the
-        one that wrapped the stored keys, so that a misconfigured process can
-        neither add a key that locks everyone else out nor disable, destroy or
-        shred keys it cannot even read. Matching fingerprints do not prove
-        it when a fingerprint names the key rather than derives from it (a KMS
-        key id, a Vault key name): a stored key must also unwrap, once per
-        process and root key. With no stored key there is nothing to prove
-        against: the table is locked, so that a process with another root key
-        cannot start it at the same time."""
-        self.check(conn)
+    def prove(self, conn: Connection, *, latest: bool = False) -> None:
+        """Refuse to change a data key unless this root key is the one that
+        wrapped the stored keys, so that a misconfigured process can neither
+        add a key that locks everyone else out nor disable, destroy or shred
+        keys it cannot even read. Matching fingerprints do not prove it when a
+        fingerprint names the key rather than derives from it (a KMS key id,
+        a Vault key name): a stored key must also unwrap, once per process and
+        root key. With no stored key there is nothing to prove against (an
+        insert takes `hold` first: a process with another root key cannot
+        start the table at the same time)."""
+        self.check(conn, latest=latest)
         row = storage.sample_key(conn, self.table)
         if row is None:
-            storage.lock_table(conn, self.table)
-            row = storage.sample_key(conn, self.table, for_update=True)
-            if row is None:
-                return
+            return
         if row.root_key_fingerprint != self.fingerprint:
             raise self.wrong_root_key(row.root_key_fingerprint)
         if self._proven is self.root_key:
@@ -99,7 +101,39 @@ class KeyWrapper:
         except WrongRootKeyError as error:
             raise WrongRootKeyError(f"{error}. Nothing was written.") from None
 
-    def wrong_root_key(self, stored: str) -> WrongRootKeyError:
+    def hold(self, conn: Connection) -> None:
+        """Take the lock that every transaction inserting a key and `rewrap`
+        take (`storage.lock_table`), then `prove` the root key under it: a
+        rewrap can then neither commit between this check and the insert nor
+        miss the key inserted, so no key is ever left wrapped under a root key
+        a rewrap replaced, whichever commits first; a process still running
+        with the old root key gets WrongRootKeyError with nothing written.
+        Take it first in the transaction (a snapshot read before the lock
+        may predate a rewrap); again, in the same transaction, it checks
+        nothing new."""
+        transaction = conn.get_transaction()
+        held, fingerprint = conn.info.get(_HELD, (lambda: None, None))
+        if transaction is not None and held() is transaction and fingerprint == self.fingerprint:
+            return  # checked under the lock this transaction holds, for this root key
+        storage.lock_table(conn, self.table)
+        self.prove(conn, latest=True)
+        transaction = conn.get_transaction()
+        if transaction is not None:
+            conn.info[_HELD] = (weakref.ref(transaction), self.fingerprint)
+
+    def wrong_root_key(
+        self, stored: str, counts: dict[str, int] | None = None
+    ) -> WrongRootKeyError:
+        mine = (counts or {}).get(self.fingerprint, 0)
+        if counts and mine:
+            return WrongRootKeyError(
+                f"{counts.get(stored, 0)} data keys in {self.table.name!r} are wrapped by root "
+                f"key {stored} and {mine} by this registry's root key {self.fingerprint}: a "
+                "rewrap from one to the other left keys behind. Finish it: run rewrap with "
+                "the root key it moved away from as the current root key and the other as "
+                "the new one (it re-wraps only the keys not yet moved), until status lists "
+                "no other root key. Nothing was written."
+            )
         return WrongRootKeyError(
             f"the data keys in {self.table.name!r} were wrapped by root key {stored}, "
             f"but this registry's root key is {self.fingerprint} "

@@ -222,8 +222,15 @@ def _python_type(column_type: sa.types.TypeEngine[Any]) -> type | None:
         return None
 
 
-# Schemas that hold the server's own catalog, never application rows.
-_SYSTEM_SCHEMAS = frozenset({"information_schema", "mysql", "performance_schema", "sys"})
+# Schemas that hold the server's own catalog, never application rows, by
+# dialect. Only these exact names: an application's schema may be called
+# anything else ("temporary", "sys_audit"). PostgreSQL's pg_* schemas, which
+# SQLAlchemy never lists, and SQLite's "temp" are per-connection or catalogs.
+_SYSTEM_SCHEMAS = {
+    "postgresql": frozenset({"information_schema"}),
+    "mysql": frozenset({"information_schema", "mysql", "performance_schema", "sys"}),
+    "mariadb": frozenset({"information_schema", "mysql", "performance_schema", "sys"}),
+}
 
 
 def schemas(conn: Connection) -> list[str | None]:
@@ -233,12 +240,11 @@ def schemas(conn: Connection) -> list[str | None]:
     server's own, SQLite's attached databases."""
     inspector = sa.inspect(conn)
     default = inspector.default_schema_name
+    system = _SYSTEM_SCHEMAS.get(conn.dialect.name, frozenset({"information_schema"}))
     others = [
         name
         for name in inspector.get_schema_names()
-        if name != default
-        and name.lower() not in _SYSTEM_SCHEMAS
-        and not name.startswith(("pg_", "temp"))
+        if name != default and name.lower() not in system
     ]
     return [None, *sorted(others)]
 

@@ -109,11 +109,14 @@ def status(admin: KeyAdmin, scope: str, *, with_census: bool = False) -> Registr
     ``with_census``, the rows under each key version anywhere in the database."""
     keyring = admin.keyring
 
-    def read(conn: Connection) -> list[KeyRow]:
-        admin.wrapper.check(conn)
-        return storage.all_keys(conn, admin.table, scope)
+    def read(conn: Connection) -> tuple[list[KeyRow], dict[str, int]]:
+        by_root_key = storage.keys_by_fingerprint(conn, admin.table)
+        if by_root_key and admin.wrapper.fingerprint not in by_root_key:
+            # Not a root key of this table at all: a configuration mistake.
+            raise admin.wrapper.wrong_root_key(next(iter(by_root_key)))
+        return storage.all_keys(conn, admin.table, scope), by_root_key
 
-    rows = admin.store.read(read)
+    rows, by_root_key = admin.store.read(read)
     active = next((r for r in rows if r.state is KeyState.ACTIVE), None)
     columns = tuple(_census_everywhere(admin)) if with_census else None
     rows_by_version: dict[int, int] | None = None
@@ -147,6 +150,7 @@ def status(admin: KeyAdmin, scope: str, *, with_census: bool = False) -> Registr
         cached_keys=len(keyring.cache.by_header),
         rows_by_version=rows_by_version,
         columns=columns,
+        keys_by_root_key=by_root_key,
     )
 
 

@@ -57,6 +57,10 @@ class RegistryStatus(Report):
     text and binary column of every table, as the destroy guard counts them;
     ``columns`` then lists the columns holding such rows. ``root_key_problem`` says why the
     root key cannot be used right now (an unreachable KMS), or is None.
+    ``keys_by_root_key`` counts the stored keys of every scope (destroyed ones
+    hold none) by the fingerprint of the root key that wraps them: while
+    ``other_root_keys`` lists any but this registry's, those root keys are
+    still needed (until ``rewrap``, run with each of them, moves their keys).
     """
 
     scope: str
@@ -76,6 +80,22 @@ class RegistryStatus(Report):
     cached_keys: int = 0
     rows_by_version: dict[int, int] | None = None
     columns: tuple[ColumnCensus, ...] | None = None
+    keys_by_root_key: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def other_root_keys(self) -> dict[str, int]:
+        """Stored keys wrapped by root keys other than this registry's, by fingerprint."""
+        return {
+            name: count
+            for name, count in self.keys_by_root_key.items()
+            if name != self.root_key_fingerprint
+        }
+
+    @property
+    def other_root_keys_needed(self) -> bool:
+        """Whether a root key other than this registry's still wraps a stored
+        key: until none does, an old root key must not be destroyed."""
+        return bool(self.other_root_keys)
 
     @property
     def root_key_available(self) -> bool:
@@ -99,6 +119,9 @@ class RegistryStatus(Report):
                 "root_key_description": self.root_key_description,
                 "root_key_available": self.root_key_available,
                 "root_key_problem": self.root_key_problem,
+                "keys_by_root_key": self.keys_by_root_key,
+                "other_root_keys": self.other_root_keys,
+                "other_root_keys_needed": self.other_root_keys_needed,
                 "cached_keys": self.cached_keys,
                 "cache_max_age_seconds": self.cache_max_age,
                 "keys_by_state": self.keys_by_state,
