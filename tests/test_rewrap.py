@@ -175,7 +175,7 @@ def test_status_reports_keys_left_under_another_root_key(db_url: str, engine: sa
     keys = sa.Table("data_keys", sa.MetaData(), autoload_with=engine)
     with engine.connect() as conn:
         backup = conn.execute(sa.select(keys).where(keys.c.scope == "acme")).one()
-    assert registry.rewrap(new) == 3  # default's, its index key, acme's
+    assert registry.rewrap(new) == 4  # default's and acme's, each with its index key
     registry.close()
     with engine.begin() as conn:  # the operator restores acme's key row from the backup
         conn.execute(sa.update(keys).where(keys.c.id == backup.id).values(**backup._mapping))
@@ -184,7 +184,7 @@ def test_status_reports_keys_left_under_another_root_key(db_url: str, engine: sa
     current = KeyRegistry(second, new)
     for _ in range(2):
         status = current.status()
-        assert status.keys_by_root_key == {new.fingerprint: 2, old.fingerprint: 1}
+        assert status.keys_by_root_key == {new.fingerprint: 3, old.fingerprint: 1}
         assert status.other_root_keys == {old.fingerprint: 1}
         assert status.other_root_keys_needed is True
         data = status.to_dict()
@@ -200,14 +200,14 @@ def test_status_reports_keys_left_under_another_root_key(db_url: str, engine: sa
         with pytest.raises(WrongRootKeyError, match=r"1 data keys .* left keys behind"):
             current.rotate()
     data = json.loads(_status_cli(db_url, raw_new, "--json"))
-    assert data["keys_by_root_key"] == {new.fingerprint: 2, old.fingerprint: 1}
+    assert data["keys_by_root_key"] == {new.fingerprint: 3, old.fingerprint: 1}
     assert data["other_root_keys"] == {old.fingerprint: 1}
     assert data["other_root_keys_needed"] is True
     text = _status_cli(db_url, raw_new)
     assert f"keys under OTHER root key {old.fingerprint}: 1 (still needed" in text
     assert "not needed" not in text
     # The old root key's holder sees the same, from its side.
-    assert _status_cli(db_url, raw_old).count(f"OTHER root key {new.fingerprint}: 2") == 1
+    assert _status_cli(db_url, raw_old).count(f"OTHER root key {new.fingerprint}: 3") == 1
     # A root key that wraps none of the keys is a configuration mistake.
     assert "were wrapped by root key" in _status_cli(db_url, os.urandom(32), code=1)
 
@@ -220,7 +220,7 @@ def test_status_reports_keys_left_under_another_root_key(db_url: str, engine: sa
     for _ in range(2):
         status = current.status()
         assert status.other_root_keys == {} and status.other_root_keys_needed is False
-        assert status.keys_by_root_key == {new.fingerprint: 3}
+        assert status.keys_by_root_key == {new.fingerprint: 4}
     data = json.loads(_status_cli(db_url, raw_new, "--json"))
     assert (data["other_root_keys"], data["other_root_keys_needed"]) == ({}, False)
     assert "older root keys are not needed" in _status_cli(db_url, raw_new)
