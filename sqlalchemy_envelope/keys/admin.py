@@ -203,7 +203,8 @@ class KeyAdmin:
 
     def rewrap(self, new_root_key: RootKeyProvider) -> int:
         """Re-wrap every data key under ``new_root_key`` in one transaction (all
-        or nothing), without touching any value; the number re-wrapped."""
+        or nothing), without touching any value; the number re-wrapped. Keys
+        wrapped before version 2 of the wrap context get version 2."""
         self.keyring.check_open()
         if not isinstance(new_root_key, RootKeyProvider):
             raise ConfigurationError("rewrap() needs a RootKeyProvider")
@@ -216,7 +217,7 @@ class KeyAdmin:
             self.wrapper.check(conn)
             count = 0
             for row in storage.all_keys(conn, self.table):
-                context = self.wrapper.context(row.id, row.scope)
+                context = self.wrapper.context(row.id, row.scope, row.version)
                 wrapped = None
                 if row.wrapped_key is not None:
                     plaintext = self.wrapper.unwrap(row)

@@ -5,13 +5,20 @@ The database is read only when a key is new to this process, older than
 ``cache_max_age``, or when this process has used up the encryptions it
 claimed under the active key. Rotation by policy happens here too, without a
 background thread, and never waits on locks the application may hold.
+
+A row read again is checked against what this process already knows of its
+key: its id, scope, version and kind never change, its count of claims
+never goes down, and a scope's active key is its newest version. Anything
+else is `KeyTamperedError`, and nothing from that row is used.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
@@ -24,8 +31,10 @@ from ..crypto.primitives import AESGCM, new_data_key
 from ..errors import (
     ConfigurationError,
     DestroyedKeyError,
+    EncryptionLimitError,
     EnvelopeError,
     KeyDisabledError,
+    KeyTamperedError,
     NoActiveKeyError,
     RootKeyAccessDeniedError,
     RootKeyUnavailableError,
@@ -43,6 +52,16 @@ from .wrapper import KeyWrapper
 __all__ = ["Keyring"]
 
 log = logging.getLogger("sqlalchemy_envelope")
+
+_keyrings: weakref.WeakSet[Keyring] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for keyring in list(_keyrings):
+        keyring.after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Keyring:
@@ -69,6 +88,16 @@ class Keyring:
         self.table = store.table
         self.lock = threading.RLock()
         self.closed = False
+        _keyrings.add(self)
+
+    def after_fork(self) -> None:
+        """In a forked child (called at every fork): a lock, claims and
+        connections of its own. The parent's claimed blocks stay the
+        parent's: two processes spending one block would encrypt more than
+        data_keys counts."""
+        self.lock = threading.RLock()
+        self.cache.forget_claims()
+        self.store.forget_key_connections()
 
     def check_open(self) -> None:
         if self.closed:
@@ -108,14 +137,17 @@ class Keyring:
         """The key named by a value's header, read again if stale."""
         fmt.check(ciphertext)
         header = ciphertext[: fmt.HEADER_BYTES]
+        key_id = fmt.key_id_of(ciphertext)
+        if self.cache.is_missing(key_id):
+            raise UnknownKeyError(key_id)
         with self.lock:
             key = self.cache.by_header.get(header)
             if key is not None and self.cache.fresh(key):
                 return key
             self.check_open()
-            key_id = fmt.key_id_of(ciphertext)
             row = self.store.read(lambda conn: storage.key_by_id(conn, self.table, key_id))
             if row is None:
+                self.cache.put_missing(key_id)
                 raise UnknownKeyError(key_id)
             return self.remember(row, previous=key)
 
@@ -137,14 +169,38 @@ class Keyring:
         return row.scope, row.version
 
     def _active_row(self, scope: str) -> KeyRow | None:
-        return self.store.read(lambda conn: storage.active_key(conn, self.table, scope))
+        """The row of the scope's active key, refused unless it names that
+        scope and is the scope's newest version, in data_keys and among the
+        keys this process has unwrapped: a retired key made active again is
+        not. (`remember` then checks that the scope and version are the
+        ones its key was wrapped with.)"""
+        found = self.store.read(lambda conn: storage.active_key_and_newest(conn, self.table, scope))
+        if found is None:
+            return None
+        row, newest = found
+        if row.scope != scope:
+            raise KeyTamperedError(
+                row.version, row.scope, f"it is marked as the active key of scope {scope!r}"
+            )
+        newest = max(newest, self.cache.newest.get(scope, 0))
+        if row.version < newest:
+            raise KeyTamperedError(
+                row.version, scope, f"it is active, but version {newest} of its scope is newer"
+            )
+        return row
 
     def cached(self, key_id: int) -> DataKey | None:
         return self.cache.by_header.get(fmt.header(key_id))
 
     def remember(self, row: KeyRow, previous: DataKey | None) -> DataKey:
         """Cache ``row``, unwrapping it unless the previous cache entry for the
-        same key already holds its cipher; keep that entry's use counter."""
+        same key already holds its cipher; keep that entry's use counter. A
+        row that contradicts what this process knows of its key is refused."""
+        self._check_known(row)
+        known = self.cached(row.id)
+        encryptions = 0 if self.store.pinned else row.encryptions
+        if known is not None:
+            encryptions = self._check_count(row, known)
         usable = row.state in (KeyState.ACTIVE, KeyState.RETIRED)
         same = previous is not None and previous.id == row.id
         aead: AESGCM | None = None
@@ -162,12 +218,58 @@ class Keyring:
             aead=aead,
             fresh_until=self.cache.expiry(),
             created_at=row.created_at,
+            encryptions=encryptions,
         )
         if same and previous is not None:
             key = replace(
                 key, counter=previous.counter, budget=previous.budget, claimed=previous.claimed
             )
         return self.cache.put(key)
+
+    def _check_known(self, row: KeyRow) -> None:
+        """Refuse a row that contradicts the key of its id this process
+        loaded, as a data key or as an index key."""
+        for known in (
+            self.cached(row.id),
+            self.cache.index_by_header.get(fmt.header(row.id, fmt.DETERMINISTIC_VERSION)),
+        ):
+            if known is not None:
+                self._check_unchanged(row, known)
+
+    def _check_unchanged(self, row: KeyRow, known: DataKey | IndexKey) -> None:
+        """A key's id, scope, version and kind never change (its wrapping
+        binds them): a row that says otherwise than the key this process
+        loaded was altered."""
+        kind = self.wrapper.kind
+        if (row.id, row.scope, row.version, kind(row.scope)) != (
+            known.id,
+            known.scope,
+            known.version,
+            kind(known.scope),
+        ):
+            other = "" if row.id == known.id else " under another key id"
+            raise KeyTamperedError(
+                known.version,
+                known.scope,
+                f"it now says version {row.version} of scope {row.scope!r}{other}",
+            )
+
+    def _check_count(self, row: KeyRow, known: DataKey) -> int:
+        """The highest count of claims seen in the key's row: it never goes
+        down, as claims are only ever added (a claim written in the
+        application's rolled-back transaction is taken off by `_unclaim`).
+        A pinned connection's transaction may see its own claims, or an
+        older snapshot: its reads are not compared."""
+        if self.store.pinned:
+            return known.encryptions
+        if row.encryptions < known.encryptions:
+            raise KeyTamperedError(
+                known.version,
+                known.scope,
+                f"its count of encryptions went down from {known.encryptions:,} to "
+                f"{row.encryptions:,}",
+            )
+        return row.encryptions
 
     def refresh(self, row: KeyRow) -> None:
         """Cache a row this process just changed (a state change), whatever its kind."""
@@ -216,10 +318,12 @@ class Keyring:
 
     def claim(self, key: DataKey) -> DataKey:
         """The encrypt path ran out of claimed encryptions under ``key``: claim
-        another block, or rotate when the key's limit is reached, and return
-        the key to use for the encryption at hand. The key in hand stays in use
-        whenever the database cannot answer at once; what it encrypts then is
-        claimed with the next block."""
+        another block, or rotate when the key is due, and return the key to
+        use for the encryption at hand. The limit is hard: a key at
+        ``max_encryptions`` that cannot be rotated encrypts nothing more
+        (`EncryptionLimitError`). While the database is too busy to record a
+        claim, the key in hand stays in use for up to one block, which the
+        next claim records."""
         block = self.policy.block
         with self.lock:
             for _ in range(8):
@@ -227,23 +331,48 @@ class Keyring:
                 used = next(latest.counter)
                 if used < latest.budget and latest.state is KeyState.ACTIVE:
                     return latest
+                if self.policy.due_by_age(
+                    latest.created_at, self.now()
+                ) and self._rotate_for_policy(latest):
+                    key = self.active(latest.scope, force=True)
+                    continue
+                # Not due by age, or its rotation postponed: claim under it.
                 target = used + block
-                granted: bool | transactions.Busy = False
-                if not self.policy.due_by_age(latest.created_at, self.now()):
-                    granted = self._claim_block(latest, target - latest.claimed)
+                granted = self._claim_block(latest, target - latest.claimed)
                 if granted is True:
                     return self.cache.put(replace(latest, budget=target, claimed=target))
                 if granted is transactions.BUSY:
-                    break
-                # Refused, or due by age. Read the scope's active key again
-                # rather than carry on: another process may have rotated, or
-                # shredded the scope (ShreddedScopeError from here on).
+                    return self._unrecorded(latest, used)
+                # Refused. Read the scope's active key again rather than carry
+                # on: another process may have rotated, or shredded the scope
+                # (ShreddedScopeError from here on).
                 key = self.active(latest.scope, force=True)
-                if key.id == latest.id:  # still active: at its limit, or due by age
+                if key.id == latest.id:  # still active: at its limit
                     if not self._rotate_for_policy(latest):
-                        break
+                        raise EncryptionLimitError(
+                            f"data key version {latest.version} of scope {latest.scope!r} "
+                            f"reached max_encryptions ({self.policy.max_encryptions:,}) and "
+                            "could not be rotated now (data_keys is busy, or the root key's "
+                            "KMS cannot be reached): nothing was encrypted; retry shortly"
+                        )
                     key = self.active(latest.scope, force=True)
-            return self.cache.put(replace(latest, budget=used + 1 + block // 8))
+            return self._unrecorded(latest, used)
+
+    def _unrecorded(self, key: DataKey, used: int) -> DataKey:
+        """The database could not record a claim now: go on under ``key``
+        with encryptions not yet recorded (a few at a time, the next claim
+        records them), one block of them at most; then fail closed."""
+        limit = key.claimed + self.policy.block
+        if key.state is not KeyState.ACTIVE or used >= limit:
+            raise EncryptionLimitError(
+                f"data_keys could not record the encryptions claimed under data key "
+                f"version {key.version} of scope {key.scope!r} (the database is busy, or "
+                "other processes rotate it at the same time), and this process used "
+                f"the {self.policy.block:,} it may use unrecorded: nothing was encrypted; "
+                "retry shortly (on SQLite, commit long write transactions sooner)"
+            )
+        budget = min(used + 1 + self.policy.block // 8, limit)
+        return self.cache.put(replace(key, budget=budget))
 
     def _claim_block(self, key: DataKey, count: int) -> bool | transactions.Busy:
         """Claim ``count`` encryptions under ``key`` in data_keys.
@@ -282,7 +411,14 @@ class Keyring:
             latest = self.cache.by_header.get(key.header)
             if latest is not None and latest.id == key.id:
                 claimed = latest.claimed - count
-                self.cache.put(replace(latest, claimed=claimed, budget=min(latest.budget, claimed)))
+                self.cache.put(
+                    replace(
+                        latest,
+                        claimed=claimed,
+                        budget=min(latest.budget, claimed),
+                        encryptions=max(0, latest.encryptions - count),
+                    )
+                )
 
     # -- rotation --------------------------------------------------------------
 
@@ -340,7 +476,7 @@ class Keyring:
             key_id=key_id,
             scope=scope,
             version=version,
-            wrapped_key=self.wrapper.wrap(plaintext, key_id, scope),
+            wrapped_key=self.wrapper.wrap(plaintext, key_id, scope, version),
             root_key_fingerprint=self.wrapper.fingerprint,
             root_key_description=self.wrapper.root_key.description,
             now=now,
@@ -412,17 +548,27 @@ class Keyring:
         if key is not None and self.cache.fresh(key):
             return key
         key_id = fmt.key_id_of(ciphertext)
+        if self.cache.is_missing(key_id):
+            raise UnknownKeyError(key_id)
         with self.lock:
             self.check_open()
             row = self.store.read(lambda c: storage.key_by_id(c, self.table, key_id))
             if row is None:
+                self.cache.put_missing(key_id)
                 raise UnknownKeyError(key_id)
             if not is_index_scope(row.scope):
+                self._check_known(row)
                 return None
             return self._remember_index(row, key)
 
     def _remember_index(self, row: KeyRow, previous: IndexKey | None) -> IndexKey:
-        """Cache an index key; a disabled or destroyed one without its secret."""
+        """Cache an index key; a disabled or destroyed one without its secret.
+        A row that contradicts what this process knows of its key, or of
+        the key its scope and version named before, is refused."""
+        self._check_known(row)
+        named = self.cache.index.get((row.scope, row.version))
+        if named is not None:
+            self._check_unchanged(row, named)
         secret = None
         if row.state in (KeyState.ACTIVE, KeyState.RETIRED):
             same = previous is not None and previous.id == row.id and previous.secret is not None
