@@ -134,9 +134,13 @@ class Keyring:
             self.lock.release()
 
     def for_ciphertext(self, ciphertext: bytes) -> DataKey:
-        """The key named by a value's header, read again if stale."""
+        """The key named by a value's header, read again if stale. An id
+        data_keys does not hold is asked about once per ``cache_max_age``."""
         fmt.check(ciphertext)
         header = ciphertext[: fmt.HEADER_BYTES]
+        key = self.cache.by_header.get(header)
+        if key is not None and self.cache.fresh(key):
+            return key
         key_id = fmt.key_id_of(ciphertext)
         if self.cache.is_missing(key_id):
             raise UnknownKeyError(key_id)
@@ -542,7 +546,8 @@ class Keyring:
         another registry on the same data_keys (a tenant's, bound to a
         session) names its own, and reading needs no choice. AES-SIV
         authenticates the header, so a value cannot be made to name another
-        index key than its own."""
+        index key than its own. An id data_keys does not hold is asked
+        about once per ``cache_max_age``."""
         fmt.check(ciphertext)
         key = self.cache.index_by_header.get(ciphertext[: fmt.HEADER_BYTES])
         if key is not None and self.cache.fresh(key):
