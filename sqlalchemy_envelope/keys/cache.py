@@ -36,7 +36,8 @@ class DataKey:
     data_keys do: less than ``budget`` while the database was too busy to
     claim (by one block at most), and the next claim makes up the
     difference. ``encryptions`` is the highest count of claims this process
-    has read in the key's row: the count never goes down.
+    has read in the key's row, which every read started after tick
+    ``counted`` (`Keyring.ticks`) must show at least.
     """
 
     id: int
@@ -51,6 +52,7 @@ class DataKey:
     budget: int = 0
     claimed: int = 0
     encryptions: int = 0
+    counted: int = 0
 
     def __repr__(self) -> str:
         return (
@@ -106,7 +108,7 @@ class KeyCache:
         self.active: dict[str, DataKey] = {}
         self.index: dict[tuple[str, int], IndexKey] = {}
         self.index_by_header: dict[bytes, IndexKey] = {}
-        self.newest: dict[str, int] = {}
+        self.newest: dict[str, tuple[int, int]] = {}
         self.missing: dict[int, float] = {}
 
     def expiry(self) -> float:
@@ -119,8 +121,7 @@ class KeyCache:
     def put(self, key: DataKey) -> DataKey:
         """Remember ``key``, and make it its scope's active key if it is active.
         Past ``max_keys`` entries the oldest one is forgotten (it is read
-        again from the database if it is needed again); so is the oldest
-        scope's newest version."""
+        again from the database if it is needed again)."""
         self.by_header.pop(key.header, None)  # re-inserted last: the most recent
         self.by_header[key.header] = key
         while len(self.by_header) > self.max_keys:
@@ -128,11 +129,6 @@ class KeyCache:
             evicted = self.by_header.pop(oldest)
             if self.active.get(evicted.scope) is evicted:
                 del self.active[evicted.scope]
-        if key.aead is not None and key.version > self.newest.get(key.scope, 0):
-            self.newest.pop(key.scope, None)  # re-inserted last, as above
-            self.newest[key.scope] = key.version
-            while len(self.newest) > self.max_keys:
-                del self.newest[next(iter(self.newest))]
         if key.state is KeyState.ACTIVE:
             self.active[key.scope] = key
         else:
@@ -150,6 +146,17 @@ class KeyCache:
         self.index[(key.scope, key.version)] = key
         self.index_by_header[key.header] = key
         return key
+
+    def saw(self, key: DataKey, tick: int) -> None:
+        """Remember the newest version of ``key``'s scope, and the tick
+        (`Keyring.ticks`) after which every read shows it: ``key`` was
+        unwrapped, or created, and committed. Past ``max_keys`` scopes the
+        one seen longest ago is forgotten."""
+        if key.version > self.newest.get(key.scope, (0, 0))[0]:
+            self.newest.pop(key.scope, None)  # re-inserted last: the most recent
+            self.newest[key.scope] = (key.version, tick)
+            while len(self.newest) > self.max_keys:
+                del self.newest[next(iter(self.newest))]
 
     def is_missing(self, key_id: int) -> bool:
         """Whether data_keys held no key ``key_id`` less than ``max_age`` ago."""

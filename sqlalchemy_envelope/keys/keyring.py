@@ -14,6 +14,7 @@ else is `KeyTamperedError`, and nothing from that row is used.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import secrets
@@ -88,6 +89,10 @@ class Keyring:
         self.table = store.table
         self.lock = threading.RLock()
         self.closed = False
+        # Orders the reads of data_keys rows: a read that started before a
+        # count of claims was known may have seen an older one (async tasks
+        # interleave inside the lock).
+        self.ticks = itertools.count(1)
         _keyrings.add(self)
 
     def after_fork(self) -> None:
@@ -119,14 +124,14 @@ class Keyring:
             if key is not None and not force and self.cache.fresh(key):
                 return key
             self.check_open()
-            row = self._active_row(scope)
-            if row is None:
-                row = self._first_key(scope)
+            read = self._active_row(scope) or self._first_key(scope)
+            row = read[0]
             if self.policy.due_by_age(row.created_at, self.now()) and self._rotate_for_policy(
-                self.remember(row, self.cached(row.id))
+                self.remember(row, self.cached(row.id), read[1])
             ):
-                row = self._active_row(scope) or row
-            key = self.remember(row, previous=self.cached(row.id))
+                read = self._active_row(scope) or read
+                row = read[0]
+            key = self.remember(row, self.cached(row.id), read[1])
             if stale is not None and stale.id != key.id:
                 self.cache.put(replace(stale, state=KeyState.RETIRED))
             return key
@@ -149,11 +154,12 @@ class Keyring:
             if key is not None and self.cache.fresh(key):
                 return key
             self.check_open()
+            started = next(self.ticks)
             row = self.store.read(lambda conn: storage.key_by_id(conn, self.table, key_id))
             if row is None:
                 self.cache.put_missing(key_id)
                 raise UnknownKeyError(key_id)
-            return self.remember(row, previous=key)
+            return self.remember(row, key, started)
 
     def usable(self, key: DataKey) -> DataKey:
         """``key`` if it may decrypt, else the typed error for why not."""
@@ -172,12 +178,14 @@ class Keyring:
             raise UnknownKeyError(key_id)
         return row.scope, row.version
 
-    def _active_row(self, scope: str) -> KeyRow | None:
-        """The row of the scope's active key, refused unless it names that
-        scope and is the scope's newest version, in data_keys and among the
-        keys this process has unwrapped: a retired key made active again is
-        not. (`remember` then checks that the scope and version are the
-        ones its key was wrapped with.)"""
+    def _active_row(self, scope: str) -> tuple[KeyRow, int] | None:
+        """The row of the scope's active key, and when its read started;
+        refused unless it names that scope and is the scope's newest
+        version, in data_keys and among the keys this process has
+        unwrapped: a retired key made active again is not. (`remember` then
+        checks that the scope and version are the ones its key was wrapped
+        with.)"""
+        started = next(self.ticks)
         found = self.store.read(lambda conn: storage.active_key_and_newest(conn, self.table, scope))
         if found is None:
             return None
@@ -186,25 +194,27 @@ class Keyring:
             raise KeyTamperedError(
                 row.version, row.scope, f"it is marked as the active key of scope {scope!r}"
             )
-        newest = max(newest, self.cache.newest.get(scope, 0))
+        seen, seen_at = self.cache.newest.get(scope, (0, 0))
+        if started > seen_at:  # else the read may have started before that key existed
+            newest = max(newest, seen)
         if row.version < newest:
             raise KeyTamperedError(
                 row.version, scope, f"it is active, but version {newest} of its scope is newer"
             )
-        return row
+        return row, started
 
     def cached(self, key_id: int) -> DataKey | None:
         return self.cache.by_header.get(fmt.header(key_id))
 
-    def remember(self, row: KeyRow, previous: DataKey | None) -> DataKey:
+    def remember(
+        self, row: KeyRow, previous: DataKey | None, read_at: int | None = None
+    ) -> DataKey:
         """Cache ``row``, unwrapping it unless the previous cache entry for the
         same key already holds its cipher; keep that entry's use counter. A
-        row that contradicts what this process knows of its key is refused."""
+        row that contradicts what this process knows of its key is refused;
+        ``read_at`` is when the read of ``row`` started (`ticks`), if known."""
         self._check_known(row)
-        known = self.cached(row.id)
-        encryptions = 0 if self.store.pinned else row.encryptions
-        if known is not None:
-            encryptions = self._check_count(row, known)
+        encryptions, counted = self._check_count(row, self.cached(row.id), read_at)
         usable = row.state in (KeyState.ACTIVE, KeyState.RETIRED)
         same = previous is not None and previous.id == row.id
         aead: AESGCM | None = None
@@ -223,11 +233,14 @@ class Keyring:
             fresh_until=self.cache.expiry(),
             created_at=row.created_at,
             encryptions=encryptions,
+            counted=counted,
         )
         if same and previous is not None:
             key = replace(
                 key, counter=previous.counter, budget=previous.budget, claimed=previous.claimed
             )
+        if aead is not None and not self.store.pinned:
+            self.cache.saw(key, next(self.ticks))
         return self.cache.put(key)
 
     def _check_known(self, row: KeyRow) -> None:
@@ -258,22 +271,28 @@ class Keyring:
                 f"it now says version {row.version} of scope {row.scope!r}{other}",
             )
 
-    def _check_count(self, row: KeyRow, known: DataKey) -> int:
-        """The highest count of claims seen in the key's row: it never goes
-        down, as claims are only ever added (a claim written in the
-        application's rolled-back transaction is taken off by `_unclaim`).
-        A pinned connection's transaction may see its own claims, or an
-        older snapshot: its reads are not compared."""
+    def _check_count(
+        self, row: KeyRow, known: DataKey | None, read_at: int | None
+    ) -> tuple[int, int]:
+        """The highest count of claims seen in the key's row, and the tick
+        after which every read shows at least that many: claims are only
+        ever added (one written in the application's rolled-back
+        transaction is taken off by `_unclaim`), so a read started after
+        that tick that shows fewer was altered. A pinned connection's
+        transaction may see its own claims, or an older snapshot: its reads
+        count for nothing."""
         if self.store.pinned:
-            return known.encryptions
-        if row.encryptions < known.encryptions:
+            return (0, 0) if known is None else (known.encryptions, known.counted)
+        if known is None or row.encryptions > known.encryptions:
+            return row.encryptions, next(self.ticks)
+        if read_at is not None and read_at > known.counted and row.encryptions < known.encryptions:
             raise KeyTamperedError(
                 known.version,
                 known.scope,
                 f"its count of encryptions went down from {known.encryptions:,} to "
                 f"{row.encryptions:,}",
             )
-        return row.encryptions
+        return known.encryptions, known.counted
 
     def refresh(self, row: KeyRow) -> None:
         """Cache a row this process just changed (a state change), whatever its kind."""
@@ -283,20 +302,20 @@ class Keyring:
             else:
                 self.remember(row, previous=self.cached(row.id))
 
-    def _first_key(self, scope: str) -> KeyRow:
+    def _first_key(self, scope: str) -> tuple[KeyRow, int]:
         """The active key of a scope that has none in data_keys: a tenant's
         created on first use, unless the scope was shredded."""
         if self.store.read(lambda conn: storage.is_shredded(conn, self.table, scope)):
             self.forget_scope(scope)
             raise ShreddedScopeError(scope)
-        row = None
+        found = None
         if scope != self.scope and self.create_scopes:
-            row = self._create_on_first_use(scope)
-        if row is None:
+            found = self._create_on_first_use(scope)
+        if found is None:
             raise NoActiveKeyError(scope)
-        return row
+        return found
 
-    def _create_on_first_use(self, scope: str) -> KeyRow | None:
+    def _create_on_first_use(self, scope: str) -> tuple[KeyRow, int] | None:
         """Create a scope met for the first time by the encrypt path. It must
         not wait on locks the application may hold: SQLite has one writer at a
         time, so there the scope must exist before a write transaction meets it."""
@@ -309,14 +328,14 @@ class Keyring:
                 self.insert_active(conn, scope, storage.next_version(conn, self.table, scope))
 
         outcome = self.store.try_write(work)
-        row = self._active_row(scope)
-        if row is None and isinstance(outcome, transactions.Busy):
+        found = self._active_row(scope)
+        if found is None and isinstance(outcome, transactions.Busy):
             raise ConfigurationError(
                 f"scope {scope!r} has no data key yet, and the database is locked by an "
                 "open write transaction: create scopes ahead with "
                 "KeyRegistry.create_scope() (on SQLite, always)"
             )
-        return row
+        return found
 
     # -- claims: bounding encryptions per key across processes ------------------
 
@@ -346,7 +365,11 @@ class Keyring:
                 if granted is True:
                     return self.cache.put(replace(latest, budget=target, claimed=target))
                 if granted is transactions.BUSY:
-                    return self._unrecorded(latest, used)
+                    current = self.cache.active.get(latest.scope)
+                    if current is None or current.id == latest.id:
+                        return self._unrecorded(latest, used)
+                    key = current  # rotated meanwhile, by another task of this process
+                    continue
                 # Refused. Read the scope's active key again rather than carry
                 # on: another process may have rotated, or shredded the scope
                 # (ShreddedScopeError from here on).
@@ -440,11 +463,15 @@ class Keyring:
         return self.insert_active(conn, scope, version)
 
     def adopt(self, new: DataKey) -> None:
-        """Make a key this process just created its scope's active key."""
+        """Make a key this process just created its scope's active key (not
+        its newest version while pinned: the pinned transaction may yet be
+        rolled back)."""
         with self.lock:
             old = self.cache.active.get(new.scope)
             if old is not None and old.id != new.id:
                 self.cache.put(replace(old, state=KeyState.RETIRED))
+            if not self.store.pinned:
+                self.cache.saw(new, next(self.ticks))
             self.cache.put(new)
 
     def _rotate_for_policy(self, key: DataKey) -> bool:
