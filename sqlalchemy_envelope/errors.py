@@ -20,11 +20,13 @@ __all__ = [
     "DestroyedKeyError",
     "EncryptedComparisonError",
     "EncryptedExpressionError",
+    "EncryptionLimitError",
     "EnvelopeError",
     "InvalidValueError",
     "KeyDisabledError",
     "KeyInUseError",
     "KeyStateError",
+    "KeyTamperedError",
     "NoActiveKeyError",
     "NotCiphertextError",
     "RootKeyAccessDeniedError",
@@ -107,6 +109,32 @@ class RootKeyAccessDeniedError(EnvelopeError):
     """The service holding the root key refused this application: missing
     permission or credentials, or the key is disabled, scheduled for
     deletion or does not exist. Retrying will not help; fix the access."""
+
+
+class KeyTamperedError(EnvelopeError):
+    """A ``data_keys`` row says something its wrapped key, or what this
+    process already read of it, contradicts: another scope, version or kind,
+    an active key that is not its scope's newest, a counter that went down.
+    Someone who can write to the database changed it; nothing from that row
+    is used."""
+
+    def __init__(self, version: int, scope: str, what: str) -> None:
+        self.version = version
+        self.scope = scope
+        super().__init__(
+            f"the data_keys row of data key version {version} of scope {scope!r} was "
+            f"altered: {what}. Nothing was encrypted or decrypted with it. Find out who "
+            "writes to data_keys and restore it from a backup (if it was restored from a "
+            "backup on purpose, restart the processes that use it)"
+        )
+
+
+class EncryptionLimitError(EnvelopeError):
+    """An encryption would pass the bound on encryptions per data key: the
+    key reached ``max_encryptions`` and could not be rotated, or the
+    database could not record this process's claims for longer than one
+    block. Nothing was encrypted; retry once the database or the root key's
+    KMS answers."""
 
 
 class DecryptionError(EnvelopeError):

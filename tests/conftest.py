@@ -277,6 +277,7 @@ MARIADB_MODULES = frozenset(
         "test_batch_conflicts",
         "test_rewrap",
         "test_rewrap_races",
+        "test_key_rows",
     }
 )
 

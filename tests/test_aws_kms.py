@@ -89,7 +89,8 @@ def test_kms_wraps_data_keys_and_is_called_only_for_key_events(
         assert list(rows) == [f"note {i}" for i in range(300)] + ["later"] * 100
     assert other_calls == {"Decrypt": 2}
 
-    # The wrapped keys are KMS ciphertexts bound to the key id and scope.
+    # The wrapped keys are KMS ciphertexts bound to the key id, kind, scope
+    # and version.
     with engine.connect() as conn:
         key_id, scope, wrapped = conn.execute(
             sa.text(
@@ -98,16 +99,64 @@ def test_kms_wraps_data_keys_and_is_called_only_for_key_events(
             )
         ).one()
     client = kms.client()
-    context = {"key_id": str(key_id), "scope": scope, "purpose": "sqlalchemy-envelope/data-key"}
+    context = {
+        "key_id": str(key_id),
+        "kind": "data",
+        "scope": scope,
+        "version": "2",
+        "purpose": "sqlalchemy-envelope/data-key",
+    }
     assert (
         len(client.decrypt(CiphertextBlob=bytes(wrapped), EncryptionContext=context)["Plaintext"])
         == 32
     )
-    with pytest.raises(client.exceptions.InvalidCiphertextException):
-        client.decrypt(
-            CiphertextBlob=bytes(wrapped), EncryptionContext={**context, "scope": "other"}
-        )
+    for changed in ({"scope": "other"}, {"version": "3"}, {"kind": "index"}):
+        with pytest.raises(client.exceptions.InvalidCiphertextException):
+            client.decrypt(CiphertextBlob=bytes(wrapped), EncryptionContext={**context, **changed})
     other.engine.dispose()
+
+
+def test_kms_keys_wrapped_before_context_version_2_still_unwrap(
+    kms: KMSServer, engine: sa.Engine
+) -> None:
+    """Earlier releases sent only the key id and scope as the encryption
+    context: such keys keep working, and rewrap moves them to version 2."""
+    arn = kms.create_key()
+    registry = KeyRegistry(engine, AWSKMSRootKey(arn))
+    registry.init()
+    table = encrypted_table("notes")
+    table.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": i, "body": f"note {i}"} for i in range(3)])
+    registry.close()
+    client = kms.client()
+    with engine.begin() as conn:  # the database as an earlier release left it
+        for key_id, scope, version, wrapped in conn.execute(
+            sa.text("SELECT id, scope, version, wrapped_key FROM data_keys")
+        ).all():
+            purpose = {"purpose": "sqlalchemy-envelope/data-key"}
+            kind = "index" if scope.startswith("~") else "data"
+            current = {"key_id": str(key_id), "kind": kind, "scope": scope, "version": str(version)}
+            data_key = client.decrypt(
+                CiphertextBlob=bytes(wrapped), EncryptionContext={**current, **purpose}
+            )["Plaintext"]
+            legacy = {"key_id": str(key_id), "scope": scope, **purpose}
+            blob = client.encrypt(KeyId=arn, Plaintext=data_key, EncryptionContext=legacy)
+            conn.execute(
+                sa.text("UPDATE data_keys SET wrapped_key = :w WHERE id = :i"),
+                {"w": blob["CiphertextBlob"], "i": key_id},
+            )
+
+    root_key = AWSKMSRootKey(arn)
+    calls = _counted(root_key)
+    reader = KeyRegistry(engine, root_key)
+    assert _bodies(engine, table) == ["note 0", "note 1", "note 2"]
+    assert calls == {"Decrypt": 2}  # version 2 refused, version 1 unwraps
+    with engine.begin() as conn:
+        conn.execute(table.insert(), {"id": 3, "body": "note 3"})
+    assert reader.rewrap(StaticRootKey(os.urandom(32))) == 2
+    assert _bodies(engine, table) == ["note 0", "note 1", "note 2", "note 3"]
+    reader.close()
 
 
 def test_rewrap_from_a_static_key_to_kms_and_back(kms: KMSServer, engine: sa.Engine) -> None:

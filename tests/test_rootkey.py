@@ -5,9 +5,11 @@ from __future__ import annotations
 import base64
 import functools
 import gc
+import json
 import logging
 import os
 import pwd
+import re
 import secrets
 import traceback
 from datetime import timedelta
@@ -17,6 +19,7 @@ import pytest
 import sqlalchemy as sa
 from conftest import encrypted_table
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 from sqlalchemy.orm import Session
 
@@ -31,6 +34,9 @@ from sqlalchemy_envelope import (
     root_key_from_env,
 )
 from sqlalchemy_envelope.keys import rootkey as rootkey_module
+from sqlalchemy_envelope.keys.wrapper import KeyWrapper
+
+FORMAT_MD = Path(__file__).resolve().parent.parent / "FORMAT.md"
 
 STRONG_SEED = "Jx3vQ0r7-Lw9sZ2bYk5tN8cA1mF4hG6dR0pE3uW7qT_"  # secrets.token_urlsafe(32)
 WEAK_SEED = "correct horse battery staple"
@@ -208,6 +214,47 @@ def test_wrapping_binds_the_context() -> None:
     tampered[-1] ^= 1
     with pytest.raises(DecryptionError):
         key.unwrap(bytes(tampered), {"key_id": "7", "scope": "a"})
+
+
+def _wrapped_key_vector() -> dict[str, str]:
+    """The known answer of FORMAT.md's "Wrapped data keys" section."""
+    text = FORMAT_MD.read_text("utf-8")
+    section = text[text.index("## Wrapped data keys") : text.index("## Test vectors")]
+    block = re.search(r"```\n(root key .*?)```", section, re.S)
+    assert block is not None, "FORMAT.md has no known answer for wrapped keys"
+    pairs = (re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in block.group(1).splitlines())
+    return {name: value for name, value in pairs}
+
+
+def test_wrapped_key_known_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bytes FORMAT.md publishes: RFC 8785 JSON of the version 2 context
+    (raw UTF-8, as JSON.stringify writes it) as associated data, written;
+    the escaped JSON of version 1, read."""
+    vector = _wrapped_key_vector()
+    raw, data_key, nonce = (bytes.fromhex(vector[n]) for n in ("root key", "data key", "nonce"))
+    wrapped, aad = bytes.fromhex(vector["wrapped"]), bytes.fromhex(vector["aad"])
+    root_key = StaticRootKey(raw)
+    context = KeyWrapper.context(4328719365, "café-東京", 3)
+
+    assert rootkey_module.canonical_json(context) == vector["context"].encode("utf-8")
+    assert aad == b"sqlalchemy-envelope/data-key/v2\x00" + vector["context"].encode("utf-8")
+    assert AESGCM(raw).decrypt(nonce, wrapped[13:], aad) == data_key
+    monkeypatch.setattr(rootkey_module, "new_nonce", lambda: nonce)
+    assert root_key.wrap(data_key, context) == wrapped
+    assert root_key.unwrap(wrapped, context) == data_key
+    for changed in ({**context, "version": "4"}, {**context, "kind": "index"}):
+        with pytest.raises(DecryptionError):
+            root_key.unwrap(wrapped, changed)
+
+    legacy_wrapped = bytes.fromhex(vector["v1 wrapped"])
+    legacy = json.loads(vector["v1 context"])
+    assert legacy == KeyWrapper.legacy_context(4328719365, "café-東京")
+    assert AESGCM(raw).decrypt(nonce, legacy_wrapped[13:], bytes.fromhex(vector["v1 aad"])) == (
+        data_key
+    )
+    assert root_key.unwrap(legacy_wrapped, legacy) == data_key
+    with pytest.raises(ConfigurationError, match="valid Unicode"):
+        root_key.wrap(data_key, {**context, "scope": "\ud800"})
 
 
 def test_static_key_validation() -> None:

@@ -33,6 +33,7 @@ from sqlalchemy_envelope import (
     session_scope,
     set_session_scope,
 )
+from sqlalchemy_envelope.keys.wrapper import KeyWrapper
 
 CACHE_MAX_AGE = 60
 BYSTANDER = "globex"
@@ -172,13 +173,13 @@ def _secrets(engine: sa.Engine, raw_root_key: bytes, *scopes: str) -> list[str]:
     root_key = StaticRootKey(raw_root_key)
     with engine.connect() as conn:
         rows = conn.execute(
-            sa.select(data_keys.c.id, data_keys.c.scope, data_keys.c.wrapped_key).where(
-                data_keys.c.scope.in_(scopes), data_keys.c.wrapped_key.is_not(None)
-            )
+            sa.select(
+                data_keys.c.id, data_keys.c.scope, data_keys.c.version, data_keys.c.wrapped_key
+            ).where(data_keys.c.scope.in_(scopes), data_keys.c.wrapped_key.is_not(None))
         ).all()
     keys = [
-        root_key.unwrap(bytes(wrapped), {"key_id": str(key_id), "scope": scope})
-        for key_id, scope, wrapped in rows
+        root_key.unwrap(bytes(wrapped), KeyWrapper.context(key_id, scope, version))
+        for key_id, scope, version, wrapped in rows
     ]
     assert len(keys) >= len(scopes)
     return [*PLAINTEXTS, *_forms(raw_root_key), *(form for key in keys for form in _forms(key))]

@@ -34,6 +34,7 @@ from sqlalchemy_envelope import (
 )
 from sqlalchemy_envelope.crypto import format as fmt
 from sqlalchemy_envelope.crypto.primitives import AESGCM
+from sqlalchemy_envelope.keys.wrapper import KeyWrapper
 
 EMAIL = "ada.lovelace@analytical.example"
 SSN = "123-45-6789"
@@ -530,7 +531,7 @@ def test_an_index_key_is_never_a_data_key_nor_the_reverse(
             )
         }
     index_id, wrapped = rows["~index:default"]
-    secret = root_key.unwrap(wrapped, {"key_id": str(index_id), "scope": "~index:default"})
+    secret = root_key.unwrap(wrapped, KeyWrapper.context(index_id, "~index:default", 1))
     header = fmt.header(index_id)
     nonce = os.urandom(12)
     context = b"isolation_patients.email"

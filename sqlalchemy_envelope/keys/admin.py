@@ -21,6 +21,7 @@ from .keyring import Keyring
 from .rootkey import RootKeyProvider
 from .scopes import check_scope, index_scope, is_index_scope
 from .storage import KeyRow, KeyState
+from .wrapper import KeyWrapper
 
 __all__ = ["KeyAdmin"]
 
@@ -222,7 +223,8 @@ class KeyAdmin:
         first statement to its commit: no key can be inserted under the old
         root key meanwhile, nor go unseen. Keys already under the new root
         key stay as they are (one is checked to unwrap with it), so that a
-        rewrap can be run again to finish one that left keys behind."""
+        rewrap can be run again to finish one that left keys behind. Keys
+        wrapped before version 2 of the wrap context get version 2."""
         self.keyring.check_open()
         if not isinstance(new_root_key, RootKeyProvider):
             raise ConfigurationError("rewrap() needs a RootKeyProvider")
@@ -240,10 +242,10 @@ class KeyAdmin:
             count = 0
             checked = False
             for row in storage.all_keys(conn, self.table):
-                context = self.wrapper.context(row.id, row.scope)
+                context = self.wrapper.context(row.id, row.scope, row.version)
                 if row.wrapped_key is not None and row.root_key_fingerprint == new_fingerprint:
                     if not checked:
-                        self._unwraps(new_root_key, row.wrapped_key, context)
+                        self._unwraps(new_root_key, row)
                         checked = True
                     continue
                 wrapped = None
@@ -270,17 +272,26 @@ class KeyAdmin:
         return count
 
     @staticmethod
-    def _unwraps(root_key: RootKeyProvider, wrapped: bytes, context: dict[str, str]) -> None:
-        """Refuse a new root key that does not unwrap a key stored under its fingerprint."""
-        try:
-            root_key.unwrap(wrapped, context)
-        except DecryptionError:
-            raise WrongRootKeyError(
-                f"a data key stored under the new root key's fingerprint "
-                f"({root_key.fingerprint}) does not unwrap with it: this is another key under "
-                "the same fingerprint (check the new root key's configuration). Nothing was "
-                "written."
-            ) from None
+    def _unwraps(root_key: RootKeyProvider, row: KeyRow) -> None:
+        """Refuse a new root key that does not unwrap a key stored under its
+        fingerprint (with either version of the wrap context)."""
+        assert row.wrapped_key is not None
+        contexts = (
+            KeyWrapper.context(row.id, row.scope, row.version),
+            KeyWrapper.legacy_context(row.id, row.scope),
+        )
+        for context in contexts:
+            try:
+                root_key.unwrap(row.wrapped_key, context)
+                return
+            except DecryptionError:
+                continue
+        raise WrongRootKeyError(
+            f"a data key stored under the new root key's fingerprint "
+            f"({root_key.fingerprint}) does not unwrap with it: this is another key under "
+            "the same fingerprint (check the new root key's configuration). Nothing was "
+            "written."
+        )
 
     def row(self, scope: str, version: int) -> KeyRow:
         row = self.store.read(lambda conn: storage.key_by_version(conn, self.table, scope, version))

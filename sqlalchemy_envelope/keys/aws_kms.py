@@ -2,9 +2,9 @@
 the root key never enters this process.
 
 KMS is called only when a data key is created, rotated, re-wrapped or first
-loaded into the registry's cache, never per value; the data key's id and
-scope travel as the KMS encryption context, which KMS binds to the wrapped
-bytes and records in CloudTrail. Needs the ``aws`` extra (boto3).
+loaded into the registry's cache, never per value; the data key's id, scope,
+version and kind travel as the KMS encryption context, which KMS binds to the
+wrapped bytes and records in CloudTrail. Needs the ``aws`` extra (boto3).
 """
 
 from __future__ import annotations

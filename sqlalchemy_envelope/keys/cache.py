@@ -34,7 +34,10 @@ class DataKey:
     by every copy of the entry. ``budget`` is where the encryptions this
     process may use run out, and ``claimed`` where those it has claimed in
     data_keys do: less than ``budget`` while the database was too busy to
-    claim, and the next claim makes up the difference.
+    claim (by one block at most), and the next claim makes up the
+    difference. ``encryptions`` is the highest count of claims this process
+    has read in the key's row, which every read started after tick
+    ``counted`` (`Keyring.ticks`) must show at least.
     """
 
     id: int
@@ -48,6 +51,8 @@ class DataKey:
     counter: itertools.count[int] = field(default_factory=itertools.count)
     budget: int = 0
     claimed: int = 0
+    encryptions: int = 0
+    counted: int = 0
 
     def __repr__(self) -> str:
         return (
@@ -87,7 +92,11 @@ class IndexKey:
 
 class KeyCache:
     """Data keys by ciphertext header and the active key of each scope; index
-    keys by scope and version, and by the header of deterministic values."""
+    keys by scope and version, and by the header of deterministic values;
+    the newest version of each scope among the keys this process unwrapped
+    (an active key older than that was made active again); and the key ids
+    data_keys did not hold, for ``max_age``, so that values naming unknown
+    keys, such as a client's forged ones, cost one query per id."""
 
     def __init__(
         self, max_age: float, clock: Clock = time.monotonic, max_keys: int = 10_000
@@ -99,6 +108,8 @@ class KeyCache:
         self.active: dict[str, DataKey] = {}
         self.index: dict[tuple[str, int], IndexKey] = {}
         self.index_by_header: dict[bytes, IndexKey] = {}
+        self.newest: dict[str, tuple[int, int]] = {}
+        self.missing: dict[int, float] = {}
 
     def expiry(self) -> float:
         return self.clock() + self.max_age
@@ -136,6 +147,39 @@ class KeyCache:
         self.index_by_header[key.header] = key
         return key
 
+    def saw(self, key: DataKey, tick: int) -> None:
+        """Remember the newest version of ``key``'s scope, and the tick
+        (`Keyring.ticks`) after which every read shows it: ``key`` was
+        unwrapped, or created, and committed. Past ``max_keys`` scopes the
+        one seen longest ago is forgotten."""
+        if key.version > self.newest.get(key.scope, (0, 0))[0]:
+            self.newest.pop(key.scope, None)  # re-inserted last: the most recent
+            self.newest[key.scope] = (key.version, tick)
+            while len(self.newest) > self.max_keys:
+                del self.newest[next(iter(self.newest))]
+
+    def is_missing(self, key_id: int) -> bool:
+        """Whether data_keys held no key ``key_id`` less than ``max_age`` ago."""
+        until = self.missing.get(key_id)
+        return until is not None and self.clock() <= until
+
+    def put_missing(self, key_id: int) -> None:
+        """Remember that data_keys holds no key ``key_id`` (the oldest such
+        entry is forgotten past ``max_keys``)."""
+        self.missing.pop(key_id, None)
+        self.missing[key_id] = self.expiry()
+        while len(self.missing) > self.max_keys:
+            del self.missing[next(iter(self.missing))]
+
+    def forget_claims(self) -> None:
+        """In a forked child: the encryptions the parent claimed are the
+        parent's to use; the child claims its own."""
+        for header, key in list(self.by_header.items()):
+            fresh = replace(key, counter=itertools.count(), budget=0, claimed=0)
+            self.by_header[header] = fresh
+            if self.active.get(key.scope) is key:
+                self.active[key.scope] = fresh
+
     def forget_scopes(self, scopes: tuple[str, ...]) -> None:
         """After a shred: every key of these scopes becomes unusable at once
         (data keys stay known as destroyed; index keys are forgotten, so
@@ -156,3 +200,5 @@ class KeyCache:
         self.active.clear()
         self.index.clear()
         self.index_by_header.clear()
+        self.newest.clear()
+        self.missing.clear()

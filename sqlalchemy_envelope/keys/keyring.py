@@ -5,13 +5,21 @@ The database is read only when a key is new to this process, older than
 ``cache_max_age``, or when this process has used up the encryptions it
 claimed under the active key. Rotation by policy happens here too, without a
 background thread, and never waits on locks the application may hold.
+
+A row read again is checked against what this process already knows of its
+key: its id, scope, version and kind never change, its count of claims
+never goes down, and a scope's active key is its newest version. Anything
+else is `KeyTamperedError`, and nothing from that row is used.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import secrets
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
@@ -25,8 +33,10 @@ from ..errors import (
     ConfigurationError,
     DecryptionError,
     DestroyedKeyError,
+    EncryptionLimitError,
     EnvelopeError,
     KeyDisabledError,
+    KeyTamperedError,
     NoActiveKeyError,
     RootKeyAccessDeniedError,
     RootKeyUnavailableError,
@@ -44,6 +54,16 @@ from .wrapper import KeyWrapper
 __all__ = ["Keyring"]
 
 log = logging.getLogger("sqlalchemy_envelope")
+
+_keyrings: weakref.WeakSet[Keyring] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for keyring in list(_keyrings):
+        keyring.after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Keyring:
@@ -70,6 +90,20 @@ class Keyring:
         self.table = store.table
         self.lock = threading.RLock()
         self.closed = False
+        # Orders the reads of data_keys rows: a read that started before a
+        # count of claims was known may have seen an older one (async tasks
+        # interleave inside the lock).
+        self.ticks = itertools.count(1)
+        _keyrings.add(self)
+
+    def after_fork(self) -> None:
+        """In a forked child (called at every fork): a lock, claims and
+        connections of its own. The parent's claimed blocks stay the
+        parent's: two processes spending one block would encrypt more than
+        data_keys counts."""
+        self.lock = threading.RLock()
+        self.cache.forget_claims()
+        self.store.forget_key_connections()
 
     def check_open(self) -> None:
         if self.closed:
@@ -91,14 +125,14 @@ class Keyring:
             if key is not None and not force and self.cache.fresh(key):
                 return key
             self.check_open()
-            row = self._active_row(scope)
-            if row is None:
-                row = self._first_key(scope)
+            read = self._active_row(scope) or self._first_key(scope)
+            row = read[0]
             if self.policy.due_by_age(row.created_at, self.now()) and self._rotate_for_policy(
-                self.remember(row, self.cached(row.id))
+                self.remember(row, self.cached(row.id), read[1])
             ):
-                row = self._active_row(scope) or row
-            key = self.remember(row, previous=self.cached(row.id))
+                read = self._active_row(scope) or read
+                row = read[0]
+            key = self.remember(row, self.cached(row.id), read[1])
             if stale is not None and stale.id != key.id:
                 self.cache.put(replace(stale, state=KeyState.RETIRED))
             return key
@@ -106,19 +140,27 @@ class Keyring:
             self.lock.release()
 
     def for_ciphertext(self, ciphertext: bytes) -> DataKey:
-        """The key named by a value's header, read again if stale."""
+        """The key named by a value's header, read again if stale. An id
+        data_keys does not hold is asked about once per ``cache_max_age``."""
         fmt.check(ciphertext)
         header = ciphertext[: fmt.HEADER_BYTES]
+        key = self.cache.by_header.get(header)
+        if key is not None and self.cache.fresh(key):
+            return key
+        key_id = fmt.key_id_of(ciphertext)
+        if self.cache.is_missing(key_id):
+            raise UnknownKeyError(key_id)
         with self.lock:
             key = self.cache.by_header.get(header)
             if key is not None and self.cache.fresh(key):
                 return key
             self.check_open()
-            key_id = fmt.key_id_of(ciphertext)
+            started = next(self.ticks)
             row = self.store.read(lambda conn: storage.key_by_id(conn, self.table, key_id))
             if row is None:
+                self.cache.put_missing(key_id)
                 raise UnknownKeyError(key_id)
-            return self.remember(row, previous=key)
+            return self.remember(row, key, started)
 
     def usable(self, key: DataKey) -> DataKey:
         """``key`` if it may decrypt, else the typed error for why not."""
@@ -137,15 +179,41 @@ class Keyring:
             raise UnknownKeyError(key_id)
         return row.scope, row.version
 
-    def _active_row(self, scope: str) -> KeyRow | None:
-        return self.store.read(lambda conn: storage.active_key(conn, self.table, scope))
+    def _active_row(self, scope: str) -> tuple[KeyRow, int] | None:
+        """The row of the scope's active key, and when its read started;
+        refused unless it names that scope and is the scope's newest
+        version, in data_keys and among the keys this process has
+        unwrapped: a retired key made active again is not. (`remember` then
+        checks that the scope and version are the ones its key was wrapped
+        with.)"""
+        started = next(self.ticks)
+        found = self.store.read(lambda conn: storage.active_key_and_newest(conn, self.table, scope))
+        if found is None:
+            return None
+        row, newest = found
+        if row.scope != scope:
+            raise KeyTamperedError(
+                row.version, row.scope, f"it is marked as the active key of scope {scope!r}"
+            )
+        seen, seen_at = self.cache.newest.get(scope, (0, 0))
+        if started > seen_at:  # else the read may have started before that key existed
+            newest = max(newest, seen)
+        if row.version < newest:
+            raise KeyTamperedError(
+                row.version, scope, f"it is active, but version {newest} of its scope is newer"
+            )
+        return row, started
 
     def cached(self, key_id: int) -> DataKey | None:
         return self.cache.by_header.get(fmt.header(key_id))
 
-    def remember(self, row: KeyRow, previous: DataKey | None) -> DataKey:
+    def remember(
+        self, row: KeyRow, previous: DataKey | None, read_at: int | None = None
+    ) -> DataKey:
         """Cache ``row``, unwrapping it unless the previous cache entry for the
-        same key already holds its cipher; keep that entry's use counter.
+        same key already holds its cipher; keep that entry's use counter. A
+        row that contradicts what this process knows of its key is refused;
+        ``read_at`` is when the read of ``row`` started (`ticks`), if known.
         An index key is never taken for a data key: a value whose header
         names one as its AES-GCM key was altered (or written by a scope that
         named an index scope, which no user scope can)."""
@@ -154,6 +222,8 @@ class Keyring:
                 f"the value names key {row.id:#012x}, an index key (scope {row.scope!r}), "
                 "as its data key: it was altered"
             )
+        self._check_known(row)
+        encryptions, counted = self._check_count(row, self.cached(row.id), read_at)
         usable = row.state in (KeyState.ACTIVE, KeyState.RETIRED)
         same = previous is not None and previous.id == row.id
         aead: AESGCM | None = None
@@ -171,12 +241,67 @@ class Keyring:
             aead=aead,
             fresh_until=self.cache.expiry(),
             created_at=row.created_at,
+            encryptions=encryptions,
+            counted=counted,
         )
         if same and previous is not None:
             key = replace(
                 key, counter=previous.counter, budget=previous.budget, claimed=previous.claimed
             )
+        if aead is not None and not self.store.pinned:
+            self.cache.saw(key, next(self.ticks))
         return self.cache.put(key)
+
+    def _check_known(self, row: KeyRow) -> None:
+        """Refuse a row that contradicts the key of its id this process
+        loaded, as a data key or as an index key."""
+        for known in (
+            self.cached(row.id),
+            self.cache.index_by_header.get(fmt.header(row.id, fmt.DETERMINISTIC_VERSION)),
+        ):
+            if known is not None:
+                self._check_unchanged(row, known)
+
+    def _check_unchanged(self, row: KeyRow, known: DataKey | IndexKey) -> None:
+        """A key's id, scope, version and kind never change (its wrapping
+        binds them): a row that says otherwise than the key this process
+        loaded was altered."""
+        kind = self.wrapper.kind
+        if (row.id, row.scope, row.version, kind(row.scope)) != (
+            known.id,
+            known.scope,
+            known.version,
+            kind(known.scope),
+        ):
+            other = "" if row.id == known.id else " under another key id"
+            raise KeyTamperedError(
+                known.version,
+                known.scope,
+                f"it now says version {row.version} of scope {row.scope!r}{other}",
+            )
+
+    def _check_count(
+        self, row: KeyRow, known: DataKey | None, read_at: int | None
+    ) -> tuple[int, int]:
+        """The highest count of claims seen in the key's row, and the tick
+        after which every read shows at least that many: claims are only
+        ever added (one written in the application's rolled-back
+        transaction is taken off by `_unclaim`), so a read started after
+        that tick that shows fewer was altered. A pinned connection's
+        transaction may see its own claims, or an older snapshot: its reads
+        count for nothing."""
+        if self.store.pinned:
+            return (0, 0) if known is None else (known.encryptions, known.counted)
+        if known is None or row.encryptions > known.encryptions:
+            return row.encryptions, next(self.ticks)
+        if read_at is not None and read_at > known.counted and row.encryptions < known.encryptions:
+            raise KeyTamperedError(
+                known.version,
+                known.scope,
+                f"its count of encryptions went down from {known.encryptions:,} to "
+                f"{row.encryptions:,}",
+            )
+        return known.encryptions, known.counted
 
     def refresh(self, row: KeyRow) -> None:
         """Cache a row this process just changed (a state change), whatever its kind."""
@@ -186,20 +311,20 @@ class Keyring:
             else:
                 self.remember(row, previous=self.cached(row.id))
 
-    def _first_key(self, scope: str) -> KeyRow:
+    def _first_key(self, scope: str) -> tuple[KeyRow, int]:
         """The active key of a scope that has none in data_keys: a tenant's
         created on first use, unless the scope was shredded."""
         if self.store.read(lambda conn: storage.is_shredded(conn, self.table, scope)):
             self.forget_scope(scope)
             raise ShreddedScopeError(scope)
-        row = None
+        found = None
         if scope != self.scope and self.create_scopes:
-            row = self._create_on_first_use(scope)
-        if row is None:
+            found = self._create_on_first_use(scope)
+        if found is None:
             raise NoActiveKeyError(scope)
-        return row
+        return found
 
-    def _create_on_first_use(self, scope: str) -> KeyRow | None:
+    def _create_on_first_use(self, scope: str) -> tuple[KeyRow, int] | None:
         """Create a scope met for the first time by the encrypt path (its data
         key and its index key), or give a scope of earlier versions the
         index key it lacks. It must not wait on locks the application may
@@ -225,14 +350,14 @@ class Keyring:
                 self.cache.put(data_key)
             if index_key is not None:
                 self.cache.put_index(index_key)
-        row = self._active_row(scope)
-        if row is None and isinstance(outcome, transactions.Busy):
+        found = self._active_row(scope)
+        if found is None and isinstance(outcome, transactions.Busy):
             raise ConfigurationError(
                 f"scope {scope!r} has no data key yet, and the database is locked by an "
                 "open write transaction: create scopes ahead with "
                 "KeyRegistry.create_scope() (on SQLite, always)"
             )
-        return row
+        return found
 
     def create_keys(
         self, conn: Connection, scope: str, *, revive: bool = False
@@ -261,10 +386,12 @@ class Keyring:
 
     def claim(self, key: DataKey) -> DataKey:
         """The encrypt path ran out of claimed encryptions under ``key``: claim
-        another block, or rotate when the key's limit is reached, and return
-        the key to use for the encryption at hand. The key in hand stays in use
-        whenever the database cannot answer at once; what it encrypts then is
-        claimed with the next block."""
+        another block, or rotate when the key is due, and return the key to
+        use for the encryption at hand. The limit is hard: a key at
+        ``max_encryptions`` that cannot be rotated encrypts nothing more
+        (`EncryptionLimitError`). While the database is too busy to record a
+        claim, the key in hand stays in use for up to one block, which the
+        next claim records."""
         block = self.policy.block
         with self.lock:
             for _ in range(8):
@@ -272,23 +399,52 @@ class Keyring:
                 used = next(latest.counter)
                 if used < latest.budget and latest.state is KeyState.ACTIVE:
                     return latest
+                if self.policy.due_by_age(
+                    latest.created_at, self.now()
+                ) and self._rotate_for_policy(latest):
+                    key = self.active(latest.scope, force=True)
+                    continue
+                # Not due by age, or its rotation postponed: claim under it.
                 target = used + block
-                granted: bool | transactions.Busy = False
-                if not self.policy.due_by_age(latest.created_at, self.now()):
-                    granted = self._claim_block(latest, target - latest.claimed)
+                granted = self._claim_block(latest, target - latest.claimed)
                 if granted is True:
                     return self.cache.put(replace(latest, budget=target, claimed=target))
                 if granted is transactions.BUSY:
-                    break
-                # Refused, or due by age. Read the scope's active key again
-                # rather than carry on: another process may have rotated, or
-                # shredded the scope (ShreddedScopeError from here on).
+                    current = self.cache.active.get(latest.scope)
+                    if current is None or current.id == latest.id:
+                        return self._unrecorded(latest, used)
+                    key = current  # rotated meanwhile, by another task of this process
+                    continue
+                # Refused. Read the scope's active key again rather than carry
+                # on: another process may have rotated, or shredded the scope
+                # (ShreddedScopeError from here on).
                 key = self.active(latest.scope, force=True)
-                if key.id == latest.id:  # still active: at its limit, or due by age
+                if key.id == latest.id:  # still active: at its limit
                     if not self._rotate_for_policy(latest):
-                        break
+                        raise EncryptionLimitError(
+                            f"data key version {latest.version} of scope {latest.scope!r} "
+                            f"reached max_encryptions ({self.policy.max_encryptions:,}) and "
+                            "could not be rotated now (data_keys is busy, or the root key's "
+                            "KMS cannot be reached): nothing was encrypted; retry shortly"
+                        )
                     key = self.active(latest.scope, force=True)
-            return self.cache.put(replace(latest, budget=used + 1 + block // 8))
+            return self._unrecorded(latest, used)
+
+    def _unrecorded(self, key: DataKey, used: int) -> DataKey:
+        """The database could not record a claim now: go on under ``key``
+        with encryptions not yet recorded (a few at a time, the next claim
+        records them), one block of them at most; then fail closed."""
+        limit = key.claimed + self.policy.block
+        if key.state is not KeyState.ACTIVE or used >= limit:
+            raise EncryptionLimitError(
+                f"data_keys could not record the encryptions claimed under data key "
+                f"version {key.version} of scope {key.scope!r} (the database is busy, or "
+                "other processes rotate it at the same time), and this process used "
+                f"the {self.policy.block:,} it may use unrecorded: nothing was encrypted; "
+                "retry shortly (on SQLite, commit long write transactions sooner)"
+            )
+        budget = min(used + 1 + self.policy.block // 8, limit)
+        return self.cache.put(replace(key, budget=budget))
 
     def _claim_block(self, key: DataKey, count: int) -> bool | transactions.Busy:
         """Claim ``count`` encryptions under ``key`` in data_keys.
@@ -327,7 +483,14 @@ class Keyring:
             latest = self.cache.by_header.get(key.header)
             if latest is not None and latest.id == key.id:
                 claimed = latest.claimed - count
-                self.cache.put(replace(latest, claimed=claimed, budget=min(latest.budget, claimed)))
+                self.cache.put(
+                    replace(
+                        latest,
+                        claimed=claimed,
+                        budget=min(latest.budget, claimed),
+                        encryptions=max(0, latest.encryptions - count),
+                    )
+                )
 
     # -- rotation --------------------------------------------------------------
 
@@ -354,7 +517,9 @@ class Keyring:
         return self.insert_active(conn, scope, version)
 
     def adopt(self, new: DataKey | IndexKey) -> None:
-        """Make a key this process just created its scope's active key."""
+        """Make a key this process just created its scope's active key (not
+        its newest version while pinned: the pinned transaction may yet be
+        rolled back)."""
         if isinstance(new, IndexKey):
             self.cache.put_index(new)
             return
@@ -362,6 +527,8 @@ class Keyring:
             old = self.cache.active.get(new.scope)
             if old is not None and old.id != new.id:
                 self.cache.put(replace(old, state=KeyState.RETIRED))
+            if not self.store.pinned:
+                self.cache.saw(new, next(self.ticks))
             self.cache.put(new)
 
     def _rotate_for_policy(self, key: DataKey) -> bool:
@@ -433,7 +600,7 @@ class Keyring:
             key_id=key_id,
             scope=scope,
             version=version,
-            wrapped_key=self.wrapper.wrap(plaintext, key_id, scope),
+            wrapped_key=self.wrapper.wrap(plaintext, key_id, scope, version),
             root_key_fingerprint=self.wrapper.fingerprint,
             root_key_description=self.wrapper.root_key.description,
             now=now,
@@ -515,25 +682,36 @@ class Keyring:
 
         Any index scope will do: each tenant's values name its own index key,
         and reading needs no choice. AES-SIV authenticates the header, so a
-        value cannot be made to name another index key than its own."""
+        value cannot be made to name another index key than its own. An id
+        data_keys does not hold is asked about once per ``cache_max_age``."""
         fmt.check(ciphertext)
         key = self.cache.index_by_header.get(ciphertext[: fmt.HEADER_BYTES])
         if key is not None and self.cache.fresh(key):
             return key
         key_id = fmt.key_id_of(ciphertext)
+        if self.cache.is_missing(key_id):
+            raise UnknownKeyError(key_id)
         with self.lock:
             self.check_open()
             row = self.store.read(lambda c: storage.key_by_id(c, self.table, key_id))
             if row is None:
+                self.cache.put_missing(key_id)
                 raise UnknownKeyError(key_id)
             if not is_index_scope(row.scope):
+                self._check_known(row)
                 return None
             return self._remember_index(row, key)
 
     def _remember_index(self, row: KeyRow, previous: IndexKey | None) -> IndexKey:
-        """Cache an index key; a disabled or destroyed one without its secret."""
+        """Cache an index key; a disabled or destroyed one without its secret.
+        A row that contradicts what this process knows of its key, or of
+        the key its scope and version named before, is refused."""
         if not is_index_scope(row.scope):
             raise ConfigurationError(f"key {row.id:#012x} is a data key, not an index key")
+        self._check_known(row)
+        named = self.cache.index.get((row.scope, row.version))
+        if named is not None:
+            self._check_unchanged(row, named)
         secret = None
         if row.state in (KeyState.ACTIVE, KeyState.RETIRED):
             same = previous is not None and previous.id == row.id and previous.secret is not None

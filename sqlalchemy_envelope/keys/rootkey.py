@@ -41,9 +41,16 @@ __all__ = [
     "root_key_from_env",
 ]
 
-_WRAP_LABEL = b"sqlalchemy-envelope/data-key/v1\x00"
 _FINGERPRINT_LABEL = b"sqlalchemy-envelope/root-key-fingerprint/v1"
-_WRAP_VERSION = b"\x01"
+# Wrapped-key formats of the local providers (FORMAT.md, "Wrapped data keys"):
+# the first byte says how the context became associated data. 0x02 is
+# written; 0x01, whose JSON escaped non-ASCII characters, is still read.
+_WRAP_V1 = 0x01
+_WRAP_V2 = 0x02
+_WRAP_LABELS = {
+    _WRAP_V1: b"sqlalchemy-envelope/data-key/v1\x00",
+    _WRAP_V2: b"sqlalchemy-envelope/data-key/v2\x00",
+}
 _KEY_LENGTHS = (16, 24, 32)
 # OWASP's 2023 figure for PBKDF2-HMAC-SHA256; derivation runs once per process.
 DEFAULT_PBKDF2_ITERATIONS = MIN_PBKDF2_ITERATIONS = 600_000
@@ -61,10 +68,11 @@ log = logging.getLogger("sqlalchemy_envelope")
 class RootKeyProvider(Protocol):
     """What the registry needs from a root key.
 
-    ``context`` names the data key being wrapped (its id and scope). A provider
-    must bind it to the wrapped bytes (as AEAD associated data, or as a KMS
-    encryption context) so that a wrapped key moved to another row fails to
-    unwrap. ``unwrap`` raises `DecryptionError` when authentication fails.
+    ``context`` names the data key being wrapped (its id, scope, version and
+    kind). A provider must bind all of it to the wrapped bytes (as AEAD
+    associated data, or as a KMS encryption context) so that a wrapped key
+    moved to another row, or a row renumbered, fails to unwrap. ``unwrap``
+    raises `DecryptionError` when authentication fails.
     """
 
     @property
@@ -90,9 +98,32 @@ class CheckableRootKey(Protocol):
     def check(self) -> None: ...
 
 
-def _associated_data(context: Mapping[str, str]) -> bytes:
-    canonical = json.dumps(dict(sorted(context.items())), separators=(",", ":"))
-    return _WRAP_LABEL + canonical.encode("utf-8")
+def canonical_json(context: Mapping[str, str]) -> bytes:
+    """RFC 8785 (JCS) canonical JSON of an object of strings: members sorted by
+    their keys' UTF-16 code units, no whitespace, strings escaped as
+    JSON.stringify escapes them (quote, backslash and control characters
+    only), UTF-8. Any other implementation of RFC 8785 gives the same bytes."""
+    members = sorted(context.items(), key=lambda member: member[0].encode("utf-16-be"))
+    text = ",".join(f"{_json_string(k)}:{_json_string(v)}" for k, v in members)
+    try:
+        return ("{" + text + "}").encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: not Unicode text, and not to be quoted
+        raise ConfigurationError("a wrap context must be valid Unicode text") from None
+
+
+def _json_string(value: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigurationError("a wrap context maps strings to strings")
+    # With ensure_ascii=False, Python escapes exactly what JSON.stringify
+    # does: ", \, \b \t \n \f \r, and other control characters as \u00xx.
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _associated_data(version: int, context: Mapping[str, str]) -> bytes:
+    if version == _WRAP_V1:
+        legacy = json.dumps(dict(sorted(context.items())), separators=(",", ":"))
+        return _WRAP_LABELS[_WRAP_V1] + legacy.encode("utf-8")
+    return _WRAP_LABELS[_WRAP_V2] + canonical_json(context)
 
 
 class _LocalKey:
@@ -106,15 +137,17 @@ class _LocalKey:
 
     def wrap(self, data_key: bytes, context: Mapping[str, str]) -> bytes:
         nonce = new_nonce()
-        sealed = self._aead.encrypt(nonce, data_key, _associated_data(context))
-        return _WRAP_VERSION + nonce + sealed
+        sealed = self._aead.encrypt(nonce, data_key, _associated_data(_WRAP_V2, context))
+        return bytes([_WRAP_V2]) + nonce + sealed
 
     def unwrap(self, wrapped: bytes, context: Mapping[str, str]) -> bytes:
-        if wrapped[:1] != _WRAP_VERSION:
+        if not wrapped or wrapped[0] not in _WRAP_LABELS:
             raise DecryptionError("wrapped data key has an unknown format version")
+        version = wrapped[0]
         nonce = wrapped[1 : 1 + NONCE_BYTES]
+        aad = _associated_data(version, context)
         try:
-            return self._aead.decrypt(nonce, wrapped[1 + NONCE_BYTES :], _associated_data(context))
+            return self._aead.decrypt(nonce, wrapped[1 + NONCE_BYTES :], aad)
         except InvalidTag:
             raise DecryptionError("wrapped data key failed authentication") from None
 

@@ -156,6 +156,21 @@ def active_key(conn: Connection, table: sa.Table, scope: str) -> KeyRow | None:
     return _one(conn, sa.select(table).where(table.c.active_scope == scope))
 
 
+def active_key_and_newest(
+    conn: Connection, table: sa.Table, scope: str
+) -> tuple[KeyRow, int] | None:
+    """The scope's active key and the highest version of the scope, in one
+    statement, so from one snapshot: a rotation committed meanwhile cannot
+    make the active key look older than the newest."""
+    newer = table.alias("newer")
+    newest = sa.select(sa.func.max(newer.c.version)).where(newer.c.scope == scope)
+    stmt = sa.select(table, newest.scalar_subquery().label("newest_version")).where(
+        table.c.active_scope == scope
+    )
+    row = conn.execute(stmt).mappings().first()
+    return None if row is None else (KeyRow.from_mapping(row), int(row["newest_version"]))
+
+
 def key_by_id(conn: Connection, table: sa.Table, key_id: int) -> KeyRow | None:
     return _one(conn, sa.select(table).where(table.c.id == key_id))
 

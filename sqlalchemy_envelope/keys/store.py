@@ -159,6 +159,12 @@ class KeyStore:
     def after_fork(self) -> None:
         """In a forked child: open connections of its own."""
         self.engine.dispose(close=False)
+        self.forget_key_connections()
+
+    def forget_key_connections(self) -> None:
+        """In a forked child: the registry's own connections to data_keys
+        are the parent's (called at every fork; the application's engine is
+        the application's to dispose of)."""
         self._keys.after_fork()
 
     def close(self) -> None:

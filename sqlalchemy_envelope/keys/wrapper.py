@@ -1,6 +1,11 @@
 """The root key's part: wrapping and unwrapping data keys, and proving that
 this process's root key is the one that wrapped the stored keys before it
-changes anything."""
+changes anything.
+
+A wrapped key is bound to a *wrap context* naming it: its id, scope, version
+and kind (version 2 of the context, FORMAT.md). Keys wrapped before version 2
+were bound to their id and scope only; they still unwrap (version 2 is tried
+first, then version 1) until `KeyAdmin.rewrap` wraps them again."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from sqlalchemy.engine import Connection
 from ..errors import DecryptionError, WrongRootKeyError
 from . import storage
 from .rootkey import RootKeyProvider
+from .scopes import is_index_scope
 from .storage import KeyRow
 
 __all__ = ["KeyWrapper"]
@@ -22,7 +28,8 @@ _HELD = "sqlalchemy_envelope.held"
 
 
 class KeyWrapper:
-    """Wraps data keys under the current root key, bound to their id and scope."""
+    """Wraps data keys under the current root key, bound to their id, scope,
+    version and kind."""
 
     def __init__(self, root_key: RootKeyProvider, table: sa.Table) -> None:
         self.root_key = root_key
@@ -47,19 +54,44 @@ class KeyWrapper:
         self._proven = root_key
 
     @staticmethod
-    def context(key_id: int, scope: str) -> dict[str, str]:
+    def kind(scope: str) -> str:
+        """What a key of ``scope`` is for: "index" (blind indexes, deterministic
+        columns) or "data" (AES-GCM values)."""
+        return "index" if is_index_scope(scope) else "data"
+
+    @classmethod
+    def context(cls, key_id: int, scope: str, version: int) -> dict[str, str]:
+        """The wrap context, version 2: every row field that never changes."""
+        return {
+            "key_id": str(key_id),
+            "kind": cls.kind(scope),
+            "scope": scope,
+            "version": str(version),
+        }
+
+    @staticmethod
+    def legacy_context(key_id: int, scope: str) -> dict[str, str]:
+        """The wrap context of keys wrapped before version 2."""
         return {"key_id": str(key_id), "scope": scope}
 
-    def wrap(self, plaintext: bytes, key_id: int, scope: str) -> bytes:
-        return self.root_key.wrap(plaintext, self.context(key_id, scope))
+    def wrap(self, plaintext: bytes, key_id: int, scope: str, version: int) -> bytes:
+        return self.root_key.wrap(plaintext, self.context(key_id, scope, version))
 
     def unwrap(self, row: KeyRow) -> bytes:
+        """The key ``row`` wraps, if its id, scope, version and kind are the
+        ones it was wrapped with (only id and scope for a key wrapped before
+        version 2 of the wrap context)."""
         assert row.wrapped_key is not None
         if row.root_key_fingerprint != self.fingerprint:
             raise self.wrong_root_key(row.root_key_fingerprint)
         root_key = self.root_key
         try:
-            plaintext = root_key.unwrap(row.wrapped_key, self.context(row.id, row.scope))
+            try:
+                plaintext = root_key.unwrap(
+                    row.wrapped_key, self.context(row.id, row.scope, row.version)
+                )
+            except DecryptionError:
+                plaintext = root_key.unwrap(row.wrapped_key, self.legacy_context(row.id, row.scope))
         except DecryptionError:
             raise WrongRootKeyError(
                 f"data key version {row.version} of scope {row.scope!r} does not unwrap "
