@@ -289,8 +289,17 @@ def test_keys_wrapped_before_context_version_2_keep_working_until_rewrapped(
     _write(engine, how, [7, 8])
     assert _read(engine, how) == [(i, f"note {i}") for i in range(1, 9)]
 
-    new_root_key = StaticRootKey(os.urandom(32))
+    # Bind their versions without changing the root key: a rewrap to the
+    # root key in use re-wraps exactly the keys of earlier releases.
     rows = _key_rows(engine)
+    assert registry.rewrap(root_key) == len(rows)
+    assert registry.rewrap(root_key) == 0
+    for key_id, scope, version, wrapped in _key_rows(engine):
+        context = KeyWrapper.context(key_id, scope, version)
+        assert len(root_key.unwrap(bytes(wrapped), context)) == 32
+    assert _read(engine, how) == [(i, f"note {i}") for i in range(1, 9)]
+
+    new_root_key = StaticRootKey(os.urandom(32))
     assert registry.rewrap(new_root_key) == len(rows)
     for key_id, scope, version, wrapped in _key_rows(engine):
         context = KeyWrapper.context(key_id, scope, version)

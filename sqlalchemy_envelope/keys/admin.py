@@ -222,15 +222,15 @@ class KeyAdmin:
         holds the lock every key insert takes (`KeyWrapper.hold`) from its
         first statement to its commit: no key can be inserted under the old
         root key meanwhile, nor go unseen. Keys already under the new root
-        key stay as they are (one is checked to unwrap with it), so that a
-        rewrap can be run again to finish one that left keys behind. Keys
-        wrapped before version 2 of the wrap context get version 2."""
+        key stay as they are, so that a rewrap can be run again to finish one
+        that left keys behind, unless they were wrapped before version 2 of
+        the wrap context: every key ends under version 2. So a rewrap to the
+        root key in use binds the versions of keys wrapped by earlier
+        releases, and changes nothing else."""
         self.keyring.check_open()
         if not isinstance(new_root_key, RootKeyProvider):
             raise ConfigurationError("rewrap() needs a RootKeyProvider")
         new_fingerprint = new_root_key.fingerprint
-        if new_fingerprint == self.wrapper.fingerprint:
-            raise ConfigurationError("the new root key is the one already in use")
 
         def work(conn: Connection) -> int:
             storage.lock_table(conn, self.table)
@@ -240,18 +240,18 @@ class KeyAdmin:
             if foreign:
                 raise self.wrapper.wrong_root_key(foreign[0], counts)
             count = 0
-            checked = False
             for row in storage.all_keys(conn, self.table):
                 context = self.wrapper.context(row.id, row.scope, row.version)
-                if row.wrapped_key is not None and row.root_key_fingerprint == new_fingerprint:
-                    if not checked:
-                        self._unwraps(new_root_key, row)
-                        checked = True
-                    continue
                 wrapped = None
-                if row.wrapped_key is not None:
+                if row.wrapped_key is not None and row.root_key_fingerprint == new_fingerprint:
+                    plaintext = self._legacy_plaintext(new_root_key, row)
+                    if plaintext is None:  # under the new root key, wrap context 2
+                        continue
+                    wrapped = new_root_key.wrap(plaintext, context)
+                elif row.wrapped_key is not None:
                     plaintext = self.wrapper.unwrap(row)
                     wrapped = new_root_key.wrap(plaintext, context)
+                if wrapped is not None:
                     if new_root_key.unwrap(wrapped, context) != plaintext:
                         raise WrongRootKeyError("the new root key does not unwrap what it wrapped")
                     count += 1
@@ -272,20 +272,20 @@ class KeyAdmin:
         return count
 
     @staticmethod
-    def _unwraps(root_key: RootKeyProvider, row: KeyRow) -> None:
-        """Refuse a new root key that does not unwrap a key stored under its
-        fingerprint (with either version of the wrap context)."""
+    def _legacy_plaintext(root_key: RootKeyProvider, row: KeyRow) -> bytes | None:
+        """The key of a row already under ``root_key`` if it was wrapped before
+        version 2 of the wrap context (None if it was not); a key that
+        unwraps under neither refuses the root key."""
         assert row.wrapped_key is not None
-        contexts = (
-            KeyWrapper.context(row.id, row.scope, row.version),
-            KeyWrapper.legacy_context(row.id, row.scope),
-        )
-        for context in contexts:
-            try:
-                root_key.unwrap(row.wrapped_key, context)
-                return
-            except DecryptionError:
-                continue
+        try:
+            root_key.unwrap(row.wrapped_key, KeyWrapper.context(row.id, row.scope, row.version))
+            return None
+        except DecryptionError:
+            pass
+        try:
+            return root_key.unwrap(row.wrapped_key, KeyWrapper.legacy_context(row.id, row.scope))
+        except DecryptionError:
+            pass
         raise WrongRootKeyError(
             f"a data key stored under the new root key's fingerprint "
             f"({root_key.fingerprint}) does not unwrap with it: this is another key under "
