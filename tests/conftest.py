@@ -274,6 +274,7 @@ MARIADB_MODULES = frozenset(
         "test_index_scopes",
         "test_job_targets",
         "test_batch_conflicts",
+        "test_contexts",
     }
 )
 

@@ -107,7 +107,7 @@ class Keyring:
     def for_ciphertext(self, ciphertext: bytes) -> DataKey:
         """The key named by a value's header, read again if stale."""
         fmt.check(ciphertext)
-        header = ciphertext[: fmt.HEADER_BYTES]
+        header = fmt.header(fmt.key_id_of(ciphertext))  # of any format version
         with self.lock:
             key = self.cache.by_header.get(header)
             if key is not None and self.cache.fresh(key):
@@ -408,7 +408,8 @@ class Keyring:
         authenticates the header, so a value cannot be made to name another
         index key than its own."""
         fmt.check(ciphertext)
-        key = self.cache.index_by_header.get(ciphertext[: fmt.HEADER_BYTES])
+        header = fmt.header(fmt.key_id_of(ciphertext), fmt.DETERMINISTIC_VERSION)
+        key = self.cache.index_by_header.get(header)  # of any format version
         if key is not None and self.cache.fresh(key):
             return key
         key_id = fmt.key_id_of(ciphertext)

@@ -183,7 +183,7 @@ def _ciphertext_of(ref: EncryptedColumnRef, stored: Any) -> bytes | None:
 
 
 def _decrypt(registry: Envelope, ref: EncryptedColumnRef, ciphertext: bytes) -> bytes:
-    if ciphertext[0] == fmt.DETERMINISTIC_VERSION:
+    if ciphertext[0] in fmt.DETERMINISTIC_VERSIONS:
         return registry.decrypt_deterministic(ciphertext, ref.context)
     if ref.bind_scope:
         return registry.decrypt_scoped(ciphertext, ref.context, None)
@@ -222,9 +222,9 @@ def _reencrypt_rewrite(
     def seal(ref: EncryptedColumnRef, plaintext: bytes, deterministic: bool) -> bytes:
         """``plaintext`` sealed for the column, deterministic or randomized."""
         if deterministic:
-            return registry.encrypt_deterministic(plaintext, ref.context)
+            return registry.encrypt_deterministic(plaintext, ref.context.current)
         context = fmt.scoped_context(ref.context, scope) if ref.bind_scope else ref.context
-        return registry.encrypt_bytes(plaintext, context, scope)
+        return registry.encrypt_bytes(plaintext, context.current, scope)
 
     def as_plaintext(ref: EncryptedColumnRef, old: Any) -> _Change:
         """Legacy plaintext sealed in the format of the column's definition
@@ -253,7 +253,7 @@ def _reencrypt_rewrite(
             report.leave(ref.name, key, UnknownKeyError.__name__, failure=True)
             return None
         owner, version = found
-        deterministic = ciphertext[0] == fmt.DETERMINISTIC_VERSION
+        deterministic = ciphertext[0] in fmt.DETERMINISTIC_VERSIONS
         own = own_index if deterministic else scope
         if owner != own and is_index_scope(owner) == deterministic:
             # Another tenant's value, or a deterministic value under another

@@ -7,8 +7,9 @@
         id: Mapped[int] = mapped_column(primary_key=True)
         name: Mapped[str] = mapped_column(EncryptedType(sa.String(200)))
 
-Each value is bound to a context, ``"table.column"`` by default, so a
-ciphertext copied into another column fails to decrypt. Pass ``context=`` to
+Each value is bound to a context, its schema, table and column by default,
+so a ciphertext copied into another column, or into the same table of
+another schema, fails to decrypt. Pass ``context="old_table.old_column"`` to
 keep reading old data after renaming a table or column.
 """
 
@@ -61,23 +62,35 @@ class _Attachment:
     per-dialect copies SQLAlchemy makes of it, so that all of them use one
     context."""
 
-    __slots__ = ("column", "explicit", "owner")
+    __slots__ = ("column", "contexts", "explicit", "owner")
 
     def __init__(self, owner: EncryptedType, explicit: str | None) -> None:
         self.owner = owner
         self.column: sa.Column[Any] | None = None
         self.explicit = explicit
+        self.contexts: dict[str | None, fmt.Context] = {}  # by schema
 
-    def context(self) -> bytes:
+    def schema(self) -> str | None:
+        """The schema the column's table names (None: the default one)."""
+        return getattr(getattr(self.column, "table", None), "schema", None)
+
+    def context(self, schema: str | None) -> fmt.Context:
+        """What values are bound to when the column's table is in ``schema``."""
+        context = self.contexts.get(schema)
+        if context is None:
+            context = self.contexts[schema] = self._context(schema)
+        return context
+
+    def _context(self, schema: str | None) -> fmt.Context:
         if self.explicit is not None:
-            return self.explicit.encode("utf-8")
+            return fmt.given_context(self.explicit, schema)
         table = getattr(self.column, "table", None)
         if self.column is None or table is None:
             raise ConfigurationError(
                 "this EncryptedType is not attached to a table column, so it has no "
                 "context: pass EncryptedType(..., context='table.column')"
             )
-        return f"{table.name}.{self.column.name}".encode()
+        return fmt.column_context(schema, table.name, self.column.name)
 
     def name(self) -> str:
         """The column for error messages: ``table.column`` when attached, even
@@ -202,7 +215,7 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
     @property
     def envelope_values(self) -> Hashable | None:
         try:
-            context = self._attachment.context()
+            context = self._attachment.context(self._attachment.schema())
         except ConfigurationError:
             return None
         return (self.envelope_kind, context, self.storage, self.bind_scope)
@@ -269,7 +282,7 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
     def bind_processor(self, dialect: Dialect) -> Any:
         codec = self._codec
         encode = codec.encode
-        context = self._attachment.context()
+        self._attachment.context(self._attachment.schema())  # refuses a type with none
         where = self._where()
         # Every plaintext must fit the storage sized for it: no database ever
         # sees a longer value (MySQL in non-strict mode would cut it short).
@@ -290,12 +303,13 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
                 raise _overlong(where, len(plaintext), limit)
             return plaintext
 
-        # The registry and scope come from the statement being executed (its
-        # execution options, its Session, the scope() block around it): they
-        # are resolved into an encrypting function once per `Writing`, which
-        # changes with every execution, and kept with it in one tuple,
-        # replaced whole, so that threads sharing this processor read a pair.
-        encrypting = self._encrypting(binding.slot_for(dialect), context)
+        # The registry, scope and schema come from the statement being
+        # executed (its execution options, its Session, the scope() block
+        # around it): they are resolved into an encrypting function once per
+        # `Writing`, which changes with every execution, and kept with it in
+        # one tuple, replaced whole, so that threads sharing this processor
+        # read a pair.
+        encrypting = self._encrypting(binding.slot_for(dialect))
         current_writing = binding.current_writing
         # Starts with no Writing (so with no function to call: bytes stands in).
         encrypting_for: tuple[binding.Writing | None, Callable[[bytes], Any]] = (None, bytes)
@@ -348,27 +362,33 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         return process
 
     def _encrypting(
-        self, slot: binding.EngineSlot, context: bytes
+        self, slot: binding.EngineSlot
     ) -> Callable[[binding.Writing], Callable[[bytes], bytes]]:
         """How this column encrypts a plaintext for a `Writing`: under the
-        chosen registry's active key for the chosen scope, or deterministically."""
+        chosen registry's active key for the chosen scope, or deterministically,
+        bound to the schema the statement puts the column's table in."""
         deterministic = self.deterministic
         bind_scope = self.bind_scope
+        attachment = self._attachment
+        written = attachment.schema()
 
         def encrypting(writing: binding.Writing) -> Callable[[bytes], bytes]:
             registry, scope = slot.writing(writing)
+            context = attachment.context(binding.effective_schema(writing, written))
             if deterministic:
-                return partial(registry.encrypt_deterministic, context=context)
+                return partial(registry.encrypt_deterministic, context=context.current)
             if bind_scope:
                 scope = scope or registry.scope
-                return registry.encryptor(fmt.scoped_context(context, scope), scope)
-            return registry.encryptor(context, scope)
+                return registry.encryptor(fmt.scoped_context(context, scope).current, scope)
+            return registry.encryptor(context.current, scope)
 
         return encrypting
 
     def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
         decode = self._codec.decode
-        context = self._attachment.context()
+        attachment = self._attachment
+        written = attachment.schema()
+        context = attachment.context(written)
         slot = binding.slot_for(dialect)
         decrypt = slot.decrypt
         if self.deterministic:
@@ -380,6 +400,20 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         text = self.storage == "text"
         migrating = self.migrating
         where = self._where()
+        current_writing = binding.current_writing
+        effective_schema = binding.effective_schema
+        # On an engine whose statements translate schemas, the context of
+        # the rows read is the latest statement's: the last one seen, with
+        # its `Writing`, in one tuple replaced whole.
+        seen: tuple[binding.Writing | None, fmt.Context] = (None, context)
+
+        def translated() -> fmt.Context:
+            nonlocal seen
+            writing = current_writing()
+            pair = seen
+            if pair[0] is not writing:
+                pair = seen = (writing, attachment.context(effective_schema(writing, written)))
+            return pair[1]
 
         def process(value: Any) -> Any:
             if value is None:
@@ -395,7 +429,7 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
                     return value  # legacy plaintext, read as the plain column would
                 raise
             try:
-                plaintext = decrypt(ciphertext, context)
+                plaintext = decrypt(ciphertext, translated() if slot.translating else context)
             except DestroyedKeyError:
                 if if_destroyed is RAISE:
                     raise
