@@ -109,7 +109,9 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
 
     ``storage="binary"`` stores bytes (BLOB/bytea, 34 bytes over the
     plaintext); ``storage="text"`` stores base64 text, in a ``String`` sized
-    for the longest value ``value_type`` allows, or ``Text``.
+    for the longest value ``value_type`` allows, or ``Text``. ``pad_to=N``
+    stores strings padded to a multiple of N bytes, so that their length
+    reveals less.
     """
 
     impl: TypeEngine[Any] | type[TypeEngine[Any]] = sa.LargeBinary
@@ -142,6 +144,7 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         deterministic: bool = False,
         bind_scope: bool = False,
         if_destroyed: Any = RAISE,
+        pad_to: int | None = None,
     ) -> None:
         if isinstance(value_type, type) and issubclass(value_type, enum.Enum):
             value_type = sa.Enum(value_type)
@@ -166,11 +169,18 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         self.deterministic = deterministic
         self.bind_scope = bind_scope
         self.if_destroyed = if_destroyed
+        self.pad_to = pad_to
         if deterministic and bind_scope:
             raise ConfigurationError(
                 "bind_scope applies to randomized columns, not deterministic ones"
             )
-        self._codec = codec_for(value_type)
+        if deterministic and pad_to is not None:
+            raise ConfigurationError(
+                "pad_to applies to randomized columns, not deterministic ones: a "
+                "deterministic column must keep one ciphertext per value, and its "
+                "equal ciphertexts show which rows share a value anyway"
+            )
+        self._codec = codec_for(value_type, pad_to=pad_to, fixed_width=not deterministic)
         # Whether the ORM sends None rather than leave the column out of an
         # INSERT: the wrapped type's choice (JSON's unless none_as_null).
         self.should_evaluate_none = bool(value_type.should_evaluate_none)
@@ -246,6 +256,8 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
             args.append("bind_scope=True")
         if self.if_destroyed is not RAISE:
             args.append(f"if_destroyed={self.if_destroyed!r}")
+        if self.pad_to is not None:
+            args.append(f"pad_to={self.pad_to!r}")
         return f"EncryptedType({', '.join(args)})"
 
     def _set_parent(self, parent: Any, outer: bool = False, **kw: Any) -> None:
@@ -386,6 +398,7 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
 
     def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
         decode = self._codec.decode
+        padded = self._codec.padded
         attachment = self._attachment
         written = attachment.schema()
         context = attachment.context(written)
@@ -441,7 +454,7 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
             try:
                 return decode(plaintext)
             except (ValueError, KeyError, TypeError):
-                raise _undecodable(where) from None
+                return _decoded_padded(padded, plaintext, where)
 
         if text or migrating or self.deterministic or self.bind_scope or impl is not None:
             return process
@@ -468,7 +481,7 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
             try:
                 return decode(plaintext)
             except (ValueError, KeyError, TypeError):
-                raise _undecodable(where) from None
+                return _decoded_padded(padded, plaintext, where)
 
         return process_common
 
@@ -556,6 +569,17 @@ def _overlong(where: str, size: int, limit: int) -> InvalidValueError:
         f"{where}: the value encodes to {size} bytes, more than the {limit} its storage "
         "is sized for"
     )
+
+
+def _decoded_padded(padded: Callable[[bytes], Any] | None, plaintext: bytes, where: str) -> Any:
+    """A value the column's decoder refused, read as padded text (written
+    while the column had ``pad_to``), or the error saying it cannot be read."""
+    if padded is not None:
+        try:
+            return padded(plaintext)
+        except ValueError:
+            pass
+    raise _undecodable(where) from None
 
 
 def _undecodable(where: str) -> InvalidValueError:
