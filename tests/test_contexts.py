@@ -115,6 +115,11 @@ def test_a_value_copied_into_another_tenants_schema_does_not_decrypt(
         with use(tenant_a) as conn:
             lookup = sa.select(accounts.c.id).where(accounts.c.code == values["code"])
             assert conn.execute(lookup).scalars().all() == [row + 1000]
+    registry.rotate()  # a job names the tenant's table as its statements put it
+    report = registry.reencrypt(f"{other}.accounts.ssn", f"{other}.accounts.note")
+    assert report.values_by_version == {1: 4} and report.left_behind == 0
+    with use(tenant_b) as conn:
+        assert len(conn.execute(sa.select(accounts)).all()) == 2
     registry.close()
 
 

@@ -195,14 +195,19 @@ class Envelope:
         key = self.derived_key(HASH_FIELD_PURPOSE + context.encode(), version)
         return hmac_sha256(key, value).hex()
 
-    def _siv(self, key: IndexKey, info: bytes) -> AESSIV:
-        """The AES-SIV of a purpose and context, ``info``."""
-        siv = key.sivs.get(info)
+    def _siv(self, key: IndexKey, context: bytes, legacy: bool = False) -> AESSIV:
+        """The AES-SIV of ``context`` (``legacy``: of format 2), derived once
+        per index key. A current context is cached under itself, as the
+        per-value path looks it up; a legacy one under the legacy purpose's
+        text, which no current context (a 4-byte length first) starts with."""
+        purpose = LEGACY_DETERMINISTIC_PURPOSE if legacy else DETERMINISTIC_PURPOSE
+        cached = purpose + context if legacy else context
+        siv = key.sivs.get(cached)
         if siv is None:
-            derived = key.derive(info, 64)
+            derived = key.derive(purpose + context, 64)
             if derived is None:
                 raise self.keyring.unusable(key)
-            siv = key.sivs[info] = AESSIV(derived)
+            siv = key.sivs[cached] = AESSIV(derived)
         return siv
 
     def deterministic_header(self, version: int = 1) -> bytes | None:
@@ -221,8 +226,7 @@ class Envelope:
         ciphertext, so the database can compare, join and enforce uniqueness."""
         key = self._index_key(version)
         header = key.header
-        siv = self._siv(key, DETERMINISTIC_PURPOSE + context)
-        return header + siv.encrypt(plaintext, [header, context])
+        return header + self._siv(key, context).encrypt(plaintext, [header, context])
 
     def decrypt_deterministic(self, ciphertext: bytes, context: fmt.Context) -> bytes:
         fmt.check(ciphertext)
@@ -236,12 +240,10 @@ class Envelope:
         if key.secret is None:
             raise self.keyring.unusable(key)
         header = ciphertext[:_HEADER]
-        if ciphertext[0] == fmt.DETERMINISTIC_VERSION:
-            purpose, bound = DETERMINISTIC_PURPOSE, context.current
-        else:
-            purpose, bound = LEGACY_DETERMINISTIC_PURPOSE, context.legacy
+        legacy = ciphertext[0] == fmt.LEGACY_DETERMINISTIC_VERSION
+        bound = context.legacy if legacy else context.current
         try:
-            return self._siv(key, purpose + bound).decrypt(ciphertext[_HEADER:], [header, bound])
+            return self._siv(key, bound, legacy).decrypt(ciphertext[_HEADER:], [header, bound])
         except InvalidTag:
             raise _altered(context.legacy) from None
 

@@ -464,7 +464,8 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
 
         def process_common(value: Any) -> Any:
             # The common case in one frame: bytes from the driver, one
-            # registry serving the engine. Anything else takes the full path.
+            # registry serving the engine, no schema_translate_map (the slot
+            # has no sole registry then). Anything else takes the full path.
             nonlocal cached
             pair = cached
             if pair[0] is not slot.sole or value.__class__ is not bytes:
