@@ -14,12 +14,14 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from conftest import Clocks
 from sqlalchemy.orm import Session
 
 import sqlalchemy_envelope
 from sqlalchemy_envelope import (
     DecryptionError,
     EncryptedType,
+    KeyInUseError,
     KeyRegistry,
     StaticRootKey,
 )
@@ -280,3 +282,36 @@ def test_a_renamed_column_reads_with_its_old_name_as_context(
     for _ in range(2):
         with engine.connect() as conn:
             assert conn.execute(sa.select(after.c.name)).scalar() == "Ada"
+
+
+def test_the_census_and_the_destroy_guard_count_every_format(
+    engine: sa.Engine, root_key: StaticRootKey, clocks: Clocks
+) -> None:
+    """A key with values of format 1 and format 3 under it: the census counts
+    both, and the key cannot be destroyed until neither is left."""
+    registry = KeyRegistry(
+        engine, root_key, cache_max_age=1, clock=clocks.monotonic, wall_clock=clocks.now
+    )
+    registry.init()
+    notes = sa.Table(
+        "notes",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("body", EncryptedType(sa.String(40))),
+    )
+    notes.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.insert(notes), {"id": 1, "body": "current"})
+        legacy = _legacy_randomized(registry, b"legacy", b"notes.body")
+        conn.execute(sa.insert(_raw("notes", None, "body")), {"id": 2, "body": legacy})
+    registry.rotate()
+    clocks.advance(2)
+    for remaining in (2, 1):
+        assert registry.status(census=True).rows_by_version == {1: remaining}
+        with pytest.raises(KeyInUseError) as in_use:
+            registry.destroy(1)
+        assert in_use.value.rows == {"notes.body": remaining}
+        with engine.begin() as conn:
+            conn.execute(sa.delete(notes).where(notes.c.id == 3 - remaining))
+    assert registry.destroy(1).version == 1
+    registry.close()
