@@ -33,6 +33,7 @@ from ..keys.scopes import index_scope, is_index_scope
 from ..keys.storage import MYSQL_DIALECTS
 from ..keys.store import KeyStore
 from ..sqla import mysql_text
+from ..sqla.codec import unpadded
 from . import batch, census
 from .census import EncryptedColumnRef, Target
 from .migration_report import OTHER_FORMAT, UNKNOWN_DEFINITION, LeftRow, MigrationReport, explain
@@ -307,6 +308,8 @@ def _decrypt_rewrite(registry: Envelope) -> Rewrite:
         except DecryptionError as error:
             report.leave(ref.name, key, _left_reason(ref, error), failure=True)
             return None
+        if ref.storage == "text" or ref.value_kind == "text":
+            plaintext = unpadded(plaintext)  # text's padding, where 0xff can be nothing else
         if ref.storage == "binary":
             return _Change(plaintext, "decrypted")
         try:
