@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.types import TypeDecorator
 
 from sqlalchemy_envelope import EncryptedType, KeyRegistry, PBKDF2RootKey, StaticRootKey
+from sqlalchemy_envelope.crypto import format as fmt
 
 VALUE = "alice@example.com"
 KEYS_TABLE = "envelope_bench_keys"
@@ -84,7 +85,8 @@ def per_value(registry: KeyRegistry, n: int, repeat: int) -> list[tuple[str, flo
         for c in sealed:
             aead.decrypt(c[6:18], c[18:], c[:6] + CONTEXT)
 
-    ours = [registry.envelope.encrypt_bytes(plaintext, CONTEXT) for _ in range(n)]
+    context = fmt.given_context(CONTEXT.decode())  # the column's: bench.value
+    ours = [registry.envelope.encrypt_bytes(plaintext, context.current) for _ in range(n)]
     encrypt = registry.envelope.encrypt_bytes
     decrypt = registry.envelope.decrypt_bytes
 
@@ -96,8 +98,8 @@ def per_value(registry: KeyRegistry, n: int, repeat: int) -> list[tuple[str, flo
         ("bare AES-GCM floor", bare_encrypt, bare_decrypt),
         (
             "EncryptedType (registry)",
-            lambda: [encrypt(plaintext, CONTEXT) for _ in range(n)],
-            lambda: [decrypt(c, CONTEXT) for c in ours],
+            lambda: [encrypt(plaintext, context.current) for _ in range(n)],
+            lambda: [decrypt(c, context) for c in ours],
         ),
         (
             "sqlalchemy-utils AesGcmEngine",

@@ -19,6 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from .crypto import format as fmt
 from .errors import ConfigurationError, InvalidValueError
 from .keys import storage
 from .keys.admin import KeyAdmin
@@ -416,16 +417,16 @@ class KeyRegistry:
     # -- values outside ORM columns --------------------------------------------
 
     def encrypt(self, plaintext: bytes, context: str) -> bytes:
-        """Encrypt ``plaintext`` under the active data key, bound to ``context``
-        (for columns, ``"table.column"``)."""
+        """Encrypt ``plaintext`` under the active data key, bound to ``context``,
+        ``"table.column"``: the value of that column (in the default schema)."""
         _check_bytes(plaintext, "encrypt", "plaintext")
-        return self.envelope.encrypt_bytes(bytes(plaintext), context.encode("utf-8"))
+        return self.envelope.encrypt_bytes(bytes(plaintext), fmt.given_context(context).current)
 
     def decrypt(self, ciphertext: bytes, context: str) -> bytes:
         """Decrypt a value written by `encrypt` with the same ``context``."""
         if not isinstance(ciphertext, (bytes, bytearray)):
             raise TypeError("decrypt() takes the ciphertext as bytes")
-        return self.envelope.decrypt_bytes(bytes(ciphertext), context.encode("utf-8"))
+        return self.envelope.decrypt_bytes(bytes(ciphertext), fmt.given_context(context))
 
     def encrypt_many(self, plaintexts: Iterable[bytes], context: str) -> list[bytes]:
         """Encrypt many values for one context."""
@@ -433,12 +434,12 @@ class KeyRegistry:
         for plaintext in plaintexts:
             _check_bytes(plaintext, "encrypt_many", "each plaintext")
         encrypt = self.envelope.encrypt_bytes
-        aad = context.encode("utf-8")
-        return [encrypt(bytes(p), aad) for p in plaintexts]
+        bound = fmt.given_context(context).current
+        return [encrypt(bytes(p), bound) for p in plaintexts]
 
     def decrypt_many(self, ciphertexts: Iterable[bytes], context: str) -> list[bytes]:
         """Decrypt many values written for one context."""
-        decrypt = self.envelope.decryptor(context.encode("utf-8"))
+        decrypt = self.envelope.decryptor(fmt.given_context(context))
         return [decrypt(c) for c in ciphertexts]
 
     def hash_field(

@@ -278,6 +278,7 @@ MARIADB_MODULES = frozenset(
         "test_rewrap",
         "test_rewrap_races",
         "test_key_rows",
+        "test_contexts",
     }
 )
 

@@ -209,7 +209,7 @@ def test_maintenance_counts_tables_without_models(
     assert registry.maintenance().destroyable == (1,)
     assert registry.destroy(1).version == 1
     with pytest.raises(DestroyedKeyError):
-        registry.envelope.decrypt_bytes(value, b"big.v")
+        registry.envelope.decrypt_bytes(value, fmt.given_context("big.v"))
     registry.close()
 
 

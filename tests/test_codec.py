@@ -19,7 +19,13 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sqlalchemy_envelope import EncryptedType, InvalidValueError, KeyRegistry, StaticRootKey
+from sqlalchemy_envelope import (
+    ConfigurationError,
+    EncryptedType,
+    InvalidValueError,
+    KeyRegistry,
+    StaticRootKey,
+)
 from sqlalchemy_envelope.crypto import format as fmt
 from sqlalchemy_envelope.sqla.codec import Codec, codec_for
 
@@ -143,6 +149,20 @@ TYPES: dict[str, tuple[Any, list[Any], st.SearchStrategy[Any]]] = {
         ["ü" * 9],
         st.sampled_from(["ü" * 9, "x"]),
     ),
+    "string_padded": (
+        sa.String(20),
+        ["\U0010ffff" * 20, "", "x" * 20],
+        st.text(max_size=20) | st.text(_wide_text, min_size=20, max_size=20),
+    ),
+    "unicode_padded": (sa.Unicode(7), ["𝄞" * 7, "ü"], st.text(_wide_text, max_size=7)),
+    "text_padded": (sa.Text(), ["🎉" * 5000, ""], st.text()),
+}
+
+# column -> EncryptedType options besides the wrapped type and storage
+OPTIONS: dict[str, dict[str, Any]] = {
+    "string_padded": {"pad_to": 24},
+    "unicode_padded": {"pad_to": 5},
+    "text_padded": {"pad_to": 1000},
 }
 
 # column -> values just beyond what it accepts, which must never reach a database
@@ -160,11 +180,14 @@ BEYOND: dict[str, list[Any]] = {
     "enum": ["SAD"],
     "enum_values": ["d"],  # a value; the column takes members and their names
     "string_enum": ["ü" * 10],
+    "string_padded": ["x" * 21],
 }
 
 
-def _codec(value_type: Any) -> Codec:
-    return codec_for(sa.Enum(value_type) if isinstance(value_type, type) else value_type)
+def _codec(name: str) -> Codec:
+    value_type = TYPES[name][0]
+    value_type = sa.Enum(value_type) if isinstance(value_type, type) else value_type
+    return codec_for(value_type, **OPTIONS.get(name, {}))
 
 
 def _same(expected: Any, actual: Any) -> None:
@@ -178,7 +201,7 @@ def _same(expected: Any, actual: Any) -> None:
 
 def test_max_bytes_is_what_storage_is_sized_for() -> None:
     for name, (value_type, longest, _) in TYPES.items():
-        codec = _codec(value_type)
+        codec = _codec(name)
         if codec.max_bytes is None:
             continue
         sizes = [len(codec.encode(value)) for value in longest]
@@ -201,8 +224,8 @@ def test_max_bytes_is_what_storage_is_sized_for() -> None:
 @given(data=st.data())
 def test_accepted_values_fit_and_round_trip(data: st.DataObject) -> None:
     name = data.draw(st.sampled_from(sorted(TYPES)))
-    value_type, _, values = TYPES[name]
-    codec = _codec(value_type)
+    _, _, values = TYPES[name]
+    codec = _codec(name)
     value = data.draw(values)
     plaintext = codec.encode(value)
     assert codec.max_bytes is None or len(plaintext) <= codec.max_bytes
@@ -243,6 +266,7 @@ def test_numeric_rounds_like_the_database_and_refuses_what_it_refuses(
 
 def test_numeric_examples() -> None:
     money = codec_for(sa.Numeric(5, 2))
+    deterministic = codec_for(sa.Numeric(5, 2), fixed_width=False)
     for given_value, stored in [
         (Decimal("1.005"), "1.01"),
         (Decimal("-1.005"), "-1.01"),
@@ -252,9 +276,11 @@ def test_numeric_examples() -> None:
         (7, "7.00"),
         (Decimal("-0.001"), "0.00"),
     ]:
-        assert money.encode(given_value) == stored.encode()
-    assert codec_for(sa.Numeric(10)).encode(Decimal("2.5")) == b"3"
-    assert codec_for(sa.Numeric(10, 2)).encode(Decimal(100) / 3) == b"33.33"
+        assert money.encode(given_value) == stored.rjust(7).encode()  # "-999.99" is 7 long
+        assert deterministic.encode(given_value) == stored.encode()
+    assert codec_for(sa.Numeric(10)).encode(Decimal("2.5")) == b"3".rjust(11)
+    assert codec_for(sa.Numeric(10, 2)).encode(Decimal(100) / 3) == b"33.33".rjust(12)
+    assert money.decode(b"1.01") == Decimal("1.01")  # as earlier versions wrote it
     unbounded = codec_for(sa.Numeric())
     assert unbounded.encode(Decimal("123.456789012345678901")) == b"123.456789012345678901"
     assert unbounded.encode(10**5000) == b"1" + b"0" * 5000  # past int's str() limit
@@ -304,7 +330,7 @@ def _table(storage: str) -> sa.Table:
         sa.MetaData(),
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
         *(
-            sa.Column(name, EncryptedType(value_type, storage=storage))
+            sa.Column(name, EncryptedType(value_type, storage=storage, **OPTIONS.get(name, {})))
             for name, (value_type, _, _) in TYPES.items()
         ),
     )
@@ -417,3 +443,126 @@ def test_numeric_matches_the_plain_column(server_url: str) -> None:
     assert stored("encrypted", 0.1 + 0.2) == stored("plain", 0.1 + 0.2) == Decimal("0.30")
     registry.close()
     engine.dispose()
+
+
+# -- lengths: what a ciphertext's length reveals ------------------------------------
+
+
+class Verdict(enum.Enum):
+    UNKNOWN = 1
+    INCONCLUSIVE = 2
+    OK = 3
+
+
+def _stored_lengths(engine: sa.Engine, table: str, column: str) -> set[int]:
+    raw = sa.table(table, sa.column(column))
+    with engine.connect() as conn:
+        return {len(v) for v in conn.execute(sa.select(raw.c[column])).scalars()}
+
+
+@pytest.mark.parametrize("storage", ["binary", "text"])
+def test_enum_and_numeric_values_are_stored_at_one_length(
+    engine: sa.Engine, registry: KeyRegistry, storage: str
+) -> None:
+    """An enum member and a ``Numeric(p, s)`` value are stored at one length
+    whatever the value, so the ciphertext's length tells ``UNKNOWN`` from
+    ``INCONCLUSIVE`` no more than a salary's magnitude."""
+    table = sa.Table(
+        f"verdicts_{storage}",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("verdict", EncryptedType(Verdict, storage=storage)),
+        sa.Column("label", EncryptedType(sa.Enum("ü", "ok", "pending", name="l"), storage=storage)),
+        sa.Column("salary", EncryptedType(sa.Numeric(10, 2), storage=storage)),
+        sa.Column("count", EncryptedType(sa.Numeric(6, asdecimal=False), storage=storage)),
+    )
+    table.metadata.create_all(engine)
+    rows = [
+        {"id": 1, "verdict": Verdict.OK, "label": "ü", "salary": Decimal("0.01"), "count": 7.0},
+        {
+            "id": 2,
+            "verdict": Verdict.INCONCLUSIVE,
+            "label": "pending",
+            "salary": Decimal("-99999999.99"),
+            "count": -999999.0,
+        },
+        {"id": 3, "verdict": Verdict.UNKNOWN, "label": "ok", "salary": 1000, "count": 0},
+    ]
+    for row in rows:
+        for _ in range(2):
+            with engine.begin() as conn:
+                conn.execute(table.delete().where(table.c.id == row["id"]))
+                conn.execute(table.insert(), row)
+    with engine.connect() as conn:
+        got = [r._asdict() for r in conn.execute(table.select().order_by(table.c.id))]
+    assert got == [{**row, "salary": Decimal(row["salary"])} for row in rows]
+    for column in ("verdict", "label", "salary", "count"):
+        assert len(_stored_lengths(engine, table.name, column)) == 1, column
+
+
+def test_pad_to_stores_strings_at_a_multiple_of_its_length(
+    engine: sa.Engine, registry: KeyRegistry
+) -> None:
+    """``pad_to=32``: a value of 0 to 32 UTF-8 bytes is stored as 32, one of
+    33 to 64 as 64. Values written before ``pad_to`` was set, and padded
+    values once it is removed, read back as written."""
+    columns = {
+        "short": EncryptedType(sa.String(40), pad_to=32),
+        "texts": EncryptedType(sa.Text(), pad_to=32, storage="text"),
+    }
+    table = sa.Table(
+        "padded",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        *(sa.Column(name, column_type) for name, column_type in columns.items()),
+    )
+    table.metadata.create_all(engine)
+    values = ["", "a", "ü" * 16, "x" * 32, "y" * 33, "\U0010ffff" * 10]
+    for row_id, value in enumerate(values):
+        for _ in range(2):
+            with engine.begin() as conn:
+                conn.execute(table.delete().where(table.c.id == row_id))
+                conn.execute(table.insert(), {"id": row_id, "short": value, "texts": value})
+    with engine.connect() as conn:
+        assert [tuple(r) for r in conn.execute(table.select().order_by(table.c.id))] == [
+            (i, v, v) for i, v in enumerate(values)
+        ]
+        raw = sa.table("padded", sa.column("id"), sa.column("short"), sa.column("texts"))
+        stored = conn.execute(sa.select(raw).order_by(raw.c.id)).all()
+    sizes = [len(short) - fmt.OVERHEAD for _, short, _ in stored]
+    assert sizes == [32, 32, 32, 32, 64, 64]
+    assert [len(fmt.from_text(texts)) - fmt.OVERHEAD for _, _, texts in stored] == sizes
+
+    def read(column_type: EncryptedType) -> list[Any]:
+        again = sa.Table(
+            "padded",
+            sa.MetaData(),
+            sa.Column("id", sa.Integer, primary_key=True),
+            sa.Column("short", column_type),
+        )
+        with engine.connect() as conn:
+            return list(conn.execute(sa.select(again.c.short).order_by(again.c.id)).scalars())
+
+    assert read(EncryptedType(sa.String(40))) == values  # pad_to removed
+    with engine.begin() as conn:
+        unpadded = sa.Table(
+            "padded", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+            sa.Column("short", EncryptedType(sa.String(40))),
+        )  # fmt: skip
+        update = unpadded.update().where(unpadded.c.id == sa.bindparam("row"))
+        conn.execute(update, [{"row": i, "short": v} for i, v in enumerate(values)])
+    assert read(EncryptedType(sa.String(40), pad_to=32)) == values  # written before pad_to
+
+
+def test_pad_to_is_refused_where_it_cannot_hold() -> None:
+    """Only strings are padded: other types are fixed-width already, or (bytes)
+    have no byte that could mark where padding starts; deterministic values
+    must keep one ciphertext per value whatever the column's options."""
+    for value_type in (sa.LargeBinary(), sa.Integer(), sa.JSON(), sa.Enum("a", name="e"), Mood):
+        with pytest.raises(ConfigurationError, match="pad_to"):
+            EncryptedType(value_type, pad_to=16)
+    with pytest.raises(ConfigurationError, match="deterministic"):
+        EncryptedType(sa.String(10), pad_to=16, deterministic=True)
+    for wrong in (0, -1, True, 1.5, "16"):
+        with pytest.raises(ConfigurationError, match="pad_to"):
+            EncryptedType(sa.String(10), pad_to=wrong)

@@ -32,6 +32,7 @@ from sqlalchemy_envelope.crypto import format as fmt
 TESTS = str(Path(__file__).parent)
 MODELS = "column_definitions_models"
 SSNS = ["123-45-6789", "987-65-4321", "555-12-3456"]
+SSN, BODY = fmt.given_context("ledgers.ssn"), fmt.given_context("ledgers.body")
 
 
 def _registry(engine: sa.Engine) -> KeyRegistry:
@@ -165,9 +166,9 @@ def test_by_name_without_a_definition_never_changes_a_value_format(
     rows = [
         {
             "id": i,
-            "ssn": registry.envelope.encrypt_deterministic(ssn.encode(), b"ledgers.ssn"),
+            "ssn": registry.envelope.encrypt_deterministic(ssn.encode(), SSN.current),
             "body": registry.envelope.encrypt_bytes(
-                f"body {i}".encode(), fmt.scoped_context(b"ledgers.body", "acme"), "acme"
+                f"body {i}".encode(), fmt.scoped_context(BODY, "acme").current, "acme"
             ),
             "note": registry.encrypt(f"note {i}".encode(), "old_ledgers.note"),
             "memo": registry.encrypt(f"memo {i}".encode(), "ledgers.memo"),
@@ -194,7 +195,7 @@ def test_by_name_without_a_definition_never_changes_a_value_format(
     with engine.connect() as conn:
         for _ in range(2):
             for i, ssn in enumerate(SSNS):  # a lookup by the value's deterministic form
-                probe = registry.envelope.encrypt_deterministic(ssn.encode(), b"ledgers.ssn")
+                probe = registry.envelope.encrypt_deterministic(ssn.encode(), SSN.current)
                 found = conn.execute(sa.select(ledgers.c.id).where(ledgers.c.ssn == probe))
                 assert found.scalars().all() == [i]
     assert "UnknownDefinition: does not decrypt with the default options" in "\n".join(

@@ -23,8 +23,10 @@ from sqlalchemy_envelope import (
     UnknownKeyError,
 )
 from sqlalchemy_envelope.crypto import format as fmt
+from sqlalchemy_envelope.crypto.primitives import AESGCM, AESSIV, hkdf_sha256
 from sqlalchemy_envelope.keys import envelope as envelope_module
 from sqlalchemy_envelope.keys import storage
+from sqlalchemy_envelope.keys.scopes import index_scope
 
 FORMAT_MD = Path(__file__).resolve().parent.parent / "FORMAT.md"
 
@@ -37,6 +39,38 @@ def _vectors() -> list[dict[str, Any]]:
     return vectors
 
 
+def _expected(vector: dict[str, Any]) -> bytes:
+    """The vector's ciphertext, computed with the primitives alone."""
+    plaintext = bytes.fromhex(vector["plaintext"])
+    header = fmt.header(vector["key_id"], vector["version"])
+    if vector["version"] == fmt.DETERMINISTIC_VERSION:
+        siv_key = bytes.fromhex(vector["siv_key"])
+        info = b"sqlalchemy-envelope/deterministic/v2\x00" + bytes.fromhex(
+            vector["associated_data"][1]
+        )
+        assert hkdf_sha256(bytes.fromhex(vector["index_key"]), info, 64) == siv_key
+        vector_ad = [bytes.fromhex(part) for part in vector["associated_data"]]
+        return header + AESSIV(siv_key).encrypt(plaintext, vector_ad)
+    nonce = bytes.fromhex(vector["nonce"])
+    if vector["version"] == fmt.LEGACY_VERSION:
+        associated = header + vector["context"].encode()
+    else:
+        associated = bytes.fromhex(vector["associated_data"])
+    return (
+        header
+        + nonce
+        + AESGCM(bytes.fromhex(vector["data_key"])).encrypt(nonce, plaintext, associated)
+    )
+
+
+def _context(vector: dict[str, Any]) -> fmt.Context:
+    """The context the library makes of the vector's names."""
+    if vector["version"] == fmt.LEGACY_VERSION:
+        return fmt.given_context(vector["context"])
+    context = fmt.column_context(vector["schema"], vector["table"], vector["column"])
+    return fmt.scoped_context(context, vector["scope"]) if "scope" in vector else context
+
+
 @pytest.mark.parametrize("vector", _vectors(), ids=lambda v: v["name"])
 def test_vector(
     vector: dict[str, Any],
@@ -44,35 +78,55 @@ def test_vector(
     root_key: StaticRootKey,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    ciphertext = bytes.fromhex(vector["ciphertext"])
+    plaintext = bytes.fromhex(vector["plaintext"])
+    assert _expected(vector) == ciphertext
+    assert fmt.key_id_of(ciphertext) == vector["key_id"]
+    assert fmt.to_text(ciphertext) == vector["text"]
+    assert fmt.from_text(vector["text"]) == ciphertext
+    context = _context(vector)
+    deterministic = vector["version"] == fmt.DETERMINISTIC_VERSION
+    header = ciphertext[: fmt.HEADER_BYTES]
+    if deterministic:
+        assert [header.hex(), context.current.hex()] == vector["associated_data"]
+    elif vector["version"] == fmt.FORMAT_VERSION:
+        assert (header + context.current).hex() == vector["associated_data"]
+
     scope = f"vector-{vector['key_id']}"
-    registry = KeyRegistry(engine, root_key, scope=scope)
-    registry.init()
-    data_key = bytes.fromhex(vector["data_key"])
+    registry = KeyRegistry(engine, root_key, scope="setup")
+    registry.init()  # the data_keys table
+    key_scope = index_scope(scope) if deterministic else scope
+    secret = bytes.fromhex(vector["index_key" if deterministic else "data_key"])
     with engine.begin() as conn:
-        storage.retire_active(conn, registry.table, scope, storage.utcnow(), expected_id=None)
         storage.insert_active(
             conn,
             registry.table,
             key_id=vector["key_id"],
-            scope=scope,
-            version=2,
-            wrapped_key=root_key.wrap(data_key, {"key_id": str(vector["key_id"]), "scope": scope}),
+            scope=key_scope,
+            version=1,
+            wrapped_key=root_key.wrap(
+                secret, {"key_id": str(vector["key_id"]), "scope": key_scope}
+            ),
             root_key_fingerprint=root_key.fingerprint,
             root_key_description=root_key.description,
             now=storage.utcnow(),
         )
     reader = KeyRegistry(engine, root_key, scope=scope, attach=False)
-    ciphertext = bytes.fromhex(vector["ciphertext"])
-    plaintext = bytes.fromhex(vector["plaintext"])
-
-    assert reader.decrypt(ciphertext, vector["context"]) == plaintext
-    assert fmt.key_id_of(ciphertext) == vector["key_id"]
-    assert fmt.to_text(ciphertext) == vector["text"]
-    assert fmt.from_text(vector["text"]) == ciphertext
-    assert len(ciphertext) == len(plaintext) + fmt.OVERHEAD
-
-    monkeypatch.setattr(envelope_module, "_urandom", lambda n: bytes.fromhex(vector["nonce"]))
-    assert reader.encrypt(plaintext, vector["context"]) == ciphertext
+    envelope = reader.envelope
+    if deterministic:
+        assert envelope.decrypt_deterministic(ciphertext, context) == plaintext
+        assert envelope.encrypt_deterministic(plaintext, context.current) == ciphertext
+        assert len(ciphertext) == len(plaintext) + fmt.DETERMINISTIC_OVERHEAD
+    else:
+        assert envelope.decrypt_bytes(ciphertext, context) == plaintext
+        assert len(ciphertext) == len(plaintext) + fmt.OVERHEAD
+        monkeypatch.setattr(envelope_module, "_urandom", lambda n: bytes.fromhex(vector["nonce"]))
+        if vector["version"] == fmt.FORMAT_VERSION:
+            assert envelope.encrypt_bytes(plaintext, context.current) == ciphertext
+        if vector.get("schema") is None and "scope" not in vector:  # a given "table.column"
+            name = vector.get("context") or f"{vector['table']}.{vector['column']}"
+            assert reader.decrypt(ciphertext, name) == plaintext
+            assert reader.encrypt(plaintext, name)[0] == fmt.FORMAT_VERSION
     registry.close()
     reader.close()
 
@@ -89,7 +143,7 @@ def test_header_is_the_first_eight_base64_characters() -> None:
 def test_non_ciphertext_is_recognised() -> None:
     with pytest.raises(NotCiphertextError, match="shorter"):
         fmt.check(b"\x01short")
-    with pytest.raises(NotCiphertextError, match="does not start with format byte"):
+    with pytest.raises(NotCiphertextError, match="does not start with a format byte"):
         fmt.check(b"plaintext that is long enough to look like one..")
     with pytest.raises(NotCiphertextError, match="not base64"):
         fmt.from_text("plain text, not base64!")

@@ -151,6 +151,31 @@ def test_plaintext_column_converted_in_place_and_back(
     assert [plain[i] for i in range(25)] == emails and plain[50] == "new@example.com"
 
 
+def test_decrypt_in_place_writes_padded_values_without_their_padding(
+    engine: sa.Engine, registry: KeyRegistry
+) -> None:
+    """A ``pad_to`` string and an enum (padded to its longest name) decrypt
+    in place to the text itself, in text and in binary storage."""
+    padded = sa.Table(
+        "padded_notes",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("note", EncryptedType(sa.String(40), pad_to=32, storage="text")),
+        sa.Column("kind", EncryptedType(sa.Enum("a", "long", name="k"), storage="text")),
+        sa.Column("raw", EncryptedType(sa.String(40), pad_to=16)),
+    )
+    padded.metadata.create_all(engine)
+    rows = [{"id": i, "note": f"n{i}", "kind": "a", "raw": f"r{i}"} for i in range(3)]
+    with engine.begin() as conn:
+        conn.execute(padded.insert(), rows)
+    report = registry.decrypt_in_place(padded)
+    assert report.values_decrypted == 9 and report.left_behind == 0
+    plain = sa.table("padded_notes", *(sa.column(c) for c in ("id", "note", "kind", "raw")))
+    with engine.connect() as conn:
+        got = [r._asdict() for r in conn.execute(sa.select(plain).order_by(plain.c.id))]
+    assert got == [{**row, "raw": row["raw"].encode()} for row in rows]
+
+
 def test_values_that_cannot_be_moved_are_left_untouched(
     engine: sa.Engine, registry: KeyRegistry
 ) -> None:

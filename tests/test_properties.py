@@ -28,6 +28,7 @@ from sqlalchemy_envelope import (
 )
 from sqlalchemy_envelope.crypto import format as fmt
 
+T_C = fmt.given_context("t.c")
 SETTINGS = settings(
     max_examples=60,
     deadline=None,
@@ -180,11 +181,11 @@ def test_mutated_ciphertexts_raise_only_typed_errors(
     sealed: tuple[KeyRegistry, list[int]], data: st.DataObject, plaintext: bytes
 ) -> None:
     registry, key_ids = sealed
-    ciphertext = registry.envelope.encrypt_bytes(plaintext, b"t.c")
+    ciphertext = registry.envelope.encrypt_bytes(plaintext, T_C.current)
     mutated = data.draw(_mutations(ciphertext, key_ids))
     assert mutated != ciphertext
     with pytest.raises(EnvelopeError) as info:
-        registry.envelope.decrypt_bytes(mutated, b"t.c")
+        registry.envelope.decrypt_bytes(mutated, T_C)
     assert isinstance(info.value, DecryptionError)  # NotCiphertextError and UnknownKeyError too
     if len(plaintext) >= 8:  # shorter ones occur in any English message
         assert plaintext not in str(info.value).encode()
@@ -199,7 +200,7 @@ def test_arbitrary_bytes_are_never_plaintext(
     # Also junk behind a real header, which reaches the cipher itself.
     for candidate in (junk, fmt.header(key_ids[0]) + junk):
         with pytest.raises(DecryptionError):
-            registry.envelope.decrypt_bytes(candidate, context)
+            registry.envelope.decrypt_bytes(candidate, fmt.Context(context, context))
 
 
 @SETTINGS
@@ -208,13 +209,14 @@ def test_values_from_other_contexts_are_refused(
     sealed: tuple[KeyRegistry, list[int]], plaintext: bytes, other: str
 ) -> None:
     registry, _ = sealed
-    ciphertext = registry.envelope.encrypt_bytes(plaintext, b"patients.name")
-    wrong = other.encode()
-    if wrong == b"patients.name":
+    patients = fmt.given_context("patients.name")
+    ciphertext = registry.envelope.encrypt_bytes(plaintext, patients.current)
+    if other == "patients.name":
         return
+    wrong = fmt.given_context(other)
     with pytest.raises(DecryptionError, match="failed authentication"):
         registry.envelope.decrypt_bytes(ciphertext, wrong)
-    deterministic = registry.envelope.encrypt_deterministic(plaintext, b"patients.name")
+    deterministic = registry.envelope.encrypt_deterministic(plaintext, patients.current)
     with pytest.raises(DecryptionError):
         registry.envelope.decrypt_deterministic(deterministic, wrong)
 
@@ -254,10 +256,15 @@ def test_every_single_byte_change_of_stored_values_is_detected(
     checked = 0
     for random_value, deterministic_value in stored_rows:
         for stored, decrypt in (
-            (bytes(random_value), lambda c: registry.envelope.decrypt_bytes(c, b"samples.v")),
+            (
+                bytes(random_value),
+                lambda c: registry.envelope.decrypt_bytes(c, fmt.given_context("samples.v")),
+            ),
             (
                 bytes(deterministic_value),
-                lambda c: registry.envelope.decrypt_deterministic(c, b"samples.d"),
+                lambda c: registry.envelope.decrypt_deterministic(
+                    c, fmt.given_context("samples.d")
+                ),
             ),
         ):
             decrypt(stored)  # the original decrypts
@@ -277,4 +284,4 @@ def test_not_ciphertext_is_its_own_error(sealed: tuple[KeyRegistry, list[int]]) 
     registry, _ = sealed
     for plaintext in (b"", b"hello", b"x" * 33, uuid.uuid4().bytes):
         with pytest.raises(NotCiphertextError):
-            registry.envelope.decrypt_bytes(plaintext, b"t.c")
+            registry.envelope.decrypt_bytes(plaintext, T_C)

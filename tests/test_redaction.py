@@ -322,3 +322,85 @@ def test_async_failed_writes_list_no_plaintext(db_url: str, root_key: StaticRoot
             assert "'kind': 'zzz'" in text or "taken" in text  # plain values stay visible
 
     asyncio.run(main())
+
+
+class _Refusing(sa.types.TypeDecorator[str]):
+    """A plain column's type whose bind processor fails for one value, as
+    any validating or converting type of an application's can."""
+
+    impl = sa.String(20)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> Any:
+        if value == "refused":
+            raise ValueError("this column refuses 'refused'")
+        return value
+
+
+def test_another_columns_failing_bind_processor_shows_no_plaintext(
+    db_url: str, root_key: StaticRootKey
+) -> None:
+    """When any bind processor of a statement fails (here a plain column's),
+    SQLAlchemy's StatementError lists the statement's parameters as given:
+    the encrypted column's plaintext too. In its text, repr, traceback,
+    ``params`` and ``args``, through Core (one row, many rows) and the ORM
+    (unit of work, bulk INSERT), the encrypted value reads as the marker and
+    the plain ones as given, with the engine's default ``hide_parameters``."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Note(Base):
+        __tablename__ = "notes"
+        id = mapped_column(sa.Integer, primary_key=True, autoincrement=False)
+        body = mapped_column(EncryptedType(sa.String(100)))
+        code = mapped_column(EncryptedType(sa.String(40), deterministic=True))
+        label = mapped_column(_Refusing)
+
+    engine = sa.create_engine(db_url)
+    assert not engine.hide_parameters
+    registry = KeyRegistry(engine, root_key)
+    registry.init()
+    Base.metadata.create_all(engine)
+
+    def rows(secret: str) -> list[dict[str, Any]]:
+        first = next(_serial)
+        return [
+            {"id": first, "body": secret, "code": secret, "label": "fine"},
+            {"id": next(_serial), "body": secret, "code": secret, "label": "refused"},
+        ]
+
+    def core_one(secret: str) -> None:
+        with engine.begin() as conn:
+            conn.execute(sa.insert(Note), rows(secret)[1])
+
+    def core_many(secret: str) -> None:
+        with engine.begin() as conn:
+            conn.execute(sa.insert(Note), rows(secret))
+
+    def unit_of_work(secret: str) -> None:
+        with Session(engine) as session:
+            session.add_all([Note(**row) for row in rows(secret)])
+            session.flush()
+
+    def orm_bulk(secret: str) -> None:
+        with Session(engine) as session:
+            session.execute(sa.insert(Note), rows(secret))
+
+    for form in (core_one, core_many, unit_of_work, orm_bulk):
+        for _ in range(2):  # the second run takes the compiled cache's paths
+            secret = _secret()
+            with pytest.raises(sa.exc.StatementError) as info:
+                form(secret)
+            error = info.value
+            texts = {
+                "str": str(error),
+                "repr": repr(error),
+                "traceback": "".join(traceback.format_exception(error)),
+                "params": repr(error.params),
+                "args": repr(error.args),
+            }
+            assert {k: secret in t for k, t in texts.items()} == dict.fromkeys(texts, False)
+            assert REDACTED in texts["str"] and "'refused'" in texts["str"], form.__name__
+    registry.close()
+    engine.dispose()

@@ -216,9 +216,10 @@ def test_five_thousand_scopes_with_a_bounded_cache(db_url: str, root_key: Static
     registry.init()
     scopes = [f"tenant-{n}" for n in range(5000)]
     registry.create_scope(*scopes)
-    sealed = [registry.envelope.encrypt_bytes(s.encode(), b"t.c", s) for s in scopes]
+    context = fmt.given_context("t.c")
+    sealed = [registry.envelope.encrypt_bytes(s.encode(), context.current, s) for s in scopes]
     assert registry.status().cached_keys <= 300
-    assert [registry.envelope.decrypt_bytes(c, b"t.c") for c in sealed[::97]] == [
+    assert [registry.envelope.decrypt_bytes(c, context) for c in sealed[::97]] == [
         s.encode() for s in scopes[::97]
     ]
     assert registry.status().cached_keys <= 300

@@ -22,7 +22,10 @@ __all__ = ["Envelope"]
 _urandom = os.urandom
 _HEADER = fmt.HEADER_BYTES
 _PAYLOAD = fmt.PAYLOAD_OFFSET
-DETERMINISTIC_PURPOSE = b"sqlalchemy-envelope/deterministic/v1\x00"
+_CURRENT = bytes([fmt.FORMAT_VERSION])
+_LEGACY = bytes([fmt.LEGACY_VERSION])
+DETERMINISTIC_PURPOSE = b"sqlalchemy-envelope/deterministic/v2\x00"
+LEGACY_DETERMINISTIC_PURPOSE = b"sqlalchemy-envelope/deterministic/v1\x00"  # format 2
 HASH_FIELD_PURPOSE = b"sqlalchemy-envelope/hash-field/v1\x00"
 
 
@@ -37,9 +40,12 @@ class Envelope:
         self._active = cache.active
         self._by_header = cache.by_header
         self._clock = cache.clock
-        self._decryptors: dict[bytes, Callable[[bytes], bytes]] = {}
+        self._decryptors: dict[fmt.Context, Callable[[bytes], bytes]] = {}
 
     # -- randomized: AES-256-GCM under rotating data keys --------------------
+
+    # Values are written bound to a context's current form (`fmt.Context`'s
+    # ``current``), and read bound to either form, as their version says.
 
     def encrypt_bytes(self, plaintext: bytes, context: bytes, scope: str | None = None) -> bytes:
         """Encrypt under ``scope``'s active key (default: the registry's)."""
@@ -87,42 +93,61 @@ class Envelope:
 
         return encrypt
 
-    def decryptor(self, context: bytes) -> Callable[[bytes], bytes]:
+    def decryptor(self, context: fmt.Context) -> Callable[[bytes], bytes]:
         """Decrypt values written for ``context``, with every lookup bound
         once: what a column's result processor calls per value. Anything but
-        a cached, fresh, usable key and an authentic value takes `decrypt_bytes`,
-        which loads the key or raises the right error."""
+        a cached, fresh, usable key, a value of the current format and an
+        authentic one takes `other`, which loads the key, reads a value of
+        the legacy format or raises the right error."""
         get = self._by_header.get
         clock = self._clock
         keyring = self.keyring
+        current, legacy = context
 
         # The last key used and its associated data, as in `encryptor`.
         cached: tuple[DataKey | None, bytes] = (None, b"")
 
         def decrypt(ciphertext: bytes) -> bytes:
             nonlocal cached
-            header = ciphertext[:_HEADER]
-            key = get(header)
+            key = get(ciphertext[:_HEADER])
             if key is None or clock() > key.fresh_until or key.aead is None:  # KeyCache.fresh
-                key = keyring.usable(keyring.for_ciphertext(ciphertext))
-                if key.header != header:  # another format's header naming this key's id
-                    raise _altered(context)
+                return other(ciphertext)
             aead = key.aead
             assert aead is not None
             pair = cached
             if pair[0] is not key:
-                pair = cached = (key, key.header + context)
+                pair = cached = (key, key.header + current)
             try:
                 return aead.decrypt(ciphertext[_HEADER:_PAYLOAD], ciphertext[_PAYLOAD:], pair[1])
             except InvalidTag:
-                raise _altered(context) from None
+                raise _altered(legacy) from None
             except ValueError:  # too short to hold a nonce: cut short after a known header
                 fmt.check(ciphertext)
                 raise DecryptionError("value is truncated: it was altered") from None
 
+        def other(ciphertext: bytes) -> bytes:
+            header = ciphertext[:_HEADER]
+            key = get(_CURRENT + header[1:]) if header[:1] == _LEGACY else None
+            if key is None or clock() > key.fresh_until or key.aead is None:
+                key = keyring.usable(keyring.for_ciphertext(ciphertext))
+            if header == key.header:
+                bound = current
+            elif header[0] == fmt.LEGACY_VERSION:
+                bound = legacy
+            else:  # a deterministic header naming this key's id
+                raise _altered(legacy)
+            aead = key.aead
+            assert aead is not None
+            try:
+                return aead.decrypt(
+                    ciphertext[_HEADER:_PAYLOAD], ciphertext[_PAYLOAD:], header + bound
+                )
+            except InvalidTag:
+                raise _altered(legacy) from None
+
         return decrypt
 
-    def decrypt_bytes(self, ciphertext: bytes, context: bytes) -> bytes:
+    def decrypt_bytes(self, ciphertext: bytes, context: fmt.Context) -> bytes:
         """Decrypt one value written for ``context``, with that context's
         `decryptor`, made once."""
         decrypt = self._decryptors.get(context)
@@ -130,15 +155,15 @@ class Envelope:
             decrypt = self._decryptors[context] = self.decryptor(context)
         return decrypt(ciphertext)
 
-    def decrypt_scoped(self, ciphertext: bytes, context: bytes, scope: str | None) -> bytes:
+    def decrypt_scoped(self, ciphertext: bytes, context: fmt.Context, scope: str | None) -> bytes:
         """Decrypt a value whose context binds its scope (``EncryptedType(...,
         bind_scope=True)``). With ``scope``, a value written in another scope is
         refused, even if it was copied into this scope's rows."""
         key = self.keyring.usable(self.keyring.for_ciphertext(ciphertext))
         if scope is not None and key.scope != scope:
             raise DecryptionError(
-                f"value for context {context.decode('utf-8', 'replace')!r} was written in "
-                f"another scope than {scope!r}: it was copied from another tenant's row"
+                f"value for context {context.legacy.decode('utf-8', 'replace')!r} was written "
+                f"in another scope than {scope!r}: it was copied from another tenant's row"
             )
         return self.decrypt_bytes(ciphertext, fmt.scoped_context(context, key.scope))
 
@@ -178,13 +203,19 @@ class Envelope:
         key = self.derived_key(HASH_FIELD_PURPOSE + context.encode(), version, scope=scope)
         return hmac_sha256(key, value).hex()
 
-    def _siv(self, key: IndexKey, context: bytes) -> AESSIV:
-        siv = key.sivs.get(context)
+    def _siv(self, key: IndexKey, context: bytes, legacy: bool = False) -> AESSIV:
+        """The AES-SIV of ``context`` (``legacy``: of format 2), derived once
+        per index key. A current context is cached under itself, as the
+        per-value path looks it up; a legacy one under the legacy purpose's
+        text, which no current context (a 4-byte length first) starts with."""
+        purpose = LEGACY_DETERMINISTIC_PURPOSE if legacy else DETERMINISTIC_PURPOSE
+        cached = purpose + context if legacy else context
+        siv = key.sivs.get(cached)
         if siv is None:
-            derived = key.derive(DETERMINISTIC_PURPOSE + context, 64)
+            derived = key.derive(purpose + context, 64)
             if derived is None:
                 raise self.keyring.unusable(key)
-            siv = key.sivs[context] = AESSIV(derived)
+            siv = key.sivs[cached] = AESSIV(derived)
         return siv
 
     def deterministic_header(self, version: int = 1, *, scope: str | None = None) -> bytes | None:
@@ -207,22 +238,24 @@ class Envelope:
         header = key.header
         return header + self._siv(key, context).encrypt(plaintext, [header, context])
 
-    def decrypt_deterministic(self, ciphertext: bytes, context: bytes) -> bytes:
+    def decrypt_deterministic(self, ciphertext: bytes, context: fmt.Context) -> bytes:
         fmt.check(ciphertext)
-        if ciphertext[0] != fmt.DETERMINISTIC_VERSION:
+        if ciphertext[0] not in fmt.DETERMINISTIC_VERSIONS:
             raise DecryptionError("value is randomized ciphertext in a deterministic column")
         key = self.keyring.index_key_for(ciphertext)
         if key is None:
             # Only index keys encrypt deterministically: a header naming a
             # data key was altered.
-            raise _altered(context)
+            raise _altered(context.legacy)
         if key.secret is None:
             raise self.keyring.unusable(key)
-        header = key.header
+        header = ciphertext[:_HEADER]
+        legacy = ciphertext[0] == fmt.LEGACY_DETERMINISTIC_VERSION
+        bound = context.legacy if legacy else context.current
         try:
-            return self._siv(key, context).decrypt(ciphertext[_HEADER:], [header, context])
+            return self._siv(key, bound, legacy).decrypt(ciphertext[_HEADER:], [header, bound])
         except InvalidTag:
-            raise _altered(context) from None
+            raise _altered(context.legacy) from None
 
 
 def _altered(context: bytes) -> DecryptionError:

@@ -143,7 +143,7 @@ class Keyring:
         """The key named by a value's header, read again if stale. An id
         data_keys does not hold is asked about once per ``cache_max_age``."""
         fmt.check(ciphertext)
-        header = ciphertext[: fmt.HEADER_BYTES]
+        header = fmt.header(fmt.key_id_of(ciphertext))  # of any format version
         key = self.cache.by_header.get(header)
         if key is not None and self.cache.fresh(key):
             return key
@@ -685,7 +685,8 @@ class Keyring:
         value cannot be made to name another index key than its own. An id
         data_keys does not hold is asked about once per ``cache_max_age``."""
         fmt.check(ciphertext)
-        key = self.cache.index_by_header.get(ciphertext[: fmt.HEADER_BYTES])
+        header = fmt.header(fmt.key_id_of(ciphertext), fmt.DETERMINISTIC_VERSION)
+        key = self.cache.index_by_header.get(header)  # of any format version
         if key is not None and self.cache.fresh(key):
             return key
         key_id = fmt.key_id_of(ciphertext)

@@ -49,7 +49,7 @@ class EncryptedColumnRef:
     table: str
     column: str
     storage: str
-    context: bytes
+    context: fmt.Context
     migrating: bool = False
     deterministic: bool = False
     bind_scope: bool = False
@@ -97,7 +97,7 @@ class ColumnCensus(Report):
 
 
 def with_context(ref: EncryptedColumnRef, context: str) -> EncryptedColumnRef:
-    return replace(ref, context=context.encode("utf-8"))
+    return replace(ref, context=fmt.given_context(context, ref.schema))
 
 
 def _ref(column: sa.Column[Any], info: columns.ColumnInfo) -> EncryptedColumnRef:
@@ -108,7 +108,7 @@ def _ref(column: sa.Column[Any], info: columns.ColumnInfo) -> EncryptedColumnRef
         table.name,
         column.name,
         info.storage,
-        info.context(),
+        info.context(table.schema),
         info.migrating,
         info.deterministic,
         info.bind_scope,
@@ -146,7 +146,9 @@ def _by_name(conn: Connection, name: str, keys_table: sa.Table | None) -> Encryp
         )
     storage = "binary" if kind is bytes else "text"
     if defined is None:
-        return EncryptedColumnRef(schema, table, column, storage, f"{table}.{column}".encode())
+        return EncryptedColumnRef(
+            schema, table, column, storage, fmt.column_context(schema, table, column)
+        )
     if defined.storage != storage:
         raise ConfigurationError(
             f"{name}: the loaded models define it with storage={defined.storage!r}, but the "
@@ -267,14 +269,15 @@ def discover(conn: Connection, skip_table: tuple[str | None, str]) -> list[Encry
                 kind = _python_type(column["type"])
                 if kind in (bytes, str) and not isinstance(column["type"], sa.Enum):
                     storage = "binary" if kind is bytes else "text"
-                    refs.append(EncryptedColumnRef(schema, table, column["name"], storage, b""))
+                    context = fmt.column_context(schema, table, column["name"])
+                    refs.append(EncryptedColumnRef(schema, table, column["name"], storage, context))
     return refs
 
 
 def shortest(version: int, storage: str) -> int:
     """The length of the shortest ciphertext of a format version, in bytes or
     (text storage) base64 characters: shorter values are not ciphertext."""
-    size = fmt.OVERHEAD if version == fmt.FORMAT_VERSION else fmt.DETERMINISTIC_OVERHEAD
+    size = fmt.OVERHEAD if version in fmt.RANDOMIZED_VERSIONS else fmt.DETERMINISTIC_OVERHEAD
     return 4 * -(-size // 3) if storage == "text" else size
 
 
@@ -418,10 +421,7 @@ def _header(raw: Any, storage: str) -> bytes | None:
             return None
     else:
         prefix = bytes(raw)
-    if len(prefix) != fmt.HEADER_BYTES or prefix[0] not in (
-        fmt.FORMAT_VERSION,
-        fmt.DETERMINISTIC_VERSION,
-    ):
+    if len(prefix) != fmt.HEADER_BYTES or prefix[0] not in fmt.VERSIONS:
         return None
     return prefix
 
@@ -450,7 +450,7 @@ def count(conn: Connection, ref: EncryptedColumnRef, keys: Mapping[int, KeyRow])
     not_ciphertext = unknown = 0
     for raw, long_enough, rows in grouped:
         parsed = _header(raw, ref.storage)
-        if parsed is None or (parsed[0] == fmt.FORMAT_VERSION and not long_enough):
+        if parsed is None or (parsed[0] in fmt.RANDOMIZED_VERSIONS and not long_enough):
             not_ciphertext += rows
         elif fmt.key_id_of(parsed) in keys:
             key_id = fmt.key_id_of(parsed)

@@ -91,7 +91,7 @@ def _guard_destroy(admin: KeyAdmin, row: KeyRow, columns: Iterable[Target]) -> N
             f"it until their caches refresh ({max_age.total_seconds():.0f}s): "
             "wait, then take the census again"
         )
-    headers = [fmt.header(row.id), fmt.header(row.id, fmt.DETERMINISTIC_VERSION)]
+    headers = [fmt.header(row.id, version) for version in sorted(fmt.VERSIONS)]
     with admin.store.connect() as conn:
         targets = list(columns)
         refs = census.resolve(conn, targets) if targets else _discover(admin, conn)

@@ -34,6 +34,7 @@ from ..keys.scopes import index_scope, is_index_scope
 from ..keys.storage import MYSQL_DIALECTS
 from ..keys.store import KeyStore
 from ..sqla import mysql_text
+from ..sqla.codec import unpadded
 from . import batch, census
 from .census import EncryptedColumnRef, Target
 from .migration_report import OTHER_FORMAT, UNKNOWN_DEFINITION, LeftRow, MigrationReport, explain
@@ -184,7 +185,7 @@ def _ciphertext_of(ref: EncryptedColumnRef, stored: Any) -> bytes | None:
 
 
 def _decrypt(registry: Envelope, ref: EncryptedColumnRef, ciphertext: bytes) -> bytes:
-    if ciphertext[0] == fmt.DETERMINISTIC_VERSION:
+    if ciphertext[0] in fmt.DETERMINISTIC_VERSIONS:
         return registry.decrypt_deterministic(ciphertext, ref.context)
     if ref.bind_scope:
         return registry.decrypt_scoped(ciphertext, ref.context, None)
@@ -228,9 +229,9 @@ def _reencrypt_rewrite(
     def seal(ref: EncryptedColumnRef, plaintext: bytes, deterministic: bool) -> bytes:
         """``plaintext`` sealed for the column, deterministic or randomized."""
         if deterministic:
-            return registry.encrypt_deterministic(plaintext, ref.context, scope=scope)
+            return registry.encrypt_deterministic(plaintext, ref.context.current, scope=scope)
         context = fmt.scoped_context(ref.context, scope) if ref.bind_scope else ref.context
-        return registry.encrypt_bytes(plaintext, context, scope)
+        return registry.encrypt_bytes(plaintext, context.current, scope)
 
     def as_plaintext(ref: EncryptedColumnRef, old: Any) -> _Change:
         """Legacy plaintext sealed in the format of the column's definition
@@ -259,7 +260,7 @@ def _reencrypt_rewrite(
             report.leave(ref.name, key, UnknownKeyError.__name__, failure=True)
             return None
         owner, version = found
-        deterministic = ciphertext[0] == fmt.DETERMINISTIC_VERSION
+        deterministic = ciphertext[0] in fmt.DETERMINISTIC_VERSIONS
         own = own_index if deterministic else scope
         if owner != own and owner != shared and is_index_scope(owner) == deterministic:
             # Another tenant's value, or a deterministic value under another
@@ -314,6 +315,8 @@ def _decrypt_rewrite(registry: Envelope) -> Rewrite:
         except DecryptionError as error:
             report.leave(ref.name, key, _left_reason(ref, error), failure=True)
             return None
+        if ref.storage == "text" or ref.value_kind == "text":
+            plaintext = unpadded(plaintext)  # text's padding, where 0xff can be nothing else
         if ref.storage == "binary":
             return _Change(plaintext, "decrypted")
         try:

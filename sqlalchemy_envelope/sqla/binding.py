@@ -7,13 +7,18 @@ registry of its own for what it writes; that choice travels as the
 ``envelope_registry`` execution option and is picked up just before SQLAlchemy
 processes the statement's parameters. Reads need no choice: the key id travels
 in the ciphertext, and any registry serving the engine can resolve it.
+
+Values are bound to the schema their table is in when the statement runs:
+its ``schema_translate_map`` execution option, if any, travels with the
+statement's other choices (`Writing`), for its parameters and for the rows
+read while it is the thread's or task's latest statement.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -22,6 +27,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.orm import Session, SessionTransaction
 
+from ..crypto import format as fmt
 from ..errors import ConfigurationError, UnknownKeyError, WrongRootKeyError
 from ..keys.connections import INTERNAL_OPTION, set_statement_connection
 from ..keys.envelope import Envelope
@@ -36,6 +42,7 @@ __all__ = [
     "Writing",
     "current_scope",
     "current_writing",
+    "effective_schema",
     "scope",
     "session_scope",
     "slot_for",
@@ -50,16 +57,24 @@ SESSION_SCOPE_KEY = "sqlalchemy_envelope.scope"
 class Writing:
     """What values are written with: the registry and key scope chosen for
     the statement being executed (None: the engine's registry, the
-    registry's own scope), and the scope of the enclosing ``scope(...)``
-    block. Immutable, and a new one for every execution and every block, so
-    a processor can resolve its registry and scope once per `Writing`."""
+    registry's own scope), the scope of the enclosing ``scope(...)`` block,
+    and the statement's ``schema_translate_map`` (``schemas``). Immutable,
+    and a new one for every execution and every block, so a processor can
+    resolve its registry, scope and context once per `Writing`."""
 
-    __slots__ = ("ambient", "scope", "writer")
+    __slots__ = ("ambient", "schemas", "scope", "writer")
 
-    def __init__(self, writer: Envelope | None, scope: str | None, ambient: str | None) -> None:
+    def __init__(
+        self,
+        writer: Envelope | None,
+        scope: str | None,
+        ambient: str | None,
+        schemas: Mapping[str | None, str | None] | None = None,
+    ) -> None:
         self.writer = writer
         self.scope = scope
         self.ambient = ambient
+        self.schemas = schemas
 
 
 _NOTHING_CHOSEN = Writing(None, None, None)
@@ -67,6 +82,15 @@ _writing: ContextVar[Writing] = ContextVar("envelope_writing", default=_NOTHING_
 
 current_writing = _writing.get
 """The `Writing` in effect: one call, cheap enough per value."""
+
+
+def effective_schema(writing: Writing, schema: str | None) -> str | None:
+    """The schema a table named in ``schema`` is in for the statement of
+    ``writing``: its ``schema_translate_map`` applied, as SQLAlchemy renders it."""
+    schemas = writing.schemas
+    if schemas and schema in schemas:
+        return schemas[schema]
+    return schema
 
 
 def current_scope() -> str | None:
@@ -93,7 +117,7 @@ def scope(name: str) -> Iterator[None]:
 def _set_ambient(name: str | None) -> None:
     # The statement's choices stay: the block only changes the scope around them.
     writing = _writing.get()
-    _writing.set(Writing(writing.writer, writing.scope, name))
+    _writing.set(Writing(writing.writer, writing.scope, name, writing.schemas))
 
 
 @contextmanager
@@ -149,21 +173,26 @@ _listening = False
 
 class EngineSlot:
     """The registries serving one engine: its own, and any that sessions on it
-    brought along."""
+    brought along; and whether statements on it translate schemas."""
 
-    __slots__ = ("__weakref__", "is_async", "readers", "registry", "sole")
+    __slots__ = ("__weakref__", "is_async", "readers", "registry", "sole", "translating")
 
     def __init__(self, is_async: bool = False) -> None:
         self.is_async = is_async  # an AsyncEngine's: its errors name AsyncKeyRegistry
         self.registry: Envelope | None = None
         self.readers: tuple[Envelope, ...] = ()
-        # The engine's registry when it is the only one reading: the common
-        # case, which result processors serve without further checks.
+        # Whether a statement on the engine came with a schema_translate_map:
+        # from then on, what a value is bound to depends on the statement.
+        self.translating = False
+        # The engine's registry when it is the only one reading and no
+        # statement translates schemas: the common case, which result
+        # processors serve without further checks.
         self.sole: Envelope | None = None
 
     def _update(self) -> None:
         registry = self.registry
-        self.sole = registry if registry is not None and self.readers == (registry,) else None
+        alone = registry is not None and self.readers == (registry,) and not self.translating
+        self.sole = registry if alone else None
 
     def writer(self, writing: Writing | None = None) -> Envelope:
         """The registry to encrypt with for ``writing``, by default the
@@ -179,13 +208,19 @@ class EngineSlot:
         """The registry and key scope (None: the registry's own) to encrypt with."""
         return self.writer(writing), writing.scope or writing.ambient
 
-    def decrypt(self, ciphertext: bytes, context: bytes) -> bytes:
+    def translates(self) -> None:
+        """Note that a statement on the engine translates schemas."""
+        with _lock:
+            self.translating = True
+            self._update()
+
+    def decrypt(self, ciphertext: bytes, context: fmt.Context) -> bytes:
         registry = self.registry
         if registry is not None and len(self.readers) == 1:
             return registry.decrypt_bytes(ciphertext, context)
         return self._decrypt_with_any(ciphertext, context)
 
-    def _decrypt_with_any(self, ciphertext: bytes, context: bytes) -> bytes:
+    def _decrypt_with_any(self, ciphertext: bytes, context: fmt.Context) -> bytes:
         readers = self.readers
         if not readers:
             raise _no_registry(self.is_async)
@@ -196,13 +231,13 @@ class EngineSlot:
                 continue
         return readers[-1].decrypt_bytes(ciphertext, context)
 
-    def decrypt_scoped(self, ciphertext: bytes, context: bytes) -> bytes:
+    def decrypt_scoped(self, ciphertext: bytes, context: fmt.Context) -> bytes:
         registry = self.registry or (self.readers[0] if self.readers else None)
         if registry is None:
             raise _no_registry(self.is_async)
         return registry.decrypt_scoped(ciphertext, context, current_scope())
 
-    def decrypt_deterministic(self, ciphertext: bytes, context: bytes) -> bytes:
+    def decrypt_deterministic(self, ciphertext: bytes, context: fmt.Context) -> bytes:
         registry = self.registry or (self.readers[0] if self.readers else None)
         if registry is None:
             raise _no_registry(self.is_async)
@@ -288,7 +323,10 @@ def _before_execute(
     name = execution_options.get(SCOPE_OPTION)
     if name is not None:
         check_scope(name)  # a tenant's slug, never one of the library's own scopes
-    _writing.set(Writing(chosen, name, ambient))
+    schemas = execution_options.get("schema_translate_map")
+    _writing.set(Writing(chosen, name, ambient, schemas))
+    if schemas and not (slot := slot_for(conn.dialect)).translating:
+        slot.translates()
     set_statement_connection(conn)
     if chosen is not None:
         slot_for(conn.dialect).add_reader(chosen)

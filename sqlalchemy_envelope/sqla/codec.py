@@ -8,6 +8,14 @@ A codec refuses what it cannot store with `InvalidValueError`, whose message
 gives the reason but never the value (the column type adds the column's
 name). ``max_bytes`` is the longest plaintext a codec produces for any value
 it accepts, so storage sized from it holds every value.
+
+Lengths: a ciphertext is as long as its plaintext plus a constant, so codecs
+of randomized columns write enum members and ``Numeric(p, s)`` values at one
+length, and strings padded to a multiple of ``pad_to`` when asked. Padding is
+the byte 0xFF, which UTF-8 never holds, then zeros: it is told apart from any
+text, so values written before padding, or after it was dropped, read as
+written. Deterministic columns keep one plaintext per value whatever their
+options (an enum's width changes with its members), so they are not padded.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from sqlalchemy.types import TypeEngine
 
 from ..errors import ConfigurationError, InvalidValueError
 
-__all__ = ["Codec", "codec_for"]
+__all__ = ["Codec", "codec_for", "unpadded"]
 
 Encode = Callable[[Any], bytes]
 Decode = Callable[[bytes], Any]
@@ -51,6 +59,7 @@ _ISO_USUAL_DATETIME = _ISO_DATE + 1 + _ISO_TIME + 6
 _ISO_USUAL_TIME = _ISO_TIME + 6
 _ZERO_WHOLE_OFFSETS = frozenset({b"+00:00:00", b"-00:00:00"})
 
+_PAD = b"\xff"  # never in UTF-8: where padding starts
 _BAD_OFFSET = "the value's tzinfo gives no valid UTC offset"
 _SURROGATE = "value is not valid Unicode: it holds a lone surrogate, which UTF-8 cannot encode"
 
@@ -64,7 +73,9 @@ class Codec:
     ``str_chars``: for strings, the most characters ``encode`` takes from a
     ``str``, which it encodes as ``str.encode()`` does (UTF-8): a processor
     can do that itself, without a call per value, and call ``encode`` for
-    anything else (which also gives the error for a lone surrogate)."""
+    anything else (which also gives the error for a lone surrogate).
+    ``padded``: the plaintext of text that ``decode`` refuses because it is
+    padded (written while the column had ``pad_to``), read without it."""
 
     encode: Encode
     decode: Decode
@@ -72,14 +83,36 @@ class Codec:
     max_bytes: int | None
     none_as_null: bool = True
     str_chars: int | None = None
+    padded: Decode | None = None
 
 
 def _wrong(value: Any, expected: str) -> InvalidValueError:
     return InvalidValueError(f"expected {expected}, got {type(value).__name__}")
 
 
-def _string(value_type: sa.String) -> Codec:
+def _pad(data: bytes, width: int) -> bytes:
+    """``data`` padded to ``width`` bytes: 0xFF then zeros; as it is if that long."""
+    short = width - len(data)
+    return data + _PAD + bytes(short - 1) if short > 0 else data
+
+
+def unpadded(data: bytes) -> bytes:
+    """Text's UTF-8 without the padding `_pad` added, if any."""
+    end = data.find(_PAD)
+    return data if end < 0 else data[:end]
+
+
+def _padded_width(size: int, pad_to: int) -> int:
+    """The multiple of ``pad_to`` a plaintext of ``size`` bytes is padded to."""
+    return max(-(-size // pad_to), 1) * pad_to
+
+
+def _string(value_type: sa.String, pad_to: int | None) -> Codec:
     length = value_type.length
+    max_bytes = None if length is None else 4 * length
+
+    def decode_padded(data: bytes) -> str:
+        return unpadded(data).decode()
 
     def encode(value: Any) -> bytes:
         if not isinstance(value, str):
@@ -94,13 +127,22 @@ def _string(value_type: sa.String) -> Codec:
         except UnicodeEncodeError:
             raise InvalidValueError(_SURROGATE) from None
 
+    if pad_to is not None:
+
+        def encode_padded(value: Any) -> bytes:
+            data = encode(value)
+            return _pad(data, _padded_width(len(data), pad_to))
+
+        width = None if max_bytes is None else _padded_width(max_bytes, pad_to)
+        return Codec(encode_padded, decode_padded, str, width, padded=decode_padded)
     # bytes.decode defaults to strict UTF-8, and as a builtin it costs no frame.
     return Codec(
         encode,
         bytes.decode,
         str,
-        None if length is None else 4 * length,
+        max_bytes,
         str_chars=sys.maxsize if length is None else length,
+        padded=decode_padded,
     )
 
 
@@ -168,12 +210,14 @@ def _decimal(value: Any) -> Decimal:
     raise _wrong(value, "Decimal")
 
 
-def _numeric(value_type: sa.Numeric[Any]) -> Codec:
+def _numeric(value_type: sa.Numeric[Any], fixed_width: bool) -> Codec:
     """``Numeric(p, s)`` stores what the plain column holds: the value rounded
     to s places, ties away from zero, as PostgreSQL and MySQL round. A value
     with more than p - s digits before the point, NaN or an infinity is
     refused, as those databases refuse it. Without a precision every digit is
-    kept, NaN and infinities too."""
+    kept, NaN and infinities too (at the length they take). ``fixed_width``:
+    fixed-point text right-aligned with spaces to the longest that
+    ``Numeric(p, s)`` allows, which Decimal reads as the number itself."""
     as_decimal = bool(value_type.asdecimal)
 
     def decode(data: bytes) -> Any:
@@ -204,6 +248,11 @@ def _numeric(value_type: sa.Numeric[Any]) -> Codec:
         f"{max(precision - scale, 0)} digits before the decimal point, and no NaN or infinity"
     )
 
+    # Fixed-point text of a value of at most p digits quantized to s places:
+    # a sign, the integer digits (a lone 0 if none), then the point and s digits.
+    longest = 1 + max(precision - scale, 1) + (scale + 1 if scale > 0 else 0)
+    width = longest if fixed_width else 0
+
     def encode(value: Any) -> bytes:
         try:
             number = _decimal(value).quantize(exponent, context=context)
@@ -213,11 +262,8 @@ def _numeric(value_type: sa.Numeric[Any]) -> Codec:
             raise InvalidValueError(overflow)
         if not number:
             number = number.copy_abs()  # the databases have no negative zero
-        return format(number, "f").encode("ascii")
+        return format(number, "f").rjust(width).encode("ascii")
 
-    # Fixed-point text of a value of at most p digits quantized to s places:
-    # a sign, the integer digits (a lone 0 if none), then the point and s digits.
-    longest = 1 + max(precision - scale, 1) + (scale + 1 if scale > 0 else 0)
     # precision + 8 is what earlier versions sized storage for: never shrink
     # a column below what they may have written.
     return Codec(encode, decode, python_type, max(precision + 8, longest))
@@ -361,41 +407,53 @@ def _json(value_type: sa.JSON) -> Codec:
     return Codec(encode, decode, object, None, bool(value_type.none_as_null))
 
 
-def _enum(value_type: sa.Enum) -> Codec:
+def _enum(value_type: sa.Enum, fixed_width: bool) -> Codec:
+    """Names are stored (``fixed_width``: padded to the longest name's UTF-8
+    length), and size the column at four bytes a character, as before."""
     enum_class = value_type.enum_class
+    names = list(value_type.enums if enum_class is None else enum_class.__members__)
+    max_bytes = 4 * max((len(name) for name in names), default=0)
+    width = max((len(name.encode("utf-8")) for name in names), default=0) if fixed_width else 0
     if enum_class is None:
-        names = frozenset(value_type.enums)
-        max_bytes = 4 * max((len(name) for name in names), default=0)
+        known = frozenset(names)
 
         def encode_name(value: Any) -> bytes:
-            if not isinstance(value, str) or value not in names:
+            if not isinstance(value, str) or value not in known:
                 raise InvalidValueError("value is not one of the enum's values")
-            return value.encode("utf-8")
+            return _pad(value.encode("utf-8"), width)
 
-        return Codec(encode_name, lambda data: data.decode("utf-8"), str, max_bytes)
+        def decode_name(data: bytes) -> str:
+            return unpadded(data).decode("utf-8")
+
+        return Codec(encode_name, decode_name, str, max_bytes)
 
     # Member names are stored, whatever values_callable makes the plain
     # column store, so they size the column (aliases included).
     members = enum_class.__members__
-    max_bytes = 4 * max((len(name) for name in members), default=0)
 
     def encode(value: Any) -> bytes:
         if isinstance(value, enum_class):
-            return value.name.encode("utf-8")
+            return _pad(value.name.encode("utf-8"), width)
         if isinstance(value, str) and value in members:
-            return value.encode("utf-8")
+            return _pad(value.encode("utf-8"), width)
         raise _wrong(value, enum_class.__name__)
 
     def decode(data: bytes) -> Any:
-        return members[data.decode("utf-8")]
+        return members[unpadded(data).decode("utf-8")]
 
     return Codec(encode, decode, enum_class, max_bytes)
 
 
-def codec_for(value_type: TypeEngine[Any]) -> Codec:
+def codec_for(
+    value_type: TypeEngine[Any], *, pad_to: int | None = None, fixed_width: bool = True
+) -> Codec:
+    """The codec of ``value_type``; ``fixed_width=False`` (deterministic
+    columns) keeps enum names and numbers unpadded; ``pad_to`` pads strings."""
+    if pad_to is not None:
+        _check_pad_to(value_type, pad_to)
     # Order matters: Enum is a String, Float a Numeric, DateTime no Date.
     if isinstance(value_type, sa.Enum):
-        return _enum(value_type)
+        return _enum(value_type, fixed_width)
     if isinstance(value_type, sa.JSON):
         return _json(value_type)
     if isinstance(value_type, sa.Boolean):
@@ -403,7 +461,7 @@ def codec_for(value_type: TypeEngine[Any]) -> Codec:
     if isinstance(value_type, sa.Uuid):
         return _uuid(value_type)
     if isinstance(value_type, sa.String):
-        return _string(value_type)
+        return _string(value_type, pad_to)
     if isinstance(value_type, sa.LargeBinary):
         return _binary(value_type)
     if isinstance(value_type, sa.Integer):
@@ -411,7 +469,7 @@ def codec_for(value_type: TypeEngine[Any]) -> Codec:
     if isinstance(value_type, sa.Float):
         return _float(bool(value_type.asdecimal))
     if isinstance(value_type, sa.Numeric):
-        return _numeric(value_type)
+        return _numeric(value_type, fixed_width)
     if isinstance(value_type, sa.DateTime):
         return _datetime()
     if isinstance(value_type, sa.Date):
@@ -424,4 +482,17 @@ def codec_for(value_type: TypeEngine[Any]) -> Codec:
         f"EncryptedType cannot wrap {type(value_type).__name__}: supported are "
         "String, Text, Unicode, LargeBinary, Integer, BigInteger, SmallInteger, "
         "Float, Numeric, Boolean, Date, DateTime, Time, Interval, Uuid, JSON and Enum"
+    )
+
+
+def _check_pad_to(value_type: TypeEngine[Any], pad_to: Any) -> None:
+    if not isinstance(pad_to, int) or isinstance(pad_to, bool) or pad_to < 1:
+        raise ConfigurationError(f"pad_to must be a positive number of bytes, not {pad_to!r}")
+    if isinstance(value_type, sa.String) and not isinstance(value_type, sa.Enum):
+        return
+    raise ConfigurationError(
+        f"pad_to pads strings; {type(value_type).__name__} cannot take it: enum members, "
+        "numbers, dates and UUIDs are stored at a fixed width or nearly, and bytes hold "
+        "every byte value, so none could mark where padding starts in a value written "
+        "before pad_to was set (store them as text to pad them)"
     )

@@ -16,6 +16,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from ..crypto import format as fmt
+
 __all__ = [
     "ColumnInfo",
     "defined_columns",
@@ -29,12 +31,13 @@ __all__ = [
 @dataclass(frozen=True)
 class ColumnInfo:
     """A column's definition, as its `EncryptedType` declares it: how values
-    are stored, their context, their format (deterministic or randomized,
+    are stored, their context (given the schema its table is in), their
+    format (deterministic or randomized,
     bound to the tenant scope or not), whether legacy plaintext may be
     encrypted in place, and the type of the plaintext."""
 
     storage: str
-    context: Callable[[], bytes]
+    context: Callable[[str | None], fmt.Context]
     migrating: bool
     deterministic: bool = False
     bind_scope: bool = False

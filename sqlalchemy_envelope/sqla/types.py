@@ -7,8 +7,9 @@
         id: Mapped[int] = mapped_column(primary_key=True)
         name: Mapped[str] = mapped_column(EncryptedType(sa.String(200)))
 
-Each value is bound to a context, ``"table.column"`` by default, so a
-ciphertext copied into another column fails to decrypt. Pass ``context=`` to
+Each value is bound to a context, its schema, table and column by default,
+so a ciphertext copied into another column, or into the same table of
+another schema, fails to decrypt. Pass ``context="old_table.old_column"`` to
 keep reading old data after renaming a table or column.
 """
 
@@ -61,23 +62,35 @@ class _Attachment:
     per-dialect copies SQLAlchemy makes of it, so that all of them use one
     context."""
 
-    __slots__ = ("column", "explicit", "owner")
+    __slots__ = ("column", "contexts", "explicit", "owner")
 
     def __init__(self, owner: EncryptedType, explicit: str | None) -> None:
         self.owner = owner
         self.column: sa.Column[Any] | None = None
         self.explicit = explicit
+        self.contexts: dict[str | None, fmt.Context] = {}  # by schema
 
-    def context(self) -> bytes:
+    def schema(self) -> str | None:
+        """The schema the column's table names (None: the default one)."""
+        return getattr(getattr(self.column, "table", None), "schema", None)
+
+    def context(self, schema: str | None) -> fmt.Context:
+        """What values are bound to when the column's table is in ``schema``."""
+        context = self.contexts.get(schema)
+        if context is None:
+            context = self.contexts[schema] = self._context(schema)
+        return context
+
+    def _context(self, schema: str | None) -> fmt.Context:
         if self.explicit is not None:
-            return self.explicit.encode("utf-8")
+            return fmt.given_context(self.explicit, schema)
         table = getattr(self.column, "table", None)
         if self.column is None or table is None:
             raise ConfigurationError(
                 "this EncryptedType is not attached to a table column, so it has no "
                 "context: pass EncryptedType(..., context='table.column')"
             )
-        return f"{table.name}.{self.column.name}".encode()
+        return fmt.column_context(schema, table.name, self.column.name)
 
     def name(self) -> str:
         """The column for error messages: ``table.column`` when attached, even
@@ -96,7 +109,9 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
 
     ``storage="binary"`` stores bytes (BLOB/bytea, 34 bytes over the
     plaintext); ``storage="text"`` stores base64 text, in a ``String`` sized
-    for the longest value ``value_type`` allows, or ``Text``.
+    for the longest value ``value_type`` allows, or ``Text``. ``pad_to=N``
+    stores strings padded to a multiple of N bytes, so that their length
+    reveals less.
     """
 
     impl: TypeEngine[Any] | type[TypeEngine[Any]] = sa.LargeBinary
@@ -129,6 +144,7 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         deterministic: bool = False,
         bind_scope: bool = False,
         if_destroyed: Any = RAISE,
+        pad_to: int | None = None,
     ) -> None:
         if isinstance(value_type, type) and issubclass(value_type, enum.Enum):
             value_type = sa.Enum(value_type)
@@ -153,11 +169,18 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         self.deterministic = deterministic
         self.bind_scope = bind_scope
         self.if_destroyed = if_destroyed
+        self.pad_to = pad_to
         if deterministic and bind_scope:
             raise ConfigurationError(
                 "bind_scope applies to randomized columns, not deterministic ones"
             )
-        self._codec = codec_for(value_type)
+        if deterministic and pad_to is not None:
+            raise ConfigurationError(
+                "pad_to applies to randomized columns, not deterministic ones: a "
+                "deterministic column must keep one ciphertext per value, and its "
+                "equal ciphertexts show which rows share a value anyway"
+            )
+        self._codec = codec_for(value_type, pad_to=pad_to, fixed_width=not deterministic)
         # Whether the ORM sends None rather than leave the column out of an
         # INSERT: the wrapped type's choice (JSON's unless none_as_null).
         self.should_evaluate_none = bool(value_type.should_evaluate_none)
@@ -202,7 +225,7 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
     @property
     def envelope_values(self) -> Hashable | None:
         try:
-            context = self._attachment.context()
+            context = self._attachment.context(self._attachment.schema())
         except ConfigurationError:
             return None
         return (self.envelope_kind, context, self.storage, self.bind_scope)
@@ -233,6 +256,8 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
             args.append("bind_scope=True")
         if self.if_destroyed is not RAISE:
             args.append(f"if_destroyed={self.if_destroyed!r}")
+        if self.pad_to is not None:
+            args.append(f"pad_to={self.pad_to!r}")
         return f"EncryptedType({', '.join(args)})"
 
     def _set_parent(self, parent: Any, outer: bool = False, **kw: Any) -> None:
@@ -269,7 +294,7 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
     def bind_processor(self, dialect: Dialect) -> Any:
         codec = self._codec
         encode = codec.encode
-        context = self._attachment.context()
+        self._attachment.context(self._attachment.schema())  # refuses a type with none
         where = self._where()
         # Every plaintext must fit the storage sized for it: no database ever
         # sees a longer value (MySQL in non-strict mode would cut it short).
@@ -290,12 +315,13 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
                 raise _overlong(where, len(plaintext), limit)
             return plaintext
 
-        # The registry and scope come from the statement being executed (its
-        # execution options, its Session, the scope() block around it): they
-        # are resolved into an encrypting function once per `Writing`, which
-        # changes with every execution, and kept with it in one tuple,
-        # replaced whole, so that threads sharing this processor read a pair.
-        encrypting = self._encrypting(binding.slot_for(dialect), context)
+        # The registry, scope and schema come from the statement being
+        # executed (its execution options, its Session, the scope() block
+        # around it): they are resolved into an encrypting function once per
+        # `Writing`, which changes with every execution, and kept with it in
+        # one tuple, replaced whole, so that threads sharing this processor
+        # read a pair.
+        encrypting = self._encrypting(binding.slot_for(dialect))
         current_writing = binding.current_writing
         # Starts with no Writing (so with no function to call: bytes stands in).
         encrypting_for: tuple[binding.Writing | None, Callable[[bytes], Any]] = (None, bytes)
@@ -348,28 +374,35 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         return process
 
     def _encrypting(
-        self, slot: binding.EngineSlot, context: bytes
+        self, slot: binding.EngineSlot
     ) -> Callable[[binding.Writing], Callable[[bytes], bytes]]:
         """How this column encrypts a plaintext for a `Writing`: under the
         chosen registry's active key for the chosen scope, or deterministically
-        under that scope's index key."""
+        under that scope's index key, bound to the schema the statement puts
+        the column's table in."""
         deterministic = self.deterministic
         bind_scope = self.bind_scope
+        attachment = self._attachment
+        written = attachment.schema()
 
         def encrypting(writing: binding.Writing) -> Callable[[bytes], bytes]:
             registry, scope = slot.writing(writing)
+            context = attachment.context(binding.effective_schema(writing, written))
             if deterministic:
-                return partial(registry.encrypt_deterministic, context=context, scope=scope)
+                return partial(registry.encrypt_deterministic, context=context.current, scope=scope)
             if bind_scope:
                 scope = scope or registry.scope
-                return registry.encryptor(fmt.scoped_context(context, scope), scope)
-            return registry.encryptor(context, scope)
+                return registry.encryptor(fmt.scoped_context(context, scope).current, scope)
+            return registry.encryptor(context.current, scope)
 
         return encrypting
 
     def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
         decode = self._codec.decode
-        context = self._attachment.context()
+        padded = self._codec.padded
+        attachment = self._attachment
+        written = attachment.schema()
+        context = attachment.context(written)
         slot = binding.slot_for(dialect)
         decrypt = slot.decrypt
         if self.deterministic:
@@ -381,6 +414,20 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         text = self.storage == "text"
         migrating = self.migrating
         where = self._where()
+        current_writing = binding.current_writing
+        effective_schema = binding.effective_schema
+        # On an engine whose statements translate schemas, the context of
+        # the rows read is the latest statement's: the last one seen, with
+        # its `Writing`, in one tuple replaced whole.
+        seen: tuple[binding.Writing | None, fmt.Context] = (None, context)
+
+        def translated() -> fmt.Context:
+            nonlocal seen
+            writing = current_writing()
+            pair = seen
+            if pair[0] is not writing:
+                pair = seen = (writing, attachment.context(effective_schema(writing, written)))
+            return pair[1]
 
         def process(value: Any) -> Any:
             if value is None:
@@ -396,7 +443,7 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
                     return value  # legacy plaintext, read as the plain column would
                 raise
             try:
-                plaintext = decrypt(ciphertext, context)
+                plaintext = decrypt(ciphertext, translated() if slot.translating else context)
             except DestroyedKeyError:
                 if if_destroyed is RAISE:
                     raise
@@ -408,7 +455,7 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
             try:
                 return decode(plaintext)
             except (ValueError, KeyError, TypeError):
-                raise _undecodable(where) from None
+                return _decoded_padded(padded, plaintext, where)
 
         if text or migrating or self.deterministic or self.bind_scope or impl is not None:
             return process
@@ -418,7 +465,8 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
 
         def process_common(value: Any) -> Any:
             # The common case in one frame: bytes from the driver, one
-            # registry serving the engine. Anything else takes the full path.
+            # registry serving the engine, no schema_translate_map (the slot
+            # has no sole registry then). Anything else takes the full path.
             nonlocal cached
             pair = cached
             if pair[0] is not slot.sole or value.__class__ is not bytes:
@@ -435,7 +483,7 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
             try:
                 return decode(plaintext)
             except (ValueError, KeyError, TypeError):
-                raise _undecodable(where) from None
+                return _decoded_padded(padded, plaintext, where)
 
         return process_common
 
@@ -523,6 +571,17 @@ def _overlong(where: str, size: int, limit: int) -> InvalidValueError:
         f"{where}: the value encodes to {size} bytes, more than the {limit} its storage "
         "is sized for"
     )
+
+
+def _decoded_padded(padded: Callable[[bytes], Any] | None, plaintext: bytes, where: str) -> Any:
+    """A value the column's decoder refused, read as padded text (written
+    while the column had ``pad_to``), or the error saying it cannot be read."""
+    if padded is not None:
+        try:
+            return padded(plaintext)
+        except ValueError:
+            pass
+    raise _undecodable(where) from None
 
 
 def _undecodable(where: str) -> InvalidValueError:
