@@ -85,7 +85,7 @@ class Keyring:
             self.closed = True
             self.cache.close()
             self.wrapper.forget(self.store.registry)
-            self.store.close()
+        self.store.close()
 
     # -- data keys -----------------------------------------------------------
 
