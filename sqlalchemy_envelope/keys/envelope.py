@@ -106,11 +106,12 @@ class Envelope:
             nonlocal cached
             header = ciphertext[:_HEADER]
             key = get(header)
-            if key is None or clock() > key.fresh_until or key.aead is None:  # KeyCache.fresh
+            # KeyCache.fresh, inlined, and a key that may decrypt (its cipher, loaded once)
+            if key is None or clock() > key.fresh_until or (aead := key.aead) is None:
                 key = keyring.usable(keyring.for_ciphertext(ciphertext))
                 if key.header != header:  # another format's header naming this key's id
                     raise _altered(context)
-            aead = key.aead
+                aead = key.aead
             assert aead is not None
             pair = cached
             if pair[0] is not key.header:
