@@ -29,6 +29,7 @@ __all__ = [
     "KeyTamperedError",
     "NoActiveKeyError",
     "NotCiphertextError",
+    "RegistryClosedError",
     "RootKeyAccessDeniedError",
     "RootKeyUnavailableError",
     "ShreddedScopeError",
@@ -52,6 +53,23 @@ class EnvelopeError(DontWrapMixin, Exception):
 class ConfigurationError(EnvelopeError, ValueError):
     """The library was set up wrongly: a missing secret, a bad parameter, no
     registry for an engine, an unsupported column type."""
+
+
+class RegistryClosedError(ConfigurationError):
+    """The registry was closed: it holds no key any more (not even the root
+    key) and encrypts, decrypts, hashes and administers nothing. Create a
+    new one; the engine it served can take it."""
+
+    def __init__(self, registry: str = "KeyRegistry", *, served_engine: bool = False) -> None:
+        self.registry = registry
+        if served_engine:
+            message = (
+                f"the {registry} serving this engine was closed: create a new one with "
+                f"{registry}(engine, root_key=...) (or {registry}.from_env(engine))"
+            )
+        else:
+            message = f"this {registry} was closed; create a new {registry}"
+        super().__init__(message)
 
 
 class InvalidValueError(EnvelopeError, ValueError):

@@ -200,11 +200,13 @@ class KeyRegistry:
         return target
 
     def close(self) -> None:
-        """Detach from the engine and forget every cached key."""
-        self._keyring.closed = True
+        """Forget every key, the root key included, close the registry's own
+        connections and release the engine (which a new registry may then
+        serve). From then on every use raises `RegistryClosedError`, also
+        through statements SQLAlchemy compiled and cached before."""
+        self._keyring.close()
         binding.detach(self.envelope)
-        self._keyring.cache.clear()
-        self._store.close()
+        _facades.pop(self.envelope, None)
 
     def _scope(self, scope: str | None) -> str:
         """A scope whose keys a call addresses: a user scope or an index scope."""

@@ -250,6 +250,7 @@ MARIADB_MODULES = frozenset(
     {
         "test_types",
         "test_registry",
+        "test_registry_close",
         "test_storage",
         "test_lifecycle",
         "test_policy",

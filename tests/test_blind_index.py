@@ -4,9 +4,12 @@ columns, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
+import math
 import os
+import re
 import subprocess
 import sys
 import traceback
@@ -348,6 +351,113 @@ def test_core_columns_and_bad_configuration(engine: sa.Engine, registry: KeyRegi
         blind_index("email", normalize="soundex")
     with pytest.raises(ConfigurationError, match="bits"):
         blind_index("email", bits=0)
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _expected_digests(n: int, bits: int) -> float:
+    """The mean number of distinct digests of n distinct values truncated to
+    ``bits`` bits: n keys thrown at 2^bits buckets."""
+    buckets = 2**bits
+    return buckets * (1 - (1 - 1 / buckets) ** n)
+
+
+def _collision_chance(n: int, bits: int) -> float:
+    """The chance that some two of n distinct values share a digest."""
+    buckets = 2**bits
+    return 1 - math.prod(1 - i / buckets for i in range(n))
+
+
+@functools.cache
+def _digest_count_bounds(n: int, bits: int, tail: float = 1e-9) -> tuple[int, int]:
+    """The narrowest counts of distinct digests that uniformly random digests
+    of n distinct values fall below, or above, with a chance of at most
+    ``tail`` each: from the exact distribution (the values hashed one after
+    the other, each landing in one of the d buckets already taken with
+    chance d / 2^bits), whose mean is `_expected_digests`."""
+    buckets = 2**bits
+    chances = [1.0]  # of 0, 1, ... distinct digests so far
+    for _ in range(n):
+        after = [0.0] * (min(len(chances), buckets) + 1)
+        for taken, chance in enumerate(chances):
+            after[taken] += chance * taken / buckets
+            if taken < buckets:
+                after[taken + 1] += chance * (buckets - taken) / buckets
+        chances = after
+    mean = sum(taken * chance for taken, chance in enumerate(chances))
+    assert math.isclose(mean, _expected_digests(n, bits), rel_tol=1e-9)
+    low = 0
+    while sum(chances[: low + 1]) <= tail:
+        low += 1
+    high = len(chances) - 1
+    while sum(chances[high:]) <= tail:
+        high -= 1
+    return low, high
+
+
+def _readme_bits_table() -> tuple[int, list[tuple[int, str, str, str]]]:
+    """README's table of distinct digests per ``bits``: its number of values
+    and its rows (bits, distinct digests, values per digest, collision chance)."""
+    text = README.read_text()
+    header = re.search(
+        r"^\| `bits` \| distinct digests of (\d+) values \|.*\n\|[-:|]+\|\n", text, re.M
+    )
+    assert header is not None, "README: the table under 'Choosing `bits`'"
+    rows = []
+    for line in text[header.end() :].split("\n\n")[0].splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        rows.append((int(cells[0]), cells[1], cells[2], cells[3]))
+    assert len(rows) >= 4
+    return int(header.group(1)), rows
+
+
+def test_readme_bits_table_and_rule_follow_the_formula() -> None:
+    n, rows = _readme_bits_table()
+    for bits, distinct, per_digest, collision in rows:
+        expected = _expected_digests(n, bits)
+        assert distinct == f"{expected:.1f}", bits
+        assert per_digest == f"{n / expected:.1f}", bits
+        assert collision == f"{_collision_chance(n, bits):.0%}", bits
+    rule = re.search(r"\((\d+) values, k = (\d+): (\d+)\s+bits\)", README.read_text())
+    assert rule is not None, "README: the worked example of floor(log2(n / k))"
+    values, k, bits = map(int, rule.groups())
+    assert bits == math.floor(math.log2(values / k))
+    assert [per for b, _, per, _ in rows if b == bits] == [
+        f"{values / _expected_digests(values, bits):.1f}"
+    ]
+
+
+def test_truncated_indexes_give_as_many_distinct_digests_as_the_formula_says(
+    engine: sa.Engine, registry: KeyRegistry
+) -> None:
+    """Real digests of n distinct values, for README's n and for 1000, at
+    README's ``bits`` and 10: the count of distinct ones falls where the
+    formula's distribution puts all but a 1e-9 chance of it."""
+    readme_n, rows = _readme_bits_table()
+    all_bits = sorted({bits for bits, *_ in rows} | {10})
+    md = sa.MetaData()
+    spread = sa.Table(
+        "digest_spread",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("value", EncryptedType(sa.String(20))),
+        *(blind_index_column(f"index_{bits}", "value", bits=bits) for bits in all_bits),
+    )
+    md.create_all(engine)
+    values = [{"id": i, "value": f"value {i}"} for i in range(1000)]
+    with engine.begin() as conn:  # the same statement twice: the compiled cache
+        conn.execute(spread.insert(), values[:500])
+        conn.execute(spread.insert(), values[500:])
+    with engine.connect() as conn:
+        for n in (readme_n, len(values)):
+            for bits in all_bits:
+                column = spread.c[f"index_{bits}"]
+                distinct = conn.scalar(
+                    sa.select(sa.func.count(sa.distinct(column))).where(spread.c.id < n)
+                )
+                low, high = _digest_count_bounds(n, bits)
+                assert low <= distinct <= high, (n, bits, distinct, (low, high))
 
 
 def _refusing_normalizer(value: str) -> str:

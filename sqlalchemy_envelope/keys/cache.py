@@ -110,6 +110,7 @@ class KeyCache:
         self.index_by_header: dict[bytes, IndexKey] = {}
         self.newest: dict[str, tuple[int, int]] = {}
         self.missing: dict[int, float] = {}
+        self.closed = False
 
     def expiry(self) -> float:
         return self.clock() + self.max_age
@@ -121,7 +122,9 @@ class KeyCache:
     def put(self, key: DataKey) -> DataKey:
         """Remember ``key``, and make it its scope's active key if it is active.
         Past ``max_keys`` entries the oldest one is forgotten (it is read
-        again from the database if it is needed again)."""
+        again from the database if it is needed again). A closed cache keeps nothing."""
+        if self.closed:
+            return key
         self.by_header.pop(key.header, None)  # re-inserted last: the most recent
         self.by_header[key.header] = key
         while len(self.by_header) > self.max_keys:
@@ -139,7 +142,9 @@ class KeyCache:
 
     def put_index(self, key: IndexKey) -> IndexKey:
         """Remember an index key; a refreshed entry keeps the keys already
-        derived from the same secret."""
+        derived from the same secret. A closed cache keeps nothing."""
+        if self.closed:
+            return key
         previous = self.index.get((key.scope, key.version))
         if previous is not None and previous.id == key.id and previous.secret == key.secret:
             key = replace(key, derived=previous.derived, sivs=previous.sivs)
@@ -193,6 +198,16 @@ class KeyCache:
             if index_key.scope in scopes:
                 del self.index[(index_key.scope, index_key.version)]
                 self.index_by_header.pop(index_key.header, None)
+
+    def close(self) -> None:
+        """Forget every key for good, the keys derived from index keys too
+        (an entry still in someone's hands shares them), and keep none from
+        now on: a closed registry holds no key."""
+        self.closed = True
+        for index_key in (*self.index.values(), *self.index_by_header.values()):
+            index_key.derived.clear()
+            index_key.sivs.clear()
+        self.clear()
 
     def clear(self) -> None:
         # In place: the hot path holds references to these dicts.

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from ..crypto import format as fmt
 from ..crypto.primitives import AESSIV, NONCE_BYTES, InvalidTag, hmac_sha256
 from ..errors import DecryptionError
-from .cache import DataKey, IndexKey
+from .cache import IndexKey
 from .keyring import Keyring
 
 __all__ = ["Envelope"]
@@ -72,9 +72,11 @@ class Envelope:
         clock = self._clock
         claim = self.keyring.claim
         slow = self.encrypt_bytes
-        # The last key used and its associated data (header + context): one
-        # tuple, replaced whole, so that threads sharing it read a matching pair.
-        cached: tuple[DataKey | None, bytes] = (None, b"")
+        # The last key's header and the associated data (header + context):
+        # one tuple, replaced whole, so that threads sharing it read a
+        # matching pair. Not the key: SQLAlchemy caches this closure, and a
+        # closed registry's keys must go with its cache.
+        cached: tuple[bytes, bytes] = (b"", b"")
 
         def encrypt(plaintext: bytes) -> bytes:
             nonlocal cached
@@ -85,11 +87,12 @@ class Envelope:
                 key = claim(key)
             aead = key.aead
             assert aead is not None  # an active key can encrypt
+            header = key.header
             pair = cached
-            if pair[0] is not key:
-                pair = cached = (key, key.header + context)
+            if pair[0] is not header:
+                pair = cached = (header, header + context)
             nonce = _urandom(NONCE_BYTES)
-            return key.header + nonce + aead.encrypt(nonce, plaintext, pair[1])
+            return header + nonce + aead.encrypt(nonce, plaintext, pair[1])
 
         return encrypt
 
@@ -104,19 +107,19 @@ class Envelope:
         keyring = self.keyring
         current, legacy = context
 
-        # The last key used and its associated data, as in `encryptor`.
-        cached: tuple[DataKey | None, bytes] = (None, b"")
+        # The last key's header and the associated data, as in `encryptor`.
+        cached: tuple[bytes, bytes] = (b"", b"")
 
         def decrypt(ciphertext: bytes) -> bytes:
             nonlocal cached
             key = get(ciphertext[:_HEADER])
-            if key is None or clock() > key.fresh_until or key.aead is None:  # KeyCache.fresh
+            # KeyCache.fresh, inlined, and a key that may decrypt (its cipher, loaded once)
+            if key is None or clock() > key.fresh_until or (aead := key.aead) is None:
                 return other(ciphertext)
-            aead = key.aead
-            assert aead is not None
+            header = key.header
             pair = cached
-            if pair[0] is not key:
-                pair = cached = (key, key.header + current)
+            if pair[0] is not header:
+                pair = cached = (header, header + current)
             try:
                 return aead.decrypt(ciphertext[_HEADER:_PAYLOAD], ciphertext[_PAYLOAD:], pair[1])
             except InvalidTag:

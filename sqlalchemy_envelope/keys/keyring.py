@@ -38,6 +38,7 @@ from ..errors import (
     KeyDisabledError,
     KeyTamperedError,
     NoActiveKeyError,
+    RegistryClosedError,
     RootKeyAccessDeniedError,
     RootKeyUnavailableError,
     ShreddedScopeError,
@@ -107,8 +108,19 @@ class Keyring:
 
     def check_open(self) -> None:
         if self.closed:
-            name = "AsyncKeyRegistry" if self.store.engine.dialect.is_async else "KeyRegistry"
-            raise ConfigurationError(f"this {name} was closed; create a new {name}")
+            raise RegistryClosedError(self.store.registry)
+
+    def close(self) -> None:
+        """Serve nothing more and hold no key: the cache is emptied for good
+        (with the keys derived from index keys) and the root key let go. The
+        processors SQLAlchemy caches reach keys only through this keyring, so
+        they reach none either; what they ask for next raises
+        `RegistryClosedError`."""
+        with self.lock:
+            self.closed = True
+            self.cache.close()
+            self.wrapper.forget(self.store.registry)
+        self.store.close()
 
     # -- data keys -----------------------------------------------------------
 

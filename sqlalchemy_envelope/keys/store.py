@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.util.concurrency import in_greenlet
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, RegistryClosedError
 from . import transactions
 from .connections import KeyConnections, statement_connection
 
@@ -39,6 +39,16 @@ class KeyStore:
         self.table = table
         self._keys = KeyConnections(engine)
         self._pinned: ContextVar[Connection | None] = ContextVar("envelope_pinned", default=None)
+        self._closed = False
+
+    @property
+    def registry(self) -> str:
+        """The class name of the registry this store serves, for messages."""
+        return "AsyncKeyRegistry" if self.engine.dialect.is_async else "KeyRegistry"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RegistryClosedError(self.registry)
 
     @property
     def pinned(self) -> bool:
@@ -56,6 +66,7 @@ class KeyStore:
             self._pinned.reset(token)
 
     def _call(self, work: Callable[[Engine | Connection], T]) -> T:
+        self._check_open()
         pinned = self._pinned.get()
         if pinned is not None:
             return work(pinned)
@@ -89,6 +100,7 @@ class KeyStore:
         statement being executed, inside its transaction if one is open
         (``undo`` runs if that is rolled back); None when there is no such
         connection to use. Rowcount, or `transactions.BUSY`."""
+        self._check_open()
         conn = self._statement_connection()
         if conn is None:
             return None
@@ -107,6 +119,7 @@ class KeyStore:
     @contextmanager
     def connect(self) -> Iterator[Connection]:
         """A connection to the application's database, for reading its tables."""
+        self._check_open()
         pinned = self._pinned.get()
         if pinned is not None:
             yield pinned
@@ -119,6 +132,7 @@ class KeyStore:
         when it loses a lock conflict (a deadlock, a lock wait timeout: see
         `transactions.run_retrying_conflicts`); once, in the pinned
         connection's transaction, while one is pinned."""
+        self._check_open()
         pinned = self._pinned.get()
         bind: Engine | Connection = self.engine if pinned is None else pinned
         return transactions.run_retrying_conflicts(bind, work)
@@ -126,6 +140,7 @@ class KeyStore:
     @contextmanager
     def begin(self) -> Iterator[Connection]:
         """A transaction on the application's database, for writing its tables."""
+        self._check_open()
         pinned = self._pinned.get()
         if pinned is not None:
             yield pinned
@@ -150,9 +165,8 @@ class KeyStore:
                 raise  # a failed statement aborted the pinned transaction
             if self._call(lambda bind: sa.inspect(bind).has_table(self.table.name)):
                 raise
-            name = "AsyncKeyRegistry" if self.engine.dialect.is_async else "KeyRegistry"
             raise ConfigurationError(
-                f"table {self.table.name!r} does not exist: call {name}.init() "
+                f"table {self.table.name!r} does not exist: call {self.registry}.init() "
                 "(or run `sqlalchemy-envelope init`, or the Alembic migration) first"
             ) from error
 
@@ -168,4 +182,6 @@ class KeyStore:
         self._keys.after_fork()
 
     def close(self) -> None:
+        """Release the registry's own connections, and refuse every use from now on."""
+        self._closed = True
         self._keys.close()

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Mapping
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from ..errors import DecryptionError, WrongRootKeyError
+from ..errors import DecryptionError, RegistryClosedError, WrongRootKeyError
 from . import storage
 from .rootkey import RootKeyProvider
 from .scopes import is_index_scope
@@ -52,6 +53,12 @@ class KeyWrapper:
         self.root_key = root_key
         self._fingerprint = fingerprint
         self._proven = root_key
+
+    def forget(self, registry: str) -> None:
+        """Let go of the root key for good: ``registry`` (its class name) was
+        closed, and every later use of the root key says so."""
+        self.root_key = _ClosedRootKey(registry)
+        self._proven = None
 
     @staticmethod
     def kind(scope: str) -> str:
@@ -174,3 +181,27 @@ class KeyWrapper:
             "ENVELOPE_ROOT_SEED, ENVELOPE_ROOT_SALT and ENVELOPE_PBKDF2_ITERATIONS). "
             "Nothing was written."
         )
+
+
+class _ClosedRootKey:
+    """The root key of a closed registry: none. Every use raises `RegistryClosedError`."""
+
+    def __init__(self, registry: str) -> None:
+        self.registry = registry
+
+    @property
+    def fingerprint(self) -> str:
+        raise RegistryClosedError(self.registry)
+
+    @property
+    def description(self) -> str:
+        raise RegistryClosedError(self.registry)
+
+    def wrap(self, data_key: bytes, context: Mapping[str, str]) -> bytes:
+        raise RegistryClosedError(self.registry)
+
+    def unwrap(self, wrapped: bytes, context: Mapping[str, str]) -> bytes:
+        raise RegistryClosedError(self.registry)
+
+    def __repr__(self) -> str:
+        return "<none: the registry was closed>"

@@ -28,7 +28,7 @@ from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.orm import Session, SessionTransaction
 
 from ..crypto import format as fmt
-from ..errors import ConfigurationError, UnknownKeyError, WrongRootKeyError
+from ..errors import ConfigurationError, RegistryClosedError, UnknownKeyError, WrongRootKeyError
 from ..keys.connections import INTERNAL_OPTION, set_statement_connection
 from ..keys.envelope import Envelope
 from ..keys.scopes import check_scope
@@ -175,11 +175,20 @@ class EngineSlot:
     """The registries serving one engine: its own, and any that sessions on it
     brought along; and whether statements on it translate schemas."""
 
-    __slots__ = ("__weakref__", "is_async", "readers", "registry", "sole", "translating")
+    __slots__ = (
+        "__weakref__",
+        "closed",
+        "is_async",
+        "readers",
+        "registry",
+        "sole",
+        "translating",
+    )
 
     def __init__(self, is_async: bool = False) -> None:
         self.is_async = is_async  # an AsyncEngine's: its errors name AsyncKeyRegistry
         self.registry: Envelope | None = None
+        self.closed = False  # the registry that served the engine was closed
         self.readers: tuple[Envelope, ...] = ()
         # Whether a statement on the engine came with a schema_translate_map:
         # from then on, what a value is bound to depends on the statement.
@@ -201,7 +210,7 @@ class EngineSlot:
         if registry is None:
             registry = self.registry
             if registry is None:
-                raise _no_registry(self.is_async)
+                raise self.no_registry()
         return registry
 
     def writing(self, writing: Writing) -> tuple[Envelope, str | None]:
@@ -223,7 +232,7 @@ class EngineSlot:
     def _decrypt_with_any(self, ciphertext: bytes, context: fmt.Context) -> bytes:
         readers = self.readers
         if not readers:
-            raise _no_registry(self.is_async)
+            raise self.no_registry()
         for registry in readers[:-1]:
             try:
                 return registry.decrypt_bytes(ciphertext, context)
@@ -234,27 +243,31 @@ class EngineSlot:
     def decrypt_scoped(self, ciphertext: bytes, context: fmt.Context) -> bytes:
         registry = self.registry or (self.readers[0] if self.readers else None)
         if registry is None:
-            raise _no_registry(self.is_async)
+            raise self.no_registry()
         return registry.decrypt_scoped(ciphertext, context, current_scope())
 
     def decrypt_deterministic(self, ciphertext: bytes, context: fmt.Context) -> bytes:
         registry = self.registry or (self.readers[0] if self.readers else None)
         if registry is None:
-            raise _no_registry(self.is_async)
+            raise self.no_registry()
         return registry.decrypt_deterministic(ciphertext, context)
 
     def add_reader(self, registry: Envelope) -> None:
         if registry not in self.readers:
-            self.readers = (*self.readers, registry)
-            self._update()
+            with _lock:  # against a `detach` at the same time: a closed one stays out
+                if registry not in self.readers and not registry.keyring.closed:
+                    self.readers = (*self.readers, registry)
+                    self._update()
 
-
-def _no_registry(is_async: bool) -> ConfigurationError:
-    name = "AsyncKeyRegistry" if is_async else "KeyRegistry"
-    return ConfigurationError(
-        f"no {name} serves this engine: create one with {name}(engine, "
-        f"root_key=...) (or {name}.from_env(engine)) before using encrypted columns"
-    )
+    def no_registry(self) -> ConfigurationError:
+        """The error for a statement on this engine that no registry serves."""
+        name = "AsyncKeyRegistry" if self.is_async else "KeyRegistry"
+        if self.closed:
+            return RegistryClosedError(name, served_engine=True)
+        return ConfigurationError(
+            f"no {name} serves this engine: create one with {name}(engine, "
+            f"root_key=...) (or {name}.from_env(engine)) before using encrypted columns"
+        )
 
 
 def slot_for(dialect: Dialect) -> EngineSlot:
@@ -280,7 +293,9 @@ def attach(engine: Engine, registry: Envelope) -> None:
                 "to sessions"
             )
         slot.registry = registry
-        slot.add_reader(registry)
+        slot.closed = False
+        if registry not in slot.readers:
+            slot.readers = (*slot.readers, registry)
         slot._update()
     redact_rows(engine)
 
@@ -292,10 +307,12 @@ def attached(engine: Engine) -> Envelope | None:
 
 
 def detach(registry: Envelope) -> None:
+    """Release every engine from ``registry``, which was closed."""
     with _lock:
         for slot in list(_slots.values()):
             if slot.registry is registry:
                 slot.registry = None
+                slot.closed = True
             slot.readers = tuple(r for r in slot.readers if r is not registry)
             slot._update()
 
