@@ -8,6 +8,7 @@ as of an unknown definition, not as tampering."""
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from sqlalchemy_envelope import (
     EncryptedType,
     KeyRegistry,
     LeftRow,
+    StaticRootKey,
     ValuesLeftBehindError,
 )
 from sqlalchemy_envelope.crypto import format as fmt
@@ -416,3 +418,39 @@ def test_alembic_operations_use_the_models_env_py_imports(db_url: str, tmp_path:
             assert found.all() == [2]
     registry.close()
     engine.dispose()
+
+
+def test_a_definition_goes_with_its_table(
+    db_url: str, registry: KeyRegistry, root_key: StaticRootKey
+) -> None:
+    """Jobs by name know only the definitions still loaded: a table that is
+    gone (a test's, with the engine whose statement cache held it) no longer
+    counts, even after its column served statements, so a new definition of
+    the same name is the only one."""
+
+    def define(**options: Any) -> sa.Table:
+        return sa.Table(
+            "transient_dossiers",
+            sa.MetaData(),
+            sa.Column("id", sa.Integer, primary_key=True),
+            sa.Column("code", EncryptedType(sa.String(20), **options)),
+        )
+
+    engine = sa.create_engine(db_url)
+    other = KeyRegistry(engine, root_key)  # another process's view: its own engine
+    first = define()
+    first.create(engine)
+    for _ in range(2):
+        with engine.begin() as conn:
+            conn.execute(first.insert(), {"id": 1, "code": "A-1"})
+            assert conn.execute(sa.select(first.c.code)).scalar_one() == "A-1"
+            conn.execute(first.delete())
+    other.close()
+    engine.dispose()
+    del first, engine, other, conn
+    gc.collect()
+    second = define(deterministic=True)
+    assert [census.column for census in registry.census("transient_dossiers.code")] == [
+        "transient_dossiers.code"
+    ]
+    assert second.c.code.type.deterministic

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import sys
+import weakref
 from collections.abc import Callable, Hashable
 from functools import partial
 from typing import Any
@@ -62,7 +63,7 @@ class _Attachment:
     per-dialect copies SQLAlchemy makes of it, so that all of them use one
     context."""
 
-    __slots__ = ("column", "contexts", "explicit", "owner")
+    __slots__ = ("__weakref__", "column", "contexts", "explicit", "owner")
 
     def __init__(self, owner: EncryptedType, explicit: str | None) -> None:
         self.owner = owner
@@ -91,6 +92,19 @@ class _Attachment:
                 "context: pass EncryptedType(..., context='table.column')"
             )
         return fmt.column_context(schema, table.name, self.column.name)
+
+    def weak_context(self) -> Callable[[str | None], fmt.Context]:
+        """`context`, for the registry of loaded columns: it must not keep
+        the column alive (that registry forgets a column when it is gone)."""
+        attachment = weakref.ref(self)
+
+        def context(schema: str | None) -> fmt.Context:
+            alive = attachment()
+            if alive is None:
+                raise ConfigurationError("this encrypted column is no longer loaded")
+            return alive.context(schema)
+
+        return context
 
     def name(self) -> str:
         """The column for error messages: ``table.column`` when attached, even
@@ -277,7 +291,7 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
             parent,
             columns.ColumnInfo(
                 self.storage,
-                self._attachment.context,
+                self._attachment.weak_context(),
                 self.migrating,
                 self.deterministic,
                 self.bind_scope,
