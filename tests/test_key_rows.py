@@ -153,6 +153,17 @@ def test_a_retired_key_made_active_again_is_refused(
     assert _read(engine, how) == [(1, "note 1"), (2, "note 2")]
     fresh.close()
     registry.close()
+    # A process that starts afterwards, and runs init() first as applications
+    # do, refuses it too.
+    started = sa.create_engine(engine.url)
+    restarted = KeyRegistry(started, root_key)
+    for _ in range(2):
+        with pytest.raises(KeyTamperedError, match="version 2 of its scope is newer"):
+            restarted.init()
+        with pytest.raises(KeyTamperedError, match="version 2 of its scope is newer"):
+            restarted.encrypt(b"x", "notes.body")
+    restarted.close()
+    started.dispose()
 
 
 @pytest.mark.parametrize("how", ["connection", "session"])

@@ -12,6 +12,7 @@ from ..errors import (
     ConfigurationError,
     DecryptionError,
     KeyInUseError,
+    NoActiveKeyError,
     UnknownKeyError,
     WrongRootKeyError,
 )
@@ -76,8 +77,13 @@ class KeyAdmin:
             log.info("created data key version %d in scope %r", new.version, scope)
             return self.row(scope, new.version)
         assert row is not None
-        keyring.remember(row, previous=None)
-        return row
+        # Read again as every use of an active key is: a retired key made
+        # active again is refused here too, not only by a running process.
+        checked = keyring.active_row(scope)
+        if checked is None:  # shredded or disabled meanwhile
+            raise NoActiveKeyError(scope)
+        keyring.remember(checked[0], None, checked[1])
+        return checked[0]
 
     def rotate(self, scope: str) -> KeyRow:
         """Make a new data key active in one transaction; the old one is

@@ -137,12 +137,12 @@ class Keyring:
             if key is not None and not force and self.cache.fresh(key):
                 return key
             self.check_open()
-            read = self._active_row(scope) or self._first_key(scope)
+            read = self.active_row(scope) or self._first_key(scope)
             row = read[0]
             if self.policy.due_by_age(row.created_at, self.now()) and self._rotate_for_policy(
                 self.remember(row, self.cached(row.id), read[1])
             ):
-                read = self._active_row(scope) or read
+                read = self.active_row(scope) or read
                 row = read[0]
             key = self.remember(row, self.cached(row.id), read[1])
             if stale is not None and stale.id != key.id:
@@ -191,7 +191,7 @@ class Keyring:
             raise UnknownKeyError(key_id)
         return row.scope, row.version
 
-    def _active_row(self, scope: str) -> tuple[KeyRow, int] | None:
+    def active_row(self, scope: str) -> tuple[KeyRow, int] | None:
         """The row of the scope's active key, and when its read started;
         refused unless it names that scope and is the scope's newest
         version, in data_keys and among the keys this process has
@@ -362,7 +362,7 @@ class Keyring:
                 self.cache.put(data_key)
             if index_key is not None:
                 self.cache.put_index(index_key)
-        found = self._active_row(scope)
+        found = self.active_row(scope)
         if found is None and isinstance(outcome, transactions.Busy):
             raise ConfigurationError(
                 f"scope {scope!r} has no data key yet, and the database is locked by an "
