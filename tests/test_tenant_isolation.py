@@ -396,6 +396,12 @@ BAD_NAMES = [
     "ac\tme",
     "ac\x7fme",
     "acme\u200b",  # zero-width space: a format character
+    "ac\u3164me",  # Hangul filler: a letter that prints as nothing
+    "acme\ufe0f",  # variation selector: a mark that prints as nothing
+    "\u2800",  # braille pattern blank
+    " ",
+    "acme ",  # would look like "acme"
+    "cafe\u0301",  # "café" in normal form D: two spellings of one name
     "",
     "x" * 249,
 ]

@@ -7,6 +7,7 @@ may have, so that no tenant slug can name a key it must never get.
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 from ..errors import ConfigurationError
@@ -36,6 +37,26 @@ MAX_SCOPE_CHARS = SCOPE_CHARS - len(INDEX_SCOPE_PREFIX)
 """A scope's index scope must fit data_keys.scope too."""
 
 
+# Unicode's default-ignorable code points (DerivedCoreProperties.txt): they
+# print as nothing, so "ac\u3164me" would look like "acme". str.isprintable
+# refuses most of them (format characters), not those of other categories.
+_INVISIBLE = frozenset(
+    (
+        *(0x00AD, 0x034F, 0x061C, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x3164, 0xFEFF, 0xFFA0),
+        *range(0x180B, 0x1810),
+        *range(0x200B, 0x2010),
+        *range(0x202A, 0x202F),
+        *range(0x2060, 0x2070),
+        *range(0xFE00, 0xFE10),
+        *range(0xFFF0, 0xFFF9),
+        *range(0x1BCA0, 0x1BCA4),
+        *range(0x1D173, 0x1D17B),
+        *range(0xE0000, 0xE1000),
+    )
+)
+_BLANK = frozenset("\u2800")  # braille pattern blank: prints as a space, is no space
+
+
 def check_scope(scope: Any) -> str:
     """A scope a user names (a tenant, a registry's own): refused if empty,
     too long, in the library's reserved namespace (``~...``), or holding a
@@ -51,10 +72,20 @@ def check_scope(scope: Any) -> str:
             f"library's own keys (a scope's index key is {INDEX_SCOPE_PREFIX}<scope>); "
             "choose another name for the tenant"
         )
-    if not scope.isprintable():
+    if not scope.isprintable() or any(ord(c) in _INVISIBLE or c in _BLANK for c in scope):
         raise ConfigurationError(
             f"scope {scope!r} holds a control, format or invisible character: a scope "
             "name may hold only printable characters and the space"
+        )
+    if scope.strip() != scope:
+        raise ConfigurationError(
+            f"scope {scope!r} starts or ends with a space: a scope name cannot, so that "
+            "two names never look the same"
+        )
+    if unicodedata.normalize("NFC", scope) != scope:
+        raise ConfigurationError(
+            f"scope {scope!r} is not in Unicode normal form C: normalize it "
+            "(unicodedata.normalize('NFC', name)), so that a name has one spelling"
         )
     return scope
 
