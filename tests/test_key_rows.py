@@ -234,6 +234,28 @@ def test_a_lowered_count_of_encryptions_is_refused(
     registry.close()
 
 
+@pytest.mark.parametrize("how", ["connection", "session"])
+def test_a_negative_count_of_encryptions_is_refused_by_any_process(
+    engine: sa.Engine, root_key: StaticRootKey, clocks: Clocks, how: str
+) -> None:
+    """A count no claim can leave (below zero) would let a process that
+    starts afterwards encrypt far past max_encryptions: it is tampering for
+    everyone, not only for a process that read the count before."""
+    registry = _registry(engine, root_key, clocks)
+    _write(engine, how, [1])
+    registry.close()
+    _attack(engine, "UPDATE data_keys SET encryptions = -5000000000 WHERE active_scope = 'default'")
+    started = sa.create_engine(engine.url)
+    restarted = KeyRegistry(started, root_key)
+    for _ in range(2):
+        with pytest.raises(KeyTamperedError, match="count of encryptions is < 0"):
+            restarted.init()
+        with pytest.raises(KeyTamperedError, match="count of encryptions is < 0"):
+            restarted.encrypt(b"x", "notes.body")
+    restarted.close()
+    started.dispose()
+
+
 def test_a_renumbered_index_key_is_refused(
     engine: sa.Engine, root_key: StaticRootKey, clocks: Clocks
 ) -> None:

@@ -17,6 +17,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection
 
+from ..errors import KeyTamperedError
+
 __all__ = [
     "DEFAULT_TABLE_NAME",
     "KeyRow",
@@ -131,7 +133,13 @@ class KeyRow:
 
     @classmethod
     def from_mapping(cls, row: sa.RowMapping) -> KeyRow:
+        """The row as read; a state or count the library never writes (the
+        table's CHECK constraints bypassed) is tampering."""
         wrapped = row["wrapped_key"]
+        if row["state"] not in _STATES:
+            raise KeyTamperedError(row["version"], row["scope"], "its state is none of the four")
+        if int(row["encryptions"]) < 0:
+            raise KeyTamperedError(row["version"], row["scope"], "its count of encryptions is < 0")
         return cls(
             id=row["id"],
             scope=row["scope"],
@@ -145,6 +153,9 @@ class KeyRow:
             created_at=_aware(row["created_at"]),
             state_changed_at=_aware(row["state_changed_at"]),
         )
+
+
+_STATES = frozenset(state.value for state in KeyState)
 
 
 def _one(conn: Connection, stmt: sa.Select[tuple[object, ...]]) -> KeyRow | None:
