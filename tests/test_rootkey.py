@@ -60,6 +60,9 @@ def test_pbkdf2_defaults_and_validation() -> None:
         ({"seed": STRONG_SEED, "salt": b""}, "salt"),
         ({"seed": STRONG_SEED, "salt": "s", "iterations": 599_999}, "at least 600,000"),
         ({"seed": STRONG_SEED, "salt": "s", "iterations": 10_000}, "allow_weak=True"),
+        # OpenSSL's count is 32 bits: more would crash in the derivation
+        ({"seed": STRONG_SEED, "salt": "s", "iterations": 2**32}, "at most 100,000,000"),
+        ({"seed": STRONG_SEED, "salt": "s", "iterations": 10**12}, "at most 100,000,000"),
         ({"seed": STRONG_SEED, "salt": "s", "key_length": 20}, "16, 24 or 32"),
     ]:
         with pytest.raises(ConfigurationError, match=message):
@@ -328,6 +331,14 @@ def test_root_key_from_env() -> None:
             "at least 600,000.*ENVELOPE_PBKDF2_ALLOW_WEAK=1",
         ),
         ({**legacy, "ENVELOPE_PBKDF2_ITERATIONS": "600000"}, "seed looks weak"),
+        (
+            {
+                "ENVELOPE_ROOT_SEED": STRONG_SEED,
+                "ENVELOPE_ROOT_SALT": "t",
+                "ENVELOPE_PBKDF2_ITERATIONS": "4294967296",
+            },
+            "at most 100,000,000",
+        ),
         (legacy, "at least 600,000"),
         ({**legacy, "ENVELOPE_PBKDF2_ALLOW_WEAK": "0"}, "at least 600,000"),
         ({**legacy, "ENVELOPE_PBKDF2_ALLOW_WEAK": "maybe"}, "ENVELOPE_PBKDF2_ALLOW_WEAK must be"),

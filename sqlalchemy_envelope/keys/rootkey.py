@@ -54,6 +54,7 @@ _WRAP_LABELS = {
 _KEY_LENGTHS = (16, 24, 32)
 # OWASP's 2023 figure for PBKDF2-HMAC-SHA256; derivation runs once per process.
 DEFAULT_PBKDF2_ITERATIONS = MIN_PBKDF2_ITERATIONS = 600_000
+MAX_PBKDF2_ITERATIONS = 100_000_000
 # What ``allow_weak=True`` still requires: the minimum of earlier versions, so
 # that every deployment they allowed can read its keys and rewrap them.
 WEAK_PBKDF2_ITERATIONS = 10_000
@@ -301,9 +302,10 @@ def _as_bytes(value: str | bytes, name: str) -> bytes:
 def _seed_bits(seed: str | bytes) -> float:
     """A rough strength of a seed: its length times the Shannon entropy of its
     own characters' (or bytes') frequencies. Random seeds of 32 bytes, or their
-    hex or base64, score well over `MIN_SEED_BITS`; short, repetitive or
-    small-alphabet seeds (a password, a few words) score under it. A long
-    sentence can still pass: it is a check against mistakes, not a proof."""
+    hex or base64, score well over `MIN_SEED_BITS`; short or small-alphabet
+    seeds (a password, a few words) score under it. A long sentence or a long
+    repeated pattern can still pass: it is a check against mistakes, not a
+    proof."""
     counts = Counter(seed)
     return -sum(n * math.log2(n / len(seed)) for n in counts.values())
 
@@ -344,6 +346,11 @@ class PBKDF2RootKey:
             raise ConfigurationError(
                 f"PBKDF2 iterations must be an integer of at least {floor:,}"
                 + (" even with allow_weak=True" if allow_weak else _LEGACY)
+            )
+        if iterations > MAX_PBKDF2_ITERATIONS:
+            raise ConfigurationError(
+                f"PBKDF2 iterations must be at most {MAX_PBKDF2_ITERATIONS:,} (that takes "
+                "minutes already; OpenSSL takes no more than 2**32 - 1)"
             )
         weak_seed = _seed_bits(seed) < MIN_SEED_BITS
         if weak_seed and not allow_weak:
