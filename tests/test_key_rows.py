@@ -190,6 +190,14 @@ def test_a_renumbered_key_is_refused(
     with pytest.raises(WrongRootKeyError, match="version 3 of scope 'default' does not unwrap"):
         fresh.encrypt(b"x", "notes.body")
     fresh.close()
+    # A process that has unwrapped another key with its root key knows the
+    # root key is right: the row was altered.
+    proven = KeyRegistry(engine, root_key, attach=False)
+    proven.hash_field(b"x", "notes.body")  # unwraps the index key: the root key is right
+    for _ in range(2):
+        with pytest.raises(KeyTamperedError, match="does not unwrap under its id, scope"):
+            proven.encrypt(b"x", "notes.body")
+    proven.close()
     registry.close()
 
 

@@ -16,7 +16,12 @@ from collections.abc import Mapping
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from ..errors import DecryptionError, RegistryClosedError, WrongRootKeyError
+from ..errors import (
+    DecryptionError,
+    KeyTamperedError,
+    RegistryClosedError,
+    WrongRootKeyError,
+)
 from . import storage
 from .rootkey import RootKeyProvider
 from .scopes import is_index_scope
@@ -100,6 +105,13 @@ class KeyWrapper:
             except DecryptionError:
                 plaintext = root_key.unwrap(row.wrapped_key, self.legacy_context(row.id, row.scope))
         except DecryptionError:
+            if self._proven is root_key:  # it unwrapped another stored key: this one changed
+                raise KeyTamperedError(
+                    row.version,
+                    row.scope,
+                    "it does not unwrap under its id, scope, version and kind, while other "
+                    "keys do with this root key",
+                ) from None
             raise WrongRootKeyError(
                 f"data key version {row.version} of scope {row.scope!r} does not unwrap "
                 f"with this root key although the fingerprints match ({row.root_key_fingerprint}):"
