@@ -27,7 +27,7 @@ from sqlalchemy_envelope import (
     StaticRootKey,
 )
 from sqlalchemy_envelope.crypto import format as fmt
-from sqlalchemy_envelope.sqla.codec import Codec, codec_for
+from sqlalchemy_envelope.sqla.codec import Codec, codec_for, unpadded
 
 SETTINGS = settings(
     max_examples=40,
@@ -566,3 +566,15 @@ def test_pad_to_is_refused_where_it_cannot_hold() -> None:
     for wrong in (0, -1, True, 1.5, "16"):
         with pytest.raises(ConfigurationError, match="pad_to"):
             EncryptedType(sa.String(10), pad_to=wrong)
+
+
+def test_only_exact_padding_is_removed() -> None:
+    """Padding is 0xFF then only zeros; bytes with 0xFF elsewhere (another
+    type's encoding, decrypted by name without the model: the integer -7 is
+    ff ff ff ff ff ff ff f9) are left whole, never cut to what precedes it."""
+    minus_seven = (-7).to_bytes(8, "big", signed=True)
+    assert unpadded(minus_seven) == minus_seven
+    assert unpadded(b"ab\xff\x00\x01") == b"ab\xff\x00\x01"
+    assert unpadded(b"ab\xff\x00\x00") == b"ab"
+    assert unpadded(b"ab\xff") == b"ab"
+    assert unpadded("née".encode()) == "née".encode()

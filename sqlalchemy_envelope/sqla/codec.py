@@ -97,9 +97,13 @@ def _pad(data: bytes, width: int) -> bytes:
 
 
 def unpadded(data: bytes) -> bytes:
-    """Text's UTF-8 without the padding `_pad` added, if any."""
+    """Text's UTF-8 without the padding `_pad` added, if it ends with
+    exactly that (0xFF, then only zeros); else as it is, so that bytes of
+    another encoding (an integer read by name) are never cut short."""
     end = data.find(_PAD)
-    return data if end < 0 else data[:end]
+    if end < 0 or data[end + 1 :].count(0) != len(data) - end - 1:
+        return data
+    return data[:end]
 
 
 def _padded_width(size: int, pad_to: int) -> int:
