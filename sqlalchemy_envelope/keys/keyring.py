@@ -19,6 +19,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import replace
@@ -55,6 +56,11 @@ from .wrapper import KeyWrapper
 __all__ = ["Keyring"]
 
 log = logging.getLogger("sqlalchemy_envelope")
+
+_ROTATION_WAIT = 0.01
+"""Seconds before trying again a rotation at the limit that another process
+holds (doubled each time, about 2.5 s in all): the encrypt path waits on no
+lock, but a key at its limit cannot encrypt until someone rotates it."""
 
 _keyrings: weakref.WeakSet[Keyring] = weakref.WeakSet()
 
@@ -405,8 +411,9 @@ class Keyring:
         claim, the key in hand stays in use for up to one block, which the
         next claim records."""
         block = self.policy.block
+        at_limit = False
         with self.lock:
-            for _ in range(8):
+            for attempt in range(8):
                 latest = self.cache.by_header.get(key.header, key)
                 used = next(latest.counter)
                 if used < latest.budget and latest.state is KeyState.ACTIVE:
@@ -431,15 +438,19 @@ class Keyring:
                 # on: another process may have rotated, or shredded the scope
                 # (ShreddedScopeError from here on).
                 key = self.active(latest.scope, force=True)
-                if key.id == latest.id:  # still active: at its limit
-                    if not self._rotate_for_policy(latest):
-                        raise EncryptionLimitError(
-                            f"data key version {latest.version} of scope {latest.scope!r} "
-                            f"reached max_encryptions ({self.policy.max_encryptions:,}) and "
-                            "could not be rotated now (data_keys is busy, or the root key's "
-                            "KMS cannot be reached): nothing was encrypted; retry shortly"
-                        )
-                    key = self.active(latest.scope, force=True)
+                at_limit = key.id == latest.id  # still active: at its limit
+                if at_limit:
+                    if self._rotate_for_policy(latest):
+                        key = self.active(latest.scope, force=True)
+                    else:  # another process is rotating it, most likely: give it time
+                        time.sleep(_ROTATION_WAIT * 2**attempt)
+            if at_limit:
+                raise EncryptionLimitError(
+                    f"data key version {latest.version} of scope {latest.scope!r} "
+                    f"reached max_encryptions ({self.policy.max_encryptions:,}) and "
+                    "could not be rotated now (data_keys is busy, or the root key's "
+                    "KMS cannot be reached): nothing was encrypted; retry shortly"
+                )
             return self._unrecorded(latest, used)
 
     def _unrecorded(self, key: DataKey, used: int) -> DataKey:
