@@ -829,14 +829,14 @@ def test_a_migrating_column_reads_plaintext_that_looks_like_ciphertext(
     random values) reads as it is during the migration window; a value under
     a key of this registry that fails authentication is still an error."""
     table = sa.Table(
-        "files",
+        "lookalike_files",
         sa.MetaData(),
         sa.Column("id", sa.Integer, primary_key=True),
         sa.Column("body", EncryptedType(sa.LargeBinary(), migrating=True)),
     )
     table.metadata.create_all(engine)
     lookalike = b"\x01" + os.urandom(40)
-    raw = sa.table("files", sa.column("id"), sa.column("body", sa.LargeBinary))
+    raw = sa.table("lookalike_files", sa.column("id"), sa.column("body", sa.LargeBinary))
     with engine.begin() as conn:
         conn.execute(raw.insert(), [{"id": 1, "body": lookalike}, {"id": 2, "body": b"short"}])
         conn.execute(table.insert(), {"id": 3, "body": b"encrypted"})
