@@ -5,15 +5,16 @@ from __future__ import annotations
 import base64
 import functools
 import gc
+import hmac
 import json
 import logging
 import os
 import pwd
-import re
 import secrets
 import traceback
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -21,6 +22,7 @@ from conftest import encrypted_table
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
+from format_md import format_vectors
 from sqlalchemy.orm import Session
 
 from sqlalchemy_envelope import (
@@ -35,8 +37,6 @@ from sqlalchemy_envelope import (
 )
 from sqlalchemy_envelope.keys import rootkey as rootkey_module
 from sqlalchemy_envelope.keys.wrapper import KeyWrapper
-
-FORMAT_MD = Path(__file__).resolve().parent.parent / "FORMAT.md"
 
 STRONG_SEED = "Jx3vQ0r7-Lw9sZ2bYk5tN8cA1mF4hG6dR0pE3uW7qT_"  # secrets.token_urlsafe(32)
 WEAK_SEED = "correct horse battery staple"
@@ -219,45 +219,63 @@ def test_wrapping_binds_the_context() -> None:
         key.unwrap(bytes(tampered), {"key_id": "7", "scope": "a"})
 
 
-def _wrapped_key_vector() -> dict[str, str]:
-    """The known answer of FORMAT.md's "Wrapped data keys" section."""
-    text = FORMAT_MD.read_text("utf-8")
-    section = text[text.index("## Wrapped data keys") : text.index("## Test vectors")]
-    block = re.search(r"```\n(root key .*?)```", section, re.S)
-    assert block is not None, "FORMAT.md has no known answer for wrapped keys"
-    pairs = (re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in block.group(1).splitlines())
-    return {name: value for name, value in pairs}
-
-
-def test_wrapped_key_known_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("vector", format_vectors("wrapped_keys"), ids=lambda v: v["name"])
+def test_wrapped_key_known_answer(vector: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """The bytes FORMAT.md publishes: RFC 8785 JSON of the version 2 context
     (raw UTF-8, as JSON.stringify writes it) as associated data, written;
     the escaped JSON of version 1, read."""
-    vector = _wrapped_key_vector()
-    raw, data_key, nonce = (bytes.fromhex(vector[n]) for n in ("root key", "data key", "nonce"))
-    wrapped, aad = bytes.fromhex(vector["wrapped"]), bytes.fromhex(vector["aad"])
+    raw, data_key, nonce = (bytes.fromhex(vector[n]) for n in ("root_key", "data_key", "nonce"))
+    wrapped, aad = bytes.fromhex(vector["wrapped_key"]), bytes.fromhex(vector["aad"])
+    context: dict[str, str] = vector["context"]
     root_key = StaticRootKey(raw)
-    context = KeyWrapper.context(4328719365, "café-東京", 3)
-
-    assert rootkey_module.canonical_json(context) == vector["context"].encode("utf-8")
-    assert aad == b"sqlalchemy-envelope/data-key/v2\x00" + vector["context"].encode("utf-8")
+    assert wrapped[0] == vector["format"]
     assert AESGCM(raw).decrypt(nonce, wrapped[13:], aad) == data_key
+    assert root_key.unwrap(wrapped, context) == data_key
+    if vector["format"] == 1:
+        assert context == KeyWrapper.legacy_context(int(context["key_id"]), context["scope"])
+        assert aad == b"sqlalchemy-envelope/data-key/v1\x00" + json.dumps(
+            context, sort_keys=True, separators=(",", ":")
+        ).encode("ascii")
+        return
+    assert aad == b"sqlalchemy-envelope/data-key/v2\x00" + rootkey_module.canonical_json(context)
+    if not vector["name"].startswith("escaping"):  # that scope is no valid name
+        expected = KeyWrapper.context(
+            int(context["key_id"]), context["scope"], int(context["version"])
+        )
+        assert expected == context
     monkeypatch.setattr(rootkey_module, "new_nonce", lambda: nonce)
     assert root_key.wrap(data_key, context) == wrapped
-    assert root_key.unwrap(wrapped, context) == data_key
-    for changed in ({**context, "version": "4"}, {**context, "kind": "index"}):
+    for changed in ({**context, "version": "4"}, {**context, "kind": "other"}):
         with pytest.raises(DecryptionError):
             root_key.unwrap(wrapped, changed)
 
-    legacy_wrapped = bytes.fromhex(vector["v1 wrapped"])
-    legacy = json.loads(vector["v1 context"])
-    assert legacy == KeyWrapper.legacy_context(4328719365, "café-東京")
-    assert AESGCM(raw).decrypt(nonce, legacy_wrapped[13:], bytes.fromhex(vector["v1 aad"])) == (
-        data_key
-    )
-    assert root_key.unwrap(legacy_wrapped, legacy) == data_key
+
+def test_a_wrap_context_must_be_unicode() -> None:
     with pytest.raises(ConfigurationError, match="valid Unicode"):
-        root_key.wrap(data_key, {**context, "scope": "\ud800"})
+        StaticRootKey(bytes(32)).wrap(bytes(32), {"key_id": "1", "scope": "\ud800"})
+
+
+@pytest.mark.parametrize("vector", format_vectors("root_keys"), ids=lambda v: v["kind"])
+def test_root_key_known_answer(vector: dict[str, Any], tmp_path: Path) -> None:
+    """FORMAT.md's root keys: PBKDF2 of UTF-8 seed and salt, a key file's
+    base64, and the fingerprint and description recorded beside each key."""
+    raw = bytes.fromhex(vector["root_key"])
+    if vector["kind"] == "pbkdf2":
+        kdf = PBKDF2HMAC(hashes.SHA256(), 32, vector["salt"].encode("utf-8"), vector["iterations"])
+        assert kdf.derive(vector["seed"].encode("utf-8")) == raw
+        root_key: StaticRootKey | PBKDF2RootKey = PBKDF2RootKey(
+            vector["seed"], vector["salt"], iterations=vector["iterations"]
+        )
+    else:
+        path = tmp_path / "root.key"
+        path.write_text(vector["text"], "ascii")
+        path.chmod(0o600)
+        root_key = StaticRootKey.from_file(path)
+    fingerprint = hmac.new(raw, b"sqlalchemy-envelope/root-key-fingerprint/v1", "sha256")
+    assert root_key.fingerprint == vector["fingerprint"] == fingerprint.digest()[:8].hex()
+    assert root_key.description == vector["description"]
+    wrapped = StaticRootKey(raw).wrap(bytes(32), {"key_id": "1", "scope": "s"})
+    assert root_key.unwrap(wrapped, {"key_id": "1", "scope": "s"}) == bytes(32)
 
 
 def test_static_key_validation() -> None:
