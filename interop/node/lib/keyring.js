@@ -9,6 +9,7 @@ const {
   WrongRootKeyError,
   EnvelopeError,
 } = require('./errors');
+const { blindIndex, hashField } = require('./blindindex');
 
 const INDEX_PREFIX = '~index:';
 const MAX_KEY_ID = 2n ** 40n - 1n;
@@ -226,6 +227,19 @@ class Keyring {
     const record = this.scopeRecords(indexScope(scope)).find((r) => r.version === Number(version));
     if (!record) throw new KeyNotFoundError(`scope ${JSON.stringify(scope)} has no index key version ${version}`);
     return { record, key: this.keyBytes(record) };
+  }
+
+  /**
+   * A blind index digest under version `keyVersion` (default 1) of `scope`'s index key
+   * (section 8). options: {scope, keyVersion, table, column, context, bits, normalize}.
+   */
+  blindIndex(sources, { scope = 'default', keyVersion = 1, ...options } = {}) {
+    return blindIndex(this.indexKey(scope, keyVersion).key, sources, options);
+  }
+
+  /** hash_field (section 9) under version `version` (default 1) of `scope`'s index key. */
+  hashField(value, context, { scope = 'default', version = 1 } = {}) {
+    return hashField(this.indexKey(scope, version).key, value, context);
   }
 
   /** Adds n to the count of values encrypted under a data key (to add to data_keys.encryptions). */
