@@ -57,6 +57,7 @@ __all__ = [
     "DecryptColumnOp",
     "DropDataKeysTableOp",
     "EncryptColumnOp",
+    "MigrateFromSqlalchemyUtilsOp",
 ]
 
 PROTECTED_TABLES: set[str] = {DEFAULT_TABLE_NAME}
@@ -197,6 +198,27 @@ class BackfillIndexOp(MigrateOperation):
         return result
 
 
+@Operations.register_operation("migrate_from_sqlalchemy_utils")
+class MigrateFromSqlalchemyUtilsOp(MigrateOperation):
+    """Seal the values sqlalchemy-utils wrote in a column under the
+    registry's keys, in batches (`KeyRegistry.migrate_from_sqlalchemy_utils`).
+    A migration has no models, so ``target`` is the column of an ``sa.Table``
+    the migration declares with its primary key and the column as
+    ``EncryptedType(..., migrating=StringEncryptedType(...))``, the
+    sqlalchemy-utils type (key, engine, padding) the column had."""
+
+    def __init__(self, target: Any, *, batch_size: int = 1000) -> None:
+        self.target = target
+        self.batch_size = batch_size
+
+    @classmethod
+    def migrate_from_sqlalchemy_utils(
+        cls, operations: Operations, target: Any, *, batch_size: int = 1000
+    ) -> MigrationReport:
+        result: MigrationReport = operations.invoke(cls(target, batch_size=batch_size))
+        return result
+
+
 @Operations.implementation_for(CreateDataKeysTableOp)
 def _create_data_keys(operations: Operations, op: CreateDataKeysTableOp) -> None:
     operations.create_table(op.table_name, *data_keys_schema(op.table_name), schema=op.schema)
@@ -279,6 +301,16 @@ def _decrypt_column(operations: Operations, op: DecryptColumnOp) -> MigrationRep
 def _backfill_index(operations: Operations, op: BackfillIndexOp) -> MigrationReport:
     with _migration_registry(operations, "backfill_index") as registry:
         return registry.backfill_index(op.target, batch_size=op.batch_size, progress=False)
+
+
+@Operations.implementation_for(MigrateFromSqlalchemyUtilsOp)
+def _migrate_from_sqlalchemy_utils(
+    operations: Operations, op: MigrateFromSqlalchemyUtilsOp
+) -> MigrationReport:
+    with _migration_registry(operations, "migrate_from_sqlalchemy_utils") as registry:
+        return registry.migrate_from_sqlalchemy_utils(
+            op.target, batch_size=op.batch_size, progress=False
+        )
 
 
 def _render_table_op(name: str, op: CreateDataKeysTableOp | DropDataKeysTableOp) -> str:

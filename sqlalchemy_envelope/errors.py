@@ -27,6 +27,7 @@ __all__ = [
     "KeyInUseError",
     "KeyStateError",
     "KeyTamperedError",
+    "LegacyDecryptionError",
     "NoActiveKeyError",
     "NotCiphertextError",
     "RegistryClosedError",
@@ -269,6 +270,13 @@ class KeyInUseError(EnvelopeError):
 class NotCiphertextError(DecryptionError):
     """A value where ciphertext was expected is not in the library's format,
     typically plaintext left over from before the column was encrypted."""
+
+
+class LegacyDecryptionError(DecryptionError):
+    """A value written by sqlalchemy-utils (in a column declared
+    ``EncryptedType(..., migrating=StringEncryptedType(...))``) does not read
+    with that type's key, engine and padding: a wrong key, or a value altered
+    or written under another key."""
 
 
 class EncryptedComparisonError(EnvelopeError, TypeError):

@@ -370,6 +370,32 @@ class KeyRegistry:
             where=where,
         )
 
+    def migrate_from_sqlalchemy_utils(
+        self,
+        *targets: Target,
+        batch_size: int = 1000,
+        workers: int = 1,
+        progress: bool | None = None,
+        shard: tuple[int, int] | None = None,
+    ) -> migrate.MigrationReport:
+        """Seal the values sqlalchemy-utils wrote in columns declared
+        ``EncryptedType(..., migrating=StringEncryptedType(...))`` (the type
+        each had) under the registry's keys, reading each with that type:
+        the `reencrypt` job, with its batching, compare-and-swap and
+        resumption. Before writing anything it reads a sample of the old
+        values, and fails with `LegacyDecryptionError` if one does not read
+        (a wrong key); it fails with `ValuesLeftBehindError`, naming the
+        rows, if any value is left as it was."""
+        self._keyring.check_open()
+        return migrate.from_sqlalchemy_utils(
+            self.envelope,
+            targets,
+            batch_size=batch_size,
+            workers=workers,
+            progress=progress,
+            shard=shard,
+        )
+
     def decrypt_in_place(
         self,
         *targets: Target,

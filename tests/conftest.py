@@ -256,6 +256,7 @@ MARIADB_MODULES = frozenset(
         "test_policy",
         "test_migrate",
         "test_migrate_reports",
+        "test_utils_migration",
         "test_reencrypt_online",
         "test_census",
         "test_blind_index",

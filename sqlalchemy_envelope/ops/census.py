@@ -22,6 +22,7 @@ from ..errors import ConfigurationError
 from ..keys.storage import MYSQL_DIALECTS, KeyRow
 from ..sqla import columns
 from ..sqla.blind_index import BlindIndex
+from ..sqla.utils_legacy import LegacyValues
 from .report import Report
 
 __all__ = [
@@ -55,6 +56,9 @@ class EncryptedColumnRef:
     bind_scope: bool = False
     value_kind: str | None = None  # "text", "binary" or "other"; None: unknown (by name)
     defined: bool = False
+    # How legacy values are read, for a column moving from sqlalchemy-utils;
+    # not compared: two loaded definitions each hold their own.
+    legacy: LegacyValues | None = field(default=None, compare=False)
 
     @property
     def name(self) -> str:
@@ -114,6 +118,7 @@ def _ref(column: sa.Column[Any], info: columns.ColumnInfo) -> EncryptedColumnRef
         info.bind_scope,
         info.value_kind,
         defined=True,
+        legacy=info.legacy,
     )
 
 
@@ -187,7 +192,7 @@ def _defined(
         differ = sorted(
             f.name
             for f in fields(EncryptedColumnRef)
-            if len({getattr(r, f.name) for r in refs}) > 1
+            if f.compare and len({getattr(r, f.name) for r in refs}) > 1
         )
         if others:
             differ.append("not encrypted in some")

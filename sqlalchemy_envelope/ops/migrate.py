@@ -19,15 +19,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.sql import visitors
 
 from ..crypto import format as fmt
 from ..errors import (
     ConfigurationError,
     DecryptionError,
+    InvalidValueError,
+    LegacyDecryptionError,
     NotCiphertextError,
     UnknownKeyError,
+    ValuesLeftBehindError,
 )
 from ..keys.envelope import Envelope
 from ..keys.scopes import index_scope, is_index_scope
@@ -40,7 +43,7 @@ from .census import EncryptedColumnRef, Target
 from .migration_report import OTHER_FORMAT, UNKNOWN_DEFINITION, LeftRow, MigrationReport, explain
 from .shards import Shard
 
-__all__ = ["LeftRow", "MigrationReport", "explain", "run"]
+__all__ = ["LeftRow", "MigrationReport", "explain", "from_sqlalchemy_utils", "run"]
 
 
 def _key_form(key: Any) -> tuple[str, ...]:
@@ -200,6 +203,25 @@ def _legacy(old: Any) -> bytes:
     return old.encode("utf-8") if isinstance(old, str) else bytes(old)
 
 
+def _legacy_plaintext(
+    ref: EncryptedColumnRef,
+    old: Any,
+    dialect: Dialect,
+    key: tuple[Any, ...],
+    report: MigrationReport,
+) -> bytes | None:
+    """A legacy value's plaintext in the column's encoding: the value itself,
+    or what the sqlalchemy-utils type that wrote it reads (None, counted as
+    left, when it does not read or the column's type cannot hold it)."""
+    if ref.legacy is None:
+        return _legacy(old)
+    try:
+        return ref.legacy.plaintext(old, dialect)
+    except (LegacyDecryptionError, InvalidValueError) as error:
+        report.leave(ref.name, key, type(error).__name__, failure=True)
+        return None
+
+
 def _reencrypt_rewrite(
     registry: Envelope,
     target: HeaderFor,
@@ -207,6 +229,7 @@ def _reencrypt_rewrite(
     scope: str,
     plaintext_rows: frozenset[tuple[str, tuple[str, ...]]],
     filtered: bool,
+    dialect: Dialect,
 ) -> Rewrite:
     keys: dict[int, tuple[str, int] | None] = {}  # key id -> (scope, version), None: unknown
     own_index = index_scope(scope)  # where the job seals deterministic values
@@ -233,10 +256,15 @@ def _reencrypt_rewrite(
         context = fmt.scoped_context(ref.context, scope) if ref.bind_scope else ref.context
         return registry.encrypt_bytes(plaintext, context.current, scope)
 
-    def as_plaintext(ref: EncryptedColumnRef, old: Any) -> _Change:
-        """Legacy plaintext sealed in the format of the column's definition
+    def as_plaintext(
+        ref: EncryptedColumnRef, old: Any, key: tuple[Any, ...], report: MigrationReport
+    ) -> _Change | None:
+        """A legacy value sealed in the format of the column's definition
         (randomized by name, as the default options say)."""
-        return _Change(_stored(ref, seal(ref, _legacy(old), ref.deterministic)), "plaintext")
+        plaintext = _legacy_plaintext(ref, old, dialect, key, report)
+        if plaintext is None:
+            return None
+        return _Change(_stored(ref, seal(ref, plaintext, ref.deterministic)), "plaintext")
 
     def rewrite(
         ref: EncryptedColumnRef, old: Any, key: tuple[Any, ...], report: MigrationReport
@@ -245,7 +273,7 @@ def _reencrypt_rewrite(
         ciphertext = _ciphertext_of(ref, old)
         if ciphertext is None:
             if encrypt_plaintext or ref.migrating or listed:
-                return as_plaintext(ref, old)
+                return as_plaintext(ref, old, key, report)
             report.leave(ref.name, key, "plaintext", failure=False)
             return None
         header = ciphertext[: fmt.HEADER_BYTES]
@@ -253,10 +281,11 @@ def _reencrypt_rewrite(
             return None  # done: the row was selected for another column
         found = known(header)
         if found is None:
-            if listed:
-                # The user says it is plaintext, and it cannot be ours: a value
+            if listed or ref.legacy is not None:
+                # The user says it is plaintext (or the column held
+                # sqlalchemy-utils values), and it cannot be ours: a value
                 # under a key of data_keys (any state, any scope) never is.
-                return as_plaintext(ref, old)
+                return as_plaintext(ref, old, key, report)
             report.leave(ref.name, key, UnknownKeyError.__name__, failure=True)
             return None
         owner, version = found
@@ -460,6 +489,7 @@ def run(
     plaintext_rows: Mapping[str, Iterable[Any]] | None = None,
     shard: tuple[int, int] | None = None,
     where: Any = None,
+    from_utils: bool = False,
 ) -> MigrationReport:
     conns = registry.keyring.store
     batch.check_options(batch_size, workers, conns)
@@ -470,6 +500,9 @@ def run(
         if not refs:
             raise ConfigurationError("no encrypted columns to process")
         tables = _tables(conn, refs)
+        dialect = conn.dialect
+    if from_utils:
+        _check_from_utils(refs)
     if where is not None and (decrypt or len(tables) > 1):
         raise ConfigurationError(
             "where= filters the rows of one table's re-encryption: run one job per table"
@@ -485,8 +518,9 @@ def run(
     else:
         named = _named_rows(tables, plaintext_rows or {})
         rewrite = _reencrypt_rewrite(
-            registry, target, encrypt_plaintext, scope, named, filtered=where is not None
+            registry, target, encrypt_plaintext, scope, named, where is not None, dialect
         )
+        _check_legacy_key(registry, conns, tables, target, dialect)
     if decrypt:  # plaintext in any script must fit before the first is written
         _give_charset(conns, [r for r in refs if r.storage == "text"], mysql_text.ANY_TEXT)
     settled = batch.run(
@@ -513,6 +547,121 @@ def run(
         _give_charset(conns, converted, mysql_text.ASCII)
     report.elapsed = time.perf_counter() - started
     return report
+
+
+def from_sqlalchemy_utils(
+    registry: Envelope,
+    targets: Iterable[Target],
+    *,
+    batch_size: int = 1000,
+    workers: int = 1,
+    progress: bool | None = None,
+    shard: tuple[int, int] | None = None,
+) -> MigrationReport:
+    """The re-encrypt job over columns that held sqlalchemy-utils values,
+    failing with `ValuesLeftBehindError` unless every value was moved. Rows
+    the application wrote while a batch held them are retried by a pass of
+    their own (the job selects only what is left): a run that still skipped
+    some is followed by another, a few times, and then the job says so."""
+    report = MigrationReport()
+    for _ in range(UTILS_RUNS):
+        done = run(
+            registry,
+            targets,
+            batch_size=batch_size,
+            workers=workers,
+            progress=progress,
+            shard=shard,
+            from_utils=True,
+        )
+        report.forget_left()  # each run counts again what is left
+        report.merge(done)
+        report.columns, report.shard, report.elapsed = done.columns, done.shard, done.elapsed
+        if not done.skipped:
+            break
+    else:
+        raise ValuesLeftBehindError(
+            f"{', '.join(report.columns)}: the application kept writing rows the job was "
+            f"moving ({done.skipped:,} skipped in the last of {UTILS_RUNS} runs): run the "
+            "migration again",
+            report,
+        )
+    if report.left_behind:
+        lines = "\n  ".join(report.left_lines(limit=20))
+        raise ValuesLeftBehindError(
+            f"{', '.join(report.columns)}: {report.left_behind:,} values left as they were:"
+            f"\n  {lines}\nfix or clear those rows, then run the migration again",
+            report,
+        )
+    return report
+
+
+UTILS_RUNS = 4  # runs of the job while rows were skipped
+
+
+def _check_from_utils(refs: Sequence[EncryptedColumnRef]) -> None:
+    for ref in refs:
+        if ref.legacy is None:
+            raise ConfigurationError(
+                f"{ref.name}: a migration from sqlalchemy-utils needs the column's "
+                "definition to name the type it had: declare it EncryptedType(..., "
+                "migrating=StringEncryptedType(...)) and pass that Column or ORM attribute"
+            )
+
+
+LEGACY_SAMPLE = 100  # sqlalchemy-utils values read before a job writes anything
+
+
+def _check_legacy_key(
+    registry: Envelope,
+    conns: KeyStore,
+    tables: Sequence[_Table],
+    target: HeaderFor,
+    dialect: Dialect,
+) -> None:
+    """Refuse, before anything is written, a job whose sqlalchemy-utils
+    values do not all read: AesEngine's CBC has no authentication, so under
+    a wrong key a value now and then unpads and parses as garbage, which the
+    job would seal for good. Every one of the first `LEGACY_SAMPLE` legacy
+    values (by primary key, of the rows left to do) of each such column
+    must read; under a wrong key hardly any does."""
+    for table in tables:
+        clause = table.table()
+        pk = [clause.c[c] for c in table.primary_key]
+        for ref in table.refs:
+            if ref.legacy is None:
+                continue
+            value = clause.c[ref.column]
+            stmt = sa.select(*pk, value).where(_pending(clause, [ref], target)).order_by(*pk)
+            with conns.connect() as conn:
+                rows = conn.execute(stmt.limit(LEGACY_SAMPLE)).all()
+            failed = []
+            for row in rows:
+                ciphertext = _ciphertext_of(ref, row[-1])
+                if ciphertext is not None and _names_known_key(registry, ciphertext):
+                    continue  # ours (a write of the migration window)
+                try:
+                    ref.legacy.read(row[-1], dialect)
+                except LegacyDecryptionError:
+                    failed.append(tuple(row[:-1]))
+            if failed:
+                keys = ", ".join(repr(k[0] if len(k) == 1 else k) for k in failed[:5])
+                raise LegacyDecryptionError(
+                    f"{ref.name}: {len(failed)} of the first {len(rows)} values written by "
+                    f"sqlalchemy-utils do not read with the key, engine and padding of its "
+                    f"migrating= type (rows {keys}{', ...' if len(failed) > 5 else ''}); "
+                    "nothing was written: check the key (a key callable must return the key "
+                    "every row was written with), or fix or clear those rows, then run the "
+                    "job again"
+                )
+
+
+def _names_known_key(registry: Envelope, ciphertext: bytes) -> bool:
+    try:
+        registry.keyring.scope_version(fmt.key_id_of(ciphertext[: fmt.HEADER_BYTES]))
+    except UnknownKeyError:
+        return False
+    return True
 
 
 def _only_ciphertext(

@@ -51,6 +51,14 @@ _REASONS = {
         "ciphertext, or legacy plaintext that looks like ciphertext"
     ),
     "KeyDisabledError": "its data key is disabled: enable the key, then run the job again",
+    "LegacyDecryptionError": (
+        "a value written by sqlalchemy-utils that does not read with the key, engine and "
+        "padding of the column's migrating= type (altered, or under another key)"
+    ),
+    "InvalidValueError": (
+        "a legacy value the column's type cannot hold (longer than its String(n), or "
+        "another Python type): declare the type the values have"
+    ),
     "DestroyedKeyError": "its data key was destroyed: the value is unreadable for good",
     NOT_STORED: (
         "the database stored another value than the one written (a column too narrow for "

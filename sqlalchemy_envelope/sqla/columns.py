@@ -17,6 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from ..crypto import format as fmt
+from .utils_legacy import LegacyValues
 
 __all__ = [
     "ColumnInfo",
@@ -34,7 +35,8 @@ class ColumnInfo:
     are stored, their context (given the schema its table is in), their
     format (deterministic or randomized,
     bound to the tenant scope or not), whether legacy plaintext may be
-    encrypted in place, and the type of the plaintext."""
+    encrypted in place (``legacy``: read by the sqlalchemy-utils type that
+    wrote it), and the type of the plaintext."""
 
     storage: str
     context: Callable[[str | None], fmt.Context]
@@ -42,6 +44,7 @@ class ColumnInfo:
     deterministic: bool = False
     bind_scope: bool = False
     value_type: sa.types.TypeEngine[Any] | None = None
+    legacy: LegacyValues | None = None
 
     @property
     def value_kind(self) -> str | None:

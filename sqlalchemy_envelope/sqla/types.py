@@ -41,6 +41,7 @@ from . import binding, columns
 from .codec import codec_for
 from .expressions import EnvelopeColumnType, Kind, check_written
 from .mysql_text import ANY_TEXT, ASCII
+from .utils_legacy import LegacyValues, legacy_values
 
 __all__ = ["EncryptedType"]
 
@@ -154,7 +155,7 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         *,
         context: str | None = None,
         storage: str = "binary",
-        migrating: bool = False,
+        migrating: Any = False,
         deterministic: bool = False,
         bind_scope: bool = False,
         if_destroyed: Any = RAISE,
@@ -170,7 +171,7 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         if context is not None and (not isinstance(context, str) or not context):
             raise ConfigurationError("context must be a non-empty string")
         super().__init__()
-        if migrating and not _holds_plaintext_in_place(value_type, storage):
+        if migrating is True and not _holds_plaintext_in_place(value_type, storage):
             raise ConfigurationError(
                 "migrating=True reads legacy plaintext in place, which works for strings "
                 "with storage='text' and LargeBinary with storage='binary'; convert other "
@@ -195,6 +196,10 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
                 "equal ciphertexts show which rows share a value anyway"
             )
         self._codec = codec_for(value_type, pad_to=pad_to, fixed_width=not deterministic)
+        # A sqlalchemy-utils type in place of True: the column held its values.
+        self._legacy: LegacyValues | None = None
+        if migrating is not False and migrating is not True:
+            self._legacy = legacy_values(migrating, self._codec.encode, self._where)
         # Whether the ORM sends None rather than leave the column out of an
         # INSERT: the wrapped type's choice (JSON's unless none_as_null).
         self.should_evaluate_none = bool(value_type.should_evaluate_none)
@@ -209,7 +214,9 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         # limit, so a schema that fits in plaintext might not fit encrypted.
         # A migrating column holds legacy plaintext too: utf8mb4 (mysql_text.py).
         charset = ANY_TEXT if self.migrating else ASCII
-        max_bytes = self._codec.max_bytes
+        # sqlalchemy-utils' values are not sized by the column's type (a
+        # Float's repr, a key callable's engine): unbounded while they remain.
+        max_bytes = None if self._legacy is not None else self._codec.max_bytes
         if self.storage == "binary":
             if max_bytes is None:
                 return sa.LargeBinary().with_variant(mysql.LONGBLOB(), *MYSQL_DIALECTS)
@@ -262,7 +269,10 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
             args.append(f"context={self.context!r}")
         if self.storage != "binary":
             args.append(f"storage={self.storage!r}")
-        if self.migrating:
+        if self._legacy is not None:
+            # Never the sqlalchemy-utils type itself: its repr holds the key.
+            args.append("migrating=...")
+        elif self.migrating:
             args.append("migrating=True")
         if self.deterministic:
             args.append("deterministic=True")
@@ -292,10 +302,11 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
             columns.ColumnInfo(
                 self.storage,
                 self._attachment.weak_context(),
-                self.migrating,
+                bool(self.migrating),
                 self.deterministic,
                 self.bind_scope,
                 self.value_type,
+                self._legacy,
             ),
         )
 
@@ -426,8 +437,14 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
         if_destroyed = self.if_destroyed
         impl = self.impl_instance.result_processor(dialect, coltype)
         text = self.storage == "text"
-        migrating = self.migrating
+        migrating = bool(self.migrating)
         where = self._where()
+        legacy = self._legacy
+        # A migrating column's legacy value: plaintext as is, or read by
+        # the sqlalchemy-utils type it was written with.
+        read_legacy: Callable[[Any], Any] = (
+            _as_is if legacy is None else partial(legacy.read, dialect=dialect)
+        )
         current_writing = binding.current_writing
         effective_schema = binding.effective_schema
         # On an engine whose statements translate schemas, the context of
@@ -454,7 +471,7 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
                     fmt.check(ciphertext)
             except NotCiphertextError:
                 if migrating:
-                    return value  # legacy plaintext, read as the plain column would
+                    return read_legacy(value)  # legacy, read as the old column would
                 raise
             try:
                 plaintext = decrypt(ciphertext, translated() if slot.translating else context)
@@ -464,7 +481,7 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
                 return if_destroyed  # the value was crypto-shredded
             except UnknownKeyError:
                 if migrating:
-                    return value  # legacy plaintext that merely looks like ciphertext
+                    return read_legacy(value)  # legacy that merely looks like ciphertext
                 raise
             try:
                 return decode(plaintext)
@@ -527,6 +544,10 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
     def process_result_value(self, value: Any, dialect: Dialect) -> Any:
         processed = self.result_processor(dialect, None)(value)
         return processed
+
+
+def _as_is(value: Any) -> Any:
+    return value
 
 
 def _ciphertext(value: Any, text: bool) -> bytes:
