@@ -73,8 +73,13 @@ function blindIndex(indexKey, sources, { table, column, context = null, bits = 2
   return digest.toString('hex');
 }
 
-/** hash_field: HMAC(HKDF(index key, "sqlalchemy-envelope/hash-field/v1" 00 UTF-8(context), 32), value) as hex. */
+/**
+ * hash_field: HMAC(HKDF(index key, "sqlalchemy-envelope/hash-field/v1" 00 UTF-8(context), 32), value)
+ * as hex. `value` is bytes (Buffer/Uint8Array): text is refused, encode it first.
+ */
 function hashField(indexKey, value, context) {
+  if (!(value instanceof Uint8Array)) throw new EncodingError('hash_field takes bytes (encode text first)');
+  if (typeof context !== 'string') throw new EncodingError('a hash_field context is text');
   const key = hkdf(indexKey, Buffer.concat([Buffer.from(HASH_FIELD_LABEL, 'ascii'), Buffer.from([0]), utf8(context)]), 32);
   return hmac(key, toBytes(value)).toString('hex');
 }

@@ -174,10 +174,15 @@ function checkType(type) {
  */
 function encodePlaintext(type, value, { deterministic = false } = {}) {
   checkType(type);
+  if (type.kind !== 'string' && type.pad_to !== undefined && type.pad_to !== null) {
+    throw new EncodingError('pad_to is refused on columns that are not strings');
+  }
   switch (type.kind) {
     case 'string': {
       const bytes = encodeText(value);
-      return type.pad_to && !deterministic ? padTo(bytes, type.pad_to) : bytes;
+      if (type.pad_to === undefined || type.pad_to === null) return bytes;
+      if (deterministic) throw new EncodingError('pad_to is refused on deterministic columns');
+      return padTo(bytes, type.pad_to);
     }
     case 'bytes':
       if (!(value instanceof Uint8Array)) throw new EncodingError('bytes are a Buffer or Uint8Array');
@@ -198,7 +203,12 @@ function encodePlaintext(type, value, { deterministic = false } = {}) {
     }
     case 'numeric': {
       if (typeof value === 'bigint' || typeof value === 'number') value = String(value);
-      if (type.precision === undefined || type.precision === null) return Buffer.from(decimalToString(value), 'ascii');
+      // A scale given without a precision is ignored: stored as for Numeric.
+      if (type.precision === undefined || type.precision === null) {
+        const text = decimalToString(value);
+        if (/sNaN/.test(text)) throw new EncodingError('a signaling NaN is refused');
+        return Buffer.from(text, 'ascii');
+      }
       const scale = type.scale ?? 0;
       const text = fixedPoint(value, type.precision, scale);
       return Buffer.from(deterministic ? text : text.padStart(numericWidth(type.precision, scale), ' '), 'ascii');
@@ -270,8 +280,8 @@ function decodePlaintext(type, bytes, { exactJson = false } = {}) {
       return text;
     }
     case 'boolean':
-      if (bytes.length !== 1 || bytes[0] > 1) throw new EncodingError('a boolean plaintext is 00 or 01');
-      return bytes[0] === 1;
+      // 01 is true; every other plaintext reads as false (section 7), as the library reads it.
+      return bytes.length === 1 && bytes[0] === 1;
     case 'date': {
       const text = ascii();
       isoDate(text);

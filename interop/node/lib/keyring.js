@@ -47,20 +47,24 @@ function indexScope(scope) {
   return INDEX_PREFIX + scope;
 }
 
+const MAX_SCOPE_CODE_POINTS = 248; // so that "~index:<scope>" fits VARCHAR(255)
+// Not printable (section 3): categories Cc, Cf, Cs, Co, Cn, Zl, Zp, Zs (the space is allowed
+// separately), default-ignorable code points, and U+2800. Unicode tables are Node's (ICU's).
+const NOT_PRINTABLE = /[\p{Cc}\p{Cf}\p{Cs}\p{Co}\p{Cn}\p{Zl}\p{Zp}\p{Zs}\p{Default_Ignorable_Code_Point}\u2800]/u;
+
 /**
- * Checks a scope name (section 3): 1 to 255 characters, printable (no control, format,
- * private-use, surrogate, unassigned or separator character but the space), no space at either
- * end, NFC, not starting with "~". Throws EnvelopeError.
+ * Checks a scope name (section 3): 1 to 248 code points, printable (none of general categories
+ * Cc, Cf, Cs, Co, Cn, Zl, Zp, nor Zs but U+0020; no default-ignorable code point; not U+2800),
+ * no space at either end, NFC, not starting with "~". Throws EnvelopeError.
  */
 function validateScope(scope) {
   if (typeof scope !== 'string') throw new EnvelopeError('a scope is a string');
+  if (!scope.isWellFormed()) throw new EnvelopeError('a scope is printable text');
   const n = [...scope].length;
-  if (n < 1 || n > 255) throw new EnvelopeError('a scope is 1 to 255 characters');
+  if (n < 1 || n > MAX_SCOPE_CODE_POINTS) throw new EnvelopeError(`a scope is 1 to ${MAX_SCOPE_CODE_POINTS} code points`);
   if (scope.startsWith('~')) throw new EnvelopeError('scopes starting with "~" are reserved');
-  if (scope !== scope.trim() || scope.startsWith(' ') || scope.endsWith(' ')) {
-    throw new EnvelopeError('a scope has no space at either end');
-  }
-  if (/[\p{C}\p{Z}]/u.test(scope.replace(/ /g, ''))) throw new EnvelopeError('a scope is printable text');
+  if (scope.startsWith(' ') || scope.endsWith(' ')) throw new EnvelopeError('a scope has no space at either end');
+  if (NOT_PRINTABLE.test(scope.replace(/ /g, 'x'))) throw new EnvelopeError('a scope is printable text');
   if (scope.normalize('NFC') !== scope) throw new EnvelopeError('a scope is in Unicode normal form C');
   return scope;
 }
@@ -79,7 +83,11 @@ class KeyRecord {
     this.activeScope = row.active_scope ?? null;
     this.rootKeyFingerprint = row.root_key_fingerprint;
     this.rootKeyDescription = row.root_key_description;
-    this.encryptions = row.encryptions === undefined || row.encryptions === null ? 0n : BigInt(row.encryptions);
+    try {
+      this.encryptions = row.encryptions === undefined || row.encryptions === null ? 0n : BigInt(row.encryptions);
+    } catch (_) {
+      throw new KeyTamperedError(`key ${this.id}: encryptions is not an integer`);
+    }
     Object.defineProperty(this, 'wrappedKey', { value: toWrappedBytes(row.wrapped_key), enumerable: false, writable: true });
   }
 }
@@ -154,6 +162,7 @@ class Keyring {
 
   _checkState(record) {
     if (!STATES.includes(record.state)) throw new KeyTamperedError(`key ${record.id} has an unknown state`);
+    if (record.encryptions < 0n) throw new KeyTamperedError(`key ${record.id} has a negative encryption count`);
     if (record.state === 'disabled') throw new KeyDisabledError(`key ${record.id} (scope ${JSON.stringify(record.scope)}) is disabled`);
     if (record.state === 'destroyed' || record.wrappedKey === null) {
       throw new KeyDestroyedError(`key ${record.id} (scope ${JSON.stringify(record.scope)}) is destroyed`);
@@ -165,9 +174,7 @@ class Keyring {
     if (record.rootKeyFingerprint !== this.rootKey.fingerprint) {
       throw new WrongRootKeyError(`key ${record.id} was wrapped by another root key (fingerprint ${record.rootKeyFingerprint}, this root key's is ${this.rootKey.fingerprint})`);
     }
-    if (record.algorithm !== undefined && record.algorithm !== 'aes-256-gcm') {
-      throw new KeyTamperedError(`key ${record.id} has an unknown algorithm`);
-    }
+    // The algorithm column is informative (section 3): every key is 32 bytes, used as its kind says.
     const done = (key) => {
       if (!key || key.length !== 32) {
         const error = new KeyTamperedError(`key ${record.id} does not unwrap to 32 bytes`);
@@ -262,11 +269,47 @@ class Keyring {
     if (kind === 'index' && scope.startsWith(INDEX_PREFIX)) scope = scope.slice(INDEX_PREFIX.length);
     validateScope(scope);
     if (kind !== 'data' && kind !== 'index') throw new EnvelopeError('a key kind is "data" or "index"');
+    const check = this._checkTableRootKey();
+    if (check && typeof check.then === 'function') return check.then(() => this._addKeys(scope, kind, withIndexKey, now));
+    return this._addKeys(scope, kind, withIndexKey, now);
+  }
+
+  /**
+   * Section 3, "Adding a key": the root key must be the one the table's keys are under. If the
+   * table holds a key that is not destroyed, the one of them with the lowest id must have this
+   * root key's fingerprint (else WrongRootKeyError) and unwrap under it (else KeyTamperedError),
+   * whatever its state (a disabled key is checked too). A table without such a key accepts any
+   * root key. Returns undefined, or a Promise for an asynchronous root key.
+   */
+  _checkTableRootKey() {
+    let lowest = null;
     for (const r of this._byId.values()) {
-      if (r.wrappedKey !== null && r.rootKeyFingerprint !== this.rootKey.fingerprint) {
-        throw new WrongRootKeyError('the data_keys table holds keys under another root key');
-      }
+      if (r.state === 'destroyed') continue;
+      if (lowest === null || r.id < lowest.id) lowest = r;
     }
+    if (lowest === null) return undefined;
+    if (lowest.rootKeyFingerprint !== this.rootKey.fingerprint) {
+      throw new WrongRootKeyError(`the data_keys table's keys are under another root key (key ${lowest.id}: fingerprint ${lowest.rootKeyFingerprint}, this root key's is ${this.rootKey.fingerprint})`);
+    }
+    if (lowest.wrappedKey === null) throw new KeyTamperedError(`key ${lowest.id} is not destroyed but has no wrapped_key`);
+    const cached = this._unwrapped.get(lowest);
+    if (cached && cached.key) return undefined;
+    const bad = () => new KeyTamperedError(`key ${lowest.id} does not unwrap under this root key: altered or moved`);
+    let result;
+    try {
+      result = this.rootKey.unwrap(lowest.wrappedKey, lowest);
+    } catch (_) {
+      throw bad();
+    }
+    const done = (key) => {
+      if (!key || key.length !== 32) throw bad();
+    };
+    if (result && typeof result.then === 'function') return result.then(done, () => { throw bad(); });
+    done(result);
+    return undefined;
+  }
+
+  _addKeys(scope, kind, withIndexKey, now) {
     const scopes = kind === 'data' ? [scope] : [indexScope(scope)];
     if (kind === 'data' && withIndexKey && this.scopeRecords(indexScope(scope)).length === 0) scopes.push(indexScope(scope));
     const plans = scopes.map((s) => this._planKey(s, now));

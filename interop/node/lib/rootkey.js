@@ -162,22 +162,39 @@ function rootKeyFromBytes(bytes) {
   return new LocalRootKey(bytes);
 }
 
-const ASCII_SPACE = /^[ \t\n\r\f\v]+|[ \t\n\r\f\v]+$/g;
+// ASCII whitespace (section 2): space, \t, \n, \r, \v, \f.
+const ASCII_SPACE = /^[ \t\n\r\v\f]+|[ \t\n\r\v\f]+$/g;
+const BASE64_PADDED = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/;
 
-/** A root key from base64 text (ENVELOPE_ROOT_KEY or a key file's content): ASCII whitespace around it is ignored. */
-function rootKeyFromBase64(text) {
-  if (Buffer.isBuffer(text)) text = text.toString('latin1');
-  const trimmed = String(text).replace(ASCII_SPACE, '');
-  // Standard alphabet with padding; unlike stored values, non-canonical trailing bits are tolerated.
-  if (!/^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/.test(trimmed)) {
-    throw new EnvelopeError('the root key text is not base64');
-  }
-  return new LocalRootKey(Buffer.from(trimmed, 'base64'));
+/**
+ * The bytes of root key text: ASCII whitespace around it ignored; inside, only the standard
+ * alphabet with its "=" padding; unused low bits of the last character ignored. `lengths`: the
+ * byte lengths accepted.
+ */
+function rootKeyTextBytes(text, lengths = [32]) {
+  if (Buffer.isBuffer(text) || text instanceof Uint8Array) text = Buffer.from(text).toString('latin1');
+  if (typeof text !== 'string') throw new EnvelopeError('the root key text is not base64');
+  const trimmed = text.replace(ASCII_SPACE, '');
+  if (!BASE64_PADDED.test(trimmed)) throw new EnvelopeError('the root key text is not base64');
+  const bytes = Buffer.from(trimmed, 'base64');
+  if (!lengths.includes(bytes.length)) throw new EnvelopeError(`the root key text must decode to ${lengths.join(', ')} bytes`);
+  return bytes;
 }
 
-/** A root key from a key file's content; `raw: true` (ENVELOPE_ROOT_KEY_FILE_RAW=1) means it holds the bytes. */
+/**
+ * A root key from base64 text (ENVELOPE_ROOT_KEY or a key file's content): exactly 32 bytes;
+ * ASCII whitespace around it is ignored.
+ */
+function rootKeyFromBase64(text) {
+  return new LocalRootKey(rootKeyTextBytes(text, [32]));
+}
+
+/** A root key from a key file's content; `raw: true` (ENVELOPE_ROOT_KEY_FILE_RAW=1) means it holds exactly the 32 bytes. */
 function rootKeyFromKeyFile(content, { raw = false } = {}) {
-  return raw ? new LocalRootKey(toBytes(content)) : rootKeyFromBase64(content);
+  if (!raw) return rootKeyFromBase64(content);
+  const bytes = toBytes(content);
+  if (bytes.length !== 32) throw new EnvelopeError('a raw key file holds exactly 32 bytes');
+  return new LocalRootKey(bytes);
 }
 
 /** PBKDF2-HMAC-SHA256(UTF-8(seed), UTF-8(salt), iterations, 32). Seeds and salts may be Buffers. */
@@ -244,7 +261,8 @@ function kmsEncryptionContext(context) {
 
 /** A root key from INTEROP.md's JSON form: {kind: "key", base64} or {kind: "pbkdf2", seed, salt, iterations}. */
 function rootKeyFromSpec(spec) {
-  if (spec && spec.kind === 'key') return rootKeyFromBase64(spec.base64);
+  // INTEROP.md's key is base64 of 16, 24 or 32 bytes (Python's StaticRootKey(key) takes all three).
+  if (spec && spec.kind === 'key') return new LocalRootKey(rootKeyTextBytes(spec.base64, [16, 24, 32]));
   if (spec && spec.kind === 'pbkdf2') return rootKeyFromPbkdf2(spec.seed, spec.salt, spec.iterations ?? DEFAULT_PBKDF2_ITERATIONS);
   throw new EnvelopeError('root key spec must be {kind: "key"} or {kind: "pbkdf2"}');
 }
@@ -254,6 +272,7 @@ module.exports = {
   ExternalRootKey,
   rootKeyFromBytes,
   rootKeyFromBase64,
+  rootKeyTextBytes,
   rootKeyFromKeyFile,
   rootKeyFromPbkdf2,
   rootKeyFromSpec,

@@ -5,7 +5,7 @@ const {
   field, utf8, hkdf, aesGcmEncrypt, aesGcmDecrypt, aesSivEncrypt, aesSivDecrypt,
   encodeBase64, decodeCanonicalBase64,
 } = require('./primitives');
-const { NotCiphertextError, KeyNotFoundError, ScopeMismatchError, EnvelopeError } = require('./errors');
+const { NotCiphertextError, DecryptionError, ScopeMismatchError, EnvelopeError, EncodingError } = require('./errors');
 const { encodePlaintext, decodePlaintext } = require('./encodings');
 const { indexScope } = require('./keyring');
 
@@ -110,6 +110,11 @@ function storedBytes(stored, storage) {
 class EncryptedColumn {
   constructor({ schema = null, table, column, context = null, type = { kind: 'bytes' }, deterministic = false, bindScope = false, storage = 'binary', noneAsNull = false }) {
     if (deterministic && bindScope) throw new EnvelopeError('bind_scope is refused for deterministic columns');
+    if (type && type.pad_to !== undefined && type.pad_to !== null) {
+      // section 7: pad_to is for randomized string columns only
+      if (type.kind !== 'string') throw new EncodingError('pad_to is refused on columns that are not strings');
+      if (deterministic) throw new EncodingError('pad_to is refused on deterministic columns');
+    }
     if (storage !== 'binary' && storage !== 'text') throw new EnvelopeError('storage is "binary" or "text"');
     this.location = { schema, table, column, context };
     this.type = type;
@@ -144,8 +149,10 @@ class EncryptedColumn {
     const { version, keyId } = parseHeader(bytes);
     const deterministic = version === DETERMINISTIC || version === LEGACY_DETERMINISTIC;
     const record = keyring.record(keyId);
+    // Kinds never mix (section 3): a randomized value under an index key, or a deterministic
+    // one under a data key, was altered.
     if (record.kind !== (deterministic ? 'index' : 'data')) {
-      throw new KeyNotFoundError(`key ${keyId} is not ${deterministic ? 'an index' : 'a data'} key`);
+      throw new DecryptionError(`a ${deterministic ? 'deterministic' : 'randomized'} value names ${deterministic ? 'a data' : 'an index'} key (${keyId}): altered`);
     }
     const scope = this.bindScope ? record.scope : null;
     if (this.bindScope && expectedScope !== null && record.scope !== expectedScope) {

@@ -39,6 +39,7 @@ test('every type round trips, randomized and deterministic, binary and text', ()
   const { ring } = freshKeyring();
   for (const [type, value] of CASES) {
     for (const deterministic of [false, true]) {
+      if (deterministic && type.pad_to) continue; // refused (section 7)
       for (const storage of ['binary', 'text']) {
         for (const schema of [null, 'tenant_b']) {
           const col = new env.EncryptedColumn({ schema, table: 't', column: 'c', type, deterministic, storage });
@@ -282,10 +283,10 @@ test('adding a key refuses a table under another root key, and bad scopes', () =
   const other = reload(rows, env.rootKeyFromBytes(Buffer.alloc(32, 2)));
   assert.throws(() => other.addKey('new'), env.WrongRootKeyError);
   const ring = new env.Keyring([], ROOT);
-  for (const bad of ['', '~x', ' a', 'a ', 'a\u0000b', 'a\u200bb', 'a\u2028b', 'e\u0301', 'x'.repeat(256)]) {
+  for (const bad of ['', '~x', ' a', 'a ', 'a\u0000b', 'a\u200bb', 'a\u2028b', 'e\u0301', 'x'.repeat(249), '🙂'.repeat(249)]) {
     assert.throws(() => ring.addKey(bad), env.EnvelopeError, JSON.stringify(bad));
   }
-  for (const good of ['a b', 'café-東京', 'x'.repeat(255), '🙂'.repeat(255)]) ring.addKey(good);
+  for (const good of ['a b', 'café-東京', 'x'.repeat(248), '🙂'.repeat(248)]) ring.addKey(good);
 });
 
 test('an asynchronous external root key (e.g. AWS KMS) through unwrapAll()', async () => {

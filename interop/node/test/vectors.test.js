@@ -60,7 +60,7 @@ test('wrapped keys: aad, wrap with the nonce, unwrap (v2 then v1 contexts)', asy
 function valueColumn(v, storage = 'binary') {
   const location = v.given_context
     ? { schema: v.schema, context: v.given_context }
-    : v.version === 1
+    : v.version === 1 || v.version === 2
       ? (() => {
         const dot = v.context.lastIndexOf('.');
         return { table: v.context.slice(0, dot), column: v.context.slice(dot + 1) };
@@ -99,6 +99,13 @@ test('values: associated data, ciphertext from the nonce, decryption, text form'
         assert.equal(env.deterministicKey(hex(v.index_key), context).toString('hex'), v.siv_key);
         assert.equal(env.sealDeterministic(hex(v.index_key), BigInt(v.key_id), plaintext, context).toString('hex'), v.ciphertext);
         assert.equal(Buffer.concat([head, env.aesSivEncrypt(hex(v.siv_key), [head, context], plaintext)]).toString('hex'), v.ciphertext);
+      } else if (v.version === 2) {
+        // section 10: key HKDF(index key, ".../deterministic/v1" 00 context, 64); AD [header, context]
+        const context = Buffer.from(v.context, 'utf8');
+        assert.deepEqual([head.toString('hex'), context.toString('hex')], v.associated_data);
+        assert.equal(env.deterministicKey(hex(v.index_key), context, 2).toString('hex'), v.siv_key);
+        assert.equal(Buffer.concat([head, env.aesSivEncrypt(hex(v.siv_key), [head, context], plaintext)]).toString('hex'), v.ciphertext);
+        assert.equal(env.openWithKey(hex(v.ciphertext), hex(v.index_key), context).toString('hex'), v.plaintext);
       } else if (v.version === 1) {
         const context = Buffer.from(v.context, 'utf8');
         assert.equal(env.openWithKey(hex(v.ciphertext), hex(v.data_key), context).toString('hex'), v.plaintext);
