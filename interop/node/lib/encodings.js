@@ -6,6 +6,7 @@
 // {days, seconds, microseconds}; uuid -> lowercase 8-4-4-4-12 text; json -> the value;
 // enum -> the member's name.
 const { EncodingError } = require('./errors');
+const { isWellFormed } = require('./primitives');
 const { decimalToString, fixedPoint, numericWidth, parseDecimal } = require('./decimal');
 const { stringifyPython, parseJson } = require('./pyjson');
 
@@ -13,7 +14,7 @@ const utf8Decoder = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
 
 function encodeText(text) {
   if (typeof text !== 'string') throw new EncodingError('expected a string');
-  if (!text.isWellFormed()) throw new EncodingError('text holds a lone surrogate');
+  if (!isWellFormed(text)) throw new EncodingError('text holds a lone surrogate');
   return Buffer.from(text, 'utf8');
 }
 

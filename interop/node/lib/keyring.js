@@ -10,6 +10,7 @@ const {
   EnvelopeError,
 } = require('./errors');
 const { blindIndex, hashField } = require('./blindindex');
+const { isWellFormed } = require('./primitives');
 
 const INDEX_PREFIX = '~index:';
 const MAX_KEY_ID = 2n ** 40n - 1n;
@@ -59,7 +60,7 @@ const NOT_PRINTABLE = /[\p{Cc}\p{Cf}\p{Cs}\p{Co}\p{Cn}\p{Zl}\p{Zp}\p{Zs}\p{Defau
  */
 function validateScope(scope) {
   if (typeof scope !== 'string') throw new EnvelopeError('a scope is a string');
-  if (!scope.isWellFormed()) throw new EnvelopeError('a scope is printable text');
+  if (!isWellFormed(scope)) throw new EnvelopeError('a scope is printable text');
   const n = [...scope].length;
   if (n < 1 || n > MAX_SCOPE_CODE_POINTS) throw new EnvelopeError(`a scope is 1 to ${MAX_SCOPE_CODE_POINTS} code points`);
   if (scope.startsWith('~')) throw new EnvelopeError('scopes starting with "~" are reserved');

@@ -13,10 +13,15 @@ function toBytes(value) {
   throw new TypeError('expected a Buffer, Uint8Array or string');
 }
 
+/** True unless the string holds a lone surrogate (String.prototype.isWellFormed is Node 20+). */
+function isWellFormed(text) {
+  return !/\p{Cs}/u.test(text);
+}
+
 /** UTF-8 of a string, refusing lone surrogates (which UTF-8 cannot hold). */
 function utf8(text) {
   if (typeof text !== 'string') throw new TypeError('expected a string');
-  if (!text.isWellFormed()) throw new TypeError('text holds a lone surrogate');
+  if (!isWellFormed(text)) throw new TypeError('text holds a lone surrogate');
   return Buffer.from(text, 'utf8');
 }
 
@@ -188,6 +193,7 @@ function decodeCanonicalBase64(text, ErrorClass = NotCiphertextError) {
 }
 
 module.exports = {
+  isWellFormed,
   toBytes,
   utf8,
   hkdf,

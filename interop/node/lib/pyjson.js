@@ -3,6 +3,7 @@
 // separators=(",", ":"), allow_nan=False), and a parser that keeps what JSON.parse loses
 // (number spelling, integers beyond 2^53, member order of integer-like names).
 const { EncodingError } = require('./errors');
+const { isWellFormed } = require('./primitives');
 
 /** A JSON number kept as its exact text (e.g. "2.0", "12345678901234567890"). */
 class JsonNumber {
@@ -49,7 +50,7 @@ function pythonFloatRepr(x) {
 }
 
 function stringifyString(s) {
-  if (!s.isWellFormed()) throw new EncodingError('JSON text holds a lone surrogate');
+  if (!isWellFormed(s)) throw new EncodingError('JSON text holds a lone surrogate');
   let out = '"';
   for (let i = 0; i < s.length; i++) {
     const c = s.charCodeAt(i);
