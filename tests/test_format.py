@@ -49,7 +49,8 @@ def _expected(vector: dict[str, Any]) -> bytes:
         return header + AESSIV(siv_key).encrypt(plaintext, vector_ad)
     nonce = bytes.fromhex(vector["nonce"])
     if vector["version"] == fmt.LEGACY_VERSION:
-        associated = header + vector["context"].encode()
+        scope = f"\x00scope={vector['scope']}" if "scope" in vector else ""
+        associated = header + (vector["context"] + scope).encode()
     else:
         associated = bytes.fromhex(vector["associated_data"])
     return (
@@ -62,7 +63,8 @@ def _expected(vector: dict[str, Any]) -> bytes:
 def _context(vector: dict[str, Any]) -> fmt.Context:
     """The context the library makes of the vector's names."""
     if vector["version"] in (fmt.LEGACY_VERSION, fmt.LEGACY_DETERMINISTIC_VERSION):
-        return fmt.given_context(vector["context"])
+        legacy = fmt.given_context(vector["context"])
+        return fmt.scoped_context(legacy, vector["scope"]) if "scope" in vector else legacy
     if "given_context" in vector:
         return fmt.given_context(vector["given_context"], vector["schema"])
     context = fmt.column_context(vector["schema"], vector["table"], vector["column"])
@@ -257,9 +259,11 @@ def test_plaintext_encoding(vector: dict[str, Any]) -> None:
 
 
 def _blind_index_value(part: Any) -> Any:
-    if isinstance(part, dict):
-        return int(part["integer"]) if "integer" in part else bytes.fromhex(part["hex"])
-    return part
+    if not isinstance(part, dict):
+        return part
+    ((kind, value),) = part.items()
+    parse: dict[str, Any] = {"integer": int, "hex": bytes.fromhex, "float": float, "boolean": bool}
+    return parse[kind](value)
 
 
 @pytest.mark.parametrize("vector", format_vectors("blind_indexes"), ids=lambda v: v["name"])

@@ -107,7 +107,10 @@ test('values: associated data, ciphertext from the nonce, decryption, text form'
         assert.equal(Buffer.concat([head, env.aesSivEncrypt(hex(v.siv_key), [head, context], plaintext)]).toString('hex'), v.ciphertext);
         assert.equal(env.openWithKey(hex(v.ciphertext), hex(v.index_key), context).toString('hex'), v.plaintext);
       } else if (v.version === 1) {
-        const context = Buffer.from(v.context, 'utf8');
+        // section 10: a scope-bound column's context ends with 00 "scope=" scope
+        const scoped = v.scope === undefined ? '' : `\0scope=${v.scope}`;
+        const context = Buffer.from(v.context + scoped, 'utf8');
+        if (v.associated_data) assert.equal(Buffer.concat([head, context]).toString('hex'), v.associated_data);
         assert.equal(env.openWithKey(hex(v.ciphertext), hex(v.data_key), context).toString('hex'), v.plaintext);
         // the layout of section 5 with the weaker context
         const sealed = env.sealRandomized(hex(v.data_key), BigInt(v.key_id), plaintext, context, hex(v.nonce));
@@ -165,7 +168,12 @@ test('blind indexes: label, HMAC key, digest', async (t) => {
       const name = v.context ?? `${v.table}.${v.column}`;
       assert.equal(env.blindIndexLabel(name, v.bits).toString('hex'), v.info);
       assert.equal(env.blindIndexKey(key, name, v.bits).toString('hex'), v.hmac_key);
-      const sources = v.sources.map((s) => (s && typeof s === 'object' ? ('integer' in s ? BigInt(s.integer) : 'hex' in s ? hex(s.hex) : s.boolean) : s));
+      const typed = { integer: BigInt, hex, boolean: Boolean, float: Number };
+      const sources = v.sources.map((s) => {
+        if (!s || typeof s !== 'object') return s;
+        const [[kind, value]] = Object.entries(s);
+        return typed[kind](value);
+      });
       const digest = env.blindIndex(key, sources, { table: v.table, column: v.column, context: v.context, bits: v.bits, normalize: v.normalize });
       assert.equal(digest, v.digest);
       assert.equal(digest.length, 2 * Math.ceil(v.bits / 8));
