@@ -16,11 +16,13 @@ import gc
 import os
 import re
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from unittest import SkipTest
 
 import pytest
 import sqlalchemy as sa
+from conftest import fresh_database
 from sybil import Sybil
 from sybil.parsers.markdown import PythonCodeBlockParser, SkipParser
 
@@ -32,6 +34,7 @@ DOCUMENTS = sorted(
 )
 SYBIL = Sybil(parsers=[PythonCodeBlockParser(), SkipParser()])
 
+SERVERS = {"POSTGRES_URL": "postgresql", "MARIADB_URL": "mariadb"}
 _FENCE = re.compile(r"^[ \t]*```python[ \t]*$", re.MULTILINE)
 _INVISIBLE = re.compile(r"^[ \t]*<!-- invisible-code-block: python[ \t]*$", re.MULTILINE)
 _SKIP = re.compile(r"<!-- skip: (?P<rest>[^>]*)-->")
@@ -41,9 +44,11 @@ def _name(path: Path) -> str:
     return str(path.relative_to(ROOT))
 
 
-def _run(document: Path) -> list[str]:
-    """Run the document's Python blocks in order; the reasons of those not run."""
+def _run(document: Path, given: dict[str, str]) -> list[str]:
+    """Run the document's Python blocks in order, with ``given`` in their
+    namespace; the reasons of those not run."""
     parsed = SYBIL.parse(document)
+    parsed.namespace.update(given)
     not_run = []
     try:
         for example in parsed:
@@ -83,8 +88,19 @@ def page_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
 
 
 @pytest.mark.parametrize("document", DOCUMENTS, ids=_name)
-def test_every_python_block_runs(document: Path, page_directory: Path) -> None:
-    _run(document)
+def test_every_python_block_runs(
+    document: Path, page_directory: Path, request: pytest.FixtureRequest
+) -> None:
+    """A page that names ``POSTGRES_URL`` or ``MARIADB_URL`` (in a block a
+    reader does not see) runs with a fresh database on the suite's server."""
+    text = document.read_text()
+    with ExitStack() as stack:
+        given = {
+            name: stack.enter_context(fresh_database(request, kind, page_directory))
+            for name, kind in SERVERS.items()
+            if name in text
+        }
+        _run(document, given)
 
 
 @pytest.mark.parametrize("document", DOCUMENTS, ids=_name)
