@@ -2,7 +2,7 @@
 
 A root key wraps versioned AES-256-GCM data keys, kept wrapped in a
 ``data_keys`` table in the application's own database; the data keys encrypt
-column values. See the README for the quickstart and the key lifecycle.
+column values. See README.md for the quickstart, and docs/ for the rest.
 """
 
 from .async_registry import AsyncKeyRegistry

@@ -261,8 +261,8 @@ class KeyInUseError(EnvelopeError):
             "force=True: blind-index and hash_field digests carry no key id, so no census "
             "can tell whether rows still need it. Re-key each blind index that uses it "
             "first: add an index column with key_version=N (a newer version of this index "
-            "scope), backfill it, switch lookups to it and drop the old column (README, "
-            f"'Finding rows by an encrypted value'){deterministic}; then pass force=True "
+            "scope), backfill it, switch lookups to it and drop the old column "
+            f"(docs/finding-rows.md){deterministic}; then pass force=True "
             f"to {action} it on purpose"
         )
 

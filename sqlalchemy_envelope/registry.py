@@ -241,7 +241,7 @@ class KeyRegistry:
         included, becomes unreadable and unfindable for good (in this process
         at once, in others within ``cache_max_age``); other scopes' keys are
         untouched. Returns the number of keys destroyed. Backups taken before
-        still hold the wrapped keys: see the README.
+        still hold the wrapped keys: see docs/tenants.md.
 
         Shredding this registry's own scope while other scopes have keys is
         refused with `ConfigurationError` unless

@@ -392,7 +392,7 @@ def test_max_attempts_counts_attempts(kms: KMSServer, attempts: int) -> None:
 
 
 def test_three_attempts_by_default(kms: KMSServer) -> None:
-    """The README's "3 attempts": the default client makes three requests."""
+    """docs/root-keys.md's "3 attempts": the default client makes three requests."""
     root_key = AWSKMSRootKey(kms.create_key())
     sent = _sent(root_key)
     kms.stop()
@@ -457,19 +457,19 @@ def test_a_wrong_kms_key_writing_for_a_new_tenant_writes_nothing(
     right.close()
 
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-README_KEY_ARN = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-..."
+ROOT_KEYS_MD = Path(__file__).resolve().parent.parent / "docs" / "root-keys.md"
+DOCUMENTED_KEY_ARN = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-..."
 
 
-def _readme_policy() -> dict[str, Any]:
-    """The IAM policy the README's AWS KMS section gives, as written."""
-    section = README.read_text().split("### AWS KMS", 1)[1]
+def _documented_policy() -> dict[str, Any]:
+    """The IAM policy docs/root-keys.md's AWS KMS section gives, as written."""
+    section = ROOT_KEYS_MD.read_text().split("## AWS KMS", 1)[1]
     return dict(json.loads(section.split("```json\n", 1)[1].split("```", 1)[0]))
 
 
 def _allows(policy: dict[str, Any], action: str, context: dict[str, str] | None) -> bool:
     """Whether ``policy`` allows a request on the application's key, by AWS's
-    documented evaluation of what the README's policy uses: a request is
+    documented evaluation of what the documented policy uses: a request is
     allowed when an Allow statement names its action and every condition
     holds, and no Deny applies. ``StringEquals`` on
     ``kms:EncryptionContext:<k>`` holds when the request's encryption context
@@ -479,7 +479,7 @@ def _allows(policy: dict[str, Any], action: str, context: dict[str, str] | None)
     allowed = False
     for statement in policy["Statement"]:
         assert set(statement) <= {"Sid", "Effect", "Action", "Resource", "Condition"}
-        assert statement["Resource"] == README_KEY_ARN  # the application's key, no other
+        assert statement["Resource"] == DOCUMENTED_KEY_ARN  # the application's key, no other
         actions = statement["Action"]
         if action not in ([actions] if isinstance(actions, str) else actions):
             continue
@@ -508,12 +508,12 @@ def _requests(root_key: AWSKMSRootKey) -> list[tuple[str, dict[str, str] | None]
     return sent
 
 
-def test_the_readme_policy_allows_exactly_what_each_operation_asks_of_kms(
+def test_the_documented_policy_allows_exactly_what_each_operation_asks_of_kms(
     kms: KMSServer, db_url: str
 ) -> None:
     """Each operation, in a process of its own (nothing cached), against
-    moto's KMS: the KMS actions it asks for are the README's table, and the
-    README's IAM policy allows every request, the availability probe and
+    moto's KMS: the KMS actions it asks for are docs/root-keys.md's table, and
+    its IAM policy allows every request, the availability probe and
     DescribeKey (a key named by alias) included. moto evaluates neither IAM
     conditions nor KMS resource ARNs (its IAM check ignores the encryption
     context and gives KMS requests the resource "*"; its key policies honour
@@ -523,7 +523,7 @@ def test_the_readme_policy_allows_exactly_what_each_operation_asks_of_kms(
     arn = kms.create_key()
     kms.client().create_alias(AliasName="alias/app", TargetKeyId=arn)
     table = encrypted_table("notes")
-    policy = _readme_policy()
+    policy = _documented_policy()
     asked: dict[str, set[str]] = {}
     static = StaticRootKey(os.urandom(32))
 
@@ -593,7 +593,7 @@ def test_the_readme_policy_allows_exactly_what_each_operation_asks_of_kms(
     operation("rewrap away from KMS", registry_op("rewrap", static))
     operation("rewrap to KMS", rewrap_to_kms)
     operation("read after the rewraps", read)
-    # The README's table.
+    # docs/root-keys.md's table.
     assert asked == {
         "init": {"Encrypt"},
         "init again": {"Decrypt"},

@@ -353,7 +353,7 @@ def test_core_columns_and_bad_configuration(engine: sa.Engine, registry: KeyRegi
         blind_index("email", bits=0)
 
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+FINDING_ROWS_MD = Path(__file__).resolve().parent.parent / "docs" / "finding-rows.md"
 
 
 def _expected_digests(n: int, bits: int) -> float:
@@ -396,14 +396,14 @@ def _digest_count_bounds(n: int, bits: int, tail: float = 1e-9) -> tuple[int, in
     return low, high
 
 
-def _readme_bits_table() -> tuple[int, list[tuple[int, str, str, str]]]:
-    """README's table of distinct digests per ``bits``: its number of values
+def _documented_bits_table() -> tuple[int, list[tuple[int, str, str, str]]]:
+    """docs/finding-rows.md's table of distinct digests per ``bits``: its number of values
     and its rows (bits, distinct digests, values per digest, collision chance)."""
-    text = README.read_text()
+    text = FINDING_ROWS_MD.read_text()
     header = re.search(
         r"^\| `bits` \| distinct digests of (\d+) values \|.*\n\|[-:|]+\|\n", text, re.M
     )
-    assert header is not None, "README: the table under 'Choosing `bits`'"
+    assert header is not None, "docs/finding-rows.md: the table under 'Choosing `bits`'"
     rows = []
     for line in text[header.end() :].split("\n\n")[0].splitlines():
         cells = [cell.strip() for cell in line.strip("|").split("|")]
@@ -412,15 +412,15 @@ def _readme_bits_table() -> tuple[int, list[tuple[int, str, str, str]]]:
     return int(header.group(1)), rows
 
 
-def test_readme_bits_table_and_rule_follow_the_formula() -> None:
-    n, rows = _readme_bits_table()
+def test_documented_bits_table_and_rule_follow_the_formula() -> None:
+    n, rows = _documented_bits_table()
     for bits, distinct, per_digest, collision in rows:
         expected = _expected_digests(n, bits)
         assert distinct == f"{expected:.1f}", bits
         assert per_digest == f"{n / expected:.1f}", bits
         assert collision == f"{_collision_chance(n, bits):.0%}", bits
-    rule = re.search(r"\((\d+) values, k = (\d+): (\d+)\s+bits\)", README.read_text())
-    assert rule is not None, "README: the worked example of floor(log2(n / k))"
+    rule = re.search(r"\((\d+) values, k = (\d+): (\d+)\s+bits\)", FINDING_ROWS_MD.read_text())
+    assert rule is not None, "docs/finding-rows.md: the worked example of floor(log2(n / k))"
     values, k, bits = map(int, rule.groups())
     assert bits == math.floor(math.log2(values / k))
     assert [per for b, _, per, _ in rows if b == bits] == [
@@ -431,10 +431,10 @@ def test_readme_bits_table_and_rule_follow_the_formula() -> None:
 def test_truncated_indexes_give_as_many_distinct_digests_as_the_formula_says(
     engine: sa.Engine, registry: KeyRegistry
 ) -> None:
-    """Real digests of n distinct values, for README's n and for 1000, at
-    README's ``bits`` and 10: the count of distinct ones falls where the
+    """Real digests of n distinct values, for the documented n and for 1000,
+    at the documented ``bits`` and 10: the count of distinct ones falls where the
     formula's distribution puts all but a 1e-9 chance of it."""
-    readme_n, rows = _readme_bits_table()
+    documented_n, rows = _documented_bits_table()
     all_bits = sorted({bits for bits, *_ in rows} | {10})
     md = sa.MetaData()
     spread = sa.Table(
@@ -450,7 +450,7 @@ def test_truncated_indexes_give_as_many_distinct_digests_as_the_formula_says(
         conn.execute(spread.insert(), values[:500])
         conn.execute(spread.insert(), values[500:])
     with engine.connect() as conn:
-        for n in (readme_n, len(values)):
+        for n in (documented_n, len(values)):
             for bits in all_bits:
                 column = spread.c[f"index_{bits}"]
                 distinct = conn.scalar(

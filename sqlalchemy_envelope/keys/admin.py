@@ -172,7 +172,7 @@ class KeyAdmin:
                 f"keys ({named}{more}): its index key {index_scope(scope)!r} is also the one "
                 "tenants written through this registry used before they had index keys of "
                 "their own, so shredding it destroys any of their deterministic values and "
-                "blind indexes not yet moved to their own (see the README, 'Tenants'). Pass "
+                "blind indexes not yet moved to their own (see docs/tenants.md). Pass "
                 "including_shared_index=True (sqlalchemy-envelope shred "
                 "--including-shared-index) to shred it anyway"
             )

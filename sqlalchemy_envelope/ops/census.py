@@ -218,7 +218,7 @@ def _not_encrypted(column: sa.Column[Any], name: str, where: str) -> Configurati
     return ConfigurationError(
         f"{name} is a plain column{where} ({column.type}), not an encrypted column: to "
         "encrypt it in place, declare it EncryptedType(..., migrating=True) first (see "
-        "'Encrypting an existing plaintext column' in the README)"
+        "'Encrypting an existing plaintext column' in docs/operations.md)"
     )
 
 

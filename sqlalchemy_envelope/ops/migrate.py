@@ -472,7 +472,7 @@ def _check_fit(table: _Table, writes: Sequence[batch.RowWrite]) -> None:
                     raise ConfigurationError(
                         f"{table.name}.{column}: the values to write do not fit its type "
                         f"{type_name}: widen the column first (see 'Encrypting an existing "
-                        "plaintext column' in the README), then run the job again"
+                        "plaintext column' in docs/operations.md), then run the job again"
                     )
 
 

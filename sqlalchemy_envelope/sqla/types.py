@@ -175,7 +175,7 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
             raise ConfigurationError(
                 "migrating=True reads legacy plaintext in place, which works for strings "
                 "with storage='text' and LargeBinary with storage='binary'; convert other "
-                "types through a new column (see the README)"
+                "types through a new column (see docs/operations.md)"
             )
         self.value_type = value_type
         self.context = context
