@@ -585,7 +585,7 @@ _MAIN_EPILOG = (
     _examples(
         "sqlalchemy-envelope init",
         "sqlalchemy-envelope status --scope acme --json",
-        "sqlalchemy-envelope --url sqlite:///app.db --json status",
+        "sqlalchemy-envelope --scope acme --json status",
     )
     + "\n\nGlobal options go before or after the command. Exit codes:\n\n\b\n"
     + "\n".join(f"{code:>3}  {meaning}" for code, meaning in EXIT_CODES.items())
