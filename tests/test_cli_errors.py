@@ -45,6 +45,8 @@ def run(*args: str, env: dict[str, str | None], input: str = "") -> tuple[int, s
 def app(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str | None]:
     """A database with keys and an encrypted table; the environment of the command."""
     monkeypatch.chdir(tmp_path)
+    # The buggy module patches KeyRegistry in this process: undone after the test.
+    monkeypatch.setattr(KeyRegistry, "status", KeyRegistry.status)
     for name, source in MODULES.items():
         (tmp_path / f"cli_errors_{name}.py").write_text(source)
         monkeypatch.delitem(sys.modules, f"cli_errors_{name}", raising=False)
