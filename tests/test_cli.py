@@ -22,8 +22,9 @@ SECRET_VALUE = "very secret note"
 
 
 class Cli:
-    def __init__(self, url: str, tmp_path: Path) -> None:
+    def __init__(self, url: str, tmp_path: Path, cache_max_age: str = "0.5") -> None:
         self.url = url
+        self.cache_max_age = cache_max_age
         self.env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "DATABASE_URL": url,
@@ -33,7 +34,14 @@ class Cli:
 
     def __call__(self, *args: str, code: int = 0, **env: str) -> str:
         result = subprocess.run(
-            [sys.executable, "-m", "sqlalchemy_envelope", "--cache-max-age", "0.5", *args],
+            [
+                sys.executable,
+                "-m",
+                "sqlalchemy_envelope",
+                "--cache-max-age",
+                self.cache_max_age,
+                *args,
+            ],
             env={**self.env, **env},
             capture_output=True,
             text=True,
