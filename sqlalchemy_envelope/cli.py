@@ -6,20 +6,16 @@ reflection; ``--models`` (``ENVELOPE_MODELS``, or the ``sqlalchemy_envelope.mode
 entry points) imports the application's models, which give the columns named
 TABLE.COLUMN their definitions (context, deterministic, bind_scope...). Output
 is for people by default and JSON with ``--json``; nothing secret is ever
-printed. The options ``--url``, ``--scope``, ``--table``, ``--cache-max-age``,
-``--models`` and ``--json`` go before or after the command; after it, they win.
+printed. The global options go before or after the command, with one meaning:
+given twice with different values, they are a usage error.
 
-Exit codes: 0 done; 1 the library refused (wrong root key, a value that does
-not decrypt...); 2 bad usage or configuration; 3 refused by a safety guard
-(an illegal key transition, a key still in use); 4 a re-encrypt or decrypt
-that finished with values left behind (the report names their rows and why);
-5 the database could not be reached; 6 the database refused a statement (one
-line: the command and the driver's reason, never the statement's values); 7 a
-confirmation was declined (nothing was done).
+Every failure is one line on stderr saying what to do, and an exit code of its
+class (``EXIT_CODES``, docs/cli.md); ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import json
@@ -27,14 +23,17 @@ import logging
 import os
 import shutil
 import sys
+import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import quote, quote_plus
 
 try:
     import click
+    from click.core import ParameterSource
 except ImportError:  # pragma: no cover - exercised only without the extra
     sys.exit(
         "the sqlalchemy-envelope command needs its extra: pip install 'sqlalchemy-envelope[cli]'"
@@ -47,6 +46,7 @@ from .errors import (
     EnvelopeError,
     KeyInUseError,
     KeyStateError,
+    RootKeyUnavailableError,
     StatementFailedError,
     UnknownKeyError,
     database_reason,
@@ -59,10 +59,27 @@ from .ops.shards import Shard
 from .ops.status import KeyInfo, RegistryStatus
 from .registry import DEFAULT_SCOPE, KeyRegistry
 
-__all__ = ["main"]
+__all__ = ["EXIT_CODES", "main"]
 
 EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_LEFT_BEHIND, EXIT_UNREACHABLE = 1, 2, 3, 4, 5
-EXIT_DATABASE, EXIT_DECLINED = 6, 7
+EXIT_DATABASE, EXIT_DECLINED, EXIT_ROOT_KEY_UNAVAILABLE = 6, 7, 8
+EXIT_INTERNAL, EXIT_INTERRUPTED = 70, 130
+
+# The exit codes, one per class of outcome (docs/cli.md details them); stable:
+# scripts test them.
+EXIT_CODES: dict[int, str] = {
+    0: "done",
+    EXIT_ERROR: "the library refused (wrong root key, tampered key row, undecryptable value)",
+    EXIT_USAGE: "bad usage or configuration (options, URL, driver, names, versions)",
+    EXIT_REFUSED: "refused by a safety guard (illegal key transition, key still in use)",
+    EXIT_LEFT_BEHIND: "a job finished with values left behind (its report says which, why)",
+    EXIT_UNREACHABLE: "the database could not be reached, or the connection was lost",
+    EXIT_DATABASE: "the database refused a statement (constraint, trigger, lock conflict)",
+    EXIT_DECLINED: "a confirmation was declined or not answered: nothing was done",
+    EXIT_ROOT_KEY_UNAVAILABLE: "the root key's service (KMS) is unavailable: retry later",
+    EXIT_INTERNAL: "an unexpected error (a bug): run again with --debug and report it",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+}
 
 
 class _Unreachable(Exception):
@@ -70,46 +87,132 @@ class _Unreachable(Exception):
     driver's cause, without the URL's password."""
 
 
+def _fail(line: str, exit_code: int, cause: BaseException | None = None) -> NoReturn:
+    """End the command as every failure does: one line on stderr and the exit
+    code of its class; with ``--debug`` (``cause`` given), the traceback first."""
+    if cause is not None:
+        traceback.print_exception(cause, file=sys.stderr)
+    click.echo(line, err=True)
+    raise click.exceptions.Exit(exit_code)
+
+
 MODELS_ENTRY_POINTS = "sqlalchemy_envelope.models"
 
 
+@dataclass(frozen=True)
+class _Global:
+    """An option every command takes, before or after its name."""
+
+    name: str
+    help: str
+    type: type[str] | type[float] = str
+    repeatable: bool = False
+    flag: bool = False
+    metavar: str | None = None
+
+    @property
+    def opt(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def option(self) -> click.Option:
+        """The option, for the group and for each command: it records the
+        values given on the command line (``_given``) rather than passing them."""
+        settings: dict[str, Any] = (
+            {"is_flag": True} if self.flag else {"multiple": True, "type": self.type}
+        )
+        return click.Option(
+            [self.opt, self.name],
+            help=self.help,
+            expose_value=False,
+            callback=_record,
+            metavar=self.metavar,
+            **settings,
+        )
+
+
+_GLOBALS = [
+    _Global("url", "SQLAlchemy database URL [env: DATABASE_URL]"),
+    _Global("scope", f"key scope [default: {DEFAULT_SCOPE}]"),
+    _Global("table", "keys table [default: data_keys]"),
+    _Global(
+        "cache_max_age",
+        "seconds; the longest cache_max_age of your applications (destroy refuses a key "
+        "that changed state more recently) [default: 60]",
+        type=float,
+    ),
+    _Global(
+        "models",
+        "a module of the application's models to import, so that TABLE.COLUMN gets its "
+        "column's definition (repeatable) [env: ENVELOPE_MODELS, comma-separated]",
+        repeatable=True,
+        metavar="MODULE",
+    ),
+    _Global("json", "machine-readable output", flag=True),
+    _Global("debug", "on an error, also print its traceback", flag=True),
+]
+_GLOBAL_BY_NAME = {option.name: option for option in _GLOBALS}
+_GIVEN = "sqlalchemy_envelope.given"
+
+
+def _record(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """Collect a global option given on the command line, before or after the
+    command (``ctx.meta`` is shared by the group's and the command's
+    contexts). A repeatable one adds up; another takes one value, and a
+    second, different one is a usage error (never echoed: it may be a URL
+    with its password)."""
+    name = str(param.name)
+    if ctx.get_parameter_source(name) is not ParameterSource.COMMANDLINE:
+        return
+    given: dict[str, tuple[Any, ...]] = ctx.meta.setdefault(_GIVEN, {})
+    values = (*given.get(name, ()), *(value if isinstance(value, tuple) else (value,)))
+    distinct = tuple(dict.fromkeys(values))
+    if len(distinct) > 1 and not _GLOBAL_BY_NAME[name].repeatable:
+        raise click.BadParameter(
+            "given twice with different values: give it once (before or after the command)",
+            ctx=ctx,
+            param=param,
+        )
+    given[name] = distinct
+
+
 class Context:
-    def __init__(
-        self,
-        url: str | None,
-        scope: str,
-        table: str,
-        cache_max_age: float,
-        models: tuple[str, ...],
-        as_json: bool,
-    ) -> None:
-        self.url = url
-        self.scope = scope
-        self.table = table
-        self.cache_max_age = cache_max_age
-        self.models = models
-        self.as_json = as_json
+    """The global options of one run, from the command line or their defaults."""
+
+    def __init__(self, given: dict[str, tuple[Any, ...]]) -> None:
+        def one(name: str, default: Any) -> Any:
+            return given[name][0] if name in given else default
+
+        self.url: str | None = one("url", os.environ.get("DATABASE_URL"))
+        self.scope: str = one("scope", DEFAULT_SCOPE)
+        self.table: str = one("table", "data_keys")
+        self.cache_max_age: float = one("cache_max_age", 60.0)
+        self.models: tuple[str, ...] = given.get("models", ())
+        self.as_json: bool = one("json", False)
+        self.debug: bool = one("debug", False)
 
     @property
     def scope_filter(self) -> str | None:
         return None if self.scope == DEFAULT_SCOPE else self.scope
 
     def registry(self, *, keys: bool = False) -> KeyRegistry:
-        """A registry of ``--scope``. With ``keys`` (a command that addresses
-        keys: status, census, rotate, retire, enable, disable, destroy,
-        maintenance), ``--scope`` may name an index scope (``~index:<scope>``):
-        the registry is then of that scope, and the command passes ``--scope``
-        on to address the index keys."""
+        """A registry of ``--scope``, closed with its engine when the command
+        ends. With ``keys`` (a command that addresses keys: status, census,
+        rotate, retire, enable, disable, destroy, maintenance), ``--scope``
+        may name an index scope (``~index:<scope>``): the registry is then of
+        that scope, and the command passes ``--scope`` on to address the
+        index keys."""
         scope = self.scope
         if keys and is_index_scope(check_key_scope(scope)):
             scope = scope_of_index(scope)
         self.load_models()
-        return KeyRegistry.from_env(
-            self._engine(),
-            scope=scope,
-            table_name=self.table,
-            cache_max_age=self.cache_max_age,
+        engine = self._engine()
+        context = click.get_current_context()
+        context.call_on_close(engine.dispose)
+        registry = KeyRegistry.from_env(
+            engine, scope=scope, table_name=self.table, cache_max_age=self.cache_max_age
         )
+        context.call_on_close(registry.close)
+        return registry
 
     def _engine(self) -> sa.Engine:
         """An engine on ``url`` that has connected once, so that an unreachable
@@ -137,9 +240,11 @@ class Context:
         try:
             engine.connect().close()
         except sa.exc.DBAPIError as error:
+            engine.dispose()
             raise _Unreachable(_without(url.password, error.orig)) from None
         except (TypeError, AttributeError, LookupError, ValueError) as error:
             # The driver choked on a query argument of the URL (?charset=...).
+            engine.dispose()
             raise ConfigurationError(
                 f"cannot use the database URL's options: {_without(url.password, error)}"
             ) from None
@@ -200,87 +305,136 @@ def _without(password: str | None, error: BaseException | None) -> str:
     return text
 
 
-# The group's options: (flag, attribute of Context, click settings, help).
-_OPTIONS: list[tuple[str, str, dict[str, Any], str]] = [
-    ("--url", "url", {}, "SQLAlchemy database URL [env: DATABASE_URL]"),
-    ("--scope", "scope", {}, "key scope"),
-    ("--table", "table", {}, "keys table"),
-    (
-        "--cache-max-age",
-        "cache_max_age",
-        {"type": float},
-        "seconds; the longest cache_max_age of your applications (destroy waits it out)",
-    ),
-    (
-        "--models",
-        "models",
-        {"multiple": True, "metavar": "MODULE"},
-        "a module of the application's models to import, so that TABLE.COLUMN gets its "
-        "column's definition (repeatable) [env: ENVELOPE_MODELS, comma-separated]",
-    ),
-    ("--json", "as_json", {"is_flag": True}, "machine-readable output"),
-]
-_GROUP_DEFAULTS: dict[str, dict[str, Any]] = {
-    "url": {"envvar": "DATABASE_URL"},
-    "scope": {"default": DEFAULT_SCOPE, "show_default": True},
-    "table": {"default": "data_keys", "show_default": True},
-    "cache_max_age": {"default": 60.0, "show_default": True},
-}
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-def _group_options(group: Callable[..., Any]) -> Callable[..., Any]:
-    for flag, name, settings, help_text in reversed(_OPTIONS):
-        extra = _GROUP_DEFAULTS.get(name, {})
-        group = click.option(flag, name, help=help_text, **settings, **extra)(group)
-    return group
+def _usage(error: click.UsageError) -> NoReturn:
+    """Click's usage error as one line, pointing at the help of the command."""
+    where = error.ctx.command_path if error.ctx else "sqlalchemy-envelope"
+    message = _one_line(error.format_message()).rstrip(".")
+    _fail(f"usage error: {message}; see '{where} --help'", EXIT_USAGE)
 
 
-def _override(name: str) -> Callable[[click.Context, click.Parameter, Any], None]:
-    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> None:
-        if value is not None and value is not False and value != ():
-            setattr(ctx.find_object(Context), name, value)
-
-    return callback
+_INTERRUPTED = (
+    "interrupted: what was committed stays (each key change is one transaction); "
+    "run the command again to go on (reencrypt, decrypt-in-place and backfill-index resume)"
+)
 
 
-def pass_context(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Pass the group's `Context` to a command, which also accepts the group's
-    options after its name, where users type them: given there, they win."""
-    command = click.make_pass_decorator(Context)(command)
-    for flag, name, settings, help_text in reversed(_OPTIONS):
-        option = click.option(
-            flag, name, help=help_text, expose_value=False, callback=_override(name), **settings
+def _failure(error: Exception, command: str) -> tuple[str, int]:
+    """An error's line and exit code. Only texts known to be free of values
+    and secrets are printed: the library's own, and the driver's reason with
+    quoted literals masked (``database_reason``); of anything else its type."""
+    if isinstance(error, _Unreachable):
+        return (
+            f"error: cannot connect to the database: {error} (check --url or "
+            "DATABASE_URL, and that the server accepts connections)",
+            EXIT_UNREACHABLE,
         )
-        command = option(command)
-    return command
-
-
-def _run(action: Callable[[], int | None]) -> None:
-    """Map library errors to exit codes, printing only their (secret-free) text."""
-    try:
-        code = action()
-    except _Unreachable as error:
-        click.echo(f"error: cannot connect to the database: {error}", err=True)
-        sys.exit(EXIT_UNREACHABLE)
-    except StatementFailedError as error:
-        click.echo(f"error: {_command()}: {error}", err=True)
-        sys.exit(EXIT_DATABASE)
-    except sa.exc.StatementError as error:
-        click.echo(
-            f"error: {_command()}: the database refused a statement: {database_reason(error)}",
-            err=True,
+    if isinstance(error, StatementFailedError):
+        return f"error: {command}: {error}", EXIT_DATABASE
+    if isinstance(error, sa.exc.DBAPIError) and error.connection_invalidated:
+        return (
+            f"error: {command}: lost the connection to the database: {database_reason(error)} "
+            "(run the command again once it is back)",
+            EXIT_UNREACHABLE,
         )
-        sys.exit(EXIT_DATABASE)
-    except (KeyStateError, KeyInUseError) as error:
-        click.echo(f"refused: {error}", err=True)
-        sys.exit(EXIT_REFUSED)
-    except ConfigurationError as error:
-        click.echo(f"configuration error: {error}", err=True)
-        sys.exit(EXIT_USAGE)
-    except EnvelopeError as error:
-        click.echo(f"error: {error}", err=True)
-        sys.exit(EXIT_ERROR)
-    sys.exit(code or 0)
+    if isinstance(error, sa.exc.StatementError):
+        return (
+            f"error: {command}: the database refused a statement: {database_reason(error)} "
+            "(fix its cause, then run the command again)",
+            EXIT_DATABASE,
+        )
+    if isinstance(error, KeyStateError | KeyInUseError):
+        return f"refused: {error}", EXIT_REFUSED
+    if isinstance(error, ConfigurationError):
+        return f"configuration error: {error}", EXIT_USAGE
+    if isinstance(error, RootKeyUnavailableError):
+        return f"error: the root key is unavailable: {error}", EXIT_ROOT_KEY_UNAVAILABLE
+    if isinstance(error, EnvelopeError):
+        return f"error: {error}", EXIT_ERROR
+    if isinstance(error, sa.exc.NoSuchTableError):
+        return (
+            f"configuration error: {command}: no table {database_reason(error).partition(': ')[2]}"
+            " in the database (check the name, --url and --table)",
+            EXIT_USAGE,
+        )
+    if isinstance(error, sa.exc.SQLAlchemyError):
+        return f"configuration error: {command}: {database_reason(error)}", EXIT_USAGE
+    if isinstance(error, OSError):
+        where = f" ({error.filename})" if error.filename else ""
+        return (
+            f"error: {command}: {error.strerror or type(error).__name__}{where} "
+            "(check the path and its permissions)",
+            EXIT_USAGE,
+        )
+    return (
+        f"error: {command} failed unexpectedly ({type(error).__name__}): run it again with "
+        "--debug to see the traceback, and report it",
+        EXIT_INTERNAL,
+    )
+
+
+class _Cli(click.Group):
+    """The command group: every command takes the global options too, and
+    every error becomes one line and its exit code (`_failure`)."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        cmd.params.extend(option.option() for option in _GLOBALS)
+        super().add_command(cmd, name)
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as error:
+            _usage(error)
+        except KeyboardInterrupt:
+            _fail(_INTERRUPTED, EXIT_INTERRUPTED)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.NoArgsIsHelpError):
+            raise
+        except click.UsageError as error:
+            _usage(error)
+        except click.ClickException as error:
+            _fail(f"error: {_one_line(error.format_message())}", error.exit_code)
+        except (KeyboardInterrupt, click.Abort) as error:
+            _fail(_INTERRUPTED, EXIT_INTERRUPTED, _debug(ctx, error))
+        except Exception as error:
+            line, code = _failure(error, ctx.invoked_subcommand or str(ctx.info_name))
+            _fail(line, code, _debug(ctx, error))
+
+
+def _debug(ctx: click.Context, error: BaseException) -> BaseException | None:
+    """The error whose traceback to print: only with ``--debug``."""
+    return error if ctx.meta.get(_GIVEN, {}).get("debug") else None
+
+
+R = TypeVar("R")
+
+
+def pass_context(command: Callable[..., R]) -> Callable[..., R]:
+    """Pass the run's `Context` (the global options, wherever they were given)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> R:
+        ctx = click.get_current_context().find_root()
+        if not isinstance(ctx.obj, Context):
+            ctx.obj = Context(ctx.meta.get(_GIVEN, {}))
+        return command(ctx.obj, *args, **kwargs)
+
+    return wrapper
 
 
 def _confirm(yes: bool, question: str) -> None:
@@ -294,13 +448,13 @@ def _confirm(yes: bool, question: str) -> None:
     except click.Abort:
         agreed = False
     if not agreed:
-        click.echo("declined: nothing was done", err=True)
-        sys.exit(EXIT_DECLINED)
+        _fail("declined: nothing was done", EXIT_DECLINED)
 
 
-def _command() -> str:
-    context = click.get_current_context(silent=True)
-    return context.info_name or "sqlalchemy-envelope" if context else "sqlalchemy-envelope"
+def _left_behind(report: MigrationReport) -> None:
+    """A job that left values behind exits with its own code, its report printed."""
+    if report.left_behind:
+        click.get_current_context().exit(EXIT_LEFT_BEHIND)
 
 
 def _key_line(key: KeyInfo) -> str:
@@ -421,85 +575,94 @@ def _plaintext_rows(named: tuple[str, ...]) -> dict[str, list[Any]]:
     return rows
 
 
-@click.group()
-@_group_options
-@click.pass_context
-def main(
-    ctx: click.Context,
-    url: str | None,
-    scope: str,
-    table: str,
-    cache_max_age: float,
-    models: tuple[str, ...],
-    as_json: bool,
-) -> None:
+def _examples(*lines: str) -> str:
+    """A command's help epilog: example command lines, which a test runs
+    (tests/test_cli_help.py), kept as written by click's no-rewrap marker."""
+    return "Examples:\n\n\b\n" + "\n".join(f"$ {line}" for line in lines)
+
+
+_MAIN_EPILOG = (
+    _examples(
+        "sqlalchemy-envelope init",
+        "sqlalchemy-envelope status --scope acme --json",
+        "sqlalchemy-envelope --scope acme --json status",
+    )
+    + "\n\nGlobal options go before or after the command. Exit codes:\n\n\b\n"
+    + "\n".join(f"{code:>3}  {meaning}" for code, meaning in EXIT_CODES.items())
+    + "\n\nShell completion (bash; also zsh_source, fish_source):\n\n\b\n"
+    + 'eval "$(_SQLALCHEMY_ENVELOPE_COMPLETE=bash_source sqlalchemy-envelope)"'
+    + "\n\nReference: docs/cli.md"
+)
+
+
+@click.group(
+    cls=_Cli,
+    params=[option.option() for option in _GLOBALS],
+    epilog=_MAIN_EPILOG,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+def main() -> None:
     """Manage envelope-encryption keys and encrypted columns."""
     # psycopg logs its own warning beside the error the command reports (an
     # aborted pipeline): the error is reported once, in one line.
     logging.getLogger("psycopg").setLevel(logging.ERROR)
-    ctx.obj = Context(url, scope, table, cache_max_age, models, as_json)
 
 
-@main.command()
+@main.command(epilog=_examples("sqlalchemy-envelope init", "sqlalchemy-envelope init --scope acme"))
 @pass_context
 def init(c: Context) -> None:
     """Create data_keys and the first data key (idempotent)."""
-
-    def action() -> None:
-        key = c.registry().init()
-        c.emit(key.to_dict(), f"active: {_key_line(key)}")
-
-    _run(action)
+    key = c.registry().init()
+    c.emit(key.to_dict(), f"active: {_key_line(key)}")
 
 
-@main.command()
+@main.command(
+    epilog=_examples(
+        "sqlalchemy-envelope status",
+        "sqlalchemy-envelope status --column notes.body --json",
+        "sqlalchemy-envelope status --census --scope '~index:default'",
+    )
+)
 @click.option("--census", "with_census", is_flag=True, help="also count rows per version")
 @click.option("--column", "columns", multiple=True, help="TABLE.COLUMN to count (repeatable)")
 @pass_context
 def status(c: Context, with_census: bool, columns: tuple[str, ...]) -> None:
     """Keys, their states and use, and whether rotation is due."""
-
-    def action() -> None:
-        registry = c.registry(keys=True)
-        everywhere = with_census and not columns
-        result = registry.status(c.scope, census=everywhere)
-        data = result.to_dict()
-        text = _status_text(result)
-        counts = registry.census(*columns) if columns else list(result.columns or ())
-        if columns:
-            data["columns"] = [col.to_dict() for col in counts]
-        if everywhere:
-            text += f"\nrows per version: {result.rows_by_version}"
-        text += "".join(f"\n{_census_text(col)}" for col in counts)
-        c.emit(data, text)
-
-    _run(action)
+    registry = c.registry(keys=True)
+    everywhere = with_census and not columns
+    result = registry.status(c.scope, census=everywhere)
+    data = result.to_dict()
+    text = _status_text(result)
+    counts = registry.census(*columns) if columns else list(result.columns or ())
+    if columns:
+        data["columns"] = [col.to_dict() for col in counts]
+    if everywhere:
+        text += f"\nrows per version: {result.rows_by_version}"
+    text += "".join(f"\n{_census_text(col)}" for col in counts)
+    c.emit(data, text)
 
 
-@main.command()
+@main.command(epilog=_examples("sqlalchemy-envelope rotate", "sqlalchemy-envelope rotate --json"))
 @pass_context
 def rotate(c: Context) -> None:
     """Make a new data key active; the old one keeps decrypting."""
-
-    def action() -> None:
-        key = c.registry(keys=True).rotate(c.scope)
-        c.emit(key.to_dict(), f"active: {_key_line(key)}")
-
-    _run(action)
+    key = c.registry(keys=True).rotate(c.scope)
+    c.emit(key.to_dict(), f"active: {_key_line(key)}")
 
 
-@main.command()
+@main.command(
+    epilog=_examples(
+        "sqlalchemy-envelope census notes.body",
+        "sqlalchemy-envelope census notes.body --scope acme --json",
+    )
+)
 @click.argument("columns", nargs=-1, required=True)
 @pass_context
 def census(c: Context, columns: tuple[str, ...]) -> None:
     """Rows per key version, NULLs and plaintext in TABLE.COLUMN..."""
-
-    def action() -> None:
-        counts = c.registry(keys=True).census(*columns, scope=c.scope_filter)
-        text = "\n".join(_census_text(col) for col in counts)
-        c.emit({"columns": [col.to_dict() for col in counts]}, text)
-
-    _run(action)
+    counts = c.registry(keys=True).census(*columns, scope=c.scope_filter)
+    text = "\n".join(_census_text(col) for col in counts)
+    c.emit({"columns": [col.to_dict() for col in counts]}, text)
 
 
 def _census_text(col: ColumnCensus) -> str:
@@ -516,7 +679,12 @@ def _census_text(col: ColumnCensus) -> str:
     return "\n".join(lines)
 
 
-@main.command()
+@main.command(
+    epilog=_examples(
+        "sqlalchemy-envelope reencrypt notes.body",
+        "sqlalchemy-envelope reencrypt notes.body --batch-size 500 --shard 0/2 --json",
+    )
+)
 @click.argument("columns", nargs=-1, required=True)
 @click.option("--batch-size", default=1000, show_default=True)
 @click.option("--workers", default=1, show_default=True, help="parallel processes")
@@ -543,31 +711,29 @@ def reencrypt(
     shard: Shard | None,
 ) -> None:
     """Move every value of TABLE.COLUMN... onto the active key (resumable)."""
-
-    def action() -> int:
-        report = c.registry().reencrypt(
-            *columns,
-            scope=c.scope,
-            batch_size=batch_size,
-            workers=workers,
-            encrypt_plaintext=encrypt_plaintext,
-            progress=progress,
-            plaintext_rows=_plaintext_rows(plaintext_rows),
-            shard=_shard(shard),
+    report = c.registry().reencrypt(
+        *columns,
+        scope=c.scope,
+        batch_size=batch_size,
+        workers=workers,
+        encrypt_plaintext=encrypt_plaintext,
+        progress=progress,
+        plaintext_rows=_plaintext_rows(plaintext_rows),
+        shard=_shard(shard),
+    )
+    text = _report_text(report)
+    if any(r.reason == _LOOKALIKE for r in report.left_rows):
+        text += (
+            "\nif a row listed holds legacy plaintext that looks like ciphertext, run "
+            "again with --plaintext-row TABLE.COLUMN=KEY to encrypt it as plaintext"
         )
-        text = _report_text(report)
-        if any(r.reason == _LOOKALIKE for r in report.left_rows):
-            text += (
-                "\nif a row listed holds legacy plaintext that looks like ciphertext, run "
-                "again with --plaintext-row TABLE.COLUMN=KEY to encrypt it as plaintext"
-            )
-        c.emit(report.to_dict(), text)
-        return EXIT_LEFT_BEHIND if report.left_behind else 0
-
-    _run(action)
+    c.emit(report.to_dict(), text)
+    _left_behind(report)
 
 
-@main.command("decrypt-in-place")
+@main.command(
+    "decrypt-in-place", epilog=_examples("sqlalchemy-envelope decrypt-in-place notes.body --yes")
+)
 @click.argument("columns", nargs=-1, required=True)
 @click.option("--batch-size", default=1000, show_default=True)
 @click.option("--progress/--no-progress", default=None)
@@ -584,15 +750,11 @@ def decrypt_in_place(
 ) -> None:
     """Write TABLE.COLUMN... back as plaintext (undoes an in-place encryption)."""
     _confirm(yes, "Write these columns back as plaintext?")
-
-    def action() -> int:
-        report = c.registry().decrypt_in_place(
-            *columns, batch_size=batch_size, progress=progress, shard=_shard(shard)
-        )
-        c.emit(report.to_dict(), _report_text(report))
-        return EXIT_LEFT_BEHIND if report.left_behind else 0
-
-    _run(action)
+    report = c.registry().decrypt_in_place(
+        *columns, batch_size=batch_size, progress=progress, shard=_shard(shard)
+    )
+    c.emit(report.to_dict(), _report_text(report))
+    _left_behind(report)
 
 
 @contextmanager
@@ -605,72 +767,65 @@ def _known_version(version: int) -> Iterator[None]:
         raise ConfigurationError(f"{error} (no key version {version} in this scope)") from None
 
 
-def _transition(name: str, help_text: str) -> None:
-    @main.command(name, help=help_text)
+def _transition(name: str, help_text: str, *examples: str) -> None:
+    @main.command(name, help=help_text, epilog=_examples(*examples))
     @click.argument("version", type=int)
     @pass_context
     def command(c: Context, version: int) -> None:
-        def action() -> None:
-            with _known_version(version):
-                key = getattr(c.registry(keys=True), name)(version, c.scope)
-            c.emit(key.to_dict(), _key_line(key))
-
-        _run(action)
+        with _known_version(version):
+            key = getattr(c.registry(keys=True), name)(version, c.scope)
+        c.emit(key.to_dict(), _key_line(key))
 
 
-_transition("retire", "Retire VERSION (decrypt only); retiring the active key rotates.")
-_transition("enable", "Bring a disabled VERSION back to retired.")
+_transition(
+    "retire",
+    "Retire VERSION (decrypt only); retiring the active key rotates.",
+    "sqlalchemy-envelope retire 2",
+)
+_transition(
+    "enable", "Bring a disabled VERSION back to retired.", "sqlalchemy-envelope enable 2 --json"
+)
 
 
-@main.command()
+@main.command(epilog=_examples("sqlalchemy-envelope disable 2"))
 @click.argument("version", type=int)
 @click.option("--force", is_flag=True, help="also an index key (scope ~index:...)")
 @pass_context
 def disable(c: Context, version: int, force: bool) -> None:
     """Refuse decryption under VERSION, reversibly; an index key only with --force."""
-
-    def action() -> None:
-        with _known_version(version):
-            key = c.registry(keys=True).disable(version, c.scope, force=force)
-        c.emit(key.to_dict(), _key_line(key))
-
-    _run(action)
+    with _known_version(version):
+        key = c.registry(keys=True).disable(version, c.scope, force=force)
+    c.emit(key.to_dict(), _key_line(key))
 
 
-@main.command()
+@main.command(epilog=_examples("sqlalchemy-envelope destroy 1 --column notes.body"))
 @click.argument("version", type=int)
 @click.option("--column", "columns", multiple=True, help="TABLE.COLUMN to check (default: all)")
 @click.option("--force", is_flag=True, help="destroy even if rows still need it (crypto-shred)")
 @pass_context
 def destroy(c: Context, version: int, columns: tuple[str, ...], force: bool) -> None:
     """Erase VERSION's key for good, once no row needs it."""
-
-    def action() -> None:
-        with _known_version(version):
-            key = c.registry(keys=True).destroy(version, c.scope, force=force, columns=columns)
-        c.emit(key.to_dict(), _key_line(key))
-
-    _run(action)
+    with _known_version(version):
+        key = c.registry(keys=True).destroy(version, c.scope, force=force, columns=columns)
+    c.emit(key.to_dict(), _key_line(key))
 
 
-@main.command()
+@main.command(
+    epilog=_examples("ENVELOPE_NEW_ROOT_KEY_FILE=new-root.key sqlalchemy-envelope rewrap")
+)
 @pass_context
 def rewrap(c: Context) -> None:
     """Re-wrap every data key under the root key in ENVELOPE_NEW_* (all or nothing)."""
-
-    def action() -> None:
-        new_root = root_key_from_env(prefix="ENVELOPE_NEW_")
-        count = c.registry().rewrap(new_root)
-        c.emit(
-            {"rewrapped": count, "root_key_fingerprint": new_root.fingerprint},
-            f"re-wrapped {count} data keys under root key {new_root.fingerprint}; "
-            "switch ENVELOPE_* to the new root key now",
-        )
-
-    _run(action)
+    new_root = root_key_from_env(prefix="ENVELOPE_NEW_")
+    count = c.registry().rewrap(new_root)
+    c.emit(
+        {"rewrapped": count, "root_key_fingerprint": new_root.fingerprint},
+        f"re-wrapped {count} data keys under root key {new_root.fingerprint}; "
+        "switch ENVELOPE_* to the new root key now",
+    )
 
 
-@main.command()
+@main.command(epilog=_examples("sqlalchemy-envelope shred acme --yes"))
 @click.argument("tenant", metavar="SCOPE")
 @click.option(
     "--including-shared-index",
@@ -693,32 +848,32 @@ def shred(c: Context, tenant: str, including_shared_index: bool, yes: bool) -> N
             "not yet moved to their own index keys"
         )
     _confirm(yes, prompt)
-
-    def action() -> None:
-        count = c.registry().shred(tenant, including_shared_index=including_shared_index)
-        c.emit({"scope": tenant, "destroyed": count}, f"destroyed {count} keys of scope {tenant!r}")
-
-    _run(action)
+    count = c.registry().shred(tenant, including_shared_index=including_shared_index)
+    c.emit({"scope": tenant, "destroyed": count}, f"destroyed {count} keys of scope {tenant!r}")
 
 
-@main.command()
+@main.command(
+    epilog=_examples("sqlalchemy-envelope maintenance", "sqlalchemy-envelope maintenance --json")
+)
 @pass_context
 def maintenance(c: Context) -> None:
     """Rotate if the policy says so; report which old keys can go."""
-
-    def action() -> None:
-        report = c.registry(keys=True).maintenance(c.scope)
-        c.emit(
-            report.to_dict(),
-            f"rotated: {report.rotated.version if report.rotated else 'no'}\n"
-            f"destroyable versions: {list(report.destroyable)}\n"
-            f"versions still holding rows: {report.still_referenced}",
-        )
-
-    _run(action)
+    report = c.registry(keys=True).maintenance(c.scope)
+    c.emit(
+        report.to_dict(),
+        f"rotated: {report.rotated.version if report.rotated else 'no'}\n"
+        f"destroyable versions: {list(report.destroyable)}\n"
+        f"versions still holding rows: {report.still_referenced}",
+    )
 
 
-@main.command("backfill-index")
+@main.command(
+    "backfill-index",
+    epilog=_examples(
+        "sqlalchemy-envelope backfill-index myapp.models:User.email_index",
+        "sqlalchemy-envelope backfill-index myapp.models:User.email_index --recompute --json",
+    ),
+)
 @click.argument("target")
 @click.option("--batch-size", default=1000, show_default=True)
 @click.option("--progress/--no-progress", default=None, help="[default: on a terminal]")
@@ -740,27 +895,23 @@ def backfill_index(
     """Fill a blind index for existing rows, each under its scope's index key;
     TARGET is module:Class.attribute (the models define the index's sources and
     normalizers)."""
-
-    def action() -> None:
-        module_name, _, path = target.partition(":")
-        if not module_name or not path:
-            raise ConfigurationError("name the index as module:Class.attribute")
-        found: Any = _import(module_name, f"the index {target!r}")
-        try:
-            for part in path.split("."):
-                found = getattr(found, part)
-        except AttributeError as error:
-            raise ConfigurationError(f"cannot find the index {target!r}: {error}") from None
-        report = c.registry().backfill_index(
-            found,
-            batch_size=batch_size,
-            progress=progress,
-            shard=_shard(shard),
-            recompute=recompute,
-        )
-        c.emit(report.to_dict(), _report_text(report))
-
-    _run(action)
+    module_name, _, path = target.partition(":")
+    if not module_name or not path:
+        raise ConfigurationError("name the index as module:Class.attribute")
+    found: Any = _import(module_name, f"the index {target!r}")
+    try:
+        for part in path.split("."):
+            found = getattr(found, part)
+    except AttributeError as error:
+        raise ConfigurationError(f"cannot find the index {target!r}: {error}") from None
+    report = c.registry().backfill_index(
+        found,
+        batch_size=batch_size,
+        progress=progress,
+        shard=_shard(shard),
+        recompute=recompute,
+    )
+    c.emit(report.to_dict(), _report_text(report))
 
 
 def _templates() -> Path:
@@ -773,25 +924,28 @@ def _templates() -> Path:
     raise ConfigurationError("the alembic_templates folder is missing from this installation")
 
 
-@main.command("alembic-init")
+@main.command("alembic-init", epilog=_examples("sqlalchemy-envelope alembic-init migrations"))
 @click.argument("directory")
 @click.option("--config", "config_file", default="alembic.ini", show_default=True)
-def alembic_init(directory: str, config_file: str) -> None:
+@pass_context
+def alembic_init(c: Context, directory: str, config_file: str) -> None:
     """Start an Alembic migrations DIRECTORY wired for sqlalchemy-envelope,
     whose first migration creates data_keys."""
+    from alembic import command
+    from alembic.config import Config
+    from alembic.util import CommandError
 
-    def action() -> None:
-        from alembic import command
-        from alembic.config import Config
-        from alembic.util import CommandError
-
-        templates = _templates()
-        try:
+    templates = _templates()
+    try:
+        # Alembic's progress goes to stderr: stdout is the report (--json).
+        with redirect_stdout(sys.stderr):
             command.init(Config(config_file), directory, template=str(templates / "envelope"))
-        except CommandError as error:
-            raise ConfigurationError(str(error)) from None
-        first = Path(directory) / "versions" / "0001_data_keys.py"
-        shutil.copyfile(templates / "data_keys_migration.py", first)
-        click.echo(f"wrote {first}; set target_metadata in {Path(directory) / 'env.py'}")
-
-    _run(action)
+    except CommandError as error:
+        raise ConfigurationError(str(error)) from None
+    first = Path(directory) / "versions" / "0001_data_keys.py"
+    shutil.copyfile(templates / "data_keys_migration.py", first)
+    env = Path(directory) / "env.py"
+    c.emit(
+        {"migration": str(first), "env": str(env)},
+        f"wrote {first}; set target_metadata in {env}",
+    )

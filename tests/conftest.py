@@ -281,6 +281,9 @@ MARIADB_MODULES = frozenset(
         "test_rewrap_races",
         "test_key_rows",
         "test_contexts",
+        "test_cli",
+        "test_cli_help",
+        "test_cli_errors",
     }
 )
 

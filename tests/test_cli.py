@@ -22,8 +22,9 @@ SECRET_VALUE = "very secret note"
 
 
 class Cli:
-    def __init__(self, url: str, tmp_path: Path) -> None:
+    def __init__(self, url: str, tmp_path: Path, cache_max_age: str = "0.5") -> None:
         self.url = url
+        self.cache_max_age = cache_max_age
         self.env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "DATABASE_URL": url,
@@ -33,7 +34,14 @@ class Cli:
 
     def __call__(self, *args: str, code: int = 0, **env: str) -> str:
         result = subprocess.run(
-            [sys.executable, "-m", "sqlalchemy_envelope", "--cache-max-age", "0.5", *args],
+            [
+                sys.executable,
+                "-m",
+                "sqlalchemy_envelope",
+                "--cache-max-age",
+                self.cache_max_age,
+                *args,
+            ],
             env={**self.env, **env},
             capture_output=True,
             text=True,
@@ -59,7 +67,7 @@ def test_cli_end_to_end(db_url: str, tmp_path: Path) -> None:
         conn.execute(
             sa.text(
                 "CREATE TABLE notes (id INTEGER PRIMARY KEY, body "
-                + ("BLOB" if engine.dialect.name == "sqlite" else "BYTEA")
+                + ("BYTEA" if engine.dialect.name == "postgresql" else "BLOB")
                 + ")"
             )
         )
@@ -166,27 +174,68 @@ def test_a_declined_confirmation_has_an_exit_code_of_its_own(db_url: str, tmp_pa
     engine.dispose()
 
 
-def test_global_options_after_the_command(db_url: str, tmp_path: Path) -> None:
-    """--url, --scope, --table, --cache-max-age and --json work before the
-    command and after it, where users type them; after it, they win."""
+def test_global_options_mean_the_same_before_and_after_the_command(
+    db_url: str, tmp_path: Path
+) -> None:
+    """--url, --scope, --table, --cache-max-age, --models, --json and --debug
+    work before the command and after it, with one meaning; the same value
+    twice is fine, two different ones are a usage error that never echoes
+    them (a URL holds a password)."""
     cli = Cli(db_url, tmp_path)  # which puts --cache-max-age 0.5 before the command
     assert json.loads(cli("init", "--json"))["version"] == 1
-    acme = json.loads(cli("--scope", "other", "init", "--scope", "acme", "--json"))
+    acme = json.loads(cli("init", "--scope", "acme", "--json"))
     assert acme["scope"] == "acme" and acme["version"] == 1
-    status = json.loads(cli("status", "--scope", "acme", "--cache-max-age", "7", "--json"))
-    assert status["scope"] == "acme" and status["cache_max_age_seconds"] == 7
+    assert json.loads(cli("--scope", "acme", "--json", "rotate"))["version"] == 2
+    assert json.loads(cli("--scope", "acme", "rotate", "--scope", "acme", "--json"))["version"] == 3
+    status = json.loads(cli("status", "--scope", "acme", "--cache-max-age", "0.5", "--json"))
+    assert status["scope"] == "acme" and status["cache_max_age_seconds"] == 0.5
     assert json.loads(cli("--json", "status"))["cache_max_age_seconds"] == 0.5
-    assert "active version 1" in cli("status", "--scope", "acme")
+
+    cli("--scope", "acme", "status", "--scope", "other", code=2)
+    cli("status", "--cache-max-age", "7", code=2)  # 0.5 before it
+    password = "s3cret-Pa55word"
+    cli("--url", f"sqlite:///{password}.db", "status", "--url", f"sqlite:///x{password}.db", code=2)
+    line = cli.outputs[-1]
+    assert line.startswith("usage error: Invalid value for '--url': given twice")
+    assert password not in line and len(line.splitlines()) == 1
 
     other = f"sqlite:///{tmp_path / 'other.db'}"
-    cli("init", "--url", other, "--table", "other_keys")
+    cli("init", "--url", other, "--table", "other_keys")  # --url wins over DATABASE_URL
     assert (
-        json.loads(cli("rotate", "--table", "other_keys", "--json", "--url", other))["version"] == 2
+        json.loads(cli("--table", "other_keys", "rotate", "--json", "--url", other))["version"] == 2
     )
     engine = sa.create_engine(other)
     assert sa.inspect(engine).get_table_names() == ["other_keys"]
     engine.dispose()
     assert json.loads(cli("status", "--json"))["active_version"] == 1  # DATABASE_URL's database
+
+    (tmp_path / "models_a.py").write_text("import os\nos.environ['SEEN_A'] = '1'\n")
+    (tmp_path / "models_b.py").write_text("import os\nos.environ['SEEN_B'] = '1'\n")
+    models = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sqlalchemy_envelope",
+            "--models",
+            "models_a",
+            "status",
+            "--models",
+            "models_b",
+            "--models",
+            "nosuch_models_c",
+            "--debug",
+        ],
+        env=cli.env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    # Repeatable: the modules given before and after the command add up (the
+    # first two import, the third given after it fails); --debug after the
+    # command shows the traceback.
+    assert models.returncode == 2 and "nosuch_models_c" in models.stderr.splitlines()[-1]
+    assert "Traceback" in models.stderr
 
 
 def test_an_unreachable_database_is_one_line(tmp_path: Path) -> None:

@@ -345,12 +345,12 @@ def test_an_index_key_is_destroyed_or_disabled_only_on_purpose(
 
 
 def test_index_keys_on_the_command_line(db_url: str, tmp_path: Path) -> None:
-    cli = Cli(db_url, tmp_path)
+    cli = Cli(db_url, tmp_path, cache_max_age="1")
     cli("init")
     cli("--scope", INDEX, "rotate")
     for command in ("destroy", "disable"):
         for _ in range(2):
-            cli("--cache-max-age", "1", "--scope", INDEX, command, "1", code=3)
+            cli("--scope", INDEX, command, "1", code=3)
             assert "digests carry no key id" in cli.outputs[-1]
     status = cli.json("--scope", INDEX, "status")
     assert [k["state"] for k in status["keys"]] == ["retired", "active"]  # type: ignore[index]
