@@ -33,6 +33,7 @@ SDIST_FOLDERS = [
     "benchmarks",
     "docs",
     "scripts",
+    "interop",
 ]
 # Only the user's environment reaches the fresh virtualenv's programs: no
 # PYTHONPATH, no checkout on the path.
@@ -117,7 +118,8 @@ def test_sdist_contents(dist: Path) -> None:
     expected = set(SDIST_FILES)
     for folder in SDIST_FOLDERS:
         for path in (ROOT / folder).rglob("*"):
-            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".db":
+            ignored = {"__pycache__", "node_modules"} & set(path.parts)
+            if path.is_file() and not ignored and path.suffix != ".db":
                 expected.add(str(path.relative_to(ROOT)))
     assert expected <= members.keys(), sorted(expected - members.keys())
     assert members["scripts/test"].mode & 0o111
