@@ -1,16 +1,21 @@
-"""Database fixtures: a SQLite file and a real PostgreSQL server.
+"""Database fixtures: a SQLite file and real PostgreSQL and MariaDB servers.
 
-The PostgreSQL server is started here, once per test session, from Debian's
-``postgresql`` package (as the ``postgres`` user when running as root), unless
-``ENVELOPE_TEST_POSTGRES_URL`` names one to use instead. Each test gets its own
-schema on it, dropped afterwards. No test skips for want of a server: if none
-can be started, the PostgreSQL tests fail.
+The servers are started here, once per test session and worker, from Debian's
+``postgresql`` and ``mariadb-server`` packages (as the ``postgres`` and
+``mysql`` users when running as root), unless ``ENVELOPE_TEST_POSTGRES_URL``
+or ``ENVELOPE_TEST_MARIADB_URL`` names one to use instead;
+``ENVELOPE_TEST_POSTGRES_BINDIR`` and ``ENVELOPE_TEST_MARIADB_BINDIR`` name
+the folder of their programs when they are installed elsewhere. Each test gets
+its own schema or database on them, dropped afterwards. No test skips for want
+of a server: a server that cannot start ends the whole run with one message
+that says why and what to do, not an error for every test that needs it.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import pwd
 import secrets
 import shutil
 import signal
@@ -34,40 +39,82 @@ from sqlalchemy_envelope import KeyRegistry, StaticRootKey
 DATABASES = ["sqlite", "postgresql"]
 
 
+class ServerStartError(Exception):
+    """Why a test server cannot start, in words for the one message that ends the run."""
+
+
+class ServerMissingError(ServerStartError):
+    """The server's package is not installed (a program or its user is missing)."""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def _pg_bin() -> Path:
+def _server_user(name: str) -> str | None:
+    """The user a server runs as: ``name`` when running as root, else ourselves."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        raise ServerMissingError(
+            f"running as root, the server must run as the `{name}` user, and there is none "
+            "(the Debian package creates it)"
+        ) from None
+    return name
+
+
+def _program(name: str, variable: str, default_path: str) -> str:
+    """The path of a server program, from the folder ``variable`` names, else ``default_path``."""
+    path = os.environ.get(variable) or default_path
+    found = shutil.which(name, path=path)
+    if found is None:
+        raise ServerMissingError(f"`{name}` is not installed (not found in {path})")
+    return found
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    """The last lines of a server's log, to quote in the message."""
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(text[-lines:])
+
+
+def _pg_bin() -> str:
+    """The newest of Debian's PostgreSQL versions: its programs' folder."""
     candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]))
-    if not candidates:
-        raise RuntimeError(
-            "PostgreSQL is not installed: `apt-get install postgresql` (or set "
-            "ENVELOPE_TEST_POSTGRES_URL to a server to use)"
-        )
-    return Path(candidates[-1])
+    return candidates[-1] if candidates else "/usr/lib/postgresql/<version>/bin"
 
 
 class _PostgresServer:
+    NAME = "PostgreSQL"
+    PACKAGE = "postgresql"
+    URL_VARIABLE = "ENVELOPE_TEST_POSTGRES_URL"
+    BINDIR = "ENVELOPE_TEST_POSTGRES_BINDIR to the folder of initdb and pg_ctl"
+
     def __init__(self) -> None:
-        self.bin = _pg_bin()
+        self.initdb = _program("initdb", "ENVELOPE_TEST_POSTGRES_BINDIR", _pg_bin())
+        self.pg_ctl = _program("pg_ctl", "ENVELOPE_TEST_POSTGRES_BINDIR", _pg_bin())
+        self.user = _server_user("postgres")
         self.root = Path(tempfile.mkdtemp(prefix="envelope-pg-"))
         self.data = self.root / "data"
         self.port = _free_port()
-        self.as_root = os.geteuid() == 0
         os.chmod(self.root, 0o755)
-        if self.as_root:
-            shutil.chown(self.root, "postgres", "postgres")
+        if self.user:
+            shutil.chown(self.root, self.user, self.user)
 
     def _run(self, *args: str) -> None:
-        prefix = ["runuser", "-u", "postgres", "--"] if self.as_root else []
+        prefix = ["runuser", "-u", self.user, "--"] if self.user else []
         subprocess.run([*prefix, *args], check=True, capture_output=True, cwd=self.root)
 
     def start(self) -> str:
         self._run(
-            str(self.bin / "initdb"),
+            self.initdb,
             "-D",
             str(self.data),
             "-U",
@@ -83,17 +130,22 @@ class _PostgresServer:
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
             "-c max_connections=200"
         )
-        self._run(
-            str(self.bin / "pg_ctl"),
-            "-D",
-            str(self.data),
-            "-o",
-            options,
-            "-l",
-            str(self.root / "log"),
-            "-w",
-            "start",
-        )
+        try:
+            self._run(
+                self.pg_ctl,
+                "-D",
+                str(self.data),
+                "-o",
+                options,
+                "-l",
+                str(self.root / "log"),
+                "-w",
+                "start",
+            )
+        except subprocess.CalledProcessError:
+            raise ServerStartError(
+                f"the server did not start; its log ends:\n{_tail(self.root / 'log')}"
+            ) from None
         admin = sa.create_engine(
             f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres",
             isolation_level="AUTOCOMMIT",
@@ -105,7 +157,8 @@ class _PostgresServer:
 
     def stop(self) -> None:
         try:
-            self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
+            if (self.data / "postmaster.pid").exists():
+                self._run(self.pg_ctl, "-D", str(self.data), "-m", "immediate", "stop")
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -114,28 +167,32 @@ class _MariaDBServer:
     """Debian's mariadb-server, started on loopback in a folder of its own
     (as the ``mysql`` user when running as root), without grant tables."""
 
+    NAME = "MariaDB"
+    PACKAGE = "mariadb-server"
+    URL_VARIABLE = "ENVELOPE_TEST_MARIADB_URL"
+    BINDIR = "ENVELOPE_TEST_MARIADB_BINDIR to the folder of mariadbd and mariadb-install-db"
+
     def __init__(self) -> None:
+        self.server = _program(
+            "mariadbd", "ENVELOPE_TEST_MARIADB_BINDIR", "/usr/sbin:/usr/bin:/usr/local/sbin"
+        )
+        self.install = _program(
+            "mariadb-install-db", "ENVELOPE_TEST_MARIADB_BINDIR", "/usr/bin:/usr/sbin"
+        )
+        self.user = _server_user("mysql")
         self.root = Path(tempfile.mkdtemp(prefix="envelope-mariadb-"))
         self.data = self.root / "data"
         self.port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         os.chmod(self.root, 0o755)
-        self.user = "mysql" if os.geteuid() == 0 else None
         if self.user:
             shutil.chown(self.root, self.user, self.user)
 
     def start(self) -> str:
-        server = shutil.which("mariadbd", path="/usr/sbin:/usr/bin:/usr/local/sbin")
-        install = shutil.which("mariadb-install-db", path="/usr/bin:/usr/sbin")
-        if server is None or install is None:
-            raise RuntimeError(
-                "MariaDB is not installed: `apt-get install mariadb-server` (or set "
-                "ENVELOPE_TEST_MARIADB_URL to a server to use)"
-            )
         user = [f"--user={self.user}"] if self.user else []
         subprocess.run(
             [
-                install,
+                self.install,
                 "--no-defaults",
                 f"--datadir={self.data}",
                 "--skip-test-db",
@@ -148,7 +205,7 @@ class _MariaDBServer:
         )
         self.proc = subprocess.Popen(
             [
-                server,
+                self.server,
                 "--no-defaults",
                 f"--datadir={self.data}",
                 f"--socket={self.root / 'sock'}",
@@ -179,7 +236,10 @@ class _MariaDBServer:
                 break
             except sa.exc.OperationalError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("MariaDB did not start") from None
+                    raise ServerStartError(
+                        "the server did not start (or took 60 s); its log ends:\n"
+                        + _tail(self.root / "log")
+                    ) from None
                 time.sleep(0.2)
         return url.replace("/mysql?", "/envelope_test?")
 
@@ -190,22 +250,70 @@ class _MariaDBServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _server_url(variable: str, server_class: Any) -> Iterator[str]:
-    """The URL of the server named by ``variable``, else of one started here."""
-    url = os.environ.get(variable)
+def _cause(exc: Exception) -> str:
+    """What went wrong, in a line or a few: a failed program's own words."""
+    if isinstance(exc, ServerStartError):
+        return str(exc)
+    if isinstance(exc, subprocess.CalledProcessError):
+        command = [str(part) for part in exc.cmd]
+        if command[0] == "runuser":
+            command = command[command.index("--") + 1 :]
+        program = Path(command[0]).name
+        said = (exc.stderr or b"").decode(errors="replace").strip().splitlines()
+        return f"`{program}` failed (exit {exc.returncode}): " + "\n".join(said[-5:])
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _fix(exc: Exception, server_class: Any) -> str:
+    """What to do about it: install the package, or read the server's own words."""
+    elsewhere = f"set {server_class.URL_VARIABLE} to a server to use"
+    if isinstance(exc, ServerMissingError):
+        return (
+            f"run `scripts/test`, which installs Debian's {server_class.PACKAGE} package "
+            f"(or prints the command to), or {elsewhere}, or {server_class.BINDIR}"
+        )
+    return f"see why above, or {elsewhere}"
+
+
+def _server_url(request: pytest.FixtureRequest, server_class: Any) -> Iterator[str]:
+    """The URL of the server named by its variable, else of one started here.
+
+    A server that cannot start stops the run with one message, its cause and
+    the fix: the tests that need it cannot pass, and an error for each of them
+    would bury the reason."""
+    url = os.environ.get(server_class.URL_VARIABLE)
     if url:
         yield url
         return
-    server = server_class()
+    server = None
+    message = None
     try:
-        yield server.start()
+        server = server_class()
+        url = server.start()
+    except Exception as exc:
+        message = (
+            f"{server_class.NAME} for the tests could not be started: {_cause(exc)}\n"
+            f"To fix: {_fix(exc, server_class)}."
+        )
+        if server is not None:
+            server.stop()
+    if message is not None:
+        request.session.shouldstop = message
+        if hasattr(request.config, "workerinput"):
+            # An xdist worker: its stop reason is reported once for the whole
+            # run, whichever worker fails first (a failed test would count once
+            # per worker).
+            pytest.exit(message, returncode=pytest.ExitCode.TESTS_FAILED)
+        pytest.fail(message, pytrace=False)
+    try:
+        yield url
     finally:
         server.stop()
 
 
 @pytest.fixture(scope="session")
-def mariadb_url() -> Iterator[str]:
-    yield from _server_url("ENVELOPE_TEST_MARIADB_URL", _MariaDBServer)
+def mariadb_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    yield from _server_url(request, _MariaDBServer)
 
 
 @contextmanager
@@ -224,8 +332,8 @@ def _mariadb_database(base: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    yield from _server_url("ENVELOPE_TEST_POSTGRES_URL", _PostgresServer)
+def postgres_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    yield from _server_url(request, _PostgresServer)
 
 
 @contextmanager
