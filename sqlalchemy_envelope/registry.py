@@ -384,7 +384,7 @@ class KeyRegistry:
         the `reencrypt` job, with its batching, compare-and-swap and
         resumption. Before writing anything it reads a sample of the old
         values, and fails with `LegacyDecryptionError` if one does not read
-        (a wrong key); it fails with `ValuesLeftBehindError`, naming the
+        (a wrong key, engine or padding); it fails with `ValuesLeftBehindError`, naming the
         rows, if any value is left as it was."""
         self._keyring.check_open()
         return migrate.from_sqlalchemy_utils(

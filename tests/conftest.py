@@ -365,6 +365,7 @@ MARIADB_MODULES = frozenset(
         "test_migrate",
         "test_migrate_reports",
         "test_utils_migration",
+        "test_utils_migration_paddings",
         "test_reencrypt_online",
         "test_census",
         "test_blind_index",
