@@ -277,10 +277,10 @@ class KeyRegistry:
         as a tombstone. Refused while any row still holds a value under it
         (counted in SQL over ``columns``, or else over every text and binary
         column of every table in every schema the connection can see, models
-        loaded or not), or while processes may still be writing under it,
-        unless ``force=True``: crypto-shredding on purpose. An index key is
-        always refused without ``force``: blind-index digests carry no key
-        id, so no count can show that nothing needs it."""
+        loaded or not), or while processes or still-open transactions may
+        write under it, unless ``force=True``: crypto-shredding on purpose.
+        An index key is always refused without ``force``: blind-index
+        digests carry no key id, so no count can show that nothing needs it."""
         row = key_reports.destroy(
             self._admin, self._scope(scope), version, force=force, columns=columns
         )

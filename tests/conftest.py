@@ -361,6 +361,7 @@ MARIADB_MODULES = frozenset(
         "test_registry_close",
         "test_storage",
         "test_lifecycle",
+        "test_destroy_guard",
         "test_policy",
         "test_migrate",
         "test_migrate_reports",
