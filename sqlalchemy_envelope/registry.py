@@ -277,10 +277,10 @@ class KeyRegistry:
         as a tombstone. Refused while any row still holds a value under it
         (counted in SQL over ``columns``, or else over every text and binary
         column of every table in every schema the connection can see, models
-        loaded or not), or while processes may still be writing under it,
-        unless ``force=True``: crypto-shredding on purpose. An index key is
-        always refused without ``force``: blind-index digests carry no key
-        id, so no count can show that nothing needs it."""
+        loaded or not), or while processes or still-open transactions may
+        write under it, unless ``force=True``: crypto-shredding on purpose.
+        An index key is always refused without ``force``: blind-index
+        digests carry no key id, so no count can show that nothing needs it."""
         row = key_reports.destroy(
             self._admin, self._scope(scope), version, force=force, columns=columns
         )
@@ -384,7 +384,7 @@ class KeyRegistry:
         the `reencrypt` job, with its batching, compare-and-swap and
         resumption. Before writing anything it reads a sample of the old
         values, and fails with `LegacyDecryptionError` if one does not read
-        (a wrong key); it fails with `ValuesLeftBehindError`, naming the
+        (a wrong key, engine or padding); it fails with `ValuesLeftBehindError`, naming the
         rows, if any value is left as it was."""
         self._keyring.check_open()
         return migrate.from_sqlalchemy_utils(

@@ -5,6 +5,7 @@ Every change is one transaction, and proves the root key first."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from sqlalchemy.engine import Connection
 
@@ -196,10 +197,20 @@ class KeyAdmin:
                 raise KeyInUseError(version, scope, {}, index_key=True, action="disable")
         return self.transition("disable", scope, version)
 
-    def transition(self, action: str, scope: str, version: int) -> KeyRow:
-        """Apply a lifecycle action (retire, disable, enable, destroy) to a key."""
+    def transition(
+        self,
+        action: str,
+        scope: str,
+        version: int,
+        *,
+        guard: Callable[[Connection], None] | None = None,
+    ) -> KeyRow:
+        """Apply a lifecycle action (retire, disable, enable, destroy) to a key;
+        ``guard`` runs first in its transaction (the destroy guard's census)."""
 
         def work(conn: Connection) -> KeyRow:
+            if guard is not None:
+                guard(conn)
             self.wrapper.prove(conn)
             row = storage.key_by_version(conn, self.table, scope, version, for_update=True)
             if row is None:

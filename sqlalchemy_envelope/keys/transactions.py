@@ -35,6 +35,7 @@ __all__ = [
     "attempt_within",
     "is_contention",
     "is_lock_conflict",
+    "pause",
     "run",
     "run_retrying_conflicts",
 ]
@@ -122,11 +123,11 @@ def run_retrying_conflicts(
             last = tries >= (min(attempts, _LOCKED_ATTEMPTS) if _locked(error.orig) else attempts)
             if last or not is_lock_conflict(error):
                 raise
-        _pause(random.uniform(0, min(_LONGEST_PAUSE, _FIRST_PAUSE * 2**tries)))
+        pause(random.uniform(0, min(_LONGEST_PAUSE, _FIRST_PAUSE * 2**tries)))
     raise AssertionError("unreachable")
 
 
-def _pause(seconds: float) -> None:
+def pause(seconds: float) -> None:
     """Sleep without blocking an event loop: under AsyncKeyRegistry the job
     runs in SQLAlchemy's greenlet, where the loop's sleep is awaited."""
     if in_greenlet():

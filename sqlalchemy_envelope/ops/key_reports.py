@@ -9,18 +9,21 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import replace
 from datetime import timedelta
+from functools import partial
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..crypto import format as fmt
 from ..errors import KeyInUseError, KeyStateError, RootKeyAccessDeniedError, RootKeyUnavailableError
-from ..keys import lifecycle, storage
+from ..keys import lifecycle, storage, transactions
 from ..keys.admin import KeyAdmin
 from ..keys.rootkey import CheckableRootKey
 from ..keys.scopes import is_index_scope
 from ..keys.storage import KeyRow, KeyState
 from . import census
 from .census import ColumnCensus, Target
+from .open_writers import StaleError, UnreadableError, open_writers
 from .status import KeyInfo, MaintenanceReport, RegistryStatus
 
 __all__ = ["census_of", "destroy", "maintenance", "status"]
@@ -70,35 +73,103 @@ def destroy(
     may still need it (``force`` crypto-shreds on purpose)."""
     row = admin.row(scope, version)
     lifecycle.target_state("destroy", row.state, version, scope)
+    guard = None
     if not force and row.state is not KeyState.DESTROYED:
-        _guard_destroy(admin, row, columns)
-    after = admin.transition("destroy", scope, version)
+        targets = list(columns)
+        if not is_index_scope(scope):  # refused below in any case
+            _refuse_open_writers(admin, row, targets)
+        guard = partial(_guard_destroy, admin, row, targets)
+    after = admin.transition("destroy", scope, version, guard=guard)
     log.warning("destroyed data key version %d of scope %r", version, scope)
     return after
 
 
-def _guard_destroy(admin: KeyAdmin, row: KeyRow, columns: Iterable[Target]) -> None:
-    """Refuse while rows or writers may still need the key. An index key is
-    always refused: the digests of blind indexes and hash_field carry no key
-    id, so no count can show that nothing needs it."""
-    index_key = is_index_scope(row.scope)
+def _named(row: KeyRow) -> str:
+    return f"data key version {row.version} of scope {row.scope!r}"
+
+
+def _quiet_for(admin: KeyAdmin, row: KeyRow) -> timedelta:
+    """How long ago the key changed state, refused while caches may still
+    use it: other processes could still be writing under it."""
     max_age = _max_age(admin)
     quiet_for = admin.keyring.now() - row.state_changed_at
-    if quiet_for < max_age and not index_key:
+    if quiet_for < max_age and not is_index_scope(row.scope):
         raise KeyStateError(
-            f"data key version {row.version} of scope {row.scope!r} changed state "
-            f"{quiet_for.total_seconds():.0f}s ago; processes may still be writing under "
-            f"it until their caches refresh ({max_age.total_seconds():.0f}s): "
-            "wait, then take the census again"
+            f"{_named(row)} changed state {quiet_for.total_seconds():.0f}s ago; processes "
+            f"may still be writing under it until their caches refresh "
+            f"({max_age.total_seconds():.0f}s): wait, then take the census again"
         )
-    headers = [fmt.header(row.id, version) for version in sorted(fmt.VERSIONS)]
+    return quiet_for
+
+
+def _refuse_open_writers(admin: KeyAdmin, row: KeyRow, targets: list[Target]) -> None:
+    """Refuse while another transaction that started before every cache had
+    refreshed may still commit rows under the key (open_writers.py), before
+    the guard's transaction begins: its census then sees what they committed,
+    and no transaction able to add to it is left."""
+    older_than = (_quiet_for(admin, row) - _max_age(admin)).total_seconds()
     with admin.store.connect() as conn:
-        targets = list(columns)
-        refs = census.resolve(conn, targets) if targets else _discover(admin, conn)
-        counts = {
-            ref.qualified_name: sum(census.rows_under(conn, ref, h) for h in headers)
-            for ref in refs
-        }
+        tables: list[tuple[str | None, str]] = []
+        if conn.dialect.name == "postgresql":
+            tables = [(ref.schema, ref.table) for ref in _refs(admin, conn, targets)]
+        try:
+            writers = open_writers(conn, admin.table, tables, older_than)
+        except UnreadableError as error:
+            raise KeyStateError(
+                f"{_named(row)}: this database account cannot see other sessions' "
+                "transactions, one of which may still write under the key: grant it "
+                f"({error.grant}), or destroy the key as an account that has it"
+            ) from None
+        except StaleError:
+            raise KeyStateError(
+                f"{_named(row)}: the server did not refresh its list of transactions "
+                "(information_schema.innodb_trx), which shows whether one may still write "
+                "under the key: something reads it more often than every 0.1 s; destroy "
+                "the key again later"
+            ) from None
+    if writers:
+        first = writers[0]
+        since = "unknown" if first.started is None else first.started.isoformat(sep=" ")
+        where = "" if first.table is None else f", writing to {first.table}"
+        raise KeyStateError(
+            f"{_named(row)}: a transaction open since {since} (database time; backend "
+            f"{first.backend}{where}) may still write under it: wait for it to end, "
+            "re-encrypt, then destroy the key again"
+        )
+
+
+def _refs(
+    admin: KeyAdmin, conn: Connection, targets: list[Target]
+) -> list[census.EncryptedColumnRef]:
+    return census.resolve(conn, targets) if targets else _discover(admin, conn)
+
+
+def _guard_destroy(admin: KeyAdmin, row: KeyRow, targets: list[Target], conn: Connection) -> None:
+    """Refuse while rows or writers may still need the key, in the transaction
+    that destroys it: on SQLite it takes the write lock first, so no other
+    transaction can write between the census and the change. An index key is
+    always refused: the digests of blind indexes and hash_field carry no key
+    id, so no count can show that nothing needs it."""
+    if conn.dialect.name == "sqlite":
+        try:
+            storage.lock_table(conn, admin.table)
+        except sa.exc.DBAPIError as error:
+            if not transactions.is_contention(error):
+                raise
+            raise KeyStateError(
+                f"{_named(row)}: another transaction holds the database's write lock and "
+                "may still write under it: wait for it to end, then destroy the key again"
+            ) from None
+    now = storage.key_by_version(conn, admin.table, row.scope, row.version, for_update=True)
+    if now is None or now.state_changed_at != row.state_changed_at:
+        raise KeyStateError(f"{_named(row)} changed state meanwhile: destroy it again")
+    _quiet_for(admin, now)
+    index_key = is_index_scope(row.scope)
+    headers = [fmt.header(row.id, version) for version in sorted(fmt.VERSIONS)]
+    counts = {
+        ref.qualified_name: sum(census.rows_under(conn, ref, h) for h in headers)
+        for ref in _refs(admin, conn, targets)
+    }
     in_use = {name: n for name, n in counts.items() if n}
     if in_use or index_key:
         raise KeyInUseError(row.version, row.scope, in_use, index_key=index_key)

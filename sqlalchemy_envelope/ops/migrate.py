@@ -624,7 +624,9 @@ def _check_legacy_key(
     a wrong key a value now and then unpads and parses as garbage, which the
     job would seal for good. Every one of the first `LEGACY_SAMPLE` legacy
     values (by primary key, of the rows left to do) of each such column
-    must read; under a wrong key hardly any does."""
+    must read; under a wrong key hardly any does, under a wrong padding none
+    that it would change (utils_legacy.py), and the error names the padding
+    they read with."""
     for table in tables:
         clause = table.table()
         pk = [clause.c[c] for c in table.primary_key]
@@ -643,16 +645,21 @@ def _check_legacy_key(
                 try:
                     ref.legacy.read(row[-1], dialect)
                 except LegacyDecryptionError:
-                    failed.append(tuple(row[:-1]))
+                    failed.append(row)
             if failed:
-                keys = ", ".join(repr(k[0] if len(k) == 1 else k) for k in failed[:5])
+                keys = ", ".join(repr(k[0] if len(k) == 2 else tuple(k[:-1])) for k in failed[:5])
+                padding = ref.legacy.padding_that_reads((row[-1] for row in failed), dialect)
+                check = (
+                    f"they read with AesEngine padding {padding!r}: declare that padding"
+                    if padding is not None
+                    else "check the key (a key callable must return the key every row was "
+                    "written with), engine and padding, or fix or clear those rows"
+                )
                 raise LegacyDecryptionError(
                     f"{ref.name}: {len(failed)} of the first {len(rows)} values written by "
                     f"sqlalchemy-utils do not read with the key, engine and padding of its "
                     f"migrating= type (rows {keys}{', ...' if len(failed) > 5 else ''}); "
-                    "nothing was written: check the key (a key callable must return the key "
-                    "every row was written with), or fix or clear those rows, then run the "
-                    "job again"
+                    f"nothing was written: {check}, then run the job again"
                 )
 
 
