@@ -21,6 +21,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 import traceback
@@ -51,6 +52,7 @@ from .errors import (
     UnknownKeyError,
     database_reason,
 )
+from .keys import storage
 from .keys.rootkey import root_key_from_env
 from .keys.scopes import check_key_scope, is_index_scope, scope_of_index
 from .ops.census import ColumnCensus
@@ -184,6 +186,7 @@ class Context:
 
         self.url: str | None = one("url", os.environ.get("DATABASE_URL"))
         self.scope: str = one("scope", DEFAULT_SCOPE)
+        self.scope_given = "scope" in given
         self.table: str = one("table", "data_keys")
         self.cache_max_age: float = one("cache_max_age", 60.0)
         self.models: tuple[str, ...] = given.get("models", ())
@@ -194,13 +197,21 @@ class Context:
     def scope_filter(self) -> str | None:
         return None if self.scope == DEFAULT_SCOPE else self.scope
 
-    def registry(self, *, keys: bool = False) -> KeyRegistry:
+    def registry(
+        self, *, keys: bool = False, creating: bool = False, across_scopes: bool = False
+    ) -> KeyRegistry:
         """A registry of ``--scope``, closed with its engine when the command
         ends. With ``keys`` (a command that addresses keys: status, census,
         rotate, retire, enable, disable, destroy, maintenance), ``--scope``
         may name an index scope (``~index:<scope>``): the registry is then of
         that scope, and the command passes ``--scope`` on to address the
-        index keys."""
+        index keys.
+
+        A scope with no key is refused (`_require_keys`) unless the command
+        is ``creating`` it (init, create-scope): a mistyped ``--scope`` would
+        otherwise report an empty scope, or create a tenant. A command that
+        works ``across_scopes`` (rewrap, decrypt-in-place, shred) checks
+        ``--scope`` only when it is given."""
         scope = self.scope
         if keys and is_index_scope(check_key_scope(scope)):
             scope = scope_of_index(scope)
@@ -212,6 +223,8 @@ class Context:
             engine, scope=scope, table_name=self.table, cache_max_age=self.cache_max_age
         )
         context.call_on_close(registry.close)
+        if not creating and (self.scope_given or not across_scopes):
+            _require_keys(registry, self.scope)
         return registry
 
     def _engine(self) -> sa.Engine:
@@ -270,6 +283,27 @@ class Context:
 
     def emit(self, data: dict[str, Any], text: str) -> None:
         click.echo(json.dumps(data, indent=2) if self.as_json else text)
+
+
+def _require_keys(registry: KeyRegistry, scope: str) -> None:
+    """Refuse a scope that has no key, saying how it gets one. Only data_keys
+    is read, not the root key, which some commands (census) do not need;
+    without data_keys, the command itself says to create it."""
+    table = registry.table
+    with registry.engine.connect() as conn:
+        if not sa.inspect(conn).has_table(table.name, schema=table.schema):
+            return
+        if storage.all_keys(conn, table, scope):
+            return
+    tenant = scope_of_index(scope) if is_index_scope(scope) else scope
+    create = (
+        "sqlalchemy-envelope init"
+        if tenant == DEFAULT_SCOPE
+        else f"sqlalchemy-envelope create-scope {shlex.quote(tenant)}"
+    )
+    raise ConfigurationError(
+        f"scope {scope!r} has no key (check --scope): `{create}` creates its keys"
+    )
 
 
 _SYNC = {"postgresql": "postgresql+psycopg://", "sqlite": "sqlite://", "mysql": "mysql+pymysql://"}
@@ -612,8 +646,28 @@ def main() -> None:
 @pass_context
 def init(c: Context) -> None:
     """Create data_keys and the first data key (idempotent)."""
-    key = c.registry().init()
+    key = c.registry(creating=True).init()
     c.emit(key.to_dict(), f"active: {_key_line(key)}")
+
+
+@main.command(
+    "create-scope",
+    epilog=_examples(
+        "sqlalchemy-envelope create-scope globex",
+        "sqlalchemy-envelope create-scope initech umbrella --json",
+    ),
+)
+@click.argument("scopes", metavar="SCOPE...", nargs=-1, required=True)
+@pass_context
+def create_scope(c: Context, scopes: tuple[str, ...]) -> None:
+    """Create tenant SCOPEs: each gets what it lacks of an active data key and
+    an index key (a shredded scope comes back, with new keys; its old values
+    stay unreadable)."""
+    keys = c.registry(creating=True).create_scope(*scopes)
+    c.emit(
+        {"keys": [key.to_dict() for key in keys]},
+        "\n".join(f"scope {key.scope!r}: {_key_line(key)}" for key in keys),
+    )
 
 
 @main.command(
@@ -750,7 +804,7 @@ def decrypt_in_place(
 ) -> None:
     """Write TABLE.COLUMN... back as plaintext (undoes an in-place encryption)."""
     _confirm(yes, "Write these columns back as plaintext?")
-    report = c.registry().decrypt_in_place(
+    report = c.registry(across_scopes=True).decrypt_in_place(
         *columns, batch_size=batch_size, progress=progress, shard=_shard(shard)
     )
     c.emit(report.to_dict(), _report_text(report))
@@ -817,7 +871,7 @@ def destroy(c: Context, version: int, columns: tuple[str, ...], force: bool) -> 
 def rewrap(c: Context) -> None:
     """Re-wrap every data key under the root key in ENVELOPE_NEW_* (all or nothing)."""
     new_root = root_key_from_env(prefix="ENVELOPE_NEW_")
-    count = c.registry().rewrap(new_root)
+    count = c.registry(across_scopes=True).rewrap(new_root)
     c.emit(
         {"rewrapped": count, "root_key_fingerprint": new_root.fingerprint},
         f"re-wrapped {count} data keys under root key {new_root.fingerprint}; "
@@ -848,7 +902,9 @@ def shred(c: Context, tenant: str, including_shared_index: bool, yes: bool) -> N
             "not yet moved to their own index keys"
         )
     _confirm(yes, prompt)
-    count = c.registry().shred(tenant, including_shared_index=including_shared_index)
+    count = c.registry(across_scopes=True).shred(
+        tenant, including_shared_index=including_shared_index
+    )
     c.emit({"scope": tenant, "destroyed": count}, f"destroyed {count} keys of scope {tenant!r}")
 
 

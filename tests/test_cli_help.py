@@ -27,6 +27,7 @@ BIN = str(Path(sys.executable).parent)  # where the installed entry point lives
 # "" is the group's own --help.
 ORDER = [
     "init",
+    "create-scope",
     "",
     "status",
     "census",
