@@ -30,7 +30,7 @@ from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
-from urllib.parse import quote, quote_plus
+from urllib.parse import quote, quote_plus, unquote
 
 try:
     import click
@@ -198,7 +198,12 @@ class Context:
         return None if self.scope == DEFAULT_SCOPE else self.scope
 
     def registry(
-        self, *, keys: bool = False, creating: bool = False, across_scopes: bool = False
+        self,
+        *,
+        keys: bool = False,
+        new_scope: bool = False,
+        new_database: bool = False,
+        across_scopes: bool = False,
     ) -> KeyRegistry:
         """A registry of ``--scope``, closed with its engine when the command
         ends. With ``keys`` (a command that addresses keys: status, census,
@@ -208,28 +213,31 @@ class Context:
         index keys.
 
         A scope with no key is refused (`_require_keys`) unless the command
-        is ``creating`` it (init, create-scope): a mistyped ``--scope`` would
-        otherwise report an empty scope, or create a tenant. A command that
-        works ``across_scopes`` (rewrap, decrypt-in-place, shred) checks
-        ``--scope`` only when it is given."""
+        creates it (``new_scope``: init, create-scope): a mistyped
+        ``--scope`` would otherwise report an empty scope, or create a
+        tenant. A command that works ``across_scopes`` (rewrap,
+        decrypt-in-place, shred) checks ``--scope`` only when it is given.
+        Only a command that creates ``data_keys`` (``new_database``: init)
+        may create a SQLite database file."""
         scope = self.scope
         if keys and is_index_scope(check_key_scope(scope)):
             scope = scope_of_index(scope)
         self.load_models()
-        engine = self._engine()
+        engine = self._engine(creating=new_database)
         context = click.get_current_context()
         context.call_on_close(engine.dispose)
         registry = KeyRegistry.from_env(
             engine, scope=scope, table_name=self.table, cache_max_age=self.cache_max_age
         )
         context.call_on_close(registry.close)
-        if not creating and (self.scope_given or not across_scopes):
+        if not new_scope and (self.scope_given or not across_scopes):
             _require_keys(registry, self.scope)
         return registry
 
-    def _engine(self) -> sa.Engine:
+    def _engine(self, *, creating: bool = False) -> sa.Engine:
         """An engine on ``url`` that has connected once, so that an unreachable
-        database is reported as such before any work starts."""
+        database is reported as such before any work starts. Connecting to
+        a SQLite file creates it: only a ``creating`` command (init) may."""
         if not self.url:
             raise ConfigurationError("no database: pass --url or set DATABASE_URL")
         try:
@@ -245,6 +253,12 @@ class Context:
             raise ConfigurationError(
                 f"cannot use the database URL: {_without(url.password, error)}"
             ) from None
+        missing = None if creating else _missing_sqlite_file(url)
+        if missing is not None:
+            raise ConfigurationError(
+                f"no SQLite database at {missing} (check --url or DATABASE_URL; "
+                "only `sqlalchemy-envelope init` creates one)"
+            )
         if engine.dialect.is_async:
             raise ConfigurationError(
                 f"the database URL names an async driver ({url.drivername}): the command "
@@ -283,6 +297,22 @@ class Context:
 
     def emit(self, data: dict[str, Any], text: str) -> None:
         click.echo(json.dumps(data, indent=2) if self.as_json else text)
+
+
+def _missing_sqlite_file(url: sa.URL) -> str | None:
+    """The absolute path of the SQLite file ``url`` names, if it does not
+    exist; None for another database, an in-memory one, or a URI whose
+    ``mode`` (ro, rw, memory) keeps SQLite from creating it."""
+    if url.get_backend_name() != "sqlite":
+        return None
+    path = url.database or ""
+    if str(url.query.get("uri", "")).lower() in ("true", "1", "yes", "on"):
+        if url.query.get("mode") in ("ro", "rw", "memory"):
+            return None
+        path = unquote(path.removeprefix("file:").partition("?")[0].partition("#")[0])
+    if path in ("", ":memory:") or os.path.exists(path):
+        return None
+    return os.path.abspath(path)
 
 
 def _require_keys(registry: KeyRegistry, scope: str) -> None:
@@ -646,7 +676,7 @@ def main() -> None:
 @pass_context
 def init(c: Context) -> None:
     """Create data_keys and the first data key (idempotent)."""
-    key = c.registry(creating=True).init()
+    key = c.registry(new_scope=True, new_database=True).init()
     c.emit(key.to_dict(), f"active: {_key_line(key)}")
 
 
@@ -663,7 +693,7 @@ def create_scope(c: Context, scopes: tuple[str, ...]) -> None:
     """Create tenant SCOPEs: each gets what it lacks of an active data key and
     an index key (a shredded scope comes back, with new keys; its old values
     stay unreadable)."""
-    keys = c.registry(creating=True).create_scope(*scopes)
+    keys = c.registry(new_scope=True).create_scope(*scopes)
     c.emit(
         {"keys": [key.to_dict() for key in keys]},
         "\n".join(f"scope {key.scope!r}: {_key_line(key)}" for key in keys),
