@@ -640,8 +640,9 @@ def _plaintext_rows(named: tuple[str, ...]) -> dict[str, list[Any]]:
 
 
 def _examples(*lines: str) -> str:
-    """A command's help epilog: example command lines, which a test runs
-    (tests/test_cli_help.py), kept as written by click's no-rewrap marker."""
+    """A command's help epilog: example command lines, kept as written by
+    click's no-rewrap marker. docs/cli.md's Examples lists all of them in an
+    order that runs as one script, which tests/test_cli_help.py runs."""
     return "Examples:\n\n\b\n" + "\n".join(f"$ {line}" for line in lines)
 
 
@@ -726,7 +727,7 @@ def status(c: Context, with_census: bool, columns: tuple[str, ...]) -> None:
     c.emit(data, text)
 
 
-@main.command(epilog=_examples("sqlalchemy-envelope rotate", "sqlalchemy-envelope rotate --json"))
+@main.command(epilog=_examples("sqlalchemy-envelope rotate"))
 @pass_context
 def rotate(c: Context) -> None:
     """Make a new data key active; the old one keeps decrypting."""
@@ -765,7 +766,7 @@ def _census_text(col: ColumnCensus) -> str:
 
 @main.command(
     epilog=_examples(
-        "sqlalchemy-envelope reencrypt notes.body",
+        "sqlalchemy-envelope reencrypt notes.body users.email",
         "sqlalchemy-envelope reencrypt notes.body --batch-size 500 --shard 0/2 --json",
     )
 )
@@ -864,7 +865,7 @@ def _transition(name: str, help_text: str, *examples: str) -> None:
 _transition(
     "retire",
     "Retire VERSION (decrypt only); retiring the active key rotates.",
-    "sqlalchemy-envelope retire 2",
+    "sqlalchemy-envelope retire 3",
 )
 _transition(
     "enable", "Bring a disabled VERSION back to retired.", "sqlalchemy-envelope enable 2 --json"
@@ -882,7 +883,9 @@ def disable(c: Context, version: int, force: bool) -> None:
     c.emit(key.to_dict(), _key_line(key))
 
 
-@main.command(epilog=_examples("sqlalchemy-envelope destroy 1 --column notes.body"))
+@main.command(
+    epilog=_examples("sqlalchemy-envelope destroy 1 --column notes.body --column users.email")
+)
 @click.argument("version", type=int)
 @click.option("--column", "columns", multiple=True, help="TABLE.COLUMN to check (default: all)")
 @click.option("--force", is_flag=True, help="destroy even if rows still need it (crypto-shred)")
