@@ -5,50 +5,68 @@ A root key wraps versioned AES-256-GCM data keys, kept wrapped in a
 column values. See README.md for the quickstart, and docs/ for the rest.
 """
 
-from .async_registry import AsyncKeyRegistry
-from .errors import (
-    BlindIndexError,
-    ConfigurationError,
-    DecryptionError,
-    DestroyedKeyError,
-    EncryptedComparisonError,
-    EncryptedExpressionError,
-    EncryptionLimitError,
-    EnvelopeError,
-    InvalidValueError,
-    KeyDisabledError,
-    KeyInUseError,
-    KeyStateError,
-    KeyTamperedError,
-    LegacyDecryptionError,
-    NoActiveKeyError,
-    NotCiphertextError,
-    RegistryClosedError,
-    RootKeyAccessDeniedError,
-    RootKeyUnavailableError,
-    ShreddedScopeError,
-    StatementFailedError,
-    UnknownKeyError,
-    ValuesLeftBehindError,
-    WrongRootKeyError,
-)
-from .keys.aws_kms import AWSKMSRootKey
-from .keys.policy import DEFAULT_MAX_ENCRYPTIONS, RotationPolicy
-from .keys.rootkey import (
-    CheckableRootKey,
-    PBKDF2RootKey,
-    RootKeyProvider,
-    StaticRootKey,
-    root_key_from_env,
-)
-from .keys.storage import KeyState, data_keys_table
-from .ops.census import ColumnCensus, KeyRows
-from .ops.migrate import LeftRow, MigrationReport
-from .ops.status import KeyInfo, MaintenanceReport, RegistryStatus
-from .registry import DEFAULT_SCOPE, KeyRegistry
-from .sqla.binding import EXECUTION_OPTION, SCOPE_OPTION, scope, session_scope, set_session_scope
-from .sqla.blind_index import NORMALIZERS, BlindDigest, BlindIndex, blind_index, blind_index_column
-from .sqla.types import EncryptedType
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .async_registry import AsyncKeyRegistry
+    from .errors import (
+        BlindIndexError,
+        ConfigurationError,
+        DecryptionError,
+        DestroyedKeyError,
+        EncryptedComparisonError,
+        EncryptedExpressionError,
+        EncryptionLimitError,
+        EnvelopeError,
+        InvalidValueError,
+        KeyDisabledError,
+        KeyInUseError,
+        KeyStateError,
+        KeyTamperedError,
+        LegacyDecryptionError,
+        NoActiveKeyError,
+        NotCiphertextError,
+        RegistryClosedError,
+        RootKeyAccessDeniedError,
+        RootKeyUnavailableError,
+        ShreddedScopeError,
+        StatementFailedError,
+        UnknownKeyError,
+        ValuesLeftBehindError,
+        WrongRootKeyError,
+    )
+    from .keys.aws_kms import AWSKMSRootKey
+    from .keys.policy import DEFAULT_MAX_ENCRYPTIONS, RotationPolicy
+    from .keys.rootkey import (
+        CheckableRootKey,
+        PBKDF2RootKey,
+        RootKeyProvider,
+        StaticRootKey,
+        root_key_from_env,
+    )
+    from .keys.storage import KeyState, data_keys_table
+    from .ops.census import ColumnCensus, KeyRows
+    from .ops.migrate import LeftRow, MigrationReport
+    from .ops.status import KeyInfo, MaintenanceReport, RegistryStatus
+    from .registry import DEFAULT_SCOPE, KeyRegistry
+    from .sqla.binding import (
+        EXECUTION_OPTION,
+        SCOPE_OPTION,
+        scope,
+        session_scope,
+        set_session_scope,
+    )
+    from .sqla.blind_index import (
+        NORMALIZERS,
+        BlindDigest,
+        BlindIndex,
+        blind_index,
+        blind_index_column,
+    )
+    from .sqla.types import EncryptedType
 
 __all__ = [
     "DEFAULT_MAX_ENCRYPTIONS",
@@ -108,9 +126,86 @@ __all__ = [
     "set_session_scope",
 ]
 
-# Named by the package, which exports them (sqlalchemy_envelope.blind_index is
-# the function): how repr() and Alembic's default type rendering name them.
-EncryptedType.__module__ = __name__
-BlindIndex.__module__ = __name__
+# Each name, imported from its module when first used: importing the package
+# itself costs nothing, so that the command can load everything inside its
+# Ctrl-C guard (__main__.py), and an application pays only for what it uses.
+_MODULES: dict[str, str] = {
+    "DEFAULT_MAX_ENCRYPTIONS": ".keys.policy",
+    "DEFAULT_SCOPE": ".registry",
+    "EXECUTION_OPTION": ".sqla.binding",
+    "NORMALIZERS": ".sqla.blind_index",
+    "SCOPE_OPTION": ".sqla.binding",
+    "AWSKMSRootKey": ".keys.aws_kms",
+    "AsyncKeyRegistry": ".async_registry",
+    "BlindDigest": ".sqla.blind_index",
+    "BlindIndex": ".sqla.blind_index",
+    "BlindIndexError": ".errors",
+    "CheckableRootKey": ".keys.rootkey",
+    "ColumnCensus": ".ops.census",
+    "ConfigurationError": ".errors",
+    "DecryptionError": ".errors",
+    "DestroyedKeyError": ".errors",
+    "EncryptedComparisonError": ".errors",
+    "EncryptedExpressionError": ".errors",
+    "EncryptedType": ".sqla.types",
+    "EncryptionLimitError": ".errors",
+    "EnvelopeError": ".errors",
+    "InvalidValueError": ".errors",
+    "KeyDisabledError": ".errors",
+    "KeyInUseError": ".errors",
+    "KeyInfo": ".ops.status",
+    "KeyRegistry": ".registry",
+    "KeyRows": ".ops.census",
+    "KeyState": ".keys.storage",
+    "KeyStateError": ".errors",
+    "KeyTamperedError": ".errors",
+    "LeftRow": ".ops.migrate",
+    "LegacyDecryptionError": ".errors",
+    "MaintenanceReport": ".ops.status",
+    "MigrationReport": ".ops.migrate",
+    "NoActiveKeyError": ".errors",
+    "NotCiphertextError": ".errors",
+    "PBKDF2RootKey": ".keys.rootkey",
+    "RegistryClosedError": ".errors",
+    "RegistryStatus": ".ops.status",
+    "RootKeyAccessDeniedError": ".errors",
+    "RootKeyProvider": ".keys.rootkey",
+    "RootKeyUnavailableError": ".errors",
+    "RotationPolicy": ".keys.policy",
+    "ShreddedScopeError": ".errors",
+    "StatementFailedError": ".errors",
+    "StaticRootKey": ".keys.rootkey",
+    "UnknownKeyError": ".errors",
+    "ValuesLeftBehindError": ".errors",
+    "WrongRootKeyError": ".errors",
+    "blind_index": ".sqla.blind_index",
+    "blind_index_column": ".sqla.blind_index",
+    "data_keys_table": ".keys.storage",
+    "root_key_from_env": ".keys.rootkey",
+    "scope": ".sqla.binding",
+    "session_scope": ".sqla.binding",
+    "set_session_scope": ".sqla.binding",
+}
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """An exported name, or a submodule (``sqlalchemy_envelope.keys``), on first use."""
+    module = _MODULES.get(name)
+    if module is None:
+        if name.startswith("__"):
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

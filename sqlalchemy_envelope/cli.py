@@ -21,6 +21,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 import traceback
@@ -29,7 +30,7 @@ from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
-from urllib.parse import quote, quote_plus
+from urllib.parse import quote, quote_plus, unquote
 
 try:
     import click
@@ -51,6 +52,7 @@ from .errors import (
     UnknownKeyError,
     database_reason,
 )
+from .keys import storage
 from .keys.rootkey import root_key_from_env
 from .keys.scopes import check_key_scope, is_index_scope, scope_of_index
 from .ops.census import ColumnCensus
@@ -184,6 +186,7 @@ class Context:
 
         self.url: str | None = one("url", os.environ.get("DATABASE_URL"))
         self.scope: str = one("scope", DEFAULT_SCOPE)
+        self.scope_given = "scope" in given
         self.table: str = one("table", "data_keys")
         self.cache_max_age: float = one("cache_max_age", 60.0)
         self.models: tuple[str, ...] = given.get("models", ())
@@ -194,29 +197,47 @@ class Context:
     def scope_filter(self) -> str | None:
         return None if self.scope == DEFAULT_SCOPE else self.scope
 
-    def registry(self, *, keys: bool = False) -> KeyRegistry:
+    def registry(
+        self,
+        *,
+        keys: bool = False,
+        new_scope: bool = False,
+        new_database: bool = False,
+        across_scopes: bool = False,
+    ) -> KeyRegistry:
         """A registry of ``--scope``, closed with its engine when the command
         ends. With ``keys`` (a command that addresses keys: status, census,
         rotate, retire, enable, disable, destroy, maintenance), ``--scope``
         may name an index scope (``~index:<scope>``): the registry is then of
         that scope, and the command passes ``--scope`` on to address the
-        index keys."""
+        index keys.
+
+        A scope with no key is refused (`_require_keys`) unless the command
+        creates it (``new_scope``: init, create-scope): a mistyped
+        ``--scope`` would otherwise report an empty scope, or create a
+        tenant. A command that works ``across_scopes`` (rewrap,
+        decrypt-in-place, shred) checks ``--scope`` only when it is given.
+        Only a command that creates ``data_keys`` (``new_database``: init)
+        may create a SQLite database file."""
         scope = self.scope
         if keys and is_index_scope(check_key_scope(scope)):
             scope = scope_of_index(scope)
         self.load_models()
-        engine = self._engine()
+        engine = self._engine(creating=new_database)
         context = click.get_current_context()
         context.call_on_close(engine.dispose)
         registry = KeyRegistry.from_env(
             engine, scope=scope, table_name=self.table, cache_max_age=self.cache_max_age
         )
         context.call_on_close(registry.close)
+        if not new_scope and (self.scope_given or not across_scopes):
+            _require_keys(registry, self.scope)
         return registry
 
-    def _engine(self) -> sa.Engine:
+    def _engine(self, *, creating: bool = False) -> sa.Engine:
         """An engine on ``url`` that has connected once, so that an unreachable
-        database is reported as such before any work starts."""
+        database is reported as such before any work starts. Connecting to
+        a SQLite file creates it: only a ``creating`` command (init) may."""
         if not self.url:
             raise ConfigurationError("no database: pass --url or set DATABASE_URL")
         try:
@@ -232,6 +253,12 @@ class Context:
             raise ConfigurationError(
                 f"cannot use the database URL: {_without(url.password, error)}"
             ) from None
+        missing = None if creating else _missing_sqlite_file(url)
+        if missing is not None:
+            raise ConfigurationError(
+                f"no SQLite database at {missing} (check --url or DATABASE_URL; "
+                "only `sqlalchemy-envelope init` creates one)"
+            )
         if engine.dialect.is_async:
             raise ConfigurationError(
                 f"the database URL names an async driver ({url.drivername}): the command "
@@ -270,6 +297,43 @@ class Context:
 
     def emit(self, data: dict[str, Any], text: str) -> None:
         click.echo(json.dumps(data, indent=2) if self.as_json else text)
+
+
+def _missing_sqlite_file(url: sa.URL) -> str | None:
+    """The absolute path of the SQLite file ``url`` names, if it does not
+    exist; None for another database, an in-memory one, or a URI whose
+    ``mode`` (ro, rw, memory) keeps SQLite from creating it."""
+    if url.get_backend_name() != "sqlite":
+        return None
+    path = url.database or ""
+    if str(url.query.get("uri", "")).lower() in ("true", "1", "yes", "on"):
+        if url.query.get("mode") in ("ro", "rw", "memory"):
+            return None
+        path = unquote(path.removeprefix("file:").partition("?")[0].partition("#")[0])
+    if path in ("", ":memory:") or os.path.exists(path):
+        return None
+    return os.path.abspath(path)
+
+
+def _require_keys(registry: KeyRegistry, scope: str) -> None:
+    """Refuse a scope that has no key, saying how it gets one. Only data_keys
+    is read, not the root key, which some commands (census) do not need;
+    without data_keys, the command itself says to create it."""
+    table = registry.table
+    with registry.engine.connect() as conn:
+        if not sa.inspect(conn).has_table(table.name, schema=table.schema):
+            return
+        if storage.all_keys(conn, table, scope):
+            return
+    tenant = scope_of_index(scope) if is_index_scope(scope) else scope
+    create = (
+        "sqlalchemy-envelope init"
+        if tenant == DEFAULT_SCOPE
+        else f"sqlalchemy-envelope create-scope {shlex.quote(tenant)}"
+    )
+    raise ConfigurationError(
+        f"scope {scope!r} has no key (check --scope): `{create}` creates its keys"
+    )
 
 
 _SYNC = {"postgresql": "postgresql+psycopg://", "sqlite": "sqlite://", "mysql": "mysql+pymysql://"}
@@ -576,8 +640,9 @@ def _plaintext_rows(named: tuple[str, ...]) -> dict[str, list[Any]]:
 
 
 def _examples(*lines: str) -> str:
-    """A command's help epilog: example command lines, which a test runs
-    (tests/test_cli_help.py), kept as written by click's no-rewrap marker."""
+    """A command's help epilog: example command lines, kept as written by
+    click's no-rewrap marker. docs/cli.md's Examples lists all of them in an
+    order that runs as one script, which tests/test_cli_help.py runs."""
     return "Examples:\n\n\b\n" + "\n".join(f"$ {line}" for line in lines)
 
 
@@ -612,8 +677,28 @@ def main() -> None:
 @pass_context
 def init(c: Context) -> None:
     """Create data_keys and the first data key (idempotent)."""
-    key = c.registry().init()
+    key = c.registry(new_scope=True, new_database=True).init()
     c.emit(key.to_dict(), f"active: {_key_line(key)}")
+
+
+@main.command(
+    "create-scope",
+    epilog=_examples(
+        "sqlalchemy-envelope create-scope globex",
+        "sqlalchemy-envelope create-scope initech umbrella --json",
+    ),
+)
+@click.argument("scopes", metavar="SCOPE...", nargs=-1, required=True)
+@pass_context
+def create_scope(c: Context, scopes: tuple[str, ...]) -> None:
+    """Create tenant SCOPEs: each gets what it lacks of an active data key and
+    an index key (a shredded scope comes back, with new keys; its old values
+    stay unreadable)."""
+    keys = c.registry(new_scope=True).create_scope(*scopes)
+    c.emit(
+        {"keys": [key.to_dict() for key in keys]},
+        "\n".join(f"scope {key.scope!r}: {_key_line(key)}" for key in keys),
+    )
 
 
 @main.command(
@@ -642,7 +727,7 @@ def status(c: Context, with_census: bool, columns: tuple[str, ...]) -> None:
     c.emit(data, text)
 
 
-@main.command(epilog=_examples("sqlalchemy-envelope rotate", "sqlalchemy-envelope rotate --json"))
+@main.command(epilog=_examples("sqlalchemy-envelope rotate"))
 @pass_context
 def rotate(c: Context) -> None:
     """Make a new data key active; the old one keeps decrypting."""
@@ -681,7 +766,7 @@ def _census_text(col: ColumnCensus) -> str:
 
 @main.command(
     epilog=_examples(
-        "sqlalchemy-envelope reencrypt notes.body",
+        "sqlalchemy-envelope reencrypt notes.body users.email",
         "sqlalchemy-envelope reencrypt notes.body --batch-size 500 --shard 0/2 --json",
     )
 )
@@ -750,7 +835,7 @@ def decrypt_in_place(
 ) -> None:
     """Write TABLE.COLUMN... back as plaintext (undoes an in-place encryption)."""
     _confirm(yes, "Write these columns back as plaintext?")
-    report = c.registry().decrypt_in_place(
+    report = c.registry(across_scopes=True).decrypt_in_place(
         *columns, batch_size=batch_size, progress=progress, shard=_shard(shard)
     )
     c.emit(report.to_dict(), _report_text(report))
@@ -780,7 +865,7 @@ def _transition(name: str, help_text: str, *examples: str) -> None:
 _transition(
     "retire",
     "Retire VERSION (decrypt only); retiring the active key rotates.",
-    "sqlalchemy-envelope retire 2",
+    "sqlalchemy-envelope retire 3",
 )
 _transition(
     "enable", "Bring a disabled VERSION back to retired.", "sqlalchemy-envelope enable 2 --json"
@@ -798,7 +883,9 @@ def disable(c: Context, version: int, force: bool) -> None:
     c.emit(key.to_dict(), _key_line(key))
 
 
-@main.command(epilog=_examples("sqlalchemy-envelope destroy 1 --column notes.body"))
+@main.command(
+    epilog=_examples("sqlalchemy-envelope destroy 1 --column notes.body --column users.email")
+)
 @click.argument("version", type=int)
 @click.option("--column", "columns", multiple=True, help="TABLE.COLUMN to check (default: all)")
 @click.option("--force", is_flag=True, help="destroy even if rows still need it (crypto-shred)")
@@ -817,7 +904,7 @@ def destroy(c: Context, version: int, columns: tuple[str, ...], force: bool) -> 
 def rewrap(c: Context) -> None:
     """Re-wrap every data key under the root key in ENVELOPE_NEW_* (all or nothing)."""
     new_root = root_key_from_env(prefix="ENVELOPE_NEW_")
-    count = c.registry().rewrap(new_root)
+    count = c.registry(across_scopes=True).rewrap(new_root)
     c.emit(
         {"rewrapped": count, "root_key_fingerprint": new_root.fingerprint},
         f"re-wrapped {count} data keys under root key {new_root.fingerprint}; "
@@ -848,7 +935,9 @@ def shred(c: Context, tenant: str, including_shared_index: bool, yes: bool) -> N
             "not yet moved to their own index keys"
         )
     _confirm(yes, prompt)
-    count = c.registry().shred(tenant, including_shared_index=including_shared_index)
+    count = c.registry(across_scopes=True).shred(
+        tenant, including_shared_index=including_shared_index
+    )
     c.emit({"scope": tenant, "destroyed": count}, f"destroyed {count} keys of scope {tenant!r}")
 
 

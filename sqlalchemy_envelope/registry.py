@@ -42,13 +42,6 @@ DEFAULT_CACHE_MAX_AGE = timedelta(seconds=60)
 _facades: weakref.WeakKeyDictionary[Envelope, KeyRegistry] = weakref.WeakKeyDictionary()
 
 
-def _seconds(value: float | timedelta) -> float:
-    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
-    if seconds <= 0:
-        raise ConfigurationError("cache_max_age must be positive")
-    return seconds
-
-
 def _check_bytes(value: Any, method: str, what: str) -> None:
     if not isinstance(value, bytes | bytearray | memoryview):
         raise InvalidValueError(
@@ -108,7 +101,7 @@ class KeyRegistry:
         self._keyring = Keyring(
             self._store,
             self._wrapper,
-            KeyCache(_seconds(cache_max_age), clock, max_cached_keys),
+            KeyCache(cache_max_age, clock, max_cached_keys),
             RotationPolicy(rotate_after, max_encryptions),
             scope=self.scope,
             create_scopes=create_scopes,

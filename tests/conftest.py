@@ -394,6 +394,7 @@ MARIADB_MODULES = frozenset(
         "test_cli",
         "test_cli_help",
         "test_cli_errors",
+        "test_cli_scopes",
     }
 )
 

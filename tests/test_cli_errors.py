@@ -74,6 +74,7 @@ def test_every_failure_is_one_line_with_its_exit_code(
     seeded: dict[str, str | None] = {"ENVELOPE_ROOT_KEY": None, "ENVELOPE_ROOT_SEED": SEED}
     with_password = f"postgresql+psycopg://app:{PASSWORD}@127.0.0.1:1/app"
     other_password = f"postgresql+psycopg://app:{PASSWORD}x@127.0.0.1:1/app"
+    (tmp_path / "fresh.db").touch()  # an empty database (a missing one: test_cli_sqlite_files)
     fresh = f"sqlite:///{tmp_path / 'fresh.db'}"
     cases: list[tuple[tuple[str, ...], dict[str, str | None], int, str]] = [
         (("--bogus", "status"), {}, 2, "usage error: No such option '--bogus'"),

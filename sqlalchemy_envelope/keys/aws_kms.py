@@ -9,6 +9,7 @@ wrapped bytes and records in CloudTrail. Needs the ``aws`` extra (boto3).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -74,6 +75,7 @@ class AWSKMSRootKey:
         if region is None and _is_key_arn(self.key_id):
             region = self.key_id.split(":")[3]  # arn:aws:kms:<region>:<account>:key/<id>
         if client is None:
+            _check_options(connect_timeout, read_timeout, max_attempts)
             client = _new_client(region, endpoint_url, connect_timeout, read_timeout, max_attempts)
         self._client = client
         self._arn: str | None = self.key_id if _is_key_arn(self.key_id) else None
@@ -165,6 +167,23 @@ class AWSKMSRootKey:
 
 def _is_key_arn(key_id: str) -> bool:
     return key_id.startswith("arn:") and ":kms:" in key_id and ":key/" in key_id
+
+
+def _check_options(connect_timeout: float, read_timeout: float, max_attempts: int) -> None:
+    """Refuse what botocore would take and then fail on at the first call,
+    where an impossible timeout looks like KMS being unreachable."""
+    for name, seconds in (("connect_timeout", connect_timeout), ("read_timeout", read_timeout)):
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+            seconds = math.nan
+        if not (seconds > 0 and math.isfinite(seconds)):
+            raise ConfigurationError(
+                f"AWSKMSRootKey's {name} must be a positive, finite number of seconds"
+            )
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+        raise ConfigurationError(
+            "AWSKMSRootKey's max_attempts must be a whole number of at least 1 (the first "
+            "call included)"
+        )
 
 
 def _new_client(

@@ -12,12 +12,14 @@ with a key it already holds is never disturbed.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from ..crypto.primitives import AESGCM, AESSIV, hkdf_sha256
+from ..errors import ConfigurationError
 from .storage import KeyState
 
 __all__ = ["DataKey", "IndexKey", "KeyCache"]
@@ -90,6 +92,26 @@ class IndexKey:
         return f"IndexKey(id={self.id:#012x}, scope={self.scope!r}, version={self.version})"
 
 
+# timedelta.max in seconds rounds up past it: a whole number of days does not.
+_LONGEST = timedelta(days=999_999_999).total_seconds()
+
+
+def _max_age_seconds(value: float | timedelta) -> float:
+    """``cache_max_age`` in seconds, checked here for every way it comes in
+    (the registries, the command's ``--cache-max-age``): positive, finite,
+    and no longer than a timedelta holds, since reports give it as one."""
+    try:
+        seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if isinstance(value, bool) or not 0 < seconds <= _LONGEST:
+        raise ConfigurationError(
+            f"cache_max_age must be a positive, finite number of seconds or a timedelta, "
+            f"at most 999999999 days, not {value!r} (the default is 60)"
+        )
+    return seconds
+
+
 class KeyCache:
     """Data keys by ciphertext header and the active key of each scope; index
     keys by scope and version, and by the header of deterministic values;
@@ -99,9 +121,13 @@ class KeyCache:
     keys, such as a client's forged ones, cost one query per id."""
 
     def __init__(
-        self, max_age: float, clock: Clock = time.monotonic, max_keys: int = 10_000
+        self, max_age: float | timedelta, clock: Clock = time.monotonic, max_keys: int = 10_000
     ) -> None:
-        self.max_age = max_age
+        self.max_age = _max_age_seconds(max_age)
+        if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1:
+            raise ConfigurationError(
+                f"max_cached_keys must be a whole number of at least 1, not {max_keys!r}"
+            )
         self.clock = clock
         self.max_keys = max_keys
         self.by_header: dict[bytes, DataKey] = {}

@@ -31,12 +31,16 @@ class RotationPolicy:
     max_encryptions: int = DEFAULT_MAX_ENCRYPTIONS
 
     def __post_init__(self) -> None:
-        if self.rotate_after is not None and self.rotate_after <= timedelta(0):
-            raise ConfigurationError("rotate_after must be a positive timedelta")
-        if not 1 <= self.max_encryptions <= _NIST_LIMIT:
+        after = self.rotate_after
+        if after is not None and (not isinstance(after, timedelta) or after <= timedelta(0)):
             raise ConfigurationError(
-                f"max_encryptions must be between 1 and 2**32 (NIST's limit for random "
-                f"GCM nonces); the default is {DEFAULT_MAX_ENCRYPTIONS:,}"
+                f"rotate_after must be a positive timedelta, e.g. timedelta(days=90), not {after!r}"
+            )
+        count = self.max_encryptions
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= _NIST_LIMIT:
+            raise ConfigurationError(
+                f"max_encryptions must be a whole number between 1 and 2**32 (NIST's limit "
+                f"for random GCM nonces); the default is {DEFAULT_MAX_ENCRYPTIONS:,}"
             )
 
     @property

@@ -624,3 +624,8 @@ def _undecodable(where: str) -> InvalidValueError:
         f"{where}: a value decrypted but does not read as the column's type: was the "
         "column's type changed without migrating its data?"
     )
+
+
+# Named by the package, which exports it: how repr() and Alembic's default
+# type rendering name it (sqlalchemy_envelope.EncryptedType).
+EncryptedType.__module__ = __name__.partition(".")[0]
