@@ -92,6 +92,7 @@ class KeyAdmin:
         new = self.store.write(lambda conn: self.keyring.rotate_in(conn, scope, expected_id=None))
         assert new is not None
         self.keyring.adopt(new)
+        self.keyring.cache.rotated(scope, "manual")
         log.info("rotated scope %r to data key version %d", scope, new.version)
         return self.row(scope, new.version)
 
@@ -103,6 +104,7 @@ class KeyAdmin:
         if new is None:
             return None
         self.keyring.adopt(new)
+        self.keyring.cache.rotated(scope, "manual")
         return self.row(scope, new.version)
 
     def create_scopes(self, names: list[str]) -> list[KeyRow]:
