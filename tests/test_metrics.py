@@ -221,9 +221,11 @@ def test_rotation_by_policy_is_counted_apart(
     with engine.begin() as conn:
         conn.execute(table.insert(), {"id": 2, "body": "after", "email": "y"})
     registry.rotate()
+    clocks.advance(timedelta(days=31))
+    assert registry.maintenance().rotated is not None  # due by policy again
     metrics = collect(reader)
     assert by(metrics[P + "key.rotations"], SCOPE, P + "rotation.trigger") == {
-        ("default", "policy"): 1,
+        ("default", "policy"): 2,
         ("default", "manual"): 1,
     }
     assert values(metrics[P + "encrypted.values"])["default", 2, "randomized"] == 1
