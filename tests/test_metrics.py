@@ -5,6 +5,7 @@ any attribute, and nothing imported or paid without a meter provider."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -15,13 +16,15 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import Clocks, KMSServer
+from conftest import Clocks, KMSServer, async_engine_for
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from sqlalchemy_envelope import (
     SCOPE_OPTION,
+    AsyncKeyRegistry,
     AWSKMSRootKey,
     DecryptionError,
     EncryptedType,
@@ -276,6 +279,35 @@ def test_kms_calls_are_counted_and_timed(kms: KMSServer, engine: sa.Engine) -> N
     other.close()
     other.engine.dispose()
     registry.close()
+
+
+def test_an_async_registry_reports_the_same(
+    db_url: str, root_key: StaticRootKey, reader: InMemoryMetricReader, provider: MeterProvider
+) -> None:
+    table = notes_table()
+
+    async def main() -> None:
+        engine = async_engine_for(db_url)
+        registry = AsyncKeyRegistry(engine, root_key, meter_provider=provider)
+        try:
+            await registry.init()
+            async with engine.begin() as conn:
+                await conn.run_sync(table.metadata.create_all)
+                for ids in (range(2), range(2, 5)):
+                    rows = [{"id": i, "body": "b", "email": "e"} for i in ids]
+                    await conn.execute(table.insert(), rows)
+            async with AsyncSession(engine) as session:
+                for _ in range(2):
+                    assert (await session.scalars(sa.select(table.c.body))).all() == ["b"] * 5
+        finally:
+            await registry.close()
+            await engine.dispose()
+
+    asyncio.run(main())
+    metrics = collect(reader)
+    r, d = "randomized", "deterministic"
+    assert values(metrics[P + "encrypted.values"]) == {("default", 1, r): 5, ("default", 1, d): 5}
+    assert values(metrics[P + "decrypted.values"]) == {("default", 1, r): 10}
 
 
 def test_counts_are_exact_across_threads(
