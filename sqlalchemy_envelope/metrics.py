@@ -3,8 +3,8 @@
 
 Without a meter provider nothing here runs and OpenTelemetry is never
 imported. With one, values encrypted and decrypted are counted per key in
-`itertools.count` objects (one C call per value, exact across threads), and
-reported by observable instruments when the provider collects; everything
+`itertools.count` objects (one ``next`` per value, exact across threads),
+and reported by observable instruments when the provider collects; everything
 else (misses, root key calls, rotations, jobs) is rare enough to be added to
 synchronous instruments where it happens. No attribute holds a value, a key
 or a secret: scopes, key versions, class names and fixed words.
@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from importlib import metadata
 from typing import Any
 
-__all__ = ["Metrics", "counted"]
+__all__ = ["Metrics", "Tally", "counted"]
 
 NAME = "sqlalchemy_envelope"
 
@@ -46,6 +46,23 @@ def counted(cell: itertools.count[int]) -> int:
     return int(repr(cell)[6:-1])  # "count(N)": the one way to read it without advancing it
 
 
+class Tally:
+    """The values of one key: ``hit``, those served while no key was read
+    from data_keys (a cache hit), and ``miss``, the others."""
+
+    __slots__ = ("hit", "miss")
+
+    def __init__(self) -> None:
+        self.hit: Cell[int] = itertools.count()
+        self.miss: Cell[int] = itertools.count()
+
+    def total(self) -> int:
+        return counted(self.hit) + counted(self.miss)
+
+
+Attributes = tuple[tuple[str, Any], ...]
+
+
 class _Instruments:
     """The instruments of one meter provider, shared by every registry
     reporting to it (a provider keeps the first instrument of each name):
@@ -63,19 +80,19 @@ class _Instruments:
         meter = meter_provider.get_meter(NAME, version)
         meter.create_observable_counter(
             f"{NAME}.encrypted.values",
-            callbacks=[self._observer(lambda m: m.encrypted.items())],
+            callbacks=[self._observer(lambda m: m.encrypted.items(), Tally.total)],
             unit="{value}",
             description="Values encrypted, by scope, key version and encryption.",
         )
         meter.create_observable_counter(
             f"{NAME}.decrypted.values",
-            callbacks=[self._observer(lambda m: m.decrypted.items())],
+            callbacks=[self._observer(lambda m: m.decrypted.items(), Tally.total)],
             unit="{value}",
             description="Values decrypted, by scope, key version and encryption.",
         )
         meter.create_observable_counter(
             f"{NAME}.key_cache.hits",
-            callbacks=[self._observer(lambda m: [((), m.hits)])],
+            callbacks=[self._observer(_all_tallies, lambda tally: counted(tally.hit))],
             unit="{value}",
             description="Values encrypted or decrypted under a key found in the cache.",
         )
@@ -129,15 +146,17 @@ class _Instruments:
         )
 
     def _observer(
-        self, cells: Callable[[Metrics], Iterable[tuple[tuple[tuple[str, Any], ...], Cell[int]]]]
+        self,
+        tallies: Callable[[Metrics], Iterable[tuple[Attributes, Tally]]],
+        count: Callable[[Tally], int],
     ) -> Callable[[Any], Iterator[Any]]:
-        """A callback adding up, per attribute set, the cells of every registry."""
+        """A callback adding up, per attribute set, the tallies of every registry."""
 
         def observe(options: Any) -> Iterator[Any]:
-            totals: dict[tuple[tuple[str, Any], ...], int] = {}
+            totals: dict[Attributes, int] = {}
             for source in list(self.sources):
-                for attributes, cell in list(cells(source)):
-                    totals[attributes] = totals.get(attributes, 0) + counted(cell)
+                for attributes, tally in list(tallies(source)):
+                    totals[attributes] = totals.get(attributes, 0) + count(tally)
             for attributes, total in totals.items():
                 yield self.observation(total, dict(attributes))
 
@@ -160,6 +179,11 @@ class _Instruments:
             yield self.observation(size, {KEY_KIND: kind})
 
 
+def _all_tallies(metrics: Metrics) -> list[tuple[Attributes, Tally]]:
+    """Every tally of ``metrics``, as one attribute set: the cache hits."""
+    return [((), tally) for tally in (*metrics.encrypted.values(), *metrics.decrypted.values())]
+
+
 _instruments: weakref.WeakKeyDictionary[Any, _Instruments] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
@@ -179,35 +203,31 @@ class Metrics:
     def __init__(self, meter_provider: Any) -> None:
         self._instruments = _instruments_of(meter_provider)
         # By (scope, key version, encryption) as attribute pairs.
-        self.encrypted: dict[tuple[tuple[str, Any], ...], Cell[int]] = {}
-        self.decrypted: dict[tuple[tuple[str, Any], ...], Cell[int]] = {}
-        self.hits: Cell[int] = itertools.count()
+        self.encrypted: dict[Attributes, Tally] = {}
+        self.decrypted: dict[Attributes, Tally] = {}
         self.cache_sizes: Callable[[], dict[str, int]] = dict
         self.left: dict[str, int] = {}  # by job: what its last run left behind
         self._failures: weakref.WeakSet[BaseException] = weakref.WeakSet()
         self._instruments.sources.add(self)
 
     @staticmethod
-    def _cell(
-        cells: dict[tuple[tuple[str, Any], ...], Cell[int]],
-        scope: str,
-        version: int,
-        deterministic: bool,
-    ) -> Cell[int]:
+    def _tally(
+        tallies: dict[Attributes, Tally], scope: str, version: int, deterministic: bool
+    ) -> Tally:
         attributes = (
             (SCOPE, scope),
             (KEY_VERSION, version),
             (ENCRYPTION, "deterministic" if deterministic else "randomized"),
         )
-        return cells.setdefault(attributes, itertools.count())
+        return tallies.setdefault(attributes, Tally())
 
-    def encrypted_cell(self, scope: str, version: int, deterministic: bool) -> Cell[int]:
+    def encrypted_tally(self, scope: str, version: int, deterministic: bool) -> Tally:
         """Where to count values encrypted under one key."""
-        return self._cell(self.encrypted, scope, version, deterministic)
+        return self._tally(self.encrypted, scope, version, deterministic)
 
-    def decrypted_cell(self, scope: str, version: int, deterministic: bool) -> Cell[int]:
+    def decrypted_tally(self, scope: str, version: int, deterministic: bool) -> Tally:
         """Where to count values decrypted under one key."""
-        return self._cell(self.decrypted, scope, version, deterministic)
+        return self._tally(self.decrypted, scope, version, deterministic)
 
     def failed(self, error: BaseException) -> None:
         """Count a value that failed to decrypt, once however many layers

@@ -32,6 +32,8 @@ from sqlalchemy_envelope import (
     StaticRootKey,
     session_scope,
 )
+from sqlalchemy_envelope.crypto import format as fmt
+from sqlalchemy_envelope.keys.envelope import Envelope
 from sqlalchemy_envelope.keys.wrapper import KeyWrapper
 
 P = "sqlalchemy_envelope."
@@ -308,6 +310,75 @@ def test_an_async_registry_reports_the_same(
     r, d = "randomized", "deterministic"
     assert values(metrics[P + "encrypted.values"]) == {("default", 1, r): 5, ("default", 1, d): 5}
     assert values(metrics[P + "decrypted.values"]) == {("default", 1, r): 10}
+
+
+def test_the_metered_path_decrypts_and_refuses_as_the_unmetered_one(
+    engine: sa.Engine,
+    root_key: StaticRootKey,
+    reader: InMemoryMetricReader,
+    provider: MeterProvider,
+) -> None:
+    # max_encryptions=64: the values cross claims, and rotations at the limit.
+    registry = KeyRegistry(engine, root_key, meter_provider=provider, max_encryptions=64)
+    registry.init()
+    context = fmt.given_context("notes.body")
+    encrypt = registry.envelope.encryptor(context.current)  # what a column calls per value
+    sealed = [encrypt(f"value {i}".encode()) for i in range(200)]
+    with engine.connect() as conn:
+        versions = dict(conn.execute(sa.text("SELECT id, version FROM data_keys")).all())
+    per_version = Counter(versions[fmt.key_id_of(c)] for c in sealed)
+    assert len(per_version) > 2
+
+    active = registry.envelope.keyring.active("default")
+    assert active.aead is not None
+    legacy_header = bytes([fmt.LEGACY_VERSION]) + active.header[1:]
+    nonce = os.urandom(12)
+    legacy = (
+        legacy_header + nonce + active.aead.encrypt(nonce, b"old", legacy_header + context.legacy)
+    )
+    cases = [
+        *sealed,
+        legacy,  # format 1: read under the legacy context
+        sealed[0][:-1] + bytes([sealed[0][-1] ^ 1]),  # altered
+        sealed[0][: fmt.HEADER_BYTES + 3],  # cut short after a known header
+        fmt.header(12345) + sealed[0][fmt.HEADER_BYTES :],  # a key data_keys does not hold
+        b"\x07" + sealed[0][1:],  # no format at all
+    ]
+    unmetered = Envelope(registry.envelope.keyring).decryptor(context)
+    metered = registry.envelope.decryptor(context)
+
+    def outcome(decrypt: Any, ciphertext: bytes) -> Any:
+        try:
+            return decrypt(ciphertext)
+        except Exception as error:
+            return type(error).__name__
+
+    outcomes = [outcome(metered, c) for c in cases]
+    assert outcomes == [outcome(unmetered, c) for c in cases]
+    assert outcomes[:201] == [f"value {i}".encode() for i in range(200)] + [b"old"]
+    assert outcomes[201:] == [
+        "DecryptionError",
+        "NotCiphertextError",
+        "UnknownKeyError",
+        "NotCiphertextError",
+    ]
+
+    metrics = collect(reader)
+    encrypted = values(metrics[P + "encrypted.values"])
+    assert encrypted == {("default", v, "randomized"): n for v, n in per_version.items()}
+    decrypted = Counter(per_version)
+    decrypted[versions[fmt.key_id_of(legacy)]] += 1
+    assert values(metrics[P + "decrypted.values"]) == {
+        ("default", v, "randomized"): n for v, n in decrypted.items()
+    }
+    assert by(metrics[P + "decryption.errors"], "error.type") == {
+        ("DecryptionError",): 1,
+        ("UnknownKeyError",): 1,
+        ("NotCiphertextError",): 2,
+    }
+    rotations = by(metrics[P + "key.rotations"], P + "rotation.trigger")
+    assert rotations == {("policy",): len(per_version) - 1}
+    registry.close()
 
 
 def test_counts_are_exact_across_threads(
