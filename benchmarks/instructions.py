@@ -1,15 +1,19 @@
 """Instructions per row, counted by valgrind's callgrind: repeatable where
 wall-clock times on a shared machine are not.
 
-    python benchmarks/instructions.py [--rows 10000]
+    python benchmarks/instructions.py [--rows 10000] [--metrics]
 
 For a Core executemany insert and a Core select on a SQLite file, each of a
 plain String column, a bare AES-GCM TypeDecorator (the floor's work and nothing
 else) and EncryptedType is run under callgrind once with one repetition and
 once with three; the difference, divided by two and by the row count, is the
 cost of one row. The floor is the bare AES-GCM loop of bench.py, counted the
-same way, and "bare" is bench.py's bare AES-GCM TypeDecorator. Needs valgrind
-(Debian's ``valgrind`` package).
+same way, and "bare" is bench.py's bare AES-GCM TypeDecorator. With
+``--metrics``, a row "EncryptedType, metrics on": the same column with the
+registry reporting OpenTelemetry metrics (docs/metrics.md) to an SDK
+MeterProvider, whose difference from EncryptedType is their cost per value.
+Needs valgrind (Debian's ``valgrind`` package), and for ``--metrics`` the
+OpenTelemetry SDK (the ``bench`` extra).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from bench import CONTEXT, BareAESGCM
 from sqlalchemy_envelope import EncryptedType, KeyRegistry, StaticRootKey
 
 KINDS = ("plain", "bare", "EncryptedType")
+METERED = "EncryptedType, metrics on"
 
 
 def workload(kind: str, mode: str, reps: int, rows: int, folder: str) -> None:
@@ -53,16 +58,23 @@ def workload(kind: str, mode: str, reps: int, rows: int, folder: str) -> None:
                     aead.decrypt(c[6:18], c[18:], c[:6] + CONTEXT)
         return
     # A new database every run: creating one costs more than opening one.
-    database = Path(folder) / f"{kind}.db"
+    database = Path(folder) / f"{kind.replace(' ', '_')}.db"
     database.unlink(missing_ok=True)
     engine = sa.create_engine(f"sqlite:///{database}")
     # Keys cached for longer than a run under valgrind can take: a refresh
     # (a query and an unwrap, once a minute) would land in one run only.
-    KeyRegistry(engine, StaticRootKey(bytes(range(32))), cache_max_age=3600).init()
+    options = {}
+    if kind == METERED:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+        options["meter_provider"] = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    KeyRegistry(engine, StaticRootKey(bytes(range(32))), cache_max_age=3600, **options).init()
     column_type = {
         "plain": sa.String(200),
         "bare": BareAESGCM(),
         "EncryptedType": EncryptedType(sa.String(200)),
+        METERED: EncryptedType(sa.String(200)),
     }[kind]
     table = sa.Table(
         "t",
@@ -124,6 +136,9 @@ def main() -> None:
     parser.add_argument(
         "--smoke", action="store_true", help="run each workload once, natively, for CI"
     )
+    parser.add_argument(
+        "--metrics", action="store_true", help="add EncryptedType with OpenTelemetry metrics on"
+    )
     args = parser.parse_args()
     if args.run:
         kind, mode, reps = args.run
@@ -131,7 +146,7 @@ def main() -> None:
         return
     if args.smoke:
         with tempfile.TemporaryDirectory() as folder:
-            for kind in ("floor", *KINDS):
+            for kind in ("floor", *KINDS, *((METERED,) if args.metrics else ())):
                 for mode in ("insert", "select"):
                     workload(kind, mode, 1, 20, folder)
         return
@@ -147,7 +162,7 @@ def main() -> None:
         floor = {mode: per_row("floor", mode, args.rows, folder) for mode in ("insert", "select")}
         plain = {mode: per_row("plain", mode, args.rows, folder) for mode in ("insert", "select")}
         over: dict[tuple[str, str], float] = {}
-        for kind in KINDS:
+        for kind in (*KINDS, METERED) if args.metrics else KINDS:
             cells = []
             for mode in ("insert", "select"):
                 n = plain[mode] if kind == "plain" else per_row(kind, mode, args.rows, folder)
@@ -165,6 +180,12 @@ def main() -> None:
             for mode in ("insert", "select")
         )
         print(f"Overhead over plain column, ours vs bare: {ratios}")
+        if args.metrics:
+            cost = ", ".join(
+                f"{mode} {over[METERED, mode] - over['EncryptedType', mode]:+,.0f}"
+                for mode in ("insert", "select")
+            )
+            print(f"Metrics on, per value: {cost} instructions")
 
 
 if __name__ == "__main__":

@@ -26,11 +26,13 @@ from .keys.admin import KeyAdmin
 from .keys.cache import KeyCache
 from .keys.envelope import Envelope
 from .keys.keyring import Keyring
+from .keys.metered import MeteredEnvelope
 from .keys.policy import DEFAULT_MAX_ENCRYPTIONS, RotationPolicy
 from .keys.rootkey import RootKeyProvider, root_key_from_env
 from .keys.scopes import DEFAULT_SCOPE, check_key_scope, check_scope, index_scope
 from .keys.store import KeyStore
 from .keys.wrapper import KeyWrapper
+from .metrics import Metrics
 from .ops import backfill, key_reports, migrate
 from .ops.census import ColumnCensus, Target
 from .ops.status import KeyInfo, MaintenanceReport, RegistryStatus
@@ -78,6 +80,7 @@ class KeyRegistry:
         allow_non_strict_mysql: bool = False,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = storage.utcnow,
+        meter_provider: Any = None,
     ) -> None:
         if not isinstance(engine, Engine):
             hint = (
@@ -96,19 +99,23 @@ class KeyRegistry:
         self._allow_non_strict_mysql = allow_non_strict_mysql
         self.scope = check_scope(scope)
         self.table = storage.data_keys_table(sa.MetaData(), table_name)
-        self._store = KeyStore(engine, self.table)
-        self._wrapper = KeyWrapper(root_key, self.table)
+        # OpenTelemetry metrics (docs/metrics.md), only with a meter provider.
+        metrics = None if meter_provider is None else Metrics(meter_provider)
+        self._store = KeyStore(engine, self.table, metrics)
+        self._wrapper = KeyWrapper(root_key, self.table, metrics)
         self._keyring = Keyring(
             self._store,
             self._wrapper,
-            KeyCache(cache_max_age, clock, max_cached_keys),
+            KeyCache(cache_max_age, clock, max_cached_keys, metrics),
             RotationPolicy(rotate_after, max_encryptions),
             scope=self.scope,
             create_scopes=create_scopes,
             now=wall_clock,
         )
         self._admin = KeyAdmin(self._keyring)
-        self.envelope = Envelope(self._keyring)
+        self.envelope = (
+            Envelope(self._keyring) if metrics is None else MeteredEnvelope(self._keyring, metrics)
+        )
         """The per-value encrypt and decrypt path (what columns call)."""
         _facades[self.envelope] = self
         if attach:

@@ -395,6 +395,7 @@ MARIADB_MODULES = frozenset(
         "test_cli_help",
         "test_cli_errors",
         "test_cli_scopes",
+        "test_metrics",
     }
 )
 

@@ -93,17 +93,20 @@ class KeyAdmin:
         new = self.store.write(lambda conn: self.keyring.rotate_in(conn, scope, expected_id=None))
         assert new is not None
         self.keyring.adopt(new)
+        self.keyring.cache.rotated(scope, "manual")
         log.info("rotated scope %r to data key version %d", scope, new.version)
         return self.row(scope, new.version)
 
-    def rotate_if(self, scope: str, expected_id: int) -> KeyRow | None:
-        """Rotate unless the active key is no longer ``expected_id``."""
+    def rotate_if(self, scope: str, expected_id: int, trigger: str = "manual") -> KeyRow | None:
+        """Rotate unless the active key is no longer ``expected_id``; ``trigger``
+        ("manual", or "policy") is what the rotation counts as in metrics."""
         new = self.store.write(
             lambda conn: self.keyring.rotate_in(conn, scope, expected_id=expected_id)
         )
         if new is None:
             return None
         self.keyring.adopt(new)
+        self.keyring.cache.rotated(scope, trigger)
         return self.row(scope, new.version)
 
     def create_scopes(self, names: list[str]) -> list[KeyRow]:

@@ -20,6 +20,7 @@ from datetime import datetime, timedelta
 
 from ..crypto.primitives import AESGCM, AESSIV, hkdf_sha256
 from ..errors import ConfigurationError
+from ..metrics import Metrics
 from .storage import KeyState
 
 __all__ = ["DataKey", "IndexKey", "KeyCache"]
@@ -121,7 +122,11 @@ class KeyCache:
     keys, such as a client's forged ones, cost one query per id."""
 
     def __init__(
-        self, max_age: float | timedelta, clock: Clock = time.monotonic, max_keys: int = 10_000
+        self,
+        max_age: float | timedelta,
+        clock: Clock = time.monotonic,
+        max_keys: int = 10_000,
+        metrics: Metrics | None = None,
     ) -> None:
         self.max_age = _max_age_seconds(max_age)
         if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1:
@@ -137,6 +142,22 @@ class KeyCache:
         self.newest: dict[str, tuple[int, int]] = {}
         self.missing: dict[int, float] = {}
         self.closed = False
+        self.metrics = metrics
+        # Keys read from data_keys for want of a fresh entry: a value
+        # encrypted or decrypted while this stays the same was a cache hit.
+        self.misses = 0
+
+    def missed(self, kind: str) -> None:
+        """Count a key of ``kind`` ("data" or "index") read from data_keys
+        because the cache held no fresh entry for it."""
+        self.misses += 1
+        if self.metrics is not None:
+            self.metrics.missed(kind)
+
+    def rotated(self, scope: str, trigger: str) -> None:
+        """Count a rotation of ``scope``, "manual" or by "policy"."""
+        if self.metrics is not None:
+            self.metrics.rotated(scope, trigger)
 
     def expiry(self) -> float:
         return self.clock() + self.max_age

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from functools import partial
 
 from ..crypto import format as fmt
 from ..crypto.primitives import AESSIV, NONCE_BYTES, InvalidTag, hmac_sha256
@@ -71,7 +72,9 @@ class Envelope:
         get = self._active.get
         clock = self._clock
         claim = self.keyring.claim
-        slow = self.encrypt_bytes
+        # This class's, not an override: `MeteredEnvelope` counts what the
+        # closure returns, the slow path's values too.
+        slow = partial(Envelope.encrypt_bytes, self)
         # The last key's header and the associated data (header + context):
         # one tuple, replaced whole, so that threads sharing it read a
         # matching pair. Not the key: SQLAlchemy caches this closure, and a

@@ -143,6 +143,8 @@ class Keyring:
             if key is not None and not force and self.cache.fresh(key):
                 return key
             self.check_open()
+            if not force:
+                self.cache.missed("data")
             read = self.active_row(scope) or self._first_key(scope)
             row = read[0]
             if self.policy.due_by_age(row.created_at, self.now()) and self._rotate_for_policy(
@@ -173,6 +175,7 @@ class Keyring:
             if key is not None and self.cache.fresh(key):
                 return key
             self.check_open()
+            self.cache.missed("data")
             started = next(self.ticks)
             row = self.store.read(lambda conn: storage.key_by_id(conn, self.table, key_id))
             if row is None:
@@ -570,6 +573,7 @@ class Keyring:
             return False
         if outcome is not None:
             self.adopt(outcome)
+            self.cache.rotated(key.scope, "policy")
             log.info(
                 "rotated scope %r to data key version %d by policy", key.scope, outcome.version
             )
@@ -681,6 +685,7 @@ class Keyring:
     ) -> IndexKey | None:
         with self.lock:
             self.check_open()
+            self.cache.missed("index")
             row = self.store.read(lambda c: storage.key_by_version(c, self.table, name, version))
             return None if row is None else self._remember_index(row, previous)
 
@@ -717,6 +722,7 @@ class Keyring:
             raise UnknownKeyError(key_id)
         with self.lock:
             self.check_open()
+            self.cache.missed("index")
             row = self.store.read(lambda c: storage.key_by_id(c, self.table, key_id))
             if row is None:
                 self.cache.put_missing(key_id)

@@ -19,6 +19,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.util.concurrency import in_greenlet
 
 from ..errors import ConfigurationError, RegistryClosedError
+from ..metrics import Metrics
 from . import transactions
 from .connections import KeyConnections, statement_connection
 
@@ -34,9 +35,10 @@ class KeyStore:
     `transaction` (retried on lock conflicts) for work on the application's
     own tables."""
 
-    def __init__(self, engine: Engine, table: sa.Table) -> None:
+    def __init__(self, engine: Engine, table: sa.Table, metrics: Metrics | None = None) -> None:
         self.engine = engine
         self.table = table
+        self.metrics = metrics
         self._keys = KeyConnections(engine)
         self._pinned: ContextVar[Connection | None] = ContextVar("envelope_pinned", default=None)
         self._closed = False
@@ -75,6 +77,8 @@ class KeyStore:
 
     def read(self, query: Callable[[Connection], T]) -> T:
         """Run a read of data_keys."""
+        if self.metrics is not None:
+            self.metrics.read()
 
         def read(bind: Engine | Connection) -> T:
             if isinstance(bind, Connection):

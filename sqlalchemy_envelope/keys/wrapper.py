@@ -10,8 +10,10 @@ first, then version 1) until `KeyAdmin.rewrap` wraps them again."""
 from __future__ import annotations
 
 import threading
+import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -22,12 +24,15 @@ from ..errors import (
     RegistryClosedError,
     WrongRootKeyError,
 )
+from ..metrics import Metrics
 from . import storage
 from .rootkey import RootKeyProvider
 from .scopes import is_index_scope
 from .storage import KeyRow
 
 __all__ = ["KeyWrapper"]
+
+T = TypeVar("T")
 
 # Connection.info entry: the transaction that holds the lock, as proven with which root key.
 _HELD = "sqlalchemy_envelope.held"
@@ -37,9 +42,12 @@ class KeyWrapper:
     """Wraps data keys under the current root key, bound to their id, scope,
     version and kind."""
 
-    def __init__(self, root_key: RootKeyProvider, table: sa.Table) -> None:
+    def __init__(
+        self, root_key: RootKeyProvider, table: sa.Table, metrics: Metrics | None = None
+    ) -> None:
         self.root_key = root_key
         self.table = table
+        self.metrics = metrics
         self._fingerprint: str | None = None
         self._proven: RootKeyProvider | None = None  # unwrapped a stored key
         self._lock = threading.Lock()
@@ -50,7 +58,8 @@ class KeyWrapper:
         if self._fingerprint is None:
             with self._lock:
                 if self._fingerprint is None:
-                    self._fingerprint = self.root_key.fingerprint
+                    root_key = self.root_key
+                    self._fingerprint = self._call("fingerprint", lambda: root_key.fingerprint)
         return self._fingerprint
 
     def replace(self, root_key: RootKeyProvider, fingerprint: str) -> None:
@@ -87,7 +96,9 @@ class KeyWrapper:
         return {"key_id": str(key_id), "scope": scope}
 
     def wrap(self, plaintext: bytes, key_id: int, scope: str, version: int) -> bytes:
-        return self.root_key.wrap(plaintext, self.context(key_id, scope, version))
+        root_key = self.root_key
+        context = self.context(key_id, scope, version)
+        return self._call("wrap", lambda: root_key.wrap(plaintext, context))
 
     def unwrap(self, row: KeyRow) -> bytes:
         """The key ``row`` wraps, if its id, scope, version and kind are the
@@ -97,13 +108,14 @@ class KeyWrapper:
         if row.root_key_fingerprint != self.fingerprint:
             raise self.wrong_root_key(row.root_key_fingerprint)
         root_key = self.root_key
+        wrapped = row.wrapped_key
         try:
             try:
-                plaintext = root_key.unwrap(
-                    row.wrapped_key, self.context(row.id, row.scope, row.version)
-                )
+                context = self.context(row.id, row.scope, row.version)
+                plaintext = self._call("unwrap", lambda: root_key.unwrap(wrapped, context))
             except DecryptionError:
-                plaintext = root_key.unwrap(row.wrapped_key, self.legacy_context(row.id, row.scope))
+                legacy = self.legacy_context(row.id, row.scope)
+                plaintext = self._call("unwrap", lambda: root_key.unwrap(wrapped, legacy))
         except DecryptionError:
             if self._proven is root_key:  # it unwrapped another stored key: this one changed
                 raise KeyTamperedError(
@@ -121,6 +133,21 @@ class KeyWrapper:
             ) from None
         self._proven = root_key
         return plaintext
+
+    def _call(self, operation: str, call: Callable[[], T]) -> T:
+        """A call to the root key, timed and counted when metrics are on."""
+        metrics = self.metrics
+        if metrics is None:
+            return call()
+        provider = type(self.root_key).__name__
+        start = time.perf_counter()
+        try:
+            result = call()
+        except Exception as error:
+            metrics.root_key_call(operation, provider, time.perf_counter() - start, error)
+            raise
+        metrics.root_key_call(operation, provider, time.perf_counter() - start, None)
+        return result
 
     def check(self, conn: Connection, *, latest: bool = False) -> None:
         """Refuse to go on if any stored key was wrapped by another root key."""

@@ -133,7 +133,14 @@ def run(
     bar = _progress(
         lambda: sum(_count_pending(conns, job, part) for job, part in parts), progress, label
     )
-    tick = (lambda n: bar.update(n)) if bar is not None else (lambda n: None)
+    metrics = conns.metrics
+
+    def tick(rows: int) -> None:
+        if bar is not None:
+            bar.update(rows)
+        if metrics is not None and rows:
+            metrics.job_rows(label, rows)
+
     this_pass = MigrationReport()
     try:
         for _ in range(PASSES):
@@ -150,6 +157,8 @@ def run(
     finally:
         if bar is not None:
             bar.close()
+    if metrics is not None:
+        metrics.job_left(label, report.left_behind)
     return not this_pass.skipped
 
 

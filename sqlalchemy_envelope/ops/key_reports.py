@@ -242,7 +242,7 @@ def maintenance(admin: KeyAdmin, scope: str) -> MaintenanceReport:
     due = status(admin, scope)
     rotated = None
     if due.rotation_due is not None and due.active_key_id is not None:
-        new = admin.rotate_if(scope, due.active_key_id)
+        new = admin.rotate_if(scope, due.active_key_id, "policy")
         rotated = None if new is None else KeyInfo.from_row(new)
     current = status(admin, scope, with_census=True)
     referenced = current.rows_by_version or {}
