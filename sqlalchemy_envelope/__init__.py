@@ -34,6 +34,7 @@ from .errors import (
     WrongRootKeyError,
 )
 from .keys.aws_kms import AWSKMSRootKey
+from .keys.events import ChainProblem, ChainReport, KeyEvent
 from .keys.policy import DEFAULT_MAX_ENCRYPTIONS, RotationPolicy
 from .keys.rootkey import (
     CheckableRootKey,
@@ -62,6 +63,8 @@ __all__ = [
     "BlindDigest",
     "BlindIndex",
     "BlindIndexError",
+    "ChainProblem",
+    "ChainReport",
     "CheckableRootKey",
     "ColumnCensus",
     "ConfigurationError",
@@ -74,6 +77,7 @@ __all__ = [
     "EnvelopeError",
     "InvalidValueError",
     "KeyDisabledError",
+    "KeyEvent",
     "KeyEventsTamperedError",
     "KeyInUseError",
     "KeyInfo",

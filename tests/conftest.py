@@ -392,6 +392,7 @@ MARIADB_MODULES = frozenset(
         "test_cli",
         "test_cli_help",
         "test_cli_errors",
+        "test_key_events",
     }
 )
 

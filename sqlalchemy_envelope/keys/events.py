@@ -380,7 +380,7 @@ class EventLog:
         head = self._head(conn)
         if head is None:
             head = self._write_anchor(conn, self.wrapper.root_key, None, None, None)
-        secret = self._secret(self._latest_anchor(conn), self.wrapper.root_key, also)
+        secret = self._secret(conn, self._latest_anchor(conn), self.wrapper.root_key, also)
         return self._write(
             conn,
             head,
@@ -411,7 +411,7 @@ class EventLog:
         reason = check_text(reason, "reason", MAX_REASON_CHARS)
         head = self._head(conn)
         assert head is not None  # the rewrap event came first
-        current = self._secret(self._latest_anchor(conn), self.wrapper.root_key, new_root_key)
+        current = self._secret(conn, self._latest_anchor(conn), self.wrapper.root_key, new_root_key)
         return self._write_anchor(conn, new_root_key, head, current, reason).event
 
     def _write_anchor(
@@ -548,10 +548,16 @@ class EventLog:
         return _Stored.from_mapping(row)
 
     def _secret(
-        self, anchor: _Stored, root_key: RootKeyProvider, also: RootKeyProvider | None = None
+        self,
+        conn: Connection,
+        anchor: _Stored,
+        root_key: RootKeyProvider,
+        also: RootKeyProvider | None = None,
     ) -> bytes:
         """The chain secret of ``anchor``, unwrapped by ``root_key`` (or
-        ``also``, whichever it names), once per process."""
+        ``also``, whichever it names), once per process; refused unless the
+        anchor's own mac verifies (made under the previous chain secret for
+        a re-anchor), so that no event is chained onto a forged anchor."""
         cached = (anchor.seq, anchor.event.mac)
         with self._lock:
             secret = self._secrets.get(cached)
@@ -577,14 +583,32 @@ class EventLog:
                 "altered or forged. Run verify_events (sqlalchemy-envelope events verify) to "
                 "find the first bad event"
             ) from None
-        if len(secret) != KEY_BYTES:
+        if len(secret) != KEY_BYTES or not self._anchor_verifies(conn, anchor, secret):
             raise KeyEventsTamperedError(
                 f"the anchor (seq {anchor.seq}) of the key events in {self.table.name!r} "
-                "holds no chain secret of the right length: it was altered"
+                "does not follow from the chain before it: it was altered or forged. Nothing "
+                "was written; run verify_events (sqlalchemy-envelope events verify) to find "
+                "the first bad event"
             )
         with self._lock:
             self._secrets[cached] = secret
         return secret
+
+    def _anchor_verifies(self, conn: Connection, anchor: _Stored, secret: bytes) -> bool:
+        """Whether ``anchor``'s mac follows from the event before it: under
+        its own secret for the first anchor, under the previous chain secret
+        (sealed in it) for a re-anchor."""
+        if anchor.previous_secret is None:
+            return anchor.seq == 1 and constant_time_equal(
+                _mac(secret, anchor.message(b"")), anchor.event.mac
+            )
+        previous = _unseal(secret, anchor.previous_secret, anchor.seq)
+        before = conn.execute(
+            sa.select(self.table.c.mac).where(self.table.c.seq == anchor.seq - 1)
+        ).scalar()
+        if previous is None or before is None:
+            return False
+        return constant_time_equal(_mac(previous, anchor.message(bytes(before))), anchor.event.mac)
 
     # -- reading ---------------------------------------------------------------
 
