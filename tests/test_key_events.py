@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from datetime import UTC, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -734,6 +735,7 @@ def test_the_events_commands(db_url: str) -> None:
         "new root key",
         ENVELOPE_NEW_ROOT_KEY=base64.b64encode(raw_new).decode(),
     )
+    _cli(db_url, raw_new, "rotate")
     listed = json.loads(_cli(db_url, raw_new, "events", "--json")[0])["events"]
     assert [(e["operation"], e["scope"], e["reason"]) for e in listed] == [
         ("anchor", None, None),
@@ -750,25 +752,26 @@ def test_the_events_commands(db_url: str) -> None:
         ("shred", "~index:acme", "contract ended"),
         ("rewrap", None, "new root key"),
         ("anchor", None, "new root key"),
+        ("rotate", "default", None),
     ]
-    assert [e["seq"] for e in listed] == list(range(1, 15))
+    assert [e["seq"] for e in listed] == list(range(1, 16))
     # --scope (its index scope's too), --limit, --since, global options after.
     acme = json.loads(_cli(db_url, raw_new, "events", "--scope", "acme", "--json")[0])
     assert [e["seq"] for e in acme["events"]] == [4, 5, 7, 11, 12]
     newest = json.loads(_cli(db_url, raw_new, "events", "--limit", "2", "--json")[0])
-    assert [e["seq"] for e in newest["events"]] == [13, 14]
+    assert [e["seq"] for e in newest["events"]] == [14, 15]
     later = json.loads(_cli(db_url, raw_new, "events", "--since", "2999-01-01", "--json")[0])
     assert later == {"events": []}
     text = _cli(db_url, raw_new, "events")[0].splitlines()
-    assert len(text) == 14 and "rotate" in text[5] and "reason: yearly" in text[5]
+    assert len(text) == 15 and "rotate" in text[5] and "reason: yearly" in text[5]
 
     report = json.loads(_cli(db_url, raw_new, "events", "verify", "--json")[0])
-    assert report["ok"] is True and report["events"] == 14 and report["problem"] is None
+    assert report["ok"] is True and report["events"] == 15 and report["problem"] is None
     status = json.loads(_cli(db_url, raw_new, "status", "--json")[0])
-    assert (status["events"], status["events_head"]) == (14, report["head"])
+    assert (status["events"], status["events_head"]) == (15, report["head"])
     assert f"chain head {report['head']}" in _cli(db_url, raw_new, "status")[0]
     out, _ = _cli(db_url, raw_new, "events", "verify", "--expected-head", report["head"])
-    assert f"14 events, chain head {report['head']}" in out
+    assert f"15 events, chain head {report['head']}" in out
     # A broken chain: exit 1, one line naming the first bad event.
     engine = sa.create_engine(db_url)
     with engine.begin() as conn:
@@ -787,13 +790,130 @@ def test_the_events_commands(db_url: str) -> None:
     }
     with engine.begin() as conn:
         conn.execute(sa.text(f"UPDATE {EVENTS} SET reason = 'yearly' WHERE seq = 6"))
-        conn.execute(sa.text(f"DELETE FROM {EVENTS} WHERE seq = 14"))
+        conn.execute(sa.text(f"DELETE FROM {EVENTS} WHERE seq = 15"))
     _cli(db_url, raw_new, "events", "verify")  # the newest deleted: unseen without a head
     _, err = _cli(db_url, raw_new, "events", "verify", "--expected-head", report["head"], code=1)
-    assert "broken at seq 14: deleted" in err
+    assert "broken at seq 15: deleted" in err
+    with engine.begin() as conn:  # the re-anchor too: seen even without a head
+        conn.execute(sa.text(f"DELETE FROM {EVENTS} WHERE seq = 14"))
+    _, err = _cli(db_url, raw_new, "events", "verify", code=1)
+    assert "broken at seq 14: deleted (no anchor is under this root key" in err
     # The old root key no longer verifies: a configuration error, in one line.
     _, err = _cli(db_url, raw, "events", "verify", code=1)
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     _, err = _cli(db_url, raw_new, "events", "--since", "yesterday", code=2)
     assert "--since takes an ISO 8601 time" in err
     engine.dispose()
+
+
+# -- databases of earlier versions, Alembic, asyncio -------------------------------
+
+
+def test_a_database_of_an_earlier_version_gets_its_events_from_init(
+    engine: sa.Engine, root_key: StaticRootKey
+) -> None:
+    registry = KeyRegistry(engine, root_key)
+    registry.init()
+    registry.rotate()
+    registry.close()
+    with engine.begin() as conn:  # as a version without key events left it
+        conn.exec_driver_sql(f"DROP TABLE {EVENTS}")
+    keys = _rows(engine, "data_keys")
+    upgraded = KeyRegistry(sa.create_engine(engine.url), root_key)
+    for change in (upgraded.rotate, lambda: upgraded.create_scope("acme")):
+        with pytest.raises(ConfigurationError, match=f"table '{EVENTS}' .* does not exist"):
+            change()
+        assert _rows(engine, "data_keys") == keys  # nothing changed unrecorded
+    assert upgraded.status().events == 0
+    upgraded.init(reason="upgrade")
+    assert summary(upgraded) == [("anchor", None, None, "chain started", None)]
+    upgraded.rotate()
+    assert [e.operation for e in upgraded.events()] == ["anchor", "rotate"]
+    assert upgraded.verify_events().ok
+    upgraded.close()
+
+
+def test_the_alembic_operation_for_existing_databases(db_url: str, tmp_path: Path) -> None:
+    from test_alembic import ROOT, Project
+
+    engine = sa.create_engine(db_url)
+    registry = KeyRegistry(engine, StaticRootKey(ROOT))
+    registry.init()
+    registry.close()
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"DROP TABLE {EVENTS}")
+    project = Project(tmp_path, db_url, template="generic")
+    project.migration(
+        "0002_key_events.py",
+        '''
+        """the key events table"""
+        from alembic import op
+
+        revision = "0002_key_events"
+        down_revision = None
+
+
+        def upgrade():
+            op.create_data_key_events_table()
+
+
+        def downgrade():
+            op.drop_data_key_events_table()
+        ''',
+    )
+    project.alembic("upgrade", "head")
+    assert EVENTS in project.tables()
+    registry = KeyRegistry(engine, StaticRootKey(ROOT))
+    registry.rotate(reason="after the migration")
+    assert [e.operation for e in registry.events()] == ["anchor", "rotate"]
+    assert registry.verify_events().ok
+    registry.close()
+    project.alembic("downgrade", "base")
+    assert EVENTS not in project.tables() and "data_keys" in project.tables()
+    engine.dispose()
+
+
+async def _async_events(url: str, root: StaticRootKey) -> None:
+    from conftest import async_engine_for
+
+    from sqlalchemy_envelope import AsyncKeyRegistry
+
+    engine = async_engine_for(url)
+    registry = AsyncKeyRegistry(engine, root, actor="async-worker")
+    await registry.init(reason="a")
+    await registry.create_scope("acme", reason="b")
+    await registry.rotate(reason="c")
+    await registry.retire(1, "acme", reason="d")
+    await registry.disable(1, reason="e")
+    await registry.enable(1, reason="f")
+    await registry.destroy(1, force=True, reason="g")
+    await registry.shred("acme", reason="h")
+    await registry.rewrap(StaticRootKey(os.urandom(32)), reason="i")
+    found = await registry.events()
+    assert [(e.operation, e.reason) for e in found if e.reason] == [
+        ("init", "a"),
+        ("init", "a"),
+        ("create_scope", "b"),
+        ("create_scope", "b"),
+        ("rotate", "c"),
+        ("retire", "d"),
+        ("disable", "e"),
+        ("enable", "f"),
+        ("force_destroy", "g"),
+        ("shred", "h"),
+        ("shred", "h"),
+        ("rewrap", "i"),
+        ("anchor", "i"),
+    ]
+    assert {e.actor for e in found} == {"async-worker"}
+    assert [e.seq for e in await registry.events("acme", limit=1)] == [12]
+    report = await registry.verify_events(found[-1].mac.hex())
+    assert report.ok and report.events == len(found) == 14
+    await registry.close()
+    await engine.dispose()
+
+
+def test_async_registry_records_and_verifies(db_url: str, root_key: StaticRootKey) -> None:
+    import asyncio
+
+    asyncio.run(_async_events(db_url, root_key))

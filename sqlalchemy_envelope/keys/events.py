@@ -696,6 +696,19 @@ class _Verifier:
                 )
             return ChainReport(True, 0, None, None)
         self._find_secrets()
+        fingerprint = self.log.wrapper.fingerprint
+        if not any(r.is_anchor and r.event.root_key_fingerprint == fingerprint for r in rows):
+            # data_keys is under this root key (`KeyWrapper.check`): its anchor went.
+            return self._report(
+                0,
+                ChainProblem(
+                    rows[-1].seq + 1,
+                    "deleted",
+                    f"no anchor is under this root key ({fingerprint}): the newest events, "
+                    "its anchor among them, were deleted (or a version without key events "
+                    "rewrapped the keys)",
+                ),
+            )
         checked, problem = self._walk()
         if problem is None and expected_head is not None:
             known = {r.event.mac.hex() for r in rows}
@@ -716,12 +729,6 @@ class _Verifier:
     def _find_secrets(self) -> None:
         anchors = [r for r in self.rows if r.is_anchor]
         wrapper = self.log.wrapper
-        if anchors and all(a.event.root_key_fingerprint != wrapper.fingerprint for a in anchors):
-            raise WrongRootKeyError(
-                f"no anchor of the key events in {self.log.table.name!r} is under this "
-                f"registry's root key {wrapper.fingerprint} (the newest is under "
-                f"{anchors[-1].event.root_key_fingerprint}): check the root key configuration"
-            )
         newer: _Stored | None = None
         for anchor in reversed(anchors):
             secret = None
