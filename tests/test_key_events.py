@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from conftest import Clocks, encrypted_table, stored_bytes
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from format_md import format_vectors
 from sqlalchemy.orm import Session
 
 from sqlalchemy_envelope import (
@@ -917,3 +918,16 @@ def test_async_registry_records_and_verifies(db_url: str, root_key: StaticRootKe
     import asyncio
 
     asyncio.run(_async_events(db_url, root_key))
+
+
+@pytest.mark.parametrize("vector", format_vectors("key_events"), ids=lambda v: v["name"])
+def test_the_format_vectors(vector: dict[str, Any]) -> None:
+    """FORMAT.md section 12, with HKDF and HMAC alone."""
+    secret = bytes.fromhex(vector["chain_secret"])
+    key = HKDF(hashes.SHA256(), 32, None, b"sqlalchemy-envelope/key-events/v1").derive(secret)
+    message = (
+        b"sqlalchemy-envelope/key-event/v1\x00"
+        + canonical_json(vector["fields"])
+        + bytes.fromhex(vector["previous_mac"])
+    )
+    assert hmac.new(key, message, hashlib.sha256).hexdigest() == vector["mac"]
