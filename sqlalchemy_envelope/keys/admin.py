@@ -55,7 +55,7 @@ class KeyAdmin:
             """The scope's active key, if it, its index key and the anchor exist."""
             row = storage.active_key(conn, self.table, scope)
             index = storage.key_by_version(conn, self.table, index_scope(scope), 1)
-            if row is None or index is None or not self.events.summary(conn)[0]:
+            if row is None or index is None or not self.events.started(conn):
                 return None
             self.wrapper.check(conn)  # the active key's unwrapping proves the rest
             return row

@@ -393,6 +393,11 @@ class EventLog:
             reason=reason,
         ).event
 
+    def started(self, conn: Connection) -> bool:
+        """Whether the chain has its anchor (the table holds an event)."""
+        self._require_table(conn)
+        return conn.execute(sa.select(self.table.c.seq).limit(1)).first() is not None
+
     def ensure_anchor(self, conn: Connection) -> bool:
         """Start the chain if the table is empty (a table created for a
         database that had keys already); True if it did."""
@@ -699,10 +704,11 @@ class _Verifier:
         fingerprint = self.log.wrapper.fingerprint
         if not any(r.is_anchor and r.event.root_key_fingerprint == fingerprint for r in rows):
             # data_keys is under this root key (`KeyWrapper.check`): its anchor went.
+            first_gone = rows[0].seq != 1 or not rows[0].is_anchor
             return self._report(
                 0,
                 ChainProblem(
-                    rows[-1].seq + 1,
+                    1 if first_gone else rows[-1].seq + 1,
                     "deleted",
                     f"no anchor is under this root key ({fingerprint}): the newest events, "
                     "its anchor among them, were deleted (or a version without key events "
