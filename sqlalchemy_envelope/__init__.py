@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         EnvelopeError,
         InvalidValueError,
         KeyDisabledError,
+        KeyEventsTamperedError,
         KeyInUseError,
         KeyStateError,
         KeyTamperedError,
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
         WrongRootKeyError,
     )
     from .keys.aws_kms import AWSKMSRootKey
+    from .keys.events import ChainProblem, ChainReport, KeyEvent
     from .keys.policy import DEFAULT_MAX_ENCRYPTIONS, RotationPolicy
     from .keys.rootkey import (
         CheckableRootKey,
@@ -79,6 +81,8 @@ __all__ = [
     "BlindDigest",
     "BlindIndex",
     "BlindIndexError",
+    "ChainProblem",
+    "ChainReport",
     "CheckableRootKey",
     "ColumnCensus",
     "ConfigurationError",
@@ -91,6 +95,8 @@ __all__ = [
     "EnvelopeError",
     "InvalidValueError",
     "KeyDisabledError",
+    "KeyEvent",
+    "KeyEventsTamperedError",
     "KeyInUseError",
     "KeyInfo",
     "KeyRegistry",
@@ -140,6 +146,8 @@ _MODULES: dict[str, str] = {
     "BlindDigest": ".sqla.blind_index",
     "BlindIndex": ".sqla.blind_index",
     "BlindIndexError": ".errors",
+    "ChainProblem": ".keys.events",
+    "ChainReport": ".keys.events",
     "CheckableRootKey": ".keys.rootkey",
     "ColumnCensus": ".ops.census",
     "ConfigurationError": ".errors",
@@ -152,6 +160,8 @@ _MODULES: dict[str, str] = {
     "EnvelopeError": ".errors",
     "InvalidValueError": ".errors",
     "KeyDisabledError": ".errors",
+    "KeyEvent": ".keys.events",
+    "KeyEventsTamperedError": ".errors",
     "KeyInUseError": ".errors",
     "KeyInfo": ".ops.status",
     "KeyRegistry": ".registry",

@@ -7,7 +7,9 @@ It registers, through Alembic's own extension points:
 * operations that read like native ones in a migration::
 
       op.create_data_keys_table()          # the schema KeyRegistry.init() creates
-      op.drop_data_keys_table()
+      op.drop_data_keys_table()            # (both with data_key_events, the key events)
+      op.create_data_key_events_table()    # for a database of a version without them
+      op.drop_data_key_events_table()
       op.encrypt_column("users", "email")  # populated plaintext -> ciphertext, in batches
       op.decrypt_column("users", "email")  # and back, for downgrade()
       op.backfill_index(users.c.email_index)  # fill a new blind index column
@@ -15,8 +17,8 @@ It registers, through Alembic's own extension points:
 * autogenerate support: ``EncryptedType`` and ``BlindIndex`` columns render
   with their arguments and the migration imports ``sqlalchemy_envelope``
   (a ``render_item`` chained after the project's own, if any), and the
-  ``data_keys`` table, which is not in your models, is never proposed for
-  dropping.
+  ``data_keys`` and ``data_key_events`` tables, which are not in your models,
+  are never proposed for dropping.
 
 The data operations find the root key in the ``ENVELOPE_*`` variables (or
 use the registry already attached to the migration's engine) and do all their
@@ -43,6 +45,7 @@ from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.types import TypeEngine
 
 from .errors import ConfigurationError, ValuesLeftBehindError
+from .keys.events import events_schema, events_table_name
 from .keys.storage import DEFAULT_TABLE_NAME, MYSQL_DIALECTS, data_keys_schema
 from .ops import census
 from .ops.migrate import MigrationReport
@@ -53,20 +56,25 @@ from .sqla.types import EncryptedType
 __all__ = [
     "PROTECTED_TABLES",
     "BackfillIndexOp",
+    "CreateDataKeyEventsTableOp",
     "CreateDataKeysTableOp",
     "DecryptColumnOp",
+    "DropDataKeyEventsTableOp",
     "DropDataKeysTableOp",
     "EncryptColumnOp",
     "MigrateFromSqlalchemyUtilsOp",
 ]
 
 PROTECTED_TABLES: set[str] = {DEFAULT_TABLE_NAME}
-"""Tables autogenerate must never drop or alter; add yours if you renamed data_keys."""
+"""Tables autogenerate must never drop or alter, each with its events table;
+add yours if you renamed data_keys."""
 
 
 @Operations.register_operation("create_data_keys_table")
 class CreateDataKeysTableOp(MigrateOperation):
-    """Create the data_keys table, exactly as `KeyRegistry.init` would."""
+    """Create the data_keys table and its events table, exactly as
+    `KeyRegistry.init` would (the events' anchor comes with the first
+    change, or with `init`)."""
 
     def __init__(self, table_name: str = DEFAULT_TABLE_NAME, schema: str | None = None) -> None:
         self.table_name = table_name
@@ -84,8 +92,9 @@ class CreateDataKeysTableOp(MigrateOperation):
 
 @Operations.register_operation("drop_data_keys_table")
 class DropDataKeysTableOp(MigrateOperation):
-    """Drop the data_keys table: every value encrypted under its keys becomes
-    unreadable, so only a downgrade past the first migration should do it."""
+    """Drop the data_keys table and its events table (if there): every value
+    encrypted under its keys becomes unreadable, so only a downgrade past
+    the first migration should do it."""
 
     def __init__(self, table_name: str = DEFAULT_TABLE_NAME, schema: str | None = None) -> None:
         self.table_name = table_name
@@ -99,6 +108,45 @@ class DropDataKeysTableOp(MigrateOperation):
 
     def reverse(self) -> CreateDataKeysTableOp:
         return CreateDataKeysTableOp(self.table_name, self.schema)
+
+
+@Operations.register_operation("create_data_key_events_table")
+class CreateDataKeyEventsTableOp(MigrateOperation):
+    """Create the key events table of an existing data_keys table (made by a
+    version without key events). Its chain starts, with its anchor, at the
+    next change of the keys or the next `KeyRegistry.init`."""
+
+    def __init__(self, table_name: str = DEFAULT_TABLE_NAME, schema: str | None = None) -> None:
+        self.table_name = table_name
+        self.schema = schema
+
+    @classmethod
+    def create_data_key_events_table(
+        cls, operations: Operations, table_name: str = DEFAULT_TABLE_NAME, schema: str | None = None
+    ) -> None:
+        operations.invoke(cls(table_name, schema))
+
+    def reverse(self) -> DropDataKeyEventsTableOp:
+        return DropDataKeyEventsTableOp(self.table_name, self.schema)
+
+
+@Operations.register_operation("drop_data_key_events_table")
+class DropDataKeyEventsTableOp(MigrateOperation):
+    """Drop the key events table of a data_keys table: the record of every
+    change to the keys goes with it."""
+
+    def __init__(self, table_name: str = DEFAULT_TABLE_NAME, schema: str | None = None) -> None:
+        self.table_name = table_name
+        self.schema = schema
+
+    @classmethod
+    def drop_data_key_events_table(
+        cls, operations: Operations, table_name: str = DEFAULT_TABLE_NAME, schema: str | None = None
+    ) -> None:
+        operations.invoke(cls(table_name, schema))
+
+    def reverse(self) -> CreateDataKeyEventsTableOp:
+        return CreateDataKeyEventsTableOp(self.table_name, self.schema)
 
 
 class _ColumnOp(MigrateOperation):
@@ -222,11 +270,27 @@ class MigrateFromSqlalchemyUtilsOp(MigrateOperation):
 @Operations.implementation_for(CreateDataKeysTableOp)
 def _create_data_keys(operations: Operations, op: CreateDataKeysTableOp) -> None:
     operations.create_table(op.table_name, *data_keys_schema(op.table_name), schema=op.schema)
+    _create_events(operations, CreateDataKeyEventsTableOp(op.table_name, op.schema))
 
 
 @Operations.implementation_for(DropDataKeysTableOp)
 def _drop_data_keys(operations: Operations, op: DropDataKeysTableOp) -> None:
+    # Created by this operation, or by create_data_key_events_table (and
+    # maybe dropped already by its own downgrade).
+    name = events_table_name(op.table_name)
+    operations.drop_table(name, schema=op.schema, if_exists=True)
     operations.drop_table(op.table_name, schema=op.schema)
+
+
+@Operations.implementation_for(CreateDataKeyEventsTableOp)
+def _create_events(operations: Operations, op: CreateDataKeyEventsTableOp) -> None:
+    name = events_table_name(op.table_name)
+    operations.create_table(name, *events_schema(name), schema=op.schema)
+
+
+@Operations.implementation_for(DropDataKeyEventsTableOp)
+def _drop_events(operations: Operations, op: DropDataKeyEventsTableOp) -> None:
+    operations.drop_table(events_table_name(op.table_name), schema=op.schema)
 
 
 @contextmanager
@@ -313,7 +377,13 @@ def _migrate_from_sqlalchemy_utils(
         )
 
 
-def _render_table_op(name: str, op: CreateDataKeysTableOp | DropDataKeysTableOp) -> str:
+def _render_table_op(
+    name: str,
+    op: CreateDataKeysTableOp
+    | DropDataKeysTableOp
+    | CreateDataKeyEventsTableOp
+    | DropDataKeyEventsTableOp,
+) -> str:
     args = [] if op.table_name == DEFAULT_TABLE_NAME else [repr(op.table_name)]
     if op.schema is not None:
         args.append(f"schema={op.schema!r}")
@@ -328,6 +398,16 @@ def _render_create(autogen_context: AutogenContext, op: CreateDataKeysTableOp) -
 @renderers.dispatch_for(DropDataKeysTableOp)
 def _render_drop(autogen_context: AutogenContext, op: DropDataKeysTableOp) -> str:
     return _render_table_op("drop_data_keys_table", op)
+
+
+@renderers.dispatch_for(CreateDataKeyEventsTableOp)
+def _render_create_events(autogen_context: AutogenContext, op: CreateDataKeyEventsTableOp) -> str:
+    return _render_table_op("create_data_key_events_table", op)
+
+
+@renderers.dispatch_for(DropDataKeyEventsTableOp)
+def _render_drop_events(autogen_context: AutogenContext, op: DropDataKeyEventsTableOp) -> str:
+    return _render_table_op("drop_data_key_events_table", op)
 
 
 def _render_column_op(name: str, op: _ColumnOp) -> str:
@@ -439,7 +519,8 @@ def _compare_our_type(
 def _after_autogenerate(autogen_context: AutogenContext, upgrade_ops: UpgradeOps) -> None:
     """Runs after Alembic's own comparisons: keep data_keys out of the diff,
     and render our column types."""
+    protected = PROTECTED_TABLES | {events_table_name(name) for name in PROTECTED_TABLES}
     upgrade_ops.ops = [
-        op for op in upgrade_ops.ops if getattr(op, "table_name", None) not in PROTECTED_TABLES
+        op for op in upgrade_ops.ops if getattr(op, "table_name", None) not in protected
     ]
     _render_with_ours(autogen_context)

@@ -24,8 +24,11 @@ from .registry import KeyRegistry
 from .sqla import strict_mode
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from sqlalchemy.ext.asyncio import AsyncEngine
 
+    from .keys.events import ChainReport, KeyEvent
     from .ops.census import ColumnCensus, Target
     from .ops.migrate import MigrationReport
     from .ops.status import KeyInfo, MaintenanceReport, RegistryStatus
@@ -99,36 +102,52 @@ class AsyncKeyRegistry:
 
     # -- setup and rotation ----------------------------------------------------
 
-    async def init(self) -> KeyInfo:
-        return await self._call(self.sync_registry.init)
+    async def init(self, *, reason: str | None = None) -> KeyInfo:
+        return await self._call(self.sync_registry.init, reason=reason)
 
-    async def rotate(self, scope: str | None = None) -> KeyInfo:
-        return await self._call(self.sync_registry.rotate, scope)
+    async def rotate(self, scope: str | None = None, *, reason: str | None = None) -> KeyInfo:
+        return await self._call(self.sync_registry.rotate, scope, reason=reason)
 
-    async def create_scope(self, *scopes: str) -> list[KeyInfo]:
-        return await self._call(self.sync_registry.create_scope, *scopes)
+    async def create_scope(self, *scopes: str, reason: str | None = None) -> list[KeyInfo]:
+        return await self._call(self.sync_registry.create_scope, *scopes, reason=reason)
 
-    async def shred(self, scope: str, *, including_shared_index: bool = False) -> int:
+    async def shred(
+        self, scope: str, *, including_shared_index: bool = False, reason: str | None = None
+    ) -> int:
         return await self._call(
-            self.sync_registry.shred, scope, including_shared_index=including_shared_index
+            self.sync_registry.shred,
+            scope,
+            including_shared_index=including_shared_index,
+            reason=reason,
         )
 
-    async def rewrap(self, new_root_key: RootKeyProvider) -> int:
+    async def rewrap(self, new_root_key: RootKeyProvider, *, reason: str | None = None) -> int:
         await asyncio.to_thread(lambda: new_root_key.fingerprint)
-        return await self._call(self.sync_registry.rewrap, new_root_key)
+        return await self._call(self.sync_registry.rewrap, new_root_key, reason=reason)
 
     # -- key states --------------------------------------------------------------
 
-    async def retire(self, version: int, scope: str | None = None) -> KeyInfo:
-        return await self._call(self.sync_registry.retire, version, scope)
+    async def retire(
+        self, version: int, scope: str | None = None, *, reason: str | None = None
+    ) -> KeyInfo:
+        return await self._call(self.sync_registry.retire, version, scope, reason=reason)
 
     async def disable(
-        self, version: int, scope: str | None = None, *, force: bool = False
+        self,
+        version: int,
+        scope: str | None = None,
+        *,
+        force: bool = False,
+        reason: str | None = None,
     ) -> KeyInfo:
-        return await self._call(self.sync_registry.disable, version, scope, force=force)
+        return await self._call(
+            self.sync_registry.disable, version, scope, force=force, reason=reason
+        )
 
-    async def enable(self, version: int, scope: str | None = None) -> KeyInfo:
-        return await self._call(self.sync_registry.enable, version, scope)
+    async def enable(
+        self, version: int, scope: str | None = None, *, reason: str | None = None
+    ) -> KeyInfo:
+        return await self._call(self.sync_registry.enable, version, scope, reason=reason)
 
     async def destroy(
         self,
@@ -137,10 +156,25 @@ class AsyncKeyRegistry:
         *,
         columns: Iterable[Target] = (),
         force: bool = False,
+        reason: str | None = None,
     ) -> KeyInfo:
         return await self._call(
-            self.sync_registry.destroy, version, scope, columns=columns, force=force
+            self.sync_registry.destroy, version, scope, columns=columns, force=force, reason=reason
         )
+
+    # -- key events ----------------------------------------------------------------
+
+    async def events(
+        self,
+        scope: str | None = None,
+        *,
+        since: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[KeyEvent]:
+        return await self._call(self.sync_registry.events, scope, since=since, limit=limit)
+
+    async def verify_events(self, expected_head: str | None = None) -> ChainReport:
+        return await self._call(self.sync_registry.verify_events, expected_head)
 
     # -- status, census and long jobs ----------------------------------------------
 

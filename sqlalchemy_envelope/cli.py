@@ -28,6 +28,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import quote, quote_plus, unquote
@@ -53,6 +54,7 @@ from .errors import (
     database_reason,
 )
 from .keys import storage
+from .keys.events import KeyEvent
 from .keys.rootkey import root_key_from_env
 from .keys.scopes import check_key_scope, is_index_scope, scope_of_index
 from .ops.census import ColumnCensus
@@ -528,6 +530,39 @@ def _key_line(key: KeyInfo) -> str:
     )
 
 
+def _reason_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    option = click.option(
+        "--reason",
+        default=None,
+        metavar="TEXT",
+        help="why: recorded with the key events of this change (one line; never a secret)",
+    )
+    return option(command)
+
+
+def _event_line(event: KeyEvent) -> str:
+    reason = f"  reason: {event.reason}" if event.reason is not None else ""
+    return (
+        f"{event.seq:>6}  {event.occurred_at.astimezone(UTC):%Y-%m-%d %H:%M:%S}Z  "
+        f"{event.operation:<19}  {event.scope or '-'}  {event.versions or '-'}  "
+        f"{event.outcome}  by {event.actor}  root key {event.root_key_fingerprint}{reason}"
+    )
+
+
+def _since(value: str | None) -> datetime | None:
+    """``--since``: an ISO 8601 time (UTC unless it says otherwise), or a date."""
+    if value is None:
+        return None
+    try:
+        since = datetime.fromisoformat(value)
+    except ValueError:
+        raise ConfigurationError(
+            f"--since takes an ISO 8601 time such as 2030-01-31 or 2030-01-31T12:00:00Z, "
+            f"not {value!r}"
+        ) from None
+    return since if since.tzinfo is not None else since.replace(tzinfo=UTC)
+
+
 def _status_text(status: RegistryStatus) -> str:
     lines = [
         f"scope {status.scope!r}: active version {status.active_version}",
@@ -552,6 +587,10 @@ def _status_text(status: RegistryStatus) -> str:
     if status.rows_by_version is not None:
         for version, rows in sorted(status.rows_by_version.items()):
             lines.append(f"rows under version {version}: {rows:,}")
+    lines.append(
+        f"key events: {status.events:,}, chain head {status.events_head or 'none'} "
+        "(record it; `events verify --expected-head` checks it later)"
+    )
     return "\n".join(lines)
 
 
@@ -673,11 +712,17 @@ def main() -> None:
     logging.getLogger("psycopg").setLevel(logging.ERROR)
 
 
-@main.command(epilog=_examples("sqlalchemy-envelope init", "sqlalchemy-envelope init --scope acme"))
+@main.command(
+    epilog=_examples(
+        "sqlalchemy-envelope init",
+        "sqlalchemy-envelope init --scope acme --reason 'tenant onboarding, ticket 42'",
+    )
+)
+@_reason_option
 @pass_context
-def init(c: Context) -> None:
-    """Create data_keys and the first data key (idempotent)."""
-    key = c.registry(new_scope=True, new_database=True).init()
+def init(c: Context, reason: str | None) -> None:
+    """Create data_keys, its key events and the first data key (idempotent)."""
+    key = c.registry(new_scope=True, new_database=True).init(reason=reason)
     c.emit(key.to_dict(), f"active: {_key_line(key)}")
 
 
@@ -689,12 +734,13 @@ def init(c: Context) -> None:
     ),
 )
 @click.argument("scopes", metavar="SCOPE...", nargs=-1, required=True)
+@_reason_option
 @pass_context
-def create_scope(c: Context, scopes: tuple[str, ...]) -> None:
+def create_scope(c: Context, scopes: tuple[str, ...], reason: str | None) -> None:
     """Create tenant SCOPEs: each gets what it lacks of an active data key and
     an index key (a shredded scope comes back, with new keys; its old values
     stay unreadable)."""
-    keys = c.registry(new_scope=True).create_scope(*scopes)
+    keys = c.registry(new_scope=True).create_scope(*scopes, reason=reason)
     c.emit(
         {"keys": [key.to_dict() for key in keys]},
         "\n".join(f"scope {key.scope!r}: {_key_line(key)}" for key in keys),
@@ -728,10 +774,11 @@ def status(c: Context, with_census: bool, columns: tuple[str, ...]) -> None:
 
 
 @main.command(epilog=_examples("sqlalchemy-envelope rotate"))
+@_reason_option
 @pass_context
-def rotate(c: Context) -> None:
+def rotate(c: Context, reason: str | None) -> None:
     """Make a new data key active; the old one keeps decrypting."""
-    key = c.registry(keys=True).rotate(c.scope)
+    key = c.registry(keys=True).rotate(c.scope, reason=reason)
     c.emit(key.to_dict(), f"active: {_key_line(key)}")
 
 
@@ -855,10 +902,11 @@ def _known_version(version: int) -> Iterator[None]:
 def _transition(name: str, help_text: str, *examples: str) -> None:
     @main.command(name, help=help_text, epilog=_examples(*examples))
     @click.argument("version", type=int)
+    @_reason_option
     @pass_context
-    def command(c: Context, version: int) -> None:
+    def command(c: Context, version: int, reason: str | None) -> None:
         with _known_version(version):
-            key = getattr(c.registry(keys=True), name)(version, c.scope)
+            key = getattr(c.registry(keys=True), name)(version, c.scope, reason=reason)
         c.emit(key.to_dict(), _key_line(key))
 
 
@@ -875,11 +923,12 @@ _transition(
 @main.command(epilog=_examples("sqlalchemy-envelope disable 2"))
 @click.argument("version", type=int)
 @click.option("--force", is_flag=True, help="also an index key (scope ~index:...)")
+@_reason_option
 @pass_context
-def disable(c: Context, version: int, force: bool) -> None:
+def disable(c: Context, version: int, force: bool, reason: str | None) -> None:
     """Refuse decryption under VERSION, reversibly; an index key only with --force."""
     with _known_version(version):
-        key = c.registry(keys=True).disable(version, c.scope, force=force)
+        key = c.registry(keys=True).disable(version, c.scope, force=force, reason=reason)
     c.emit(key.to_dict(), _key_line(key))
 
 
@@ -889,22 +938,29 @@ def disable(c: Context, version: int, force: bool) -> None:
 @click.argument("version", type=int)
 @click.option("--column", "columns", multiple=True, help="TABLE.COLUMN to check (default: all)")
 @click.option("--force", is_flag=True, help="destroy even if rows still need it (crypto-shred)")
+@_reason_option
 @pass_context
-def destroy(c: Context, version: int, columns: tuple[str, ...], force: bool) -> None:
+def destroy(
+    c: Context, version: int, columns: tuple[str, ...], force: bool, reason: str | None
+) -> None:
     """Erase VERSION's key for good, once no row needs it."""
     with _known_version(version):
-        key = c.registry(keys=True).destroy(version, c.scope, force=force, columns=columns)
+        key = c.registry(keys=True).destroy(
+            version, c.scope, force=force, columns=columns, reason=reason
+        )
     c.emit(key.to_dict(), _key_line(key))
 
 
 @main.command(
     epilog=_examples("ENVELOPE_NEW_ROOT_KEY_FILE=new-root.key sqlalchemy-envelope rewrap")
 )
+@_reason_option
 @pass_context
-def rewrap(c: Context) -> None:
-    """Re-wrap every data key under the root key in ENVELOPE_NEW_* (all or nothing)."""
+def rewrap(c: Context, reason: str | None) -> None:
+    """Re-wrap every data key under the root key in ENVELOPE_NEW_* (all or
+    nothing); the key events are re-anchored under it."""
     new_root = root_key_from_env(prefix="ENVELOPE_NEW_")
-    count = c.registry(across_scopes=True).rewrap(new_root)
+    count = c.registry(across_scopes=True).rewrap(new_root, reason=reason)
     c.emit(
         {"rewrapped": count, "root_key_fingerprint": new_root.fingerprint},
         f"re-wrapped {count} data keys under root key {new_root.fingerprint}; "
@@ -912,7 +968,9 @@ def rewrap(c: Context) -> None:
     )
 
 
-@main.command(epilog=_examples("sqlalchemy-envelope shred acme --yes"))
+@main.command(
+    epilog=_examples("sqlalchemy-envelope shred acme --yes --reason 'contract ended, ticket 7'")
+)
 @click.argument("tenant", metavar="SCOPE")
 @click.option(
     "--including-shared-index",
@@ -922,8 +980,11 @@ def rewrap(c: Context) -> None:
     "own, and not moved to them, become unusable",
 )
 @click.option("--yes", is_flag=True, help="do not ask for confirmation")
+@_reason_option
 @pass_context
-def shred(c: Context, tenant: str, including_shared_index: bool, yes: bool) -> None:
+def shred(
+    c: Context, tenant: str, including_shared_index: bool, yes: bool, reason: str | None
+) -> None:
     """Crypto-shred SCOPE (a tenant): destroy all its keys, its index keys included;
     other scopes' keys are untouched."""
     prompt = "Destroy every key of this scope? Its data becomes unreadable"
@@ -936,9 +997,74 @@ def shred(c: Context, tenant: str, including_shared_index: bool, yes: bool) -> N
         )
     _confirm(yes, prompt)
     count = c.registry(across_scopes=True).shred(
-        tenant, including_shared_index=including_shared_index
+        tenant, including_shared_index=including_shared_index, reason=reason
     )
     c.emit({"scope": tenant, "destroyed": count}, f"destroyed {count} keys of scope {tenant!r}")
+
+
+@main.group(
+    cls=_Cli,
+    invoke_without_command=True,
+    epilog=_examples(
+        "sqlalchemy-envelope events",
+        "sqlalchemy-envelope events --scope acme --since 2020-01-01 --limit 20 --json",
+    )
+    + "\n\nEvery change to the keys, oldest first; `events verify` checks the chain."
+    + " Reference: docs/audit.md",
+)
+@click.option("--since", metavar="TIME", help="only events at or after TIME (ISO 8601; UTC)")
+@click.option("--limit", type=click.IntRange(min=1), help="only the newest N events")
+def events(since: str | None, limit: int | None) -> None:
+    """The recorded changes to the keys (of --scope and its index scope, if given)."""
+    # With `verify` after it, the global options that follow are not parsed yet.
+    if click.get_current_context().invoked_subcommand is None:
+        _list_events(since, limit)
+
+
+@pass_context
+def _list_events(c: Context, since: str | None, limit: int | None) -> None:
+    found = c.registry(keys=True).events(
+        c.scope if c.scope_given else None, since=_since(since), limit=limit
+    )
+    c.emit(
+        {"events": [event.to_dict() for event in found]},
+        "\n".join(_event_line(event) for event in found) or "no events",
+    )
+
+
+@events.command(
+    "verify",
+    epilog=_examples(
+        "sqlalchemy-envelope events verify",
+        "sqlalchemy-envelope events verify --json",
+    ),
+)
+@click.option(
+    "--expected-head",
+    metavar="HEX",
+    help="a chain head recorded earlier (status, a previous verify): detects the newest "
+    "events deleted since",
+)
+@pass_context
+def verify(c: Context, expected_head: str | None) -> None:
+    """Walk the chain of key events with the root key; exit 1 at the first
+    altered, inserted, reordered or deleted event."""
+    report = c.registry().verify_events(expected_head)
+    if report.ok:
+        c.emit(
+            report.to_dict(),
+            f"key events verify: {report.events:,} events, chain head {report.head or 'none'}",
+        )
+        return
+    assert report.problem is not None
+    if c.as_json:
+        c.emit(report.to_dict(), "")
+    _fail(
+        f"error: the key events chain is broken at seq {report.problem.seq}: "
+        f"{report.problem.kind} ({report.problem.detail}); the {report.events:,} events "
+        "before it verify",
+        EXIT_ERROR,
+    )
 
 
 @main.command(

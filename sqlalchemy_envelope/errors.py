@@ -24,6 +24,7 @@ __all__ = [
     "EnvelopeError",
     "InvalidValueError",
     "KeyDisabledError",
+    "KeyEventsTamperedError",
     "KeyInUseError",
     "KeyStateError",
     "KeyTamperedError",
@@ -146,6 +147,12 @@ class KeyTamperedError(EnvelopeError):
             "writes to data_keys and restore it from a backup (if it was restored from a "
             "backup on purpose, restart the processes that use it)"
         )
+
+
+class KeyEventsTamperedError(EnvelopeError):
+    """The key events table was altered where a change must chain its event:
+    its anchor is missing or does not unwrap. Nothing was written; `verify`
+    (``sqlalchemy-envelope events verify``) finds the first bad event."""
 
 
 class EncryptionLimitError(EnvelopeError):

@@ -25,6 +25,7 @@ from .keys import storage
 from .keys.admin import KeyAdmin
 from .keys.cache import KeyCache
 from .keys.envelope import Envelope
+from .keys.events import ChainReport, EventLog, KeyEvent, events_table
 from .keys.keyring import Keyring
 from .keys.metered import MeteredEnvelope
 from .keys.policy import DEFAULT_MAX_ENCRYPTIONS, RotationPolicy
@@ -60,6 +61,8 @@ class KeyRegistry:
     Call `init` once (it is idempotent) to create ``data_keys`` and the first
     data key. ``rotate_after`` and ``max_encryptions`` set the rotation
     policy, applied by the encrypt path itself, without a background thread.
+    Every change to the keys is recorded in the key events table (`events`),
+    by ``actor`` (default: ``user@host:pid``).
     On MySQL and MariaDB, connections without a strict ``sql_mode`` are
     refused unless ``allow_non_strict_mysql=True`` (see strict_mode.py).
     """
@@ -81,6 +84,7 @@ class KeyRegistry:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = storage.utcnow,
         meter_provider: Any = None,
+        actor: str | None = None,
     ) -> None:
         if not isinstance(engine, Engine):
             hint = (
@@ -98,7 +102,9 @@ class KeyRegistry:
         strict_mode.require_strict_mode(engine, allow=allow_non_strict_mysql)
         self._allow_non_strict_mysql = allow_non_strict_mysql
         self.scope = check_scope(scope)
-        self.table = storage.data_keys_table(sa.MetaData(), table_name)
+        metadata = sa.MetaData()
+        self.table = storage.data_keys_table(metadata, table_name)
+        self.events_table = events_table(metadata, table_name)
         # OpenTelemetry metrics (docs/metrics.md), only with a meter provider.
         metrics = None if meter_provider is None else Metrics(meter_provider)
         self._store = KeyStore(engine, self.table, metrics)
@@ -108,6 +114,7 @@ class KeyRegistry:
             self._wrapper,
             KeyCache(cache_max_age, clock, max_cached_keys, metrics),
             RotationPolicy(rotate_after, max_encryptions),
+            EventLog(self.events_table, self._wrapper, actor=actor, now=wall_clock),
             scope=self.scope,
             create_scopes=create_scopes,
             now=wall_clock,
@@ -214,27 +221,34 @@ class KeyRegistry:
 
     # -- keys ----------------------------------------------------------------
 
-    def init(self) -> KeyInfo:
-        """Create ``data_keys`` if missing and the scope's first data key if
-        none is active; prove the root key. Safe to call from many processes.
-        A shredded scope is not brought back (`ShreddedScopeError`)."""
-        return KeyInfo.from_row(self._admin.init())
+    # Every method that changes keys takes ``reason``: free text (at most
+    # 1000 characters, one line) recorded with its events, as an auditor
+    # would ask why. Never put a secret in it.
 
-    def rotate(self, scope: str | None = None) -> KeyInfo:
+    def init(self, *, reason: str | None = None) -> KeyInfo:
+        """Create ``data_keys`` and ``data_key_events`` if missing, the events'
+        anchor if none, and the scope's first data key if none is active;
+        prove the root key. Safe to call from many processes. A shredded
+        scope is not brought back (`ShreddedScopeError`)."""
+        return KeyInfo.from_row(self._admin.init(reason))
+
+    def rotate(self, scope: str | None = None, *, reason: str | None = None) -> KeyInfo:
         """Make a new data key active in one transaction; the old one is
         retired (still decrypts). Concurrent rotations each commit in turn."""
-        return KeyInfo.from_row(self._admin.rotate(self._scope(scope)))
+        return KeyInfo.from_row(self._admin.rotate(self._scope(scope), reason))
 
-    def create_scope(self, *scopes: str) -> list[KeyInfo]:
+    def create_scope(self, *scopes: str, reason: str | None = None) -> list[KeyInfo]:
         """Give each scope what it lacks of an active data key and an index
         key, in one transaction; the active data keys. Scopes are also
         created on first use (``create_scopes``), except shredded ones, which
         only this brings back (with new keys; their old values stay
         unreadable). The registry's own scope is no new tenant: it has its
         keys from `init`, and this only brings it back after a shred."""
-        return [KeyInfo.from_row(row) for row in self._admin.create_scopes(list(scopes))]
+        return [KeyInfo.from_row(row) for row in self._admin.create_scopes(list(scopes), reason)]
 
-    def shred(self, scope: str, *, including_shared_index: bool = False) -> int:
+    def shred(
+        self, scope: str, *, including_shared_index: bool = False, reason: str | None = None
+    ) -> int:
         """Crypto-shred a scope (a tenant): destroy every key of the scope,
         the active one included, and its index keys, in one transaction. Every
         value written for it, deterministic values and blind-index digests
@@ -247,23 +261,40 @@ class KeyRegistry:
         refused with `ConfigurationError` unless
         ``including_shared_index=True``: its index key is the one tenants
         used before they had their own, and may still hold their values."""
-        return self._admin.shred(scope, including_shared_index=including_shared_index)
+        return self._admin.shred(
+            scope, including_shared_index=including_shared_index, reason=reason
+        )
 
-    def retire(self, version: int, scope: str | None = None) -> KeyInfo:
+    def retire(
+        self, version: int, scope: str | None = None, *, reason: str | None = None
+    ) -> KeyInfo:
         """Retire a key (it still decrypts). Retiring the active key rotates,
         so that a successor takes over in the same transaction."""
-        return KeyInfo.from_row(self._admin.retire(self._scope(scope), version))
+        return KeyInfo.from_row(self._admin.retire(self._scope(scope), version, reason))
 
-    def disable(self, version: int, scope: str | None = None, *, force: bool = False) -> KeyInfo:
+    def disable(
+        self,
+        version: int,
+        scope: str | None = None,
+        *,
+        force: bool = False,
+        reason: str | None = None,
+    ) -> KeyInfo:
         """Refuse decryption under a retired key, reversibly (see `enable`).
         An index key (scope ``~index:...``) is refused with `KeyInUseError`
         unless ``force=True``: no census counts the blind-index digests that
         need it."""
-        return KeyInfo.from_row(self._admin.disable(self._scope(scope), version, force=force))
+        return KeyInfo.from_row(
+            self._admin.disable(self._scope(scope), version, force=force, reason=reason)
+        )
 
-    def enable(self, version: int, scope: str | None = None) -> KeyInfo:
+    def enable(
+        self, version: int, scope: str | None = None, *, reason: str | None = None
+    ) -> KeyInfo:
         """Bring a disabled key back to retired."""
-        return KeyInfo.from_row(self._admin.transition("enable", self._scope(scope), version))
+        return KeyInfo.from_row(
+            self._admin.transition("enable", self._scope(scope), version, reason=reason)
+        )
 
     def destroy(
         self,
@@ -272,6 +303,7 @@ class KeyRegistry:
         *,
         force: bool = False,
         columns: Iterable[Target] = (),
+        reason: str | None = None,
     ) -> KeyInfo:
         """Erase a retired or disabled key's wrapped key for good; its row stays
         as a tombstone. Refused while any row still holds a value under it
@@ -280,21 +312,51 @@ class KeyRegistry:
         loaded or not), or while processes or still-open transactions may
         write under it, unless ``force=True``: crypto-shredding on purpose.
         An index key is always refused without ``force``: blind-index
-        digests carry no key id, so no count can show that nothing needs it."""
+        digests carry no key id, so no count can show that nothing needs it.
+        With ``force`` the event is "force_destroy"."""
         row = key_reports.destroy(
-            self._admin, self._scope(scope), version, force=force, columns=columns
+            self._admin, self._scope(scope), version, force=force, columns=columns, reason=reason
         )
         return KeyInfo.from_row(row)
 
-    def rewrap(self, new_root_key: RootKeyProvider) -> int:
+    def rewrap(self, new_root_key: RootKeyProvider, *, reason: str | None = None) -> int:
         """Re-wrap every data key under ``new_root_key`` in one transaction (all
         or nothing), without touching any value. Afterwards this registry uses
         the new root key and the old one is no longer needed. Returns the number
-        of keys re-wrapped."""
-        return self._admin.rewrap(new_root_key)
+        of keys re-wrapped. The key events are re-anchored under the new root
+        key in the same transaction."""
+        return self._admin.rewrap(new_root_key, reason)
 
     def key_info(self, version: int, scope: str | None = None) -> KeyInfo:
         return KeyInfo.from_row(self._admin.row(self._scope(scope), version))
+
+    # -- key events --------------------------------------------------------------
+
+    def events(
+        self,
+        scope: str | None = None,
+        *,
+        since: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[KeyEvent]:
+        """The recorded changes to the keys, oldest first: of ``scope`` (a
+        user scope includes its index scope's), at or after ``since`` (UTC if
+        naive), the newest ``limit`` of them."""
+        self._keyring.check_open()
+        scope = None if scope is None else check_key_scope(scope)
+        log = self._keyring.events
+        return self._store.read(lambda conn: log.read(conn, scope=scope, since=since, limit=limit))
+
+    def verify_events(self, expected_head: str | None = None) -> ChainReport:
+        """Walk the chain of key events with the root key: ``ok`` unless an
+        event was altered, inserted, reordered or deleted (the report names
+        the first, by seq), and unless ``expected_head`` (a head recorded
+        earlier, from `status` or a previous report) is missing from it, which
+        shows the newest events deleted. Raises `WrongRootKeyError` if this
+        root key is not the table's, never for a broken chain."""
+        self._keyring.check_open()
+        log = self._keyring.events
+        return self._store.read(lambda conn: log.verify(conn, expected_head))
 
     # -- reports ---------------------------------------------------------------
 

@@ -396,6 +396,7 @@ MARIADB_MODULES = frozenset(
         "test_cli_errors",
         "test_cli_scopes",
         "test_metrics",
+        "test_key_events",
     }
 )
 

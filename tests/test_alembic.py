@@ -179,13 +179,14 @@ def check_generated(text: str) -> None:
     for module in ("blind_index", "sqla.", "keys.", "crypto.", "ops."):
         assert f"sqlalchemy_envelope.{module}" not in text  # the package, not its modules
     assert "'data_keys'" not in text  # not in the models, and never dropped
+    assert "'data_key_events'" not in text
 
 
 def test_template_autogenerate_upgrade_downgrade(db_url: str, tmp_path: Path) -> None:
     project = Project(tmp_path, db_url)
     assert (tmp_path / "migrations" / "versions" / "0001_data_keys.py").is_file()
     project.alembic("upgrade", "head")
-    assert project.tables() >= {"data_keys", "alembic_version"}
+    assert project.tables() >= {"data_keys", "data_key_events", "alembic_version"}
 
     project.use_models(MODELS)
     project.alembic("revision", "--autogenerate", "-m", "patients")
@@ -196,7 +197,7 @@ def test_template_autogenerate_upgrade_downgrade(db_url: str, tmp_path: Path) ->
     project.check_stable()
 
     project.alembic("downgrade", "base")
-    assert "patients" not in project.tables() and "data_keys" not in project.tables()
+    assert not {"patients", "data_keys", "data_key_events"} & project.tables()
     project.alembic("upgrade", "head")
     assert {"patients", "data_keys"} <= project.tables()
     project.check_stable()

@@ -205,7 +205,7 @@ def test_global_options_mean_the_same_before_and_after_the_command(
         json.loads(cli("--table", "other_keys", "rotate", "--json", "--url", other))["version"] == 2
     )
     engine = sa.create_engine(other)
-    assert sa.inspect(engine).get_table_names() == ["other_keys"]
+    assert sa.inspect(engine).get_table_names() == ["other_keys", "other_keys_events"]
     engine.dispose()
     assert json.loads(cli("status", "--json"))["active_version"] == 1  # DATABASE_URL's database
 

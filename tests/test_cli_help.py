@@ -15,6 +15,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import click
 import sqlalchemy as sa
 from click.testing import CliRunner
 from sqlalchemy.orm import Session
@@ -58,7 +59,7 @@ def help_text(*command: str) -> str:
 
 
 def examples(command: str) -> list[str]:
-    lines = help_text(*([command] if command else [])).splitlines()
+    lines = help_text(*command.split()).splitlines()
     return [line.strip()[2:] for line in lines if line.strip().startswith("$ ")]
 
 
@@ -77,8 +78,14 @@ def page_commands() -> list[str]:
 
 
 def test_every_command_has_examples_and_the_page_lists_them() -> None:
+    subcommands = [
+        f"{name} {sub}"
+        for name, group in main.commands.items()
+        if isinstance(group, click.Group)
+        for sub in group.commands
+    ]
     every = []
-    for command in ["", *main.commands]:
+    for command in ["", *main.commands, *subcommands]:
         found = examples(command)
         assert found, command
         for line in found:

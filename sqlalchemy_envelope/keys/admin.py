@@ -1,6 +1,7 @@
 """Changing keys on purpose: creating the table and first keys, rotating,
 tenants, state changes, shredding, and re-wrapping under a new root key.
-Every change is one transaction, and proves the root key first."""
+Every change is one transaction, takes the lock of `KeyWrapper.hold` and
+proves the root key first, and records its events (events.py) in it."""
 
 from __future__ import annotations
 
@@ -38,36 +39,42 @@ class KeyAdmin:
         self.store = keyring.store
         self.wrapper = keyring.wrapper
         self.table = keyring.table
+        self.events = keyring.events
 
-    def init(self) -> KeyRow:
-        """Create ``data_keys`` if missing and the scope's first data key if
-        none is active; prove the root key. Safe to call from many processes.
-        A shredded scope is not brought back (`ShreddedScopeError`)."""
+    def init(self, reason: str | None = None) -> KeyRow:
+        """Create ``data_keys`` and its events table if missing, the chain's
+        anchor if it has none, and the scope's first data key if none is
+        active; prove the root key. Safe to call from many processes. A
+        shredded scope is not brought back (`ShreddedScopeError`)."""
         keyring = self.keyring
         keyring.check_open()
-        self.store.create_table()
+        self.store.create_table(self.table)
+        self.store.create_table(self.events.table)
         scope = keyring.scope
 
         def complete(conn: Connection) -> KeyRow | None:
-            """The scope's active key, if it and its index key exist."""
+            """The scope's active key, if it, its index key and the anchor exist."""
             row = storage.active_key(conn, self.table, scope)
             index = storage.key_by_version(conn, self.table, index_scope(scope), 1)
-            if row is None or index is None:
+            if row is None or index is None or not self.events.started(conn):
                 return None
             self.wrapper.check(conn)  # the active key's unwrapping proves the rest
             return row
 
         def work(conn: Connection) -> tuple[KeyRow | None, DataKey | None]:
             self.wrapper.hold(conn)
+            self.events.ensure_anchor(conn)
             row = storage.active_key(conn, self.table, scope)
+            new = None
             if row is None:
                 keyring.refuse_shredded(conn, scope)
+                version = storage.next_version(conn, self.table, scope)
+                new = keyring.insert_active(conn, scope, version)
+                keyring.record_created(conn, "init", scope, version, reason)
             if storage.key_by_version(conn, self.table, index_scope(scope), 1) is None:
                 keyring.insert_index(conn, index_scope(scope), 1)
-            if row is not None:
-                return row, None
-            version = storage.next_version(conn, self.table, scope)
-            return None, keyring.insert_active(conn, scope, version)
+                keyring.record_created(conn, "init", index_scope(scope), 1, reason)
+            return row, new
 
         row: KeyRow | None = self.store.read(complete)
         new = None
@@ -86,30 +93,39 @@ class KeyAdmin:
         keyring.remember(checked[0], None, checked[1])
         return checked[0]
 
-    def rotate(self, scope: str) -> KeyRow:
+    def rotate(self, scope: str, reason: str | None = None) -> KeyRow:
         """Make a new data key active in one transaction; the old one is
         retired (still decrypts). Concurrent rotations each commit in turn."""
         self.keyring.check_open()
-        new = self.store.write(lambda conn: self.keyring.rotate_in(conn, scope, expected_id=None))
+        operation = "rotate_index" if is_index_scope(scope) else "rotate"
+        new = self.store.write(
+            lambda conn: self.keyring.rotate_in(
+                conn, scope, expected_id=None, operation=operation, reason=reason
+            )
+        )
         assert new is not None
         self.keyring.adopt(new)
         self.keyring.cache.rotated(scope, "manual")
         log.info("rotated scope %r to data key version %d", scope, new.version)
         return self.row(scope, new.version)
 
-    def rotate_if(self, scope: str, expected_id: int, trigger: str = "manual") -> KeyRow | None:
-        """Rotate unless the active key is no longer ``expected_id``; ``trigger``
-        ("manual", or "policy") is what the rotation counts as in metrics."""
+    def rotate_if(
+        self, scope: str, expected_id: int, *, operation: str, reason: str | None = None
+    ) -> KeyRow | None:
+        """Rotate unless the active key is no longer ``expected_id``; a
+        "rotate_by_policy" operation counts as a policy rotation in metrics."""
         new = self.store.write(
-            lambda conn: self.keyring.rotate_in(conn, scope, expected_id=expected_id)
+            lambda conn: self.keyring.rotate_in(
+                conn, scope, expected_id=expected_id, operation=operation, reason=reason
+            )
         )
         if new is None:
             return None
         self.keyring.adopt(new)
-        self.keyring.cache.rotated(scope, trigger)
+        self.keyring.cache.rotated(scope, "policy" if operation == "rotate_by_policy" else "manual")
         return self.row(scope, new.version)
 
-    def create_scopes(self, names: list[str]) -> list[KeyRow]:
+    def create_scopes(self, names: list[str], reason: str | None = None) -> list[KeyRow]:
         """Give each scope what it lacks of an active data key and its index
         key, in one transaction; a shredded scope comes back with new ones."""
         names = [check_scope(s) for s in names]
@@ -117,7 +133,9 @@ class KeyAdmin:
         def work(conn: Connection) -> None:
             self.wrapper.hold(conn)
             for name in names:
-                self.keyring.create_keys(conn, name, revive=True)
+                self.keyring.create_keys(
+                    conn, name, operation="create_scope", revive=True, reason=reason
+                )
 
         self.store.write(work)
 
@@ -126,14 +144,16 @@ class KeyAdmin:
 
         return [row for row in self.store.read(active_rows) if row is not None]
 
-    def shred(self, scope: str, *, including_shared_index: bool = False) -> int:
+    def shred(
+        self, scope: str, *, including_shared_index: bool = False, reason: str | None = None
+    ) -> int:
         """Destroy every key of a scope and its index keys, in one transaction;
         the number of keys destroyed. The registry's own scope, while other
         scopes live, takes ``including_shared_index`` (`_refuse_shared_index`)."""
         scope = check_scope(scope)
 
         def work(conn: Connection) -> int:
-            self.wrapper.prove(conn)
+            self.wrapper.hold(conn)
             now = self.keyring.now()
             count = 0
             if not storage.all_keys(conn, self.table, scope):
@@ -143,10 +163,21 @@ class KeyAdmin:
             if not including_shared_index:
                 self._refuse_shared_index(conn, scope)
             for name in (scope, index_scope(scope)):
+                destroyed = []
                 for row in storage.all_keys(conn, self.table, name):
                     if row.state is not KeyState.DESTROYED:
                         storage.set_state(conn, self.table, row.id, KeyState.DESTROYED, now)
-                        count += 1
+                        destroyed.append(row.version)
+                if destroyed:
+                    self.events.append(
+                        conn,
+                        "shred",
+                        scope=name,
+                        versions=destroyed,
+                        outcome="destroyed",
+                        reason=reason,
+                    )
+                count += len(destroyed)
             return count
 
         count = self.store.write(work)
@@ -181,16 +212,18 @@ class KeyAdmin:
                 "--including-shared-index) to shred it anyway"
             )
 
-    def retire(self, scope: str, version: int) -> KeyRow:
+    def retire(self, scope: str, version: int, reason: str | None = None) -> KeyRow:
         """Retire a key (it still decrypts). Retiring the active key rotates,
         so that a successor takes over in the same transaction."""
         row = self.row(scope, version)
         if row.state is not KeyState.ACTIVE:
-            return self.transition("retire", scope, version)
-        self.rotate_if(scope, row.id)
+            return self.transition("retire", scope, version, reason=reason)
+        self.rotate_if(scope, row.id, operation="retire", reason=reason)
         return self.row(scope, version)
 
-    def disable(self, scope: str, version: int, *, force: bool) -> KeyRow:
+    def disable(
+        self, scope: str, version: int, *, force: bool, reason: str | None = None
+    ) -> KeyRow:
         """Disable a retired key. An index key only with ``force``: while it is
         disabled every blind index and deterministic value made with it
         fails, and no census can tell which rows those are."""
@@ -198,7 +231,7 @@ class KeyAdmin:
             row = self.row(scope, version)
             if lifecycle.target_state("disable", row.state, version, scope) is not row.state:
                 raise KeyInUseError(version, scope, {}, index_key=True, action="disable")
-        return self.transition("disable", scope, version)
+        return self.transition("disable", scope, version, reason=reason)
 
     def transition(
         self,
@@ -206,21 +239,33 @@ class KeyAdmin:
         scope: str,
         version: int,
         *,
+        reason: str | None = None,
+        operation: str | None = None,
         guard: Callable[[Connection], None] | None = None,
     ) -> KeyRow:
-        """Apply a lifecycle action (retire, disable, enable, destroy) to a key;
-        ``guard`` runs first in its transaction (the destroy guard's census)."""
+        """Apply a lifecycle action (retire, disable, enable, destroy) to a
+        key, recorded as an event of ``operation`` (the action's name by
+        default) if it changes the key's state; ``guard`` runs first in its
+        transaction, under the lock (the destroy guard's census)."""
 
         def work(conn: Connection) -> KeyRow:
+            self.wrapper.hold(conn)
             if guard is not None:
                 guard(conn)
-            self.wrapper.prove(conn)
             row = storage.key_by_version(conn, self.table, scope, version, for_update=True)
             if row is None:
                 raise UnknownKeyError(scope=scope, version=version)
             target = lifecycle.target_state(action, row.state, version, scope)
             if target is not row.state:
                 storage.set_state(conn, self.table, row.id, target, self.keyring.now())
+                self.events.append(
+                    conn,
+                    operation or action,
+                    scope=scope,
+                    versions=[version],
+                    outcome=f"{row.state.value}->{target.value}",
+                    reason=reason,
+                )
             return row
 
         before = self.store.write(work)
@@ -236,7 +281,7 @@ class KeyAdmin:
         self.keyring.refresh(after)
         return after
 
-    def rewrap(self, new_root_key: RootKeyProvider) -> int:
+    def rewrap(self, new_root_key: RootKeyProvider, reason: str | None = None) -> int:
         """Re-wrap every data key under ``new_root_key`` in one transaction (all
         or nothing), without touching any value; the number re-wrapped. It
         holds the lock every key insert takes (`KeyWrapper.hold`) from its
@@ -283,6 +328,16 @@ class KeyAdmin:
                     root_key_fingerprint=new_fingerprint,
                     root_key_description=new_root_key.description,
                 )
+            self.events.append(
+                conn,
+                "rewrap",
+                scope=None,
+                versions=None,
+                outcome=f"re-wrapped {count} keys under root key {new_fingerprint}",
+                reason=reason,
+                also=new_root_key,
+            )
+            self.events.re_anchor(conn, new_root_key, reason)
             return count
 
         count = self.store.write(work)

@@ -47,6 +47,7 @@ from ..errors import (
 )
 from . import storage, transactions
 from .cache import DataKey, IndexKey, KeyCache
+from .events import EventLog
 from .policy import RotationPolicy
 from .scopes import check_scope, index_scope, is_index_scope, scope_of_index
 from .storage import KeyRow, KeyState
@@ -82,6 +83,7 @@ class Keyring:
         wrapper: KeyWrapper,
         cache: KeyCache,
         policy: RotationPolicy,
+        events: EventLog,
         *,
         scope: str,
         create_scopes: bool,
@@ -91,6 +93,7 @@ class Keyring:
         self.wrapper = wrapper
         self.cache = cache
         self.policy = policy
+        self.events = events
         self.scope = scope
         self.create_scopes = create_scopes
         self.now = now
@@ -125,6 +128,7 @@ class Keyring:
         with self.lock:
             self.closed = True
             self.cache.close()
+            self.events.forget()
             self.wrapper.forget(self.store.registry)
         self.store.close()
 
@@ -362,7 +366,7 @@ class Keyring:
             ):
                 return None, None
             self.refuse_shredded(conn, scope)
-            return self.create_keys(conn, scope)
+            return self.create_keys(conn, scope, operation="create_on_first_use")
 
         outcome = self.store.try_write(work)
         if isinstance(outcome, tuple):
@@ -381,11 +385,17 @@ class Keyring:
         return found
 
     def create_keys(
-        self, conn: Connection, scope: str, *, revive: bool = False
+        self,
+        conn: Connection,
+        scope: str,
+        *,
+        operation: str,
+        revive: bool = False,
+        reason: str | None = None,
     ) -> tuple[DataKey | None, IndexKey | None]:
         """Give ``scope`` what it lacks of an active data key and its index
         key version 1, in the caller's transaction, which holds the root key's
-        lock; the keys it created.
+        lock; the keys it created, each recorded as an event of ``operation``.
         With ``revive`` (`create_scope`), a shredded scope gets a new index
         key too: the destroyed ones keep their rows, renumbered below zero,
         so that version 1, which its columns use, names the new key. (Index
@@ -397,11 +407,30 @@ class Keyring:
             data_key = self.insert_active(
                 conn, scope, storage.next_version(conn, self.table, scope)
             )
+            self.record_created(conn, operation, scope, data_key.version, reason)
         if revived and storage.is_shredded(conn, self.table, index):
+            renumbered = [row.version for row in storage.all_keys(conn, self.table, index)]
             storage.renumber_destroyed(conn, self.table, index)
+            self.events.append(
+                conn,
+                operation,
+                scope=index,
+                versions=[v for v in renumbered if v > 0],
+                outcome="destroyed keys renumbered below 0",
+                reason=reason,
+            )
         if storage.key_by_version(conn, self.table, index, 1) is None:
             index_key = self.insert_index(conn, index, 1)
+            self.record_created(conn, operation, index, 1, reason)
         return data_key, index_key
+
+    def record_created(
+        self, conn: Connection, operation: str, scope: str, version: int, reason: str | None
+    ) -> None:
+        """The event of a key just inserted, active."""
+        self.events.append(
+            conn, operation, scope=scope, versions=[version], outcome="created", reason=reason
+        )
 
     # -- claims: bounding encryptions per key across processes ------------------
 
@@ -521,15 +550,25 @@ class Keyring:
     # -- rotation --------------------------------------------------------------
 
     def rotate_in(
-        self, conn: Connection, scope: str, expected_id: int | None
+        self,
+        conn: Connection,
+        scope: str,
+        expected_id: int | None,
+        *,
+        operation: str,
+        reason: str | None = None,
     ) -> DataKey | IndexKey | None:
         """Retire the active key and insert its successor (an index key in an
-        index scope); with ``expected_id``, only if that key is still the
-        active one (compare-and-swap), so that many processes acting on the
-        same policy decision rotate once. The root key's lock is taken first,
-        before the row lock of the retired key: two rotations then cannot
-        each hold what the other waits for."""
+        index scope), recorded as an event of ``operation``; with
+        ``expected_id``, only if that key is still the active one
+        (compare-and-swap), so that many processes acting on the same policy
+        decision rotate once. The root key's lock is taken first, before the
+        row lock of the retired key: two rotations then cannot each hold what
+        the other waits for."""
         self.wrapper.hold(conn)
+        old = storage.active_key(conn, self.table, scope)
+        if expected_id is not None and (old is None or old.id != expected_id):
+            return None
         retired = storage.retire_active(conn, self.table, scope, self.now(), expected_id)
         if expected_id is not None and retired == 0:
             return None
@@ -538,9 +577,20 @@ class Keyring:
             if is_index_scope(scope):  # nor does a shredded scope's index scope
                 self.refuse_shredded(conn, scope_of_index(scope))
         version = storage.next_version(conn, self.table, scope)
+        new: DataKey | IndexKey
         if is_index_scope(scope):
-            return self.insert_index(conn, scope, version)
-        return self.insert_active(conn, scope, version)
+            new = self.insert_index(conn, scope, version)
+        else:
+            new = self.insert_active(conn, scope, version)
+        self.events.append(
+            conn,
+            operation,
+            scope=scope,
+            versions=f"{old.version}->{version}" if retired and old else str(version),
+            outcome="rotated" if retired else "created",
+            reason=reason,
+        )
+        return new
 
     def adopt(self, new: DataKey | IndexKey) -> None:
         """Make a key this process just created its scope's active key (not
@@ -563,7 +613,9 @@ class Keyring:
         reached, and ``key`` simply stays in use."""
         try:
             outcome = self.store.try_write(
-                lambda conn: self.rotate_in(conn, key.scope, expected_id=key.id)
+                lambda conn: self.rotate_in(
+                    conn, key.scope, expected_id=key.id, operation="rotate_by_policy"
+                )
             )
         except (RootKeyUnavailableError, RootKeyAccessDeniedError) as error:
             log.warning("policy rotation of scope %r postponed: %s", key.scope, error)

@@ -52,7 +52,7 @@ SCOPE_CHARS = 255
 """The width of data_keys.scope, in characters."""
 
 
-def _scope_type() -> sa.types.TypeEngine[str]:
+def scope_type() -> sa.types.TypeEngine[str]:
     # MySQL/MariaDB compare strings case-insensitively by default: "Acme" and
     # "acme" must stay two tenants with two keys.
     return sa.String(SCOPE_CHARS).with_variant(
@@ -60,7 +60,7 @@ def _scope_type() -> sa.types.TypeEngine[str]:
     )
 
 
-def _time_type() -> sa.types.TypeEngine[datetime]:
+def time_type() -> sa.types.TypeEngine[datetime]:
     # MySQL/MariaDB keep whole seconds unless asked for microseconds.
     return sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), *MYSQL_DIALECTS)
 
@@ -71,19 +71,19 @@ def data_keys_schema(name: str = DEFAULT_TABLE_NAME) -> list[sa.schema.SchemaIte
     states = ", ".join(f"'{s.value}'" for s in KeyState)
     return [
         sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
-        sa.Column("scope", _scope_type(), nullable=False),
+        sa.Column("scope", scope_type(), nullable=False),
         sa.Column("version", sa.Integer, nullable=False),
         sa.Column("algorithm", sa.String(32), nullable=False),
         sa.Column("wrapped_key", sa.LargeBinary, nullable=True),
         sa.Column("root_key_fingerprint", sa.String(64), nullable=False),
         sa.Column("root_key_description", sa.String(200), nullable=False),
         sa.Column("state", sa.String(16), nullable=False),
-        sa.Column("active_scope", _scope_type(), nullable=True),
+        sa.Column("active_scope", scope_type(), nullable=True),
         # Encryptions claimed under this key by all processes: an upper bound
         # of its real use, checked against the rotation policy.
         sa.Column("encryptions", sa.BigInteger, nullable=False, server_default="0"),
-        sa.Column("created_at", _time_type(), nullable=False),
-        sa.Column("state_changed_at", _time_type(), nullable=False),
+        sa.Column("created_at", time_type(), nullable=False),
+        sa.Column("state_changed_at", time_type(), nullable=False),
         sa.UniqueConstraint("scope", "version", name=f"uq_{name}_scope_version"),
         sa.UniqueConstraint("active_scope", name=f"uq_{name}_one_active"),
         sa.CheckConstraint(f"state IN ({states})", name=f"ck_{name}_state"),
@@ -104,7 +104,7 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _aware(value: datetime) -> datetime:
+def aware(value: datetime) -> datetime:
     # SQLite hands back naive datetimes; everything stored is UTC.
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
@@ -150,8 +150,8 @@ class KeyRow:
             root_key_description=row["root_key_description"],
             state=KeyState(row["state"]),
             encryptions=int(row["encryptions"]),
-            created_at=_aware(row["created_at"]),
-            state_changed_at=_aware(row["state_changed_at"]),
+            created_at=aware(row["created_at"]),
+            state_changed_at=aware(row["state_changed_at"]),
         )
 
 

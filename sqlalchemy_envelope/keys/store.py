@@ -152,12 +152,15 @@ class KeyStore:
         with self.engine.begin() as conn:
             yield conn
 
-    def create_table(self) -> None:
+    def create_table(self, table: sa.Table) -> None:
+        """Create ``table`` (data_keys, its events) unless it exists."""
         try:
-            self._call(lambda bind: self.table.create(bind, checkfirst=True))
+            self._call(lambda bind: table.create(bind, checkfirst=True))
         except sa.exc.DBAPIError:
             # Another process created it between our check and our CREATE.
-            if not self._call(lambda bind: sa.inspect(bind).has_table(self.table.name)):
+            if not self._call(
+                lambda bind: sa.inspect(bind).has_table(table.name, schema=table.schema)
+            ):
                 raise
 
     def _explained(self, statement: Callable[[], T]) -> T:

@@ -67,10 +67,17 @@ def _census_everywhere(admin: KeyAdmin) -> list[ColumnCensus]:
 
 
 def destroy(
-    admin: KeyAdmin, scope: str, version: int, *, force: bool, columns: Iterable[Target]
+    admin: KeyAdmin,
+    scope: str,
+    version: int,
+    *,
+    force: bool,
+    columns: Iterable[Target],
+    reason: str | None = None,
 ) -> KeyRow:
     """Erase a retired or disabled key's wrapped key, unless rows or writers
-    may still need it (``force`` crypto-shreds on purpose)."""
+    may still need it (``force`` crypto-shreds on purpose, recorded as
+    "force_destroy")."""
     row = admin.row(scope, version)
     lifecycle.target_state("destroy", row.state, version, scope)
     guard = None
@@ -79,7 +86,14 @@ def destroy(
         if not is_index_scope(scope):  # refused below in any case
             _refuse_open_writers(admin, row, targets)
         guard = partial(_guard_destroy, admin, row, targets)
-    after = admin.transition("destroy", scope, version, guard=guard)
+    after = admin.transition(
+        "destroy",
+        scope,
+        version,
+        reason=reason,
+        operation="force_destroy" if force else "destroy",
+        guard=guard,
+    )
     log.warning("destroyed data key version %d of scope %r", version, scope)
     return after
 
@@ -180,14 +194,15 @@ def status(admin: KeyAdmin, scope: str, *, with_census: bool = False) -> Registr
     ``with_census``, the rows under each key version anywhere in the database."""
     keyring = admin.keyring
 
-    def read(conn: Connection) -> tuple[list[KeyRow], dict[str, int]]:
+    def read(conn: Connection) -> tuple[list[KeyRow], dict[str, int], tuple[int, str | None]]:
         by_root_key = storage.keys_by_fingerprint(conn, admin.table)
         if by_root_key and admin.wrapper.fingerprint not in by_root_key:
             # Not a root key of this table at all: a configuration mistake.
             raise admin.wrapper.wrong_root_key(next(iter(by_root_key)))
-        return storage.all_keys(conn, admin.table, scope), by_root_key
+        events = admin.events.summary(conn) if admin.events.exists(conn) else (0, None)
+        return storage.all_keys(conn, admin.table, scope), by_root_key, events
 
-    rows, by_root_key = admin.store.read(read)
+    rows, by_root_key, (event_count, events_head) = admin.store.read(read)
     active = next((r for r in rows if r.state is KeyState.ACTIVE), None)
     columns = tuple(_census_everywhere(admin)) if with_census else None
     rows_by_version: dict[int, int] | None = None
@@ -222,6 +237,8 @@ def status(admin: KeyAdmin, scope: str, *, with_census: bool = False) -> Registr
         rows_by_version=rows_by_version,
         columns=columns,
         keys_by_root_key=by_root_key,
+        events=event_count,
+        events_head=events_head,
     )
 
 
@@ -242,7 +259,7 @@ def maintenance(admin: KeyAdmin, scope: str) -> MaintenanceReport:
     due = status(admin, scope)
     rotated = None
     if due.rotation_due is not None and due.active_key_id is not None:
-        new = admin.rotate_if(scope, due.active_key_id, "policy")
+        new = admin.rotate_if(scope, due.active_key_id, operation="rotate_by_policy")
         rotated = None if new is None else KeyInfo.from_row(new)
     current = status(admin, scope, with_census=True)
     referenced = current.rows_by_version or {}

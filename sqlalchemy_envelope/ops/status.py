@@ -61,6 +61,10 @@ class RegistryStatus(Report):
     hold none) by the fingerprint of the root key that wraps them: while
     ``other_root_keys`` lists any but this registry's, those root keys are
     still needed (until ``rewrap``, run with each of them, moves their keys).
+    ``events`` counts the key events of every scope and ``events_head`` is
+    the chain head (the hex of the newest event's mac): record it, and pass
+    it to ``verify_events(expected_head=...)`` later, to detect the newest
+    events deleted.
     """
 
     scope: str
@@ -81,6 +85,8 @@ class RegistryStatus(Report):
     rows_by_version: dict[int, int] | None = None
     columns: tuple[ColumnCensus, ...] | None = None
     keys_by_root_key: dict[str, int] = field(default_factory=dict)
+    events: int = 0
+    events_head: str | None = None
 
     @property
     def other_root_keys(self) -> dict[str, int]:
@@ -128,6 +134,8 @@ class RegistryStatus(Report):
                 "keys": self.keys,
                 "rows_by_version": self.rows_by_version,
                 "columns": self.columns,
+                "events": self.events,
+                "events_head": self.events_head,
             }
         )
 
