@@ -9,6 +9,7 @@ from .async_registry import AsyncKeyRegistry
 from .errors import (
     BlindIndexError,
     ConfigurationError,
+    ConnectionLostError,
     DecryptionError,
     DestroyedKeyError,
     EncryptedComparisonError,
@@ -64,6 +65,7 @@ __all__ = [
     "CheckableRootKey",
     "ColumnCensus",
     "ConfigurationError",
+    "ConnectionLostError",
     "DecryptionError",
     "DestroyedKeyError",
     "EncryptedComparisonError",

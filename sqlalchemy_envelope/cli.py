@@ -43,6 +43,7 @@ import sqlalchemy as sa
 
 from .errors import (
     ConfigurationError,
+    ConnectionLostError,
     EnvelopeError,
     KeyInUseError,
     KeyStateError,
@@ -330,6 +331,12 @@ def _failure(error: Exception, command: str) -> tuple[str, int]:
         return (
             f"error: cannot connect to the database: {error} (check --url or "
             "DATABASE_URL, and that the server accepts connections)",
+            EXIT_UNREACHABLE,
+        )
+    if isinstance(error, ConnectionLostError):
+        return (
+            f"error: {command}: {error} (run the command again once the database is back: "
+            "it goes on from the batches committed)",
             EXIT_UNREACHABLE,
         )
     if isinstance(error, StatementFailedError):

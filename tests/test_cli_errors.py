@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -143,3 +145,126 @@ def test_an_interrupted_command_did_nothing_more(app: dict[str, str | None]) -> 
     assert "Aborted" not in err and len(err.splitlines()) == 1
     status, out, _ = run("--json", "rotate", env=app)
     assert status == 0 and '"version": 2' in out
+
+
+# -- as a user runs it: the installed command, in a process of its own --------------------
+
+PROG = str(Path(sys.executable).parent / "sqlalchemy-envelope")
+
+
+def command(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    """``sqlalchemy-envelope ARGS`` started in the background."""
+    return subprocess.Popen(
+        [PROG, *args],
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finished(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+
+def assert_one_line(code: int, out: str, err: str, expected_code: int, expected: str) -> None:
+    """The outcome of every failure: its exit code, one line on stderr saying
+    what to do, nothing on stdout, no traceback and no secret."""
+    assert code == expected_code, (out, err)
+    assert len(err.splitlines()) == 1 and expected in err, err
+    assert out == "" and "Traceback" not in err
+    for secret in SECRETS:
+        assert secret not in err, secret
+
+
+def _waiting_on(watcher: sa.Connection, holder: int) -> list[int]:
+    """The server's ids of the sessions waiting for a lock the session
+    ``holder`` holds (on MariaDB, of every session waiting for a lock: the
+    server is this test's alone, and information_schema.innodb_trx may
+    leave a waiting transaction out, where InnoDB's status never does)."""
+    if watcher.dialect.name == "postgresql":
+        query = "SELECT pid FROM pg_stat_activity WHERE :holder = ANY(pg_blocking_pids(pid))"
+        return list(watcher.execute(sa.text(query), {"holder": holder}).scalars())
+    status = watcher.exec_driver_sql("SHOW ENGINE INNODB STATUS").one()[2]
+    return [
+        int(found.group(1))
+        for transaction in status.split("---TRANSACTION ")
+        if "LOCK WAIT" in transaction
+        and (found := re.search(r"MariaDB thread id (\d+)", transaction)) is not None
+    ]
+
+
+def _session_id(conn: sa.Connection) -> int:
+    function = "pg_backend_pid()" if conn.dialect.name == "postgresql" else "CONNECTION_ID()"
+    return int(conn.execute(sa.text(f"SELECT {function}")).scalar_one())
+
+
+def _terminate(watcher: sa.Connection, session: int) -> None:
+    """End another session's connection, as an administrator does."""
+    if watcher.dialect.name == "postgresql":
+        watcher.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": session})
+    else:
+        watcher.exec_driver_sql(f"KILL CONNECTION {session}")
+
+
+ROW_1, ROW_3 = (f"SELECT id FROM notes WHERE id = {i} FOR UPDATE" for i in (1, 3))
+
+
+@pytest.mark.parametrize(
+    ("args", "lock"),
+    [
+        # The keys table, as every key insert locks it.
+        (
+            ("rotate",),
+            {
+                "postgresql": "LOCK TABLE data_keys IN EXCLUSIVE MODE",
+                "mysql": "SELECT id FROM data_keys FOR UPDATE",
+            },
+        ),
+        # A row the job is to write: in its second batch, in one of its workers' first.
+        (("reencrypt", "notes.body", "--batch-size", "2"), {"postgresql": ROW_3, "mysql": ROW_3}),
+        (("reencrypt", "notes.body", "--workers", "2"), {"postgresql": ROW_1, "mysql": ROW_1}),
+    ],
+)
+def test_a_connection_lost_mid_command_exits_5(
+    server_url: str, args: tuple[str, ...], lock: dict[str, str]
+) -> None:
+    """The command's connection is ended by the server's administrator
+    (pg_terminate_backend, KILL) while the command waits for a lock held
+    here: one line, exit 5, and the command works once run again."""
+    engine = sa.create_engine(server_url, poolclass=sa.pool.NullPool)
+    registry = KeyRegistry(engine, StaticRootKey(base64.b64decode(ROOT)))
+    registry.init()
+    notes = sa.Table(
+        "notes",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("body", EncryptedType(sa.String(100))),
+    )
+    notes.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(notes.insert(), [{"id": i, "body": VALUE} for i in range(1, 5)])
+    registry.rotate()  # the rows are under version 1: reencrypt has work to do
+    registry.close()
+    env = {"DATABASE_URL": server_url, "ENVELOPE_ROOT_KEY": ROOT}
+    with engine.connect() as holder, engine.connect() as watcher:
+        watcher.execution_options(isolation_level="AUTOCOMMIT")
+        with holder.begin():
+            holder.execute(sa.text(lock[engine.dialect.name])).close()
+            proc = command(*args, env=env)
+            waiting: list[int] = []
+            holding = _session_id(holder)
+            while not waiting and proc.poll() is None:
+                waiting = _waiting_on(watcher, holding)
+            assert waiting, finished(proc)
+            _terminate(watcher, waiting[0])
+            code, out, err = finished(proc)
+    assert_one_line(code, out, err, 5, "lost the connection to the database")
+    assert "run the command again" in err
+    code, out, err = finished(command(*args, env=env))
+    assert code == 0, err
+    if args[0] == "reencrypt":  # from where it stopped: the batches committed stay
+        assert "rows scanned 2," in out, out
+    engine.dispose()
