@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
+from conftest import KMSServer, encrypted_table
 
-from sqlalchemy_envelope import EncryptedType, KeyRegistry, StaticRootKey
+from sqlalchemy_envelope import AWSKMSRootKey, EncryptedType, KeyRegistry, StaticRootKey
 from sqlalchemy_envelope.cli import EXIT_CODES, main
 
 ROOT = base64.b64encode(os.urandom(32)).decode()
@@ -268,3 +270,78 @@ def test_a_connection_lost_mid_command_exits_5(
     if args[0] == "reencrypt":  # from where it stopped: the batches committed stay
         assert "rows scanned 2," in out, out
     engine.dispose()
+
+
+def _closed_port() -> tuple[socket.socket, str]:
+    """A loopback address that refuses connections (bound, never listening)
+    for as long as its socket is held."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+AWS_SECRET = f"aws-secret-{os.urandom(6).hex()}"
+UNAVAILABLE = "error: the root key is unavailable: KMS "
+
+
+def test_a_kms_root_key_behind_a_closed_port_exits_8(tmp_path: Path) -> None:
+    """The root key in AWS KMS, whose endpoint refuses connections: every
+    command that needs it says so in one line and exits 8 (retry later)."""
+    sock, endpoint = _closed_port()
+    arn = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    env = {
+        **KMSServer.ENV,
+        "AWS_SECRET_ACCESS_KEY": AWS_SECRET,
+        "AWS_ENDPOINT_URL_KMS": endpoint,
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'app.db'}",
+    }
+    with sock:
+        assert finished(command("init", env={**env, "ENVELOPE_ROOT_KEY": ROOT}))[0] == 0
+        cases = [
+            # A first key to wrap.
+            (
+                "init",
+                {"ENVELOPE_AWS_KMS_KEY_ID": arn, "DATABASE_URL": f"sqlite:///{tmp_path}/n.db"},
+            ),
+            # A rewrap whose new root key is unreachable.
+            ("rewrap", {"ENVELOPE_ROOT_KEY": ROOT, "ENVELOPE_NEW_AWS_KMS_KEY_ID": arn}),
+        ]
+        for name, root in cases:
+            code, out, err = finished(command(name, env={**env, **root}))
+            assert_one_line(code, out, err, 8, UNAVAILABLE)
+            assert "could not reach KMS" in err and "retry later" in err
+            assert AWS_SECRET not in err
+
+
+def test_a_kms_stopped_mid_life_exits_8(kms: KMSServer, tmp_path: Path) -> None:
+    """Keys wrapped by a KMS that then stops: the commands that need it
+    (a new key, a data key to unwrap) exit 8; those that need it not work."""
+    arn = kms.create_key()
+    env = {
+        **kms.env,
+        "AWS_SECRET_ACCESS_KEY": AWS_SECRET,
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'app.db'}",
+        "ENVELOPE_AWS_KMS_KEY_ID": arn,
+    }
+    assert finished(command("init", env=env))[0] == 0
+    engine = sa.create_engine(env["DATABASE_URL"])
+    registry = KeyRegistry(engine, AWSKMSRootKey(arn))
+    notes = encrypted_table("notes")
+    notes.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(notes.insert(), [{"id": i, "body": VALUE} for i in range(1, 5)])
+    registry.close()
+    engine.dispose()
+    assert finished(command("rotate", env=env))[0] == 0  # reencrypt has work to do
+    kms.stop()
+    for args in (
+        ("rotate",),
+        ("reencrypt", "notes.body"),
+        ("reencrypt", "notes.body", "--workers", "2"),
+    ):
+        code, out, err = finished(command(*args, env=env))
+        assert_one_line(code, out, err, 8, UNAVAILABLE)
+        assert AWS_SECRET not in err
+    # status reports the outage rather than failing on it.
+    code, out, err = finished(command("status", env=env))
+    assert code == 0 and "root key UNAVAILABLE" in out, (out, err)
