@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata
+import io
 import json
 import logging
 import os
@@ -71,7 +72,7 @@ EXIT_INTERNAL, EXIT_INTERRUPTED = 70, 130
 EXIT_CODES: dict[int, str] = {
     0: "done",
     EXIT_ERROR: "the library refused (wrong root key, tampered key row, undecryptable value)",
-    EXIT_USAGE: "bad usage or configuration (options, URL, driver, names, versions)",
+    EXIT_USAGE: "bad usage or configuration (options, URL, driver, names, versions, files)",
     EXIT_REFUSED: "refused by a safety guard (illegal key transition, key still in use)",
     EXIT_LEFT_BEHIND: "a job finished with values left behind (its report says which, why)",
     EXIT_UNREACHABLE: "the database could not be reached, or the connection was lost",
@@ -372,7 +373,7 @@ def _failure(error: Exception, command: str) -> tuple[str, int]:
     if isinstance(error, OSError):
         where = f" ({error.filename})" if error.filename else ""
         return (
-            f"error: {command}: {error.strerror or type(error).__name__}{where} "
+            f"configuration error: {command}: {error.strerror or type(error).__name__}{where} "
             "(check the path and its permissions)",
             EXIT_USAGE,
         )
@@ -931,6 +932,31 @@ def _templates() -> Path:
     raise ConfigurationError("the alembic_templates folder is missing from this installation")
 
 
+def _check_new_paths(directory: Path, config: Path) -> None:
+    """Refuse, before anything is written, the paths Alembic would fail on
+    halfway (leaving a folder that makes the next run fail) or skip while
+    reporting success (a config path that is a folder)."""
+    existing = next(path for path in (directory, *directory.parents) if path.exists())
+    if not existing.is_dir():
+        raise ConfigurationError(
+            f"{existing} is a file: name a new or empty folder for the migrations"
+        )
+    if directory.is_dir() and any(directory.iterdir()):
+        raise ConfigurationError(
+            f"{directory} is not empty: name a new or empty folder for the migrations"
+        )
+    if config.is_dir():
+        raise ConfigurationError(
+            f"--config {config} is a folder: name the file to write, e.g. "
+            f"--config {config / 'alembic.ini'}"
+        )
+    if not config.parent.is_dir():
+        raise ConfigurationError(
+            f"--config {config}: the folder {config.parent} does not exist: create it, "
+            "or name a file in an existing folder"
+        )
+
+
 @main.command("alembic-init", epilog=_examples("sqlalchemy-envelope alembic-init migrations"))
 @click.argument("directory")
 @click.option("--config", "config_file", default="alembic.ini", show_default=True)
@@ -943,12 +969,16 @@ def alembic_init(c: Context, directory: str, config_file: str) -> None:
     from alembic.util import CommandError
 
     templates = _templates()
+    _check_new_paths(Path(directory), Path(config_file))
+    progress = io.StringIO()
     try:
-        # Alembic's progress goes to stderr: stdout is the report (--json).
-        with redirect_stdout(sys.stderr):
+        with redirect_stdout(progress):
             command.init(Config(config_file), directory, template=str(templates / "envelope"))
     except CommandError as error:
         raise ConfigurationError(str(error)) from None
+    # Alembic's progress goes to stderr (stdout is the report, --json), and
+    # only once it succeeded: a failure is the one line of its error.
+    click.echo(progress.getvalue(), err=True, nl=False)
     first = Path(directory) / "versions" / "0001_data_keys.py"
     shutil.copyfile(templates / "data_keys_migration.py", first)
     env = Path(directory) / "env.py"

@@ -345,3 +345,90 @@ def test_a_kms_stopped_mid_life_exits_8(kms: KMSServer, tmp_path: Path) -> None:
     # status reports the outage rather than failing on it.
     code, out, err = finished(command("status", env=env))
     assert code == 0 and "root key UNAVAILABLE" in out, (out, err)
+
+
+def test_a_root_key_file_that_holds_no_usable_key_exits_2(tmp_path: Path) -> None:
+    """ENVELOPE_ROOT_KEY_FILE (and ENVELOPE_NEW_ROOT_KEY_FILE) naming
+    something that cannot be a key file: one line naming the file and what
+    to do, exit 2, never the file's content. (Cases that hold as root too.)"""
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'app.db'}"}
+    assert finished(command("init", env={**env, "ENVELOPE_ROOT_KEY": ROOT}))[0] == 0
+    good = tmp_path / "root.key"
+    good.write_text(ROOT + "\n")
+    good.chmod(0o600)
+    (tmp_path / "folder.key").mkdir()
+    (tmp_path / "large.key").write_bytes(b"A" * 100_000)
+    (tmp_path / "password.key").write_text(SEED + "\n")  # a password is not a key
+    (tmp_path / "shared.key").write_text(ROOT + "\n")
+    (tmp_path / "shared.key").chmod(0o644)
+    (tmp_path / "linked.key").symlink_to(good)
+    for name in ("large.key", "password.key"):
+        (tmp_path / name).chmod(0o600)
+    cases = {
+        "missing.key": "No such file or directory: name the file that holds the key",
+        "no-folder/root.key": "No such file or directory: name the file that holds the key",
+        "folder.key": "is not a regular file: name the file that holds the key",
+        "large.key": "is too large to hold a root key: name the file that holds the key",
+        "password.key": "is not the base64 of 32 bytes (a password is not a key): generate one",
+        "shared.key": "is accessible to other users (mode 0644): run `chmod 600",
+        "linked.key": "is a symbolic link, refused whatever it points to: name the file itself",
+    }
+    code, out, err = finished(command("status", env={**env, "ENVELOPE_ROOT_KEY_FILE": str(good)}))
+    assert code == 0 and "active version 1" in out, err
+    for name, expected in cases.items():
+        path = str(tmp_path / name)
+        for args, root in (
+            (("status",), {"ENVELOPE_ROOT_KEY_FILE": path}),
+            (("rewrap",), {"ENVELOPE_ROOT_KEY": ROOT, "ENVELOPE_NEW_ROOT_KEY_FILE": path}),
+        ):
+            code, out, err = finished(command(*args, env={**env, **root}))
+            assert_one_line(code, out, err, 2, f"root key file {path}")
+            assert err.startswith("configuration error: ") and expected in err, err
+
+
+def test_alembic_init_refuses_paths_it_cannot_write_before_writing(tmp_path: Path) -> None:
+    """alembic-init's folder and --config file: a path that cannot be
+    written is one line and exit 2, with nothing written (a half-made folder
+    would make the next run fail as not empty); never a success that
+    skipped the config."""
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("")
+    (tmp_path / "a-folder").mkdir()
+    cases = [
+        (("a-file",), "a-file is a file: name a new or empty folder"),
+        (("full",), "full is not empty: name a new or empty folder"),
+        (("a-file/migrations",), "a-file is a file: name a new or empty folder"),
+        # A folder even root cannot create.
+        (("/sys/envelope-migrations",), "(/sys/envelope-migrations) (check the path and its"),
+        (("migrations", "--config", "a-folder"), "--config a-folder is a folder: name the file"),
+        (
+            ("migrations", "--config", "no-folder/alembic.ini"),
+            "the folder no-folder does not exist: create it",
+        ),
+    ]
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'app.db'}", "ENVELOPE_ROOT_KEY": ROOT}
+    for args, expected in cases:
+        proc = subprocess.run(
+            [PROG, "alembic-init", *args],
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert_one_line(proc.returncode, proc.stdout, proc.stderr, 2, expected)
+        assert proc.stderr.startswith("configuration error: ")
+        assert not (tmp_path / "migrations").exists() and not (tmp_path / "alembic.ini").exists()
+        assert sorted(p.name for p in (tmp_path / "a-folder").iterdir()) == []
+    proc = subprocess.run(
+        [PROG, "alembic-init", "migrations", "--config", "a-folder/alembic.ini"],
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "a-folder" / "alembic.ini").is_file()
+    assert (tmp_path / "migrations" / "versions" / "0001_data_keys.py").is_file()
