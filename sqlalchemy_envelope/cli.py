@@ -51,6 +51,7 @@ from .errors import (
     RootKeyUnavailableError,
     StatementFailedError,
     UnknownKeyError,
+    ValuesLeftBehindError,
     database_reason,
 )
 from .keys.rootkey import root_key_from_env
@@ -737,6 +738,44 @@ def reencrypt(
         )
     c.emit(report.to_dict(), text)
     _left_behind(report)
+
+
+@main.command(
+    "migrate-from-sqlalchemy-utils",
+    epilog=_examples(
+        "sqlalchemy-envelope migrate-from-sqlalchemy-utils accounts.name --models myapp.models",
+        "sqlalchemy-envelope migrate-from-sqlalchemy-utils accounts.name --batch-size 500 "
+        "--models myapp.models --json",
+    ),
+)
+@click.argument("columns", nargs=-1, required=True)
+@click.option("--batch-size", default=1000, show_default=True)
+@click.option("--workers", default=1, show_default=True, help="parallel processes")
+@click.option("--progress/--no-progress", default=None, help="[default: on a terminal]")
+@_shard_option
+@pass_context
+def migrate_from_sqlalchemy_utils(
+    c: Context,
+    columns: tuple[str, ...],
+    batch_size: int,
+    workers: int,
+    progress: bool | None,
+    shard: Shard | None,
+) -> None:
+    """Seal the values sqlalchemy-utils wrote in TABLE.COLUMN... under the
+    registry's keys (resumable). The models (--models) declare each column
+    EncryptedType(..., migrating=StringEncryptedType(...)): the type that
+    reads the old values, with their key, which the command line never takes."""
+    try:
+        report = c.registry().migrate_from_sqlalchemy_utils(
+            *columns, batch_size=batch_size, workers=workers, progress=progress, shard=_shard(shard)
+        )
+    except ValuesLeftBehindError as error:
+        # Values left, or rows the application kept writing (skipped): the
+        # report says which; the command is run again once they are fixed.
+        c.emit(error.report.to_dict(), _report_text(error.report))
+        click.get_current_context().exit(EXIT_LEFT_BEHIND)
+    c.emit(report.to_dict(), _report_text(report))
 
 
 @main.command(
