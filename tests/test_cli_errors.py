@@ -183,18 +183,21 @@ def assert_one_line(code: int, out: str, err: str, expected_code: int, expected:
 
 def _waiting_on(watcher: sa.Connection, holder: int) -> list[int]:
     """The server's ids of the sessions waiting for a lock the session
-    ``holder`` holds (on MariaDB, of every session waiting for a lock: the
-    server is this test's alone, and information_schema.innodb_trx may
-    leave a waiting transaction out, where InnoDB's status never does)."""
+    ``holder`` holds (on MariaDB, of every session now waiting for a lock:
+    the server is this test's alone, and information_schema.innodb_trx may
+    leave a waiting transaction out, where InnoDB's list of transactions
+    never does; its section on the last deadlock names older sessions)."""
     if watcher.dialect.name == "postgresql":
         query = "SELECT pid FROM pg_stat_activity WHERE :holder = ANY(pg_blocking_pids(pid))"
         return list(watcher.execute(sa.text(query), {"holder": holder}).scalars())
     status = watcher.exec_driver_sql("SHOW ENGINE INNODB STATUS").one()[2]
+    now = status.partition("LIST OF TRANSACTIONS FOR EACH SESSION:")[2].partition("\n--------\n")
     return [
         int(found.group(1))
-        for transaction in status.split("---TRANSACTION ")
+        for transaction in now[0].split("---TRANSACTION ")
         if "LOCK WAIT" in transaction
         and (found := re.search(r"MariaDB thread id (\d+)", transaction)) is not None
+        and int(found.group(1)) != holder
     ]
 
 
