@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from .errors import (
         BlindIndexError,
         ConfigurationError,
+        ConnectionLostError,
         DecryptionError,
         DestroyedKeyError,
         EncryptedComparisonError,
@@ -86,6 +87,7 @@ __all__ = [
     "CheckableRootKey",
     "ColumnCensus",
     "ConfigurationError",
+    "ConnectionLostError",
     "DecryptionError",
     "DestroyedKeyError",
     "EncryptedComparisonError",
@@ -151,6 +153,7 @@ _MODULES: dict[str, str] = {
     "CheckableRootKey": ".keys.rootkey",
     "ColumnCensus": ".ops.census",
     "ConfigurationError": ".errors",
+    "ConnectionLostError": ".errors",
     "DecryptionError": ".errors",
     "DestroyedKeyError": ".errors",
     "EncryptedComparisonError": ".errors",

@@ -216,6 +216,23 @@ class AsyncKeyRegistry:
             where=where,
         )
 
+    async def migrate_from_sqlalchemy_utils(
+        self,
+        *targets: Target,
+        batch_size: int = 1000,
+        progress: bool | None = False,
+        shard: tuple[int, int] | None = None,
+    ) -> MigrationReport:
+        """`KeyRegistry.migrate_from_sqlalchemy_utils` in batches, each awaited
+        on the event loop (parallel workers: see `reencrypt`)."""
+        return await self._call(
+            self.sync_registry.migrate_from_sqlalchemy_utils,
+            *targets,
+            batch_size=batch_size,
+            progress=progress,
+            shard=shard,
+        )
+
     async def decrypt_in_place(
         self,
         *targets: Target,

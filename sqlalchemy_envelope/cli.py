@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata
+import io
 import json
 import logging
 import os
@@ -45,12 +46,14 @@ import sqlalchemy as sa
 
 from .errors import (
     ConfigurationError,
+    ConnectionLostError,
     EnvelopeError,
     KeyInUseError,
     KeyStateError,
     RootKeyUnavailableError,
     StatementFailedError,
     UnknownKeyError,
+    ValuesLeftBehindError,
     database_reason,
 )
 from .keys import storage
@@ -74,7 +77,7 @@ EXIT_INTERNAL, EXIT_INTERRUPTED = 70, 130
 EXIT_CODES: dict[int, str] = {
     0: "done",
     EXIT_ERROR: "the library refused (wrong root key, tampered key row, undecryptable value)",
-    EXIT_USAGE: "bad usage or configuration (options, URL, driver, names, versions)",
+    EXIT_USAGE: "bad usage or configuration (options, URL, driver, names, versions, files)",
     EXIT_REFUSED: "refused by a safety guard (illegal key transition, key still in use)",
     EXIT_LEFT_BEHIND: "a job finished with values left behind (its report says which, why)",
     EXIT_UNREACHABLE: "the database could not be reached, or the connection was lost",
@@ -398,6 +401,12 @@ def _failure(error: Exception, command: str) -> tuple[str, int]:
             "DATABASE_URL, and that the server accepts connections)",
             EXIT_UNREACHABLE,
         )
+    if isinstance(error, ConnectionLostError):
+        return (
+            f"error: {command}: {error} (run the command again once the database is back: "
+            "it goes on from the batches committed)",
+            EXIT_UNREACHABLE,
+        )
     if isinstance(error, StatementFailedError):
         return f"error: {command}: {error}", EXIT_DATABASE
     if isinstance(error, sa.exc.DBAPIError) and error.connection_invalidated:
@@ -431,7 +440,7 @@ def _failure(error: Exception, command: str) -> tuple[str, int]:
     if isinstance(error, OSError):
         where = f" ({error.filename})" if error.filename else ""
         return (
-            f"error: {command}: {error.strerror or type(error).__name__}{where} "
+            f"configuration error: {command}: {error.strerror or type(error).__name__}{where} "
             "(check the path and its permissions)",
             EXIT_USAGE,
         )
@@ -864,6 +873,44 @@ def reencrypt(
 
 
 @main.command(
+    "migrate-from-sqlalchemy-utils",
+    epilog=_examples(
+        "sqlalchemy-envelope migrate-from-sqlalchemy-utils accounts.name --models myapp.models",
+        "sqlalchemy-envelope migrate-from-sqlalchemy-utils accounts.name --batch-size 500 "
+        "--models myapp.models --json",
+    ),
+)
+@click.argument("columns", nargs=-1, required=True)
+@click.option("--batch-size", default=1000, show_default=True)
+@click.option("--workers", default=1, show_default=True, help="parallel processes")
+@click.option("--progress/--no-progress", default=None, help="[default: on a terminal]")
+@_shard_option
+@pass_context
+def migrate_from_sqlalchemy_utils(
+    c: Context,
+    columns: tuple[str, ...],
+    batch_size: int,
+    workers: int,
+    progress: bool | None,
+    shard: Shard | None,
+) -> None:
+    """Seal the values sqlalchemy-utils wrote in TABLE.COLUMN... under the
+    registry's keys (resumable). The models (--models) declare each column
+    EncryptedType(..., migrating=StringEncryptedType(...)): the type that
+    reads the old values, with their key, which the command line never takes."""
+    try:
+        report = c.registry().migrate_from_sqlalchemy_utils(
+            *columns, batch_size=batch_size, workers=workers, progress=progress, shard=_shard(shard)
+        )
+    except ValuesLeftBehindError as error:
+        # Values left, or rows the application kept writing (skipped): the
+        # report says which; the command is run again once they are fixed.
+        c.emit(error.report.to_dict(), _report_text(error.report))
+        click.get_current_context().exit(EXIT_LEFT_BEHIND)
+    c.emit(report.to_dict(), _report_text(report))
+
+
+@main.command(
     "decrypt-in-place", epilog=_examples("sqlalchemy-envelope decrypt-in-place notes.body --yes")
 )
 @click.argument("columns", nargs=-1, required=True)
@@ -1139,6 +1186,31 @@ def _templates() -> Path:
     raise ConfigurationError("the alembic_templates folder is missing from this installation")
 
 
+def _check_new_paths(directory: Path, config: Path) -> None:
+    """Refuse, before anything is written, the paths Alembic would fail on
+    halfway (leaving a folder that makes the next run fail) or skip while
+    reporting success (a config path that is a folder)."""
+    existing = next(path for path in (directory, *directory.parents) if path.exists())
+    if not existing.is_dir():
+        raise ConfigurationError(
+            f"{existing} is a file: name a new or empty folder for the migrations"
+        )
+    if directory.is_dir() and any(directory.iterdir()):
+        raise ConfigurationError(
+            f"{directory} is not empty: name a new or empty folder for the migrations"
+        )
+    if config.is_dir():
+        raise ConfigurationError(
+            f"--config {config} is a folder: name the file to write, e.g. "
+            f"--config {config / 'alembic.ini'}"
+        )
+    if not config.parent.is_dir():
+        raise ConfigurationError(
+            f"--config {config}: the folder {config.parent} does not exist: create it, "
+            "or name a file in an existing folder"
+        )
+
+
 @main.command("alembic-init", epilog=_examples("sqlalchemy-envelope alembic-init migrations"))
 @click.argument("directory")
 @click.option("--config", "config_file", default="alembic.ini", show_default=True)
@@ -1151,12 +1223,16 @@ def alembic_init(c: Context, directory: str, config_file: str) -> None:
     from alembic.util import CommandError
 
     templates = _templates()
+    _check_new_paths(Path(directory), Path(config_file))
+    progress = io.StringIO()
     try:
-        # Alembic's progress goes to stderr: stdout is the report (--json).
-        with redirect_stdout(sys.stderr):
+        with redirect_stdout(progress):
             command.init(Config(config_file), directory, template=str(templates / "envelope"))
     except CommandError as error:
         raise ConfigurationError(str(error)) from None
+    # Alembic's progress goes to stderr (stdout is the report, --json), and
+    # only once it succeeded: a failure is the one line of its error.
+    click.echo(progress.getvalue(), err=True, nl=False)
     first = Path(directory) / "versions" / "0001_data_keys.py"
     shutil.copyfile(templates / "data_keys_migration.py", first)
     env = Path(directory) / "env.py"

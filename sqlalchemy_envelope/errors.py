@@ -16,6 +16,7 @@ from sqlalchemy.exc import DontWrapMixin, StatementError
 __all__ = [
     "BlindIndexError",
     "ConfigurationError",
+    "ConnectionLostError",
     "DecryptionError",
     "DestroyedKeyError",
     "EncryptedComparisonError",
@@ -314,6 +315,14 @@ class StatementFailedError(EnvelopeError):
     """The database refused a statement of a job (a re-encrypt, a decrypt in
     place); the text names the table and the driver's reason, never the
     statement's values. The job is resumable: run it again once fixed."""
+
+
+class ConnectionLostError(StatementFailedError):
+    """A job lost its connection to the database mid-statement: the server
+    restarted or stopped, an administrator ended the session, the network
+    failed. The batches committed before stay; run the job again once the
+    database is back. A `StatementFailedError` too, so that code handling a
+    job's failures handles this one."""
 
 
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|`[^`]*`")

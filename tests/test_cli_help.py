@@ -31,7 +31,12 @@ MODELS = """
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from sqlalchemy_utils import StringEncryptedType
+from sqlalchemy_utils.types.encrypted.encrypted_type import AesEngine
+
 from sqlalchemy_envelope import EncryptedType, blind_index
+
+OLD_KEY = "the key the application gave sqlalchemy-utils"
 
 
 class Base(DeclarativeBase):
@@ -49,6 +54,18 @@ class User(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     email: Mapped[str] = mapped_column(EncryptedType(sa.String(200)))
     email_index: Mapped[str | None] = blind_index("email", normalize=["strip", "casefold"])
+
+
+def sqlalchemy_utils_name():  # the column as sqlalchemy-utils declared it
+    return StringEncryptedType(sa.Unicode(50), OLD_KEY, AesEngine, "pkcs5", length=255)
+
+
+class Account(Base):  # in its migration window
+    __tablename__ = "accounts"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str | None] = mapped_column(
+        EncryptedType(sa.Unicode(50), storage="text", migrating=sqlalchemy_utils_name())
+    )
 """
 
 
@@ -129,6 +146,14 @@ def test_the_examples_page_runs_as_written(db_url: str, tmp_path: Path) -> None:
         session.commit()
     with engine.begin() as conn:
         conn.execute(sa.text("UPDATE users SET email_index = NULL"))
+        # Accounts as sqlalchemy-utils wrote them.
+        written = sa.Table(
+            "accounts",
+            sa.MetaData(),
+            sa.Column("id", sa.Integer, primary_key=True),
+            sa.Column("name", models.sqlalchemy_utils_name()),
+        )
+        conn.execute(written.insert(), [{"id": i, "name": f"account {i}"} for i in range(3)])
     registry.rotate()
     registry.close()
 
@@ -176,6 +201,17 @@ def test_the_examples_page_runs_as_written(db_url: str, tmp_path: Path) -> None:
     assert states == {1: "destroyed", 2: "retired", 3: "retired", 4: "active"}
     assert "acme" not in scopes and {"globex", "initech", "umbrella"} <= set(scopes)
     assert (tmp_path / "migrations" / "versions" / "0001_data_keys.py").is_file()
+    engine.dispose()
+
+    # The accounts moved off sqlalchemy-utils, under the root key of the end.
+    engine = sa.create_engine(db_url)
+    registry = KeyRegistry(engine, StaticRootKey(base64.b64decode(new_root)))
+    (census,) = registry.census(models.Account.name)
+    assert census.rows == 3 and census.not_ciphertext == 0 and census.unknown_key_rows == 0
+    with Session(engine) as session:
+        names = session.scalars(sa.select(models.Account.name).order_by(models.Account.id))
+        assert list(names) == [f"account {i}" for i in range(3)]
+    registry.close()
     engine.dispose()
 
 

@@ -5,6 +5,7 @@ concurrent writer, and a wrong key."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import random
@@ -21,11 +22,13 @@ import sqlalchemy as sa
 import utils_migration_models as models
 from alembic.migration import MigrationContext
 from alembic.operations import Operations
-from conftest import kill_when, stored_bytes
+from conftest import async_engine_for, kill_when, stored_bytes
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 import sqlalchemy_envelope.alembic  # noqa: F401  (registers op.migrate_from_sqlalchemy_utils)
 from sqlalchemy_envelope import (
+    AsyncKeyRegistry,
     ConfigurationError,
     EncryptedType,
     KeyRegistry,
@@ -35,6 +38,7 @@ from sqlalchemy_envelope import (
 )
 
 Row = tuple[Any, ...]
+PROG = str(Path(sys.executable).parent / "sqlalchemy-envelope")
 
 ROWS: dict[int, Row] = {
     1: ("Zoë Ångström", "tök-🦄-token", 42, True, "ça va"),
@@ -144,6 +148,106 @@ def test_a_table_written_by_sqlalchemy_utils_moves_to_encrypted_type(db_url: str
         assert census.not_ciphertext == 0 and census.unknown_key_rows == 0
     dump = stored_bytes(engine, "accounts")
     assert not any(secret.encode() in dump for secret in SECRETS)
+    registry.close()
+    engine.dispose()
+
+
+def test_the_async_registry_migrates_too(db_url: str) -> None:
+    """`AsyncKeyRegistry.migrate_from_sqlalchemy_utils` on the async driver
+    (aiosqlite, asyncpg, asyncmy): the same job, awaited batch by batch."""
+    engine = sa.create_engine(db_url)
+    rows = _rows(40)
+    _write_with_sqlalchemy_utils(engine, rows)
+    root = StaticRootKey(os.urandom(32))
+    setup = KeyRegistry(engine, root)
+    setup.init()
+    setup.close()
+    window = _start_window(engine)
+
+    async def migrate() -> dict[int, Row]:
+        async_engine = async_engine_for(db_url)
+        registry = AsyncKeyRegistry(async_engine, root)
+        try:
+            report = await registry.migrate_from_sqlalchemy_utils(window, batch_size=7)
+            assert report.left_behind == 0 and report.plaintext_encrypted > 0
+            again = await registry.migrate_from_sqlalchemy_utils(window.__table__, batch_size=7)
+            assert again.rows_updated == 0
+            readings = []
+            for _ in range(2):
+                async with AsyncSession(async_engine) as session:
+                    found = await session.scalars(sa.select(window))
+                    readings.append(
+                        {a.id: tuple(getattr(a, c) for c in models.COLUMNS) for a in found}
+                    )
+            assert readings[0] == readings[1]
+            await registry.close()
+            return readings[0]
+        finally:
+            await async_engine.dispose()
+
+    assert asyncio.run(migrate()) == rows
+    registry = KeyRegistry(engine, root)
+    final = _finish(engine)
+    assert _read(engine, final) == rows
+    for census in registry.census(*(final.__table__.c[c] for c in models.COLUMNS)):
+        assert census.not_ciphertext == 0 and census.unknown_key_rows == 0
+    registry.close()
+    engine.dispose()
+
+
+def test_the_command_line_migrates_with_the_key_of_the_models(db_url: str, tmp_path: Path) -> None:
+    """``sqlalchemy-envelope migrate-from-sqlalchemy-utils TABLE.COLUMN...
+    --models MODULE``: the models' window types hold the key; a wrong one
+    changes nothing (exit 1), a column without ``migrating=`` is exit 2,
+    and the right one moves every value (exit 0)."""
+    engine = sa.create_engine(db_url)
+    rows = _rows(30)
+    _write_with_sqlalchemy_utils(engine, rows)
+    root = base64.b64encode(os.urandom(32)).decode()
+    registry = KeyRegistry(engine, StaticRootKey(base64.b64decode(root)))
+    registry.init()
+    _start_window(engine)
+    before = _raw(engine)
+    for name, declared in {
+        "window_models": "m.window_model()",
+        "wrong_key_models": "m.window_model(key='not the key')",
+        "final_models": "m.final_model()",
+    }.items():
+        (tmp_path / f"{name}.py").write_text(
+            f"import utils_migration_models as m\n\nAccount = {declared}\n"
+        )
+    columns = [f"accounts.{column}" for column in models.COLUMNS]
+
+    def cli(module: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [PROG, "migrate-from-sqlalchemy-utils", *columns, "--models", module],
+            cwd=tmp_path,
+            env={
+                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                "PYTHONPATH": str(Path(models.__file__).parent),
+                "DATABASE_URL": db_url,
+                "ENVELOPE_ROOT_KEY": root,
+            },
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    for module, code, expected in (
+        ("wrong_key_models", 1, "do not read with the key, engine and padding"),
+        ("final_models", 2, "needs the column's definition to name the type"),
+    ):
+        result = cli(module)
+        assert result.returncode == code, result.stderr
+        assert len(result.stderr.splitlines()) == 1 and result.stdout == ""
+        assert expected in result.stderr, result.stderr
+        for secret in (models.KEY, root, *SECRETS):
+            assert secret not in result.stderr
+        assert _raw(engine) == before
+    result = cli("window_models")
+    assert result.returncode == 0, result.stderr
+    assert "left behind 0" in result.stdout
+    assert _read(engine, _finish(engine)) == rows
     registry.close()
     engine.dispose()
 

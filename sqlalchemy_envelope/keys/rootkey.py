@@ -237,12 +237,15 @@ def _read_key_file(path: Path) -> bytes:
                 "link, mount the key with subPath)"
             ) from None
         raise ConfigurationError(
-            f"cannot read root key file {path}: {error.strerror or error}"
+            f"cannot read root key file {path}: {error.strerror or error}: name the file "
+            "that holds the key"
         ) from None
     try:
         info = os.fstat(descriptor)
         if not stat.S_ISREG(info.st_mode):
-            raise ConfigurationError(f"root key file {path} is not a regular file")
+            raise ConfigurationError(
+                f"root key file {path} is not a regular file: name the file that holds the key"
+            )
         user = os.geteuid()
         if info.st_uid not in (user, 0):
             raise ConfigurationError(
@@ -268,7 +271,10 @@ def _read_key_file(path: Path) -> bytes:
     finally:
         os.close(descriptor)
     if len(data) > _MAX_KEY_FILE_BYTES:
-        raise ConfigurationError(f"root key file {path} is too large to hold a root key")
+        raise ConfigurationError(
+            f"root key file {path} is too large to hold a root key: name the file that holds "
+            "the key"
+        )
     return data
 
 

@@ -37,7 +37,13 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from ..errors import ConfigurationError, EnvelopeError, StatementFailedError, database_reason
+from ..errors import (
+    ConfigurationError,
+    ConnectionLostError,
+    EnvelopeError,
+    StatementFailedError,
+    database_reason,
+)
 from ..keys.store import KeyStore
 from .migration_report import NOT_STORED, MigrationReport
 from .shards import Shard
@@ -244,14 +250,20 @@ def _run_slice(
         try:
             last, done = conns.transaction(one_batch)
         except sa.exc.StatementError as error:
-            # SQLAlchemy's text lists the statement's values: name the reason only.
-            raise StatementFailedError(
-                f"{job.name}: the database refused a statement: {database_reason(error)}"
-            ) from None
+            raise _statement_failure(job, error) from None
         if last is None:
             return
         report.merge(done)
         on_batch(done.rows_scanned)
+
+
+def _statement_failure(job: TableJob, error: sa.exc.StatementError) -> StatementFailedError:
+    """A batch's failed statement, by its reason only (SQLAlchemy's text lists
+    the statement's values): a lost connection, or the database's refusal."""
+    reason = database_reason(error)
+    if isinstance(error, sa.exc.DBAPIError) and error.connection_invalidated:
+        return ConnectionLostError(f"{job.name}: lost the connection to the database: {reason}")
+    return StatementFailedError(f"{job.name}: the database refused a statement: {reason}")
 
 
 # A write's shape: the columns it changes (each with whether it replaces
@@ -458,10 +470,9 @@ class _Failure:
     text: str
 
     def error(self) -> EnvelopeError:
-        if self.kind == ConfigurationError.__name__:
-            return ConfigurationError(self.text)
-        if self.kind == StatementFailedError.__name__:
-            return StatementFailedError(self.text)
+        for kind in (ConfigurationError, StatementFailedError, ConnectionLostError):
+            if self.kind == kind.__name__:
+                return kind(self.text)
         return EnvelopeError(
             f"a worker failed ({self.kind}{': ' + self.text if self.text else ''}); "
             "run the job again to finish"

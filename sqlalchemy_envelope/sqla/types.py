@@ -126,7 +126,11 @@ class EncryptedType(EnvelopeColumnType, TypeDecorator[Any]):
     plaintext); ``storage="text"`` stores base64 text, in a ``String`` sized
     for the longest value ``value_type`` allows, or ``Text``. ``pad_to=N``
     stores strings padded to a multiple of N bytes, so that their length
-    reveals less.
+    reveals less. ``migrating=`` names what the values not yet encrypted
+    are, while a migration moves them: ``True``, plaintext (an in-place
+    encryption); a sqlalchemy-utils ``StringEncryptedType`` or
+    ``EncryptedType``, what that type wrote, read with it
+    (docs/migrating-from-sqlalchemy-utils.md).
     """
 
     impl: TypeEngine[Any] | type[TypeEngine[Any]] = sa.LargeBinary
