@@ -5,6 +5,13 @@ connections.py), or, while a block runs `pinned` to the application's
 connection (an Alembic migration's), on that connection inside its
 transaction. Jobs on the application's tables (re-encryption, census) use the
 application's engine, or that same pinned connection.
+
+On an in-memory SQLite database the registry shares the application's
+connection: while the application has a transaction open there, reads run
+inside it, and a write that would have to commit on its own is refused as on
+a SQLite file locked by that transaction (`try_write` is BUSY, the others
+raise ConfigurationError), rather than commit or roll back the application's
+work.
 """
 
 from __future__ import annotations
@@ -21,7 +28,12 @@ from sqlalchemy.util.concurrency import in_greenlet
 from ..errors import ConfigurationError, RegistryClosedError
 from ..metrics import Metrics
 from . import transactions
-from .connections import KeyConnections, statement_connection
+from .connections import (
+    KeyConnections,
+    in_database_transaction,
+    internally,
+    statement_connection,
+)
 
 __all__ = ["KeyStore"]
 
@@ -67,13 +79,41 @@ class KeyStore:
         finally:
             self._pinned.reset(token)
 
-    def _call(self, work: Callable[[Engine | Connection], T]) -> T:
+    def _call(self, work: Callable[[Engine | Connection], T], *, writes: bool = True) -> T:
         self._check_open()
         pinned = self._pinned.get()
         if pinned is not None:
             return work(pinned)
+        shared = self._keys.application_transaction()
+        if shared is not None and not writes:
+
+            def inside(conn: Connection) -> T:
+                with internally(conn):
+                    return work(conn)
+
+            return self._keys.call(lambda: inside(shared))
+        if shared is not None and in_database_transaction(shared):
+            raise self._shared_write_refused("a change to data_keys")
         engine = self._keys.engine
         return self._keys.call(lambda: work(engine))
+
+    def _application_writing(self) -> bool:
+        """In-memory SQLite, outside a pinned block: whether the application
+        has a transaction open on the one connection it shares with the
+        registry, which nothing else may commit or roll back."""
+        if self._pinned.get() is not None:
+            return False
+        shared = self._keys.application_transaction()
+        return shared is not None and in_database_transaction(shared)
+
+    def _shared_write_refused(self, what: str) -> ConfigurationError:
+        return ConfigurationError(
+            f"{what} cannot be committed now: the in-memory SQLite database has one "
+            "connection, which the application shares with the registry, and the "
+            "application has a write transaction open on it; do it before that "
+            f"transaction begins or after it ends (create scopes ahead with "
+            f"{self.registry}.create_scope())"
+        )
 
     def read(self, query: Callable[[Connection], T]) -> T:
         """Run a read of data_keys."""
@@ -86,7 +126,7 @@ class KeyStore:
             with bind.connect() as conn:
                 return query(conn)
 
-        return self._explained(lambda: self._call(read))
+        return self._explained(lambda: self._call(read, writes=False))
 
     def write(self, work: Callable[[Connection], T]) -> T:
         """Run ``work`` in a transaction of its own (retried on contention),
@@ -95,6 +135,8 @@ class KeyStore:
 
     def try_write(self, work: Callable[[Connection], T]) -> T | transactions.Busy:
         """`write`, unless it would wait for a lock: then `transactions.BUSY`."""
+        if self._application_writing():
+            return transactions.BUSY
         return self._call(lambda bind: transactions.attempt(bind, work))
 
     def try_write_in_statement(
@@ -124,7 +166,7 @@ class KeyStore:
     def connect(self) -> Iterator[Connection]:
         """A connection to the application's database, for reading its tables."""
         self._check_open()
-        pinned = self._pinned.get()
+        pinned = self._pinned.get() or self._keys.application_transaction()
         if pinned is not None:
             yield pinned
             return
@@ -137,6 +179,8 @@ class KeyStore:
         `transactions.run_retrying_conflicts`); once, in the pinned
         connection's transaction, while one is pinned."""
         self._check_open()
+        if self._application_writing():
+            raise self._shared_write_refused("a job's transaction")
         pinned = self._pinned.get()
         bind: Engine | Connection = self.engine if pinned is None else pinned
         return transactions.run_retrying_conflicts(bind, work)
@@ -145,6 +189,8 @@ class KeyStore:
     def begin(self) -> Iterator[Connection]:
         """A transaction on the application's database, for writing its tables."""
         self._check_open()
+        if self._application_writing():
+            raise self._shared_write_refused("a job's transaction")
         pinned = self._pinned.get()
         if pinned is not None:
             yield pinned
@@ -159,7 +205,8 @@ class KeyStore:
         except sa.exc.DBAPIError:
             # Another process created it between our check and our CREATE.
             if not self._call(
-                lambda bind: sa.inspect(bind).has_table(table.name, schema=table.schema)
+                lambda bind: sa.inspect(bind).has_table(table.name, schema=table.schema),
+                writes=False,
             ):
                 raise
 
@@ -170,7 +217,7 @@ class KeyStore:
         except sa.exc.DBAPIError as error:
             if self._pinned.get() is not None:
                 raise  # a failed statement aborted the pinned transaction
-            if self._call(lambda bind: sa.inspect(bind).has_table(self.table.name)):
+            if self._call(lambda bind: sa.inspect(bind).has_table(self.table.name), writes=False):
                 raise
             raise ConfigurationError(
                 f"table {self.table.name!r} does not exist: call {self.registry}.init() "

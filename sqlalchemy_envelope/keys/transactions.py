@@ -78,8 +78,11 @@ def is_lock_conflict(error: sa.exc.DBAPIError) -> bool:
 
 
 def _locked(error: object) -> bool:
-    """SQLite's answer when another connection holds the lock (SQLITE_BUSY)."""
-    return "database is locked" in str(error).lower()
+    """SQLite's answer when another connection holds the lock: SQLITE_BUSY,
+    or SQLITE_LOCKED from a connection sharing an in-memory database's cache
+    (``cache=shared``), which holds locks per table and never waits."""
+    text = str(error).lower()
+    return "database is locked" in text or "database table is locked" in text
 
 
 def run(bind: Engine | Connection, work: Callable[[Connection], T]) -> T:
@@ -94,7 +97,7 @@ def run(bind: Engine | Connection, work: Callable[[Connection], T]) -> T:
             with engine.begin() as conn:
                 return work(conn)
         except sa.exc.DBAPIError as error:
-            locked = "database is locked" in str(error.orig).lower()
+            locked = _locked(error.orig)
             if tries >= (_LOCKED_ATTEMPTS if locked else _ATTEMPTS) or not is_contention(error):
                 raise
         time.sleep(random.uniform(0, 0.005 * tries))
