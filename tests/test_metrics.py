@@ -175,14 +175,14 @@ def test_a_known_workload_is_counted_exactly(
     assert by(metrics[P + "key_cache.hits"]) == {(): 18 + 72 - 4}
     # Cached: every data key but none of the default scope's index key, unused.
     assert by(metrics[P + "key_cache.size"], P + "key.kind") == {("data",): 4, ("index",): 2}
-    # Seven keys wrapped (default, a, b: a data and an index key each, and a's
-    # version 2); five unwrapped: one stored key to prove the root key before
+    # Eight keys wrapped (default, a, b: a data and an index key each, a's
+    # version 2, and the key events' chain secret at init); five unwrapped: one stored key to prove the root key before
     # the first insert after init, and the four keys of a and b read on first
     # use (the misses); the fingerprint computed once.
     calls = by(metrics[P + "root_key.operations"], P + "root_key.operation", P + "root_key.type")
     assert calls == {
         ("fingerprint", "StaticRootKey"): 1,
-        ("wrap", "StaticRootKey"): 7,
+        ("wrap", "StaticRootKey"): 8,
         ("unwrap", "StaticRootKey"): 5,
     }
     durations = by(
@@ -273,7 +273,7 @@ def test_kms_calls_are_counted_and_timed(kms: KMSServer, engine: sa.Engine) -> N
         ("unwrap", "AWSKMSRootKey"): calls["Decrypt"],
         ("fingerprint", "AWSKMSRootKey"): 1,  # from the ARN: no call
     }
-    assert calls == {"Encrypt": 3, "Decrypt": 1}
+    assert calls == {"Encrypt": 4, "Decrypt": 1}  # three data keys, the chain secret
     theirs = collect(other_reader)
     assert by(theirs[P + "root_key.operations"], ops) == {("fingerprint",): 1, ("unwrap",): 1}
     count, seconds = by(theirs[P + "root_key.operation.duration"], ops)["unwrap",]

@@ -246,12 +246,13 @@ class KeyAdmin:
         """Apply a lifecycle action (retire, disable, enable, destroy) to a
         key, recorded as an event of ``operation`` (the action's name by
         default) if it changes the key's state; ``guard`` runs first in its
-        transaction, under the lock (the destroy guard's census)."""
+        transaction and takes the lock itself (the destroy guard's census,
+        whose refusal of a held lock names what to wait for)."""
 
         def work(conn: Connection) -> KeyRow:
-            self.wrapper.hold(conn)
             if guard is not None:
                 guard(conn)
+            self.wrapper.hold(conn)
             row = storage.key_by_version(conn, self.table, scope, version, for_update=True)
             if row is None:
                 raise UnknownKeyError(scope=scope, version=version)
@@ -312,12 +313,12 @@ class KeyAdmin:
                     plaintext = self._legacy_plaintext(new_root_key, row)
                     if plaintext is None:  # under the new root key, wrap context 2
                         continue
-                    wrapped = new_root_key.wrap(plaintext, context)
+                    wrapped = self.wrapper.wrap_with(new_root_key, plaintext, context)
                 elif row.wrapped_key is not None:
                     plaintext = self.wrapper.unwrap(row)
-                    wrapped = new_root_key.wrap(plaintext, context)
+                    wrapped = self.wrapper.wrap_with(new_root_key, plaintext, context)
                 if wrapped is not None:
-                    if new_root_key.unwrap(wrapped, context) != plaintext:
+                    if self.wrapper.unwrap_with(new_root_key, wrapped, context) != plaintext:
                         raise WrongRootKeyError("the new root key does not unwrap what it wrapped")
                     count += 1
                 storage.rewrap(
@@ -346,19 +347,22 @@ class KeyAdmin:
         log.info("re-wrapped %d data keys under root key %s", count, new_fingerprint)
         return count
 
-    @staticmethod
-    def _legacy_plaintext(root_key: RootKeyProvider, row: KeyRow) -> bytes | None:
+    def _legacy_plaintext(self, root_key: RootKeyProvider, row: KeyRow) -> bytes | None:
         """The key of a row already under ``root_key`` if it was wrapped before
         version 2 of the wrap context (None if it was not); a key that
         unwraps under neither refuses the root key."""
         assert row.wrapped_key is not None
         try:
-            root_key.unwrap(row.wrapped_key, KeyWrapper.context(row.id, row.scope, row.version))
+            self.wrapper.unwrap_with(
+                root_key, row.wrapped_key, KeyWrapper.context(row.id, row.scope, row.version)
+            )
             return None
         except DecryptionError:
             pass
         try:
-            return root_key.unwrap(row.wrapped_key, KeyWrapper.legacy_context(row.id, row.scope))
+            return self.wrapper.unwrap_with(
+                root_key, row.wrapped_key, KeyWrapper.legacy_context(row.id, row.scope)
+            )
         except DecryptionError:
             pass
         raise WrongRootKeyError(

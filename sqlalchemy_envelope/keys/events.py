@@ -442,7 +442,7 @@ class EventLog:
             ),
             root_key_fingerprint=fingerprint,
             reason=reason,
-            wrapped_secret=root_key.wrap(secret, self.context(seq)),
+            wrapped_secret=self.wrapper.wrap_with(root_key, secret, self.context(seq)),
             previous_secret=None if previous is None else _seal(secret, previous, seq),
         )
         with self._lock:
@@ -580,7 +580,9 @@ class EventLog:
                 "version). Nothing was written."
             )
         try:
-            secret = root_key.unwrap(anchor.wrapped_secret, self.context(anchor.seq))
+            secret = self.wrapper.unwrap_with(
+                root_key, anchor.wrapped_secret, self.context(anchor.seq)
+            )
         except DecryptionError:
             raise KeyEventsTamperedError(
                 f"the anchor (seq {anchor.seq}) of the key events in {self.table.name!r} does "
@@ -740,8 +742,8 @@ class _Verifier:
             secret = None
             if anchor.event.root_key_fingerprint == wrapper.fingerprint and anchor.wrapped_secret:
                 try:
-                    secret = wrapper.root_key.unwrap(
-                        anchor.wrapped_secret, self.log.context(anchor.seq)
+                    secret = wrapper.unwrap_with(
+                        wrapper.root_key, anchor.wrapped_secret, self.log.context(anchor.seq)
                     )
                 except DecryptionError:
                     secret = None

@@ -134,12 +134,28 @@ class KeyWrapper:
         self._proven = root_key
         return plaintext
 
-    def _call(self, operation: str, call: Callable[[], T]) -> T:
-        """A call to the root key, timed and counted when metrics are on."""
+    def wrap_with(
+        self, root_key: RootKeyProvider, plaintext: bytes, context: Mapping[str, str]
+    ) -> bytes:
+        """``root_key.wrap``, counted as every root key call is (a rewrap's new
+        root key, the chain secret of the key events)."""
+        return self._call("wrap", lambda: root_key.wrap(plaintext, context), root_key)
+
+    def unwrap_with(
+        self, root_key: RootKeyProvider, wrapped: bytes, context: Mapping[str, str]
+    ) -> bytes:
+        """``root_key.unwrap``, counted as every root key call is."""
+        return self._call("unwrap", lambda: root_key.unwrap(wrapped, context), root_key)
+
+    def _call(
+        self, operation: str, call: Callable[[], T], root_key: RootKeyProvider | None = None
+    ) -> T:
+        """A call to the root key (this wrapper's unless given), timed and
+        counted when metrics are on."""
         metrics = self.metrics
         if metrics is None:
             return call()
-        provider = type(self.root_key).__name__
+        provider = type(self.root_key if root_key is None else root_key).__name__
         start = time.perf_counter()
         try:
             result = call()

@@ -160,20 +160,20 @@ def _refs(
 
 def _guard_destroy(admin: KeyAdmin, row: KeyRow, targets: list[Target], conn: Connection) -> None:
     """Refuse while rows or writers may still need the key, in the transaction
-    that destroys it: on SQLite it takes the write lock first, so no other
-    transaction can write between the census and the change. An index key is
-    always refused: the digests of blind indexes and hash_field carry no key
-    id, so no count can show that nothing needs it."""
-    if conn.dialect.name == "sqlite":
-        try:
-            storage.lock_table(conn, admin.table)
-        except sa.exc.DBAPIError as error:
-            if not transactions.is_contention(error):
-                raise
-            raise KeyStateError(
-                f"{_named(row)}: another transaction holds the database's write lock and "
-                "may still write under it: wait for it to end, then destroy the key again"
-            ) from None
+    that destroys it. It takes the lock of key changes first (the one every
+    key change takes first: on SQLite the write lock, so no other transaction
+    can write between the census and the change). An index key is always
+    refused: the digests of blind indexes and hash_field carry no key id, so
+    no count can show that nothing needs it."""
+    try:
+        storage.lock_table(conn, admin.table)
+    except sa.exc.DBAPIError as error:
+        if not transactions.is_contention(error):
+            raise
+        raise KeyStateError(
+            f"{_named(row)}: another transaction holds the database's write lock and "
+            "may still write under it: wait for it to end, then destroy the key again"
+        ) from None
     now = storage.key_by_version(conn, admin.table, row.scope, row.version, for_update=True)
     if now is None or now.state_changed_at != row.state_changed_at:
         raise KeyStateError(f"{_named(row)} changed state meanwhile: destroy it again")
