@@ -176,9 +176,10 @@ def test_a_known_workload_is_counted_exactly(
     # Cached: every data key but none of the default scope's index key, unused.
     assert by(metrics[P + "key_cache.size"], P + "key.kind") == {("data",): 4, ("index",): 2}
     # Eight keys wrapped (default, a, b: a data and an index key each, a's
-    # version 2, and the key events' chain secret at init); five unwrapped: one stored key to prove the root key before
-    # the first insert after init, and the four keys of a and b read on first
-    # use (the misses); the fingerprint computed once.
+    # version 2, and the key events' chain secret at init); five unwrapped:
+    # one stored key to prove the root key before the first insert after
+    # init, and the four keys of a and b read on first use (the misses); the
+    # fingerprint computed once.
     calls = by(metrics[P + "root_key.operations"], P + "root_key.operation", P + "root_key.type")
     assert calls == {
         ("fingerprint", "StaticRootKey"): 1,
