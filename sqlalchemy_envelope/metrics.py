@@ -8,8 +8,8 @@ and reported by observable instruments when the provider collects; everything
 else (misses, root key calls, rotations, jobs) is rare enough to be added to
 synchronous instruments where it happens. The counts of a registry that is
 garbage-collected are kept, added up per attribute set, so that no counter
-goes down. No attribute holds a value, a key
-or a secret: scopes, key versions, class names and fixed words.
+goes down. No attribute holds a value, a key or a secret: scopes, key
+versions, class names and fixed words.
 """
 
 from __future__ import annotations
@@ -102,10 +102,13 @@ class _Instruments:
 
         self.observation = Observation
         self.sources: weakref.WeakSet[Metrics] = weakref.WeakSet()
-        # Counters move from ``live`` to ``retired`` under the lock, which
-        # every collection holds: none sees a registry's counts twice or not at all.
+        # A registry's counts move from ``live`` to ``retired`` under the
+        # lock, which every collection holds: none sees them twice or not at
+        # all. ``gone`` lists those to move: a finalizer only appends to it,
+        # as it may run wherever the garbage collector does, a collection too.
         self.lock = threading.Lock()
         self.live: dict[int, Counts] = {}
+        self.gone: list[int] = []
         self.retired: dict[str, dict[Attributes, int]] = {name: {} for name in _COUNTERS}
         try:
             version: str | None = metadata.version("sqlalchemy-envelope")
@@ -187,6 +190,7 @@ class _Instruments:
 
         def observe(options: Any) -> Iterator[Any]:
             with self.lock:
+                self._retire_gone()
                 totals = dict(retired)
                 for counts in self.live.values():
                     for attributes, tally in tallies(counts):
@@ -199,15 +203,20 @@ class _Instruments:
     def add(self, counts: Counts) -> int:
         """Report ``counts`` from now on; the token `retire` takes."""
         with self.lock:
+            self._retire_gone()
             token = next(_tokens)
             self.live[token] = counts
             return token
 
     def retire(self, token: int) -> None:
-        """Fold the counts of a registry gone into ``retired`` (nothing
-        counts into them any more: the registry's closures are gone too)."""
-        with self.lock:
-            counts = self.live.pop(token)
+        """The counts of a registry gone: nothing counts into them any more
+        (its closures are gone too). Moved to ``retired`` under the lock."""
+        self.gone.append(token)
+
+    def _retire_gone(self) -> None:
+        """Fold the counts of the registries gone into ``retired``; under the lock."""
+        while self.gone:
+            counts = self.live.pop(self.gone.pop())
             for name, (tallies, count) in _COUNTERS.items():
                 retired = self.retired[name]
                 for attributes, tally in tallies(counts):
