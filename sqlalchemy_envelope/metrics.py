@@ -15,6 +15,7 @@ versions, class names and fixed words.
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -90,7 +91,7 @@ _COUNTERS: dict[str, _Selection] = {
 }
 
 
-class _Instruments:
+class Instruments:
     """The instruments of one meter provider, shared by every registry
     reporting to it (a provider keeps the first instrument of each name).
     Observable counters add up, per attribute set, the counts of the
@@ -239,16 +240,28 @@ class _Instruments:
             yield self.observation(size, {KEY_KIND: kind})
 
 
-_instruments: weakref.WeakKeyDictionary[Any, _Instruments] = weakref.WeakKeyDictionary()
+_instruments: weakref.WeakKeyDictionary[Any, Instruments] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 _tokens = itertools.count()
 
 
-def _instruments_of(meter_provider: Any) -> _Instruments:
+def _after_fork_in_child() -> None:
+    """Locks of the child's own: a thread of the parent's (a collection)
+    may have held one at the fork, and no thread of the child would release it."""
+    global _lock
+    _lock = threading.Lock()
+    for instruments in list(_instruments.values()):
+        instruments.lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _instruments_of(meter_provider: Any) -> Instruments:
     with _lock:
         instruments = _instruments.get(meter_provider)
         if instruments is None:
-            instruments = _instruments[meter_provider] = _Instruments(meter_provider)
+            instruments = _instruments[meter_provider] = Instruments(meter_provider)
         return instruments
 
 
@@ -257,7 +270,7 @@ class Metrics:
     OpenTelemetry ``MeterProvider``)."""
 
     def __init__(self, meter_provider: Any) -> None:
-        self._instruments = instruments = _instruments_of(meter_provider)
+        self.instruments = instruments = _instruments_of(meter_provider)
         self.counts = counts = Counts()
         self.encrypted = counts.encrypted
         self.decrypted = counts.decrypted
@@ -294,13 +307,13 @@ class Metrics:
         if error in self._failures:
             return
         self._failures.add(error)
-        self._instruments.errors.add(1, {ERROR_TYPE: type(error).__name__})
+        self.instruments.errors.add(1, {ERROR_TYPE: type(error).__name__})
 
     def missed(self, kind: str) -> None:
-        self._instruments.misses.add(1, {KEY_KIND: kind})
+        self.instruments.misses.add(1, {KEY_KIND: kind})
 
     def read(self) -> None:
-        self._instruments.reads.add(1)
+        self.instruments.reads.add(1)
 
     def root_key_call(
         self, operation: str, provider: str, seconds: float, error: BaseException | None
@@ -308,14 +321,14 @@ class Metrics:
         attributes = {OPERATION: operation, ROOT_KEY_TYPE: provider}
         if error is not None:
             attributes[ERROR_TYPE] = type(error).__name__
-        self._instruments.root_key_calls.add(1, attributes)
-        self._instruments.root_key_duration.record(seconds, attributes)
+        self.instruments.root_key_calls.add(1, attributes)
+        self.instruments.root_key_duration.record(seconds, attributes)
 
     def rotated(self, scope: str, trigger: str) -> None:
-        self._instruments.rotations.add(1, {SCOPE: scope, TRIGGER: trigger})
+        self.instruments.rotations.add(1, {SCOPE: scope, TRIGGER: trigger})
 
     def job_rows(self, job: str, rows: int) -> None:
-        self._instruments.job_rows.add(rows, {JOB: job})
+        self.instruments.job_rows.add(rows, {JOB: job})
 
     def job_left(self, job: str, values: int) -> None:
         self.left[job] = values

@@ -634,3 +634,22 @@ def test_counts_survive_eviction_rotation_refresh_and_the_registry(
         assert values(metrics[P + "encrypted.values"]) == encrypted
         assert values(metrics[P + "decrypted.values"]) == decrypted
         assert by(metrics[P + "key_cache.hits"]) == {(): hits}
+
+
+def test_a_forked_child_has_a_free_instruments_lock(
+    engine: sa.Engine, root_key: StaticRootKey, provider: MeterProvider
+) -> None:
+    """A fork while a collection holds the instruments' lock (here, this
+    thread): the child has a lock of its own, free, to collect and to
+    report a new registry with."""
+    registry = KeyRegistry(engine, root_key, meter_provider=provider)
+    registry.init()
+    registry.encrypt(b"x", "t.c")
+    instruments = registry.envelope.metrics.instruments
+    with instruments.lock:
+        pid = os.fork()
+        if pid == 0:  # the child: no pytest, an exit status only
+            os._exit(1 if instruments.lock.locked() else 0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    registry.close()
