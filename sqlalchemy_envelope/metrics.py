@@ -6,20 +6,23 @@ imported. With one, values encrypted and decrypted are counted per key in
 `itertools.count` objects (one ``next`` per value, exact across threads),
 and reported by observable instruments when the provider collects; everything
 else (misses, root key calls, rotations, jobs) is rare enough to be added to
-synchronous instruments where it happens. No attribute holds a value, a key
-or a secret: scopes, key versions, class names and fixed words.
+synchronous instruments where it happens. The counts of a registry that is
+garbage-collected are kept, added up per attribute set, so that no counter
+goes down. No attribute holds a value, a key or a secret: scopes, key
+versions, class names and fixed words.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from importlib import metadata
 from typing import Any
 
-__all__ = ["Metrics", "Tally", "counted"]
+__all__ = ["Counts", "Metrics", "Tally", "counted"]
 
 NAME = "sqlalchemy_envelope"
 
@@ -63,16 +66,51 @@ class Tally:
 Attributes = tuple[tuple[str, Any], ...]
 
 
-class _Instruments:
+class Counts:
+    """The tallies of one registry's values, by (scope, key version,
+    encryption) as attribute pairs. Held apart from `Metrics` so that they
+    outlive it: what a registry counted stays counted once it is gone."""
+
+    __slots__ = ("decrypted", "encrypted")
+
+    def __init__(self) -> None:
+        self.encrypted: dict[Attributes, Tally] = {}
+        self.decrypted: dict[Attributes, Tally] = {}
+
+
+_Selection = tuple[Callable[[Counts], Iterable[tuple[Attributes, Tally]]], Callable[[Tally], int]]
+
+# What each observable counter adds up: which tallies, and what of each.
+_COUNTERS: dict[str, _Selection] = {
+    "encrypted.values": (lambda c: list(c.encrypted.items()), Tally.total),
+    "decrypted.values": (lambda c: list(c.decrypted.items()), Tally.total),
+    "key_cache.hits": (
+        lambda c: [((), t) for t in (*list(c.encrypted.values()), *list(c.decrypted.values()))],
+        lambda tally: counted(tally.hit),
+    ),
+}
+
+
+class Instruments:
     """The instruments of one meter provider, shared by every registry
-    reporting to it (a provider keeps the first instrument of each name):
-    observable ones add up the counts of the registries still alive."""
+    reporting to it (a provider keeps the first instrument of each name).
+    Observable counters add up, per attribute set, the counts of the
+    registries alive and those of the registries gone (``retired``): a
+    cumulative counter that went down would read as a reset."""
 
     def __init__(self, meter_provider: Any) -> None:
         from opentelemetry.metrics import Observation  # the otel extra
 
         self.observation = Observation
         self.sources: weakref.WeakSet[Metrics] = weakref.WeakSet()
+        # A registry's counts move from ``live`` to ``retired`` under the
+        # lock, which every collection holds: none sees them twice or not at
+        # all. ``gone`` lists those to move: a finalizer only appends to it,
+        # as it may run wherever the garbage collector does, a collection too.
+        self.lock = threading.Lock()
+        self.live: dict[int, Counts] = {}
+        self.gone: list[int] = []
+        self.retired: dict[str, dict[Attributes, int]] = {name: {} for name in _COUNTERS}
         try:
             version: str | None = metadata.version("sqlalchemy-envelope")
         except metadata.PackageNotFoundError:
@@ -80,19 +118,19 @@ class _Instruments:
         meter = meter_provider.get_meter(NAME, version)
         meter.create_observable_counter(
             f"{NAME}.encrypted.values",
-            callbacks=[self._observer(lambda m: m.encrypted.items(), Tally.total)],
+            callbacks=[self._observer("encrypted.values")],
             unit="{value}",
             description="Values encrypted, by scope, key version and encryption.",
         )
         meter.create_observable_counter(
             f"{NAME}.decrypted.values",
-            callbacks=[self._observer(lambda m: m.decrypted.items(), Tally.total)],
+            callbacks=[self._observer("decrypted.values")],
             unit="{value}",
             description="Values decrypted, by scope, key version and encryption.",
         )
         meter.create_observable_counter(
             f"{NAME}.key_cache.hits",
-            callbacks=[self._observer(_all_tallies, lambda tally: counted(tally.hit))],
+            callbacks=[self._observer("key_cache.hits")],
             unit="{value}",
             description="Values encrypted or decrypted under a key found in the cache.",
         )
@@ -145,22 +183,45 @@ class _Instruments:
             description="Values the last run of each job left as they were.",
         )
 
-    def _observer(
-        self,
-        tallies: Callable[[Metrics], Iterable[tuple[Attributes, Tally]]],
-        count: Callable[[Tally], int],
-    ) -> Callable[[Any], Iterator[Any]]:
-        """A callback adding up, per attribute set, the tallies of every registry."""
+    def _observer(self, name: str) -> Callable[[Any], Iterator[Any]]:
+        """A callback adding up, per attribute set, the counter ``name`` of
+        every registry, alive or gone."""
+        tallies, count = _COUNTERS[name]
+        retired = self.retired[name]
 
         def observe(options: Any) -> Iterator[Any]:
-            totals: dict[Attributes, int] = {}
-            for source in list(self.sources):
-                for attributes, tally in list(tallies(source)):
-                    totals[attributes] = totals.get(attributes, 0) + count(tally)
+            with self.lock:
+                self._retire_gone()
+                totals = dict(retired)
+                for counts in self.live.values():
+                    for attributes, tally in tallies(counts):
+                        totals[attributes] = totals.get(attributes, 0) + count(tally)
             for attributes, total in totals.items():
                 yield self.observation(total, dict(attributes))
 
         return observe
+
+    def add(self, counts: Counts) -> int:
+        """Report ``counts`` from now on; the token `retire` takes."""
+        with self.lock:
+            self._retire_gone()
+            token = next(_tokens)
+            self.live[token] = counts
+            return token
+
+    def retire(self, token: int) -> None:
+        """The counts of a registry gone: nothing counts into them any more
+        (its closures are gone too). Moved to ``retired`` under the lock."""
+        self.gone.append(token)
+
+    def _retire_gone(self) -> None:
+        """Fold the counts of the registries gone into ``retired``; under the lock."""
+        while self.gone:
+            counts = self.live.pop(self.gone.pop())
+            for name, (tallies, count) in _COUNTERS.items():
+                retired = self.retired[name]
+                for attributes, tally in tallies(counts):
+                    retired[attributes] = retired.get(attributes, 0) + count(tally)
 
     def _left(self, options: Any) -> Iterator[Any]:
         totals: dict[str, int] = {}
@@ -179,20 +240,28 @@ class _Instruments:
             yield self.observation(size, {KEY_KIND: kind})
 
 
-def _all_tallies(metrics: Metrics) -> list[tuple[Attributes, Tally]]:
-    """Every tally of ``metrics``, as one attribute set: the cache hits."""
-    return [((), tally) for tally in (*metrics.encrypted.values(), *metrics.decrypted.values())]
-
-
-_instruments: weakref.WeakKeyDictionary[Any, _Instruments] = weakref.WeakKeyDictionary()
+_instruments: weakref.WeakKeyDictionary[Any, Instruments] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
+_tokens = itertools.count()
 
 
-def _instruments_of(meter_provider: Any) -> _Instruments:
+def _after_fork_in_child() -> None:
+    """Locks of the child's own: a thread of the parent's (a collection)
+    may have held one at the fork, and no thread of the child would release it."""
+    global _lock
+    _lock = threading.Lock()
+    for instruments in list(_instruments.values()):
+        instruments.lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _instruments_of(meter_provider: Any) -> Instruments:
     with _lock:
         instruments = _instruments.get(meter_provider)
         if instruments is None:
-            instruments = _instruments[meter_provider] = _Instruments(meter_provider)
+            instruments = _instruments[meter_provider] = Instruments(meter_provider)
         return instruments
 
 
@@ -201,14 +270,17 @@ class Metrics:
     OpenTelemetry ``MeterProvider``)."""
 
     def __init__(self, meter_provider: Any) -> None:
-        self._instruments = _instruments_of(meter_provider)
-        # By (scope, key version, encryption) as attribute pairs.
-        self.encrypted: dict[Attributes, Tally] = {}
-        self.decrypted: dict[Attributes, Tally] = {}
+        self.instruments = instruments = _instruments_of(meter_provider)
+        self.counts = counts = Counts()
+        self.encrypted = counts.encrypted
+        self.decrypted = counts.decrypted
         self.cache_sizes: Callable[[], dict[str, int]] = dict
         self.left: dict[str, int] = {}  # by job: what its last run left behind
         self._failures: weakref.WeakSet[BaseException] = weakref.WeakSet()
-        self._instruments.sources.add(self)
+        instruments.sources.add(self)
+        # Its counts stay reported once it is garbage-collected (a closed
+        # registry's are still its own until then).
+        weakref.finalize(self, instruments.retire, instruments.add(counts)).atexit = False
 
     @staticmethod
     def _tally(
@@ -235,13 +307,13 @@ class Metrics:
         if error in self._failures:
             return
         self._failures.add(error)
-        self._instruments.errors.add(1, {ERROR_TYPE: type(error).__name__})
+        self.instruments.errors.add(1, {ERROR_TYPE: type(error).__name__})
 
     def missed(self, kind: str) -> None:
-        self._instruments.misses.add(1, {KEY_KIND: kind})
+        self.instruments.misses.add(1, {KEY_KIND: kind})
 
     def read(self) -> None:
-        self._instruments.reads.add(1)
+        self.instruments.reads.add(1)
 
     def root_key_call(
         self, operation: str, provider: str, seconds: float, error: BaseException | None
@@ -249,14 +321,14 @@ class Metrics:
         attributes = {OPERATION: operation, ROOT_KEY_TYPE: provider}
         if error is not None:
             attributes[ERROR_TYPE] = type(error).__name__
-        self._instruments.root_key_calls.add(1, attributes)
-        self._instruments.root_key_duration.record(seconds, attributes)
+        self.instruments.root_key_calls.add(1, attributes)
+        self.instruments.root_key_duration.record(seconds, attributes)
 
     def rotated(self, scope: str, trigger: str) -> None:
-        self._instruments.rotations.add(1, {SCOPE: scope, TRIGGER: trigger})
+        self.instruments.rotations.add(1, {SCOPE: scope, TRIGGER: trigger})
 
     def job_rows(self, job: str, rows: int) -> None:
-        self._instruments.job_rows.add(rows, {JOB: job})
+        self.instruments.job_rows.add(rows, {JOB: job})
 
     def job_left(self, job: str, values: int) -> None:
         self.left[job] = values

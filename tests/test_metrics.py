@@ -6,6 +6,7 @@ any attribute, and nothing imported or paid without a meter provider."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import subprocess
 import sys
@@ -502,3 +503,153 @@ print(sorted(m for m in sys.modules if m.split(".")[0] == "opentelemetry"))
         check=True,
     )
     assert "opentelemetry.metrics" in on.stdout
+
+
+COUNTERS = ("encrypted.values", "decrypted.values", "key_cache.hits")
+
+
+class Series:
+    """The observable counters, collected again and again: every series of
+    each must stay (a cumulative series that vanishes or goes down reads as
+    a counter reset to Prometheus and OTLP consumers)."""
+
+    def __init__(self, reader: InMemoryMetricReader) -> None:
+        self.reader = reader
+        self.last: dict[str, Points] = {name: {} for name in COUNTERS}
+
+    def collect(self) -> dict[str, Points]:
+        metrics = collect(self.reader)
+        for name in COUNTERS:
+            points = metrics.get(P + name, {})
+            for attributes, before in self.last[name].items():
+                assert points.get(attributes, -1) >= before, (name, dict(attributes))
+            self.last[name] = points
+        return metrics
+
+
+def write_and_read(engine: sa.Engine, table: sa.Table, rows: list[tuple[int, str]]) -> None:
+    """Insert ``rows`` (id, scope), one statement per scope run twice over
+    a Connection, then read them all back twice through a Session."""
+    insert = table.insert()
+    with engine.begin() as conn:
+        for i, scope in rows:
+            conn.execute(
+                insert,
+                {"id": i, "body": f"note {i}", "email": f"u{i}@{scope}.example"},
+                execution_options={SCOPE_OPTION: scope},
+            )
+    select = sa.select(table.c.body, table.c.email).where(table.c.id.in_([i for i, _ in rows]))
+    expected = sorted((f"note {i}", f"u{i}@{scope}.example") for i, scope in rows)
+    with Session(engine) as session:
+        for _ in range(2):
+            assert sorted(tuple(r) for r in session.execute(select)) == expected
+
+
+def test_a_registry_gone_keeps_its_counts(
+    db_url: str, tmp_path: Any, reader: InMemoryMetricReader, provider: MeterProvider
+) -> None:
+    """Two registries report to one provider; one is closed and
+    garbage-collected, with its engine: what it counted stays counted."""
+    series = Series(reader)
+    engines = [sa.create_engine(db_url), sa.create_engine(f"sqlite:///{tmp_path}/other.db")]
+    registries = [
+        KeyRegistry(e, StaticRootKey(os.urandom(32)), meter_provider=provider) for e in engines
+    ]
+    table = notes_table()
+    for i in range(2):
+        registries[i].init()
+        table.metadata.create_all(engines[i])
+    write_and_read(engines[1], table, [(1, "default")])
+    write_and_read(engines[0], table, [(1, "default"), (2, "default"), (3, "default")])
+    r, d = "randomized", "deterministic"
+    counted = {("default", 1, r): 4, ("default", 1, d): 4}
+    read = {("default", 1, r): 8, ("default", 1, d): 8}
+    metrics = series.collect()
+    assert values(metrics[P + "encrypted.values"]) == counted
+    assert values(metrics[P + "decrypted.values"]) == read
+
+    registries[1].close()
+    engines[1].dispose()
+    del registries[1], engines[1]
+    gc.collect()
+    for _ in range(2):
+        metrics = series.collect()
+        assert values(metrics[P + "encrypted.values"]) == counted
+        assert values(metrics[P + "decrypted.values"]) == read
+
+    write_and_read(engines[0], table, [(4, "default")])
+    metrics = series.collect()
+    assert values(metrics[P + "encrypted.values"]) == {("default", 1, r): 5, ("default", 1, d): 5}
+    assert values(metrics[P + "decrypted.values"]) == {("default", 1, r): 10, ("default", 1, d): 10}
+    registries[0].close()
+
+
+def test_counts_survive_eviction_rotation_refresh_and_the_registry(
+    db_url: str,
+    root_key: StaticRootKey,
+    clocks: Clocks,
+    reader: InMemoryMetricReader,
+    provider: MeterProvider,
+) -> None:
+    """Keys evicted from a one-key cache, rotated and refreshed after
+    ``cache_max_age``: each series only grows, to exact totals, which stay
+    once the registry is closed and garbage-collected."""
+    series = Series(reader)
+    engine = sa.create_engine(db_url)
+    registry = KeyRegistry(
+        engine,
+        root_key,
+        meter_provider=provider,
+        clock=clocks.monotonic,
+        cache_max_age=60,
+        max_cached_keys=1,
+    )
+    registry.init()
+    registry.create_scope("a", "b")
+    table = notes_table()
+    table.metadata.create_all(engine)
+
+    # Scopes a and b in turn: each value's keys evict the other scope's.
+    write_and_read(engine, table, [(1, "a"), (2, "b"), (3, "a"), (4, "b")])
+    series.collect()
+    registry.rotate("a")
+    write_and_read(engine, table, [(5, "a"), (6, "b")])
+    series.collect()
+    clocks.advance(61)  # every cached key is stale: read again from data_keys
+    write_and_read(engine, table, [(7, "a"), (8, "b")])
+    metrics = series.collect()
+    r, d = "randomized", "deterministic"
+    encrypted = {("a", 1, r): 2, ("a", 2, r): 2, ("b", 1, r): 4, ("a", 1, d): 4, ("b", 1, d): 4}
+    decrypted = {k: 2 * n for k, n in encrypted.items()}
+    assert values(metrics[P + "encrypted.values"]) == encrypted
+    assert values(metrics[P + "decrypted.values"]) == decrypted
+    hits = by(metrics[P + "key_cache.hits"])[()]
+
+    registry.close()
+    engine.dispose()
+    del registry, engine
+    gc.collect()
+    for _ in range(2):
+        metrics = series.collect()
+        assert values(metrics[P + "encrypted.values"]) == encrypted
+        assert values(metrics[P + "decrypted.values"]) == decrypted
+        assert by(metrics[P + "key_cache.hits"]) == {(): hits}
+
+
+def test_a_forked_child_has_a_free_instruments_lock(
+    engine: sa.Engine, root_key: StaticRootKey, provider: MeterProvider
+) -> None:
+    """A fork while a collection holds the instruments' lock (here, this
+    thread): the child has a lock of its own, free, to collect and to
+    report a new registry with."""
+    registry = KeyRegistry(engine, root_key, meter_provider=provider)
+    registry.init()
+    registry.encrypt(b"x", "t.c")
+    instruments = registry.envelope.metrics.instruments
+    with instruments.lock:
+        pid = os.fork()
+        if pid == 0:  # the child: no pytest, an exit status only
+            os._exit(1 if instruments.lock.locked() else 0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    registry.close()
