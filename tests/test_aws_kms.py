@@ -60,18 +60,19 @@ def test_kms_wraps_data_keys_and_is_called_only_for_key_events(
     with engine.begin() as conn:
         conn.execute(table.insert(), [{"id": i, "body": f"note {i}"} for i in range(300)])
     assert _bodies(engine, table) == [f"note {i}" for i in range(300)]
-    # An ARN needs no DescribeKey: one Encrypt per data key created (the
-    # default scope's key and the blind-index key), nothing per value.
-    assert calls == {"Encrypt": 2}
+    # An ARN needs no DescribeKey: one Encrypt per key created (the default
+    # scope's data key, the blind-index key and the key events' chain
+    # secret), nothing per value.
+    assert calls == {"Encrypt": 3}
 
     registry.rotate()
     with engine.begin() as conn:
         conn.execute(table.insert(), [{"id": 300 + i, "body": "later"} for i in range(100)])
     # Before inserting a key the registry proves, once, that its KMS key
     # unwraps a stored one (a fingerprint only names the KMS key).
-    assert calls == {"Encrypt": 3, "Decrypt": 1}
-    registry.rotate()
     assert calls == {"Encrypt": 4, "Decrypt": 1}
+    registry.rotate()
+    assert calls == {"Encrypt": 5, "Decrypt": 1}
     status = registry.status()
     assert status.root_key_fingerprint == "aws-kms:" + arn.rpartition("/")[2]
     assert status.root_key_description == f"aws-kms {arn}"

@@ -437,7 +437,7 @@ def test_shredding_the_registry_s_own_scope_on_the_command_line(
 ) -> None:
     cli = Cli(db_url, tmp_path)
     cli("init")
-    cli("--scope", "acme", "rotate")
+    cli("create-scope", "acme")
     for _ in range(2):
         cli("shred", "default", "--yes", code=2)
         assert "--including-shared-index" in cli.outputs[-1]

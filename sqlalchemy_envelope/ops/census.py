@@ -256,19 +256,21 @@ def schemas(conn: Connection) -> list[str | None]:
     return [None, *sorted(others)]
 
 
-def discover(conn: Connection, skip_table: tuple[str | None, str]) -> list[EncryptedColumnRef]:
-    """Every column of every table in every schema (but ``skip_table``, as
+def discover(
+    conn: Connection, skip_tables: Iterable[tuple[str | None, str]]
+) -> list[EncryptedColumnRef]:
+    """Every column of every table in every schema (but ``skip_tables``, as
     schema and name) that could hold ciphertext: all binary and text columns.
     For the destroy guard and maintenance, which must find every row under a
     key even when no model is loaded. Enum columns hold only their labels,
     never ciphertext (and PostgreSQL has no substr of an enum)."""
     inspector = sa.inspect(conn)
     default = inspector.default_schema_name
-    skip_schema = None if skip_table[0] == default else skip_table[0]
+    skipped = {(None if schema == default else schema, name) for schema, name in skip_tables}
     refs = []
     for schema in schemas(conn):
         for table in inspector.get_table_names(schema=schema):
-            if (schema, table) == (skip_schema, skip_table[1]):
+            if (schema, table) in skipped:
                 continue
             for column in inspector.get_columns(table, schema=schema):
                 kind = _python_type(column["type"])

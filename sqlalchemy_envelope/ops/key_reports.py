@@ -40,8 +40,11 @@ def _all_keys(admin: KeyAdmin) -> dict[int, KeyRow]:
 
 
 def _discover(admin: KeyAdmin, conn: Connection) -> list[census.EncryptedColumnRef]:
-    """Every column of every table that could hold ciphertext, but data_keys."""
-    return census.discover(conn, skip_table=(admin.table.schema, admin.table.name))
+    """Every column of every table that could hold ciphertext, but the
+    library's own: data_keys and its key events (whose anchors hold wrapped
+    chain secrets, no value)."""
+    own = (admin.table, admin.events.table)
+    return census.discover(conn, skip_tables=[(t.schema, t.name) for t in own])
 
 
 def census_of(
