@@ -577,6 +577,39 @@ def test_a_forged_anchor_is_detected(
     assert _problem(chain) == (1, "unknown anchor")
 
 
+def _old_mac(secret: bytes, row: sa.RowMapping, previous_mac: bytes) -> bytes:
+    """The mac FORMAT.md section 12 gives ``row`` under the chain secret
+    ``secret`` (as a first anchor's or any other event's)."""
+    when = row["occurred_at"]
+    when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    fields = {
+        "seq": str(row["seq"]),
+        "occurred_at": when.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "operation": row["operation"],
+        "scope": row["scope"],
+        "versions": row["versions"],
+        "outcome": row["outcome"],
+        "actor": row["actor"],
+        "root_key_fingerprint": row["root_key_fingerprint"],
+        "reason": row["reason"],
+        "wrapped_secret": row["wrapped_secret"] and bytes(row["wrapped_secret"]).hex(),
+        "previous_secret": row["previous_secret"] and bytes(row["previous_secret"]).hex(),
+    }
+    present = {k: v for k, v in fields.items() if v is not None}
+    mac_key = HKDF(hashes.SHA256(), 32, None, b"sqlalchemy-envelope/key-events/v1").derive(secret)
+    message = b"sqlalchemy-envelope/key-event/v1\x00" + canonical_json(present) + previous_mac
+    return hmac.new(mac_key, message, hashlib.sha256).digest()
+
+
+def _old_chain_secret(engine: sa.Engine, old: StaticRootKey) -> bytes:
+    """The first chain secret, as the holder of the old root key opens it."""
+    table = _events(engine)
+    with engine.connect() as conn:
+        first = conn.execute(sa.select(table).where(table.c.seq == 1)).mappings().one()
+    context = {"key_id": "1", "kind": "key-events", "scope": EVENTS, "version": "1"}
+    return old.unwrap(first["wrapped_secret"], context)
+
+
 def test_a_rewrap_re_anchors_so_the_old_root_key_cannot_rewrite_history(
     engine: sa.Engine,
 ) -> None:
@@ -590,36 +623,76 @@ def test_a_rewrap_re_anchors_so_the_old_root_key_cannot_rewrite_history(
     registry.rewrap(new)
     registry.rotate(reason="after")
     assert registry.verify_events().ok
+    secret = _old_chain_secret(engine, old)
     table = _events(engine)
     with engine.connect() as conn:
-        first = conn.execute(sa.select(table).where(table.c.seq == 1)).mappings().one()
         rows = conn.execute(sa.select(table).order_by(table.c.seq)).mappings().all()
-    context = {"key_id": "1", "kind": "key-events", "scope": EVENTS, "version": "1"}
-    secret = old.unwrap(first["wrapped_secret"], context)  # the attacker's old root key
-    mac_key = HKDF(hashes.SHA256(), 32, None, b"sqlalchemy-envelope/key-events/v1").derive(secret)
     # Rewrite event 4 ("before") with a valid mac under the old chain secret.
-    row = dict(rows[3])
-    row["reason"] = "rewritten"
-    when = row["occurred_at"]
-    when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
-    fields = {
-        "seq": str(row["seq"]),
-        "occurred_at": when.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-        "operation": row["operation"],
-        "scope": row["scope"],
-        "versions": row["versions"],
-        "outcome": row["outcome"],
-        "actor": row["actor"],
-        "root_key_fingerprint": row["root_key_fingerprint"],
-        "reason": row["reason"],
-    }
-    message = b"sqlalchemy-envelope/key-event/v1\x00" + canonical_json(fields) + rows[2]["mac"]
-    mac = hmac.new(mac_key, message, hashlib.sha256).digest()
-    _update(engine, 4, reason="rewritten", mac=mac)
+    row = {**rows[3], "reason": "rewritten"}
+    _update(engine, 4, reason="rewritten", mac=_old_mac(secret, row, rows[2]["mac"]))
     report = registry.verify_events()
     assert report.problem is not None
     assert (report.problem.seq, report.problem.kind) == (5, "altered")  # the rewrap event
     registry.close()
+
+
+def test_the_old_root_key_cannot_rewrite_history_up_to_the_newest_re_anchor(
+    engine: sa.Engine,
+) -> None:
+    """While the re-anchor is the newest event, the old root key's holder
+    re-macs every event up to it, the re-anchor included: its mac is also
+    under the new chain secret, which the old root key never opens."""
+    old, new = StaticRootKey(os.urandom(32)), StaticRootKey(os.urandom(32))
+    registry = KeyRegistry(engine, old, actor="ops")
+    registry.init()
+    registry.rotate()
+    registry.disable(1, reason="real reason")
+    registry.rewrap(new, reason="root key rotation")
+    assert registry.verify_events().ok
+    secret = _old_chain_secret(engine, old)
+    table = _events(engine)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(table).order_by(table.c.seq)).mappings().all()
+    assert rows[-1]["operation"] == "anchor"
+    previous = b""
+    for stored in rows:
+        row = dict(stored)
+        if row["operation"] == "disable":
+            row.update(actor="intern", reason="forged reason")
+        mac = _old_mac(secret, row, previous)
+        _update(engine, row["seq"], actor=row["actor"], reason=row["reason"], mac=mac)
+        previous = mac
+    assert _problem(registry) == (rows[-1]["seq"], "unknown anchor")
+    for _ in range(2):
+        with pytest.raises(KeyEventsTamperedError):
+            registry.rotate()
+    registry.close()
+
+
+def test_a_whole_chain_forged_by_whoever_may_wrap_is_caught_by_the_recorded_head(
+    chain: KeyRegistry, engine: sa.Engine, root_key: StaticRootKey
+) -> None:
+    """Whoever may wrap under the root key (never unwrapping) and write the
+    table replaces the whole chain with one of its own: a new first anchor,
+    every event re-made under its secret. It verifies, as SECURITY.md says;
+    only the head recorded before shows it."""
+    recorded = chain.verify_events().head
+    table = _events(engine)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(table).order_by(table.c.seq)).mappings().all()
+    secret = os.urandom(32)
+    context = {"key_id": "1", "kind": "key-events", "scope": EVENTS, "version": "1"}
+    previous = b""
+    for stored in rows:
+        row = dict(stored)
+        if row["seq"] == 1:
+            row["wrapped_secret"] = root_key.wrap(secret, context)
+        elif row["operation"] == "rotate":
+            row["reason"] = "forged"
+        row["mac"] = previous = _old_mac(secret, row, previous)
+        _update(engine, row["seq"], **{k: v for k, v in row.items() if k != "seq"})
+    assert chain.verify_events().ok
+    assert _problem(chain, expected_head=recorded) == (13, "deleted")
 
 
 def test_another_root_key_cannot_verify(registry: KeyRegistry, engine: sa.Engine) -> None:
@@ -922,7 +995,8 @@ def test_async_registry_records_and_verifies(db_url: str, root_key: StaticRootKe
 
 @pytest.mark.parametrize("vector", format_vectors("key_events"), ids=lambda v: v["name"])
 def test_the_format_vectors(vector: dict[str, Any]) -> None:
-    """FORMAT.md section 12, with HKDF and HMAC alone."""
+    """FORMAT.md section 12, with HKDF and HMAC alone; a re-anchor's mac is
+    under its new chain secret, over the message and its link."""
     secret = bytes.fromhex(vector["chain_secret"])
     key = HKDF(hashes.SHA256(), 32, None, b"sqlalchemy-envelope/key-events/v1").derive(secret)
     message = (
@@ -930,4 +1004,12 @@ def test_the_format_vectors(vector: dict[str, Any]) -> None:
         + canonical_json(vector["fields"])
         + bytes.fromhex(vector["previous_mac"])
     )
-    assert hmac.new(key, message, hashlib.sha256).hexdigest() == vector["mac"]
+    mac = hmac.new(key, message, hashlib.sha256).digest()
+    if "new_chain_secret" in vector:
+        assert mac.hex() == vector["link"]
+        info = b"sqlalchemy-envelope/key-events/re-anchor/v1"
+        new_key = HKDF(hashes.SHA256(), 32, None, info).derive(
+            bytes.fromhex(vector["new_chain_secret"])
+        )
+        mac = hmac.new(new_key, message + mac, hashlib.sha256).digest()
+    assert mac.hex() == vector["mac"]

@@ -15,9 +15,11 @@ fields and the previous event's mac, under a key derived (HKDF) from a random
 (a KMS key cannot), so this secret, not the root key, keys the chain. `rewrap`
 re-anchors: a new anchor carries a new chain secret wrapped by the new root
 key, and the previous chain secret sealed under the new one, so the whole
-history verifies with the current root key alone; a re-anchor's own mac is
-made under the previous chain secret, which whoever holds only the new root
-key's encryption right cannot forge. Appends serialize on the lock every
+history verifies with the current root key alone. A re-anchor's mac is made
+under the new chain secret over its link, a mac under the previous one: the
+old root key (which cannot unwrap the new secret) cannot rewrite the history
+before the rewrap, nor can whoever can only wrap under the new root key
+(which cannot unwrap the previous secret) forge the link. Appends serialize on the lock every
 change of data_keys takes (`KeyWrapper.hold`); ``seq``, the primary key,
 turns any race that escaped it into an error retried, never a fork.
 """
@@ -93,6 +95,7 @@ MAX_ACTOR_CHARS = 200
 
 _MAC_INFO = b"sqlalchemy-envelope/key-events/v1"
 _SEAL_INFO = b"sqlalchemy-envelope/key-events/previous-secret/v1"
+_RE_ANCHOR_INFO = b"sqlalchemy-envelope/key-events/re-anchor/v1"
 _MESSAGE_LABEL = b"sqlalchemy-envelope/key-event/v1\x00"
 _SEAL_LABEL = b"sqlalchemy-envelope/key-events/previous-secret/v1\x00"
 
@@ -273,6 +276,16 @@ def _mac(secret: bytes, message: bytes) -> bytes:
     return hmac_sha256(hkdf_sha256(secret, _MAC_INFO), message)
 
 
+def _event_mac(secret: bytes, message: bytes, own: bytes | None = None) -> bytes:
+    """An event's mac under its segment's ``secret``; for a re-anchor (``own``,
+    its new chain secret, given) the mac under ``own`` of the message and of
+    its link, the mac under the previous secret: both secrets are needed."""
+    link = _mac(secret, message)
+    if own is None:
+        return link
+    return hmac_sha256(hkdf_sha256(own, _RE_ANCHOR_INFO), message + link)
+
+
 def _seal_aad(seq: int) -> bytes:
     return _SEAL_LABEL + str(seq).encode("ascii")
 
@@ -412,7 +425,7 @@ class EventLog:
         """Start a new segment of the chain under ``new_root_key`` (after a
         rewrap, in its transaction): a new chain secret, wrapped by it, and
         the current one sealed under the new one, the anchor's mac made
-        under the current one."""
+        under both (`_event_mac`)."""
         reason = check_text(reason, "reason", MAX_REASON_CHARS)
         head = self._head(conn)
         assert head is not None  # the rewrap event came first
@@ -444,6 +457,7 @@ class EventLog:
             reason=reason,
             wrapped_secret=self.wrapper.wrap_with(root_key, secret, self.context(seq)),
             previous_secret=None if previous is None else _seal(secret, previous, seq),
+            own=None if previous is None else secret,
         )
         with self._lock:
             self._secrets[(stored.seq, stored.event.mac)] = secret
@@ -463,6 +477,7 @@ class EventLog:
         reason: str | None,
         wrapped_secret: bytes | None = None,
         previous_secret: bytes | None = None,
+        own: bytes | None = None,
     ) -> _Stored:
         draft = _Stored(
             event=KeyEvent(
@@ -480,7 +495,7 @@ class EventLog:
             wrapped_secret=wrapped_secret,
             previous_secret=previous_secret,
         )
-        mac = _mac(secret, draft.message(b"" if head is None else head.event.mac))
+        mac = _event_mac(secret, draft.message(b"" if head is None else head.event.mac), own)
         e = draft.event
         conn.execute(
             sa.insert(self.table).values(
@@ -603,8 +618,8 @@ class EventLog:
 
     def _anchor_verifies(self, conn: Connection, anchor: _Stored, secret: bytes) -> bool:
         """Whether ``anchor``'s mac follows from the event before it: under
-        its own secret for the first anchor, under the previous chain secret
-        (sealed in it) for a re-anchor."""
+        its own secret for the first anchor, under its own and the previous
+        chain secret (sealed in it) for a re-anchor."""
         if anchor.previous_secret is None:
             return anchor.seq == 1 and constant_time_equal(
                 _mac(secret, anchor.message(b"")), anchor.event.mac
@@ -615,7 +630,8 @@ class EventLog:
         ).scalar()
         if previous is None or before is None:
             return False
-        return constant_time_equal(_mac(previous, anchor.message(bytes(before))), anchor.event.mac)
+        mac = _event_mac(previous, anchor.message(bytes(before)), secret)
+        return constant_time_equal(mac, anchor.event.mac)
 
     # -- reading ---------------------------------------------------------------
 
@@ -766,6 +782,7 @@ class _Verifier:
                 return position, ChainProblem(expected, "deleted", f"no event numbered {missing}")
             if position == 0 and not (row.is_anchor and row.previous_secret is None):
                 return 0, ChainProblem(1, "deleted", "the first event is not the chain's anchor")
+            own = None
             if row.is_anchor:
                 own = self.secrets.get(row.seq)
                 if own is None:
@@ -773,8 +790,9 @@ class _Verifier:
                         row.seq, "unknown anchor", "its chain secret does not unwrap or unseal"
                     )
                 if position == 0:
-                    secret = own
-            if not constant_time_equal(_mac(secret, row.message(previous)), row.event.mac):
+                    secret, own = own, None
+            mac = _event_mac(secret, row.message(previous), own)
+            if not constant_time_equal(mac, row.event.mac):
                 return position, self._classify(position, previous, secret)
             if row.is_anchor:
                 secret = self.secrets[row.seq]
