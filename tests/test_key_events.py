@@ -546,6 +546,62 @@ def test_deleting_the_newest_events_is_detected_with_the_recorded_head(
     assert _problem(chain) == (1, "deleted")  # data_keys holds keys, the events are gone
 
 
+def test_deleted_events_are_never_restarted_silently(
+    engine: sa.Engine, root_key: StaticRootKey, clocks: Clocks
+) -> None:
+    """After every event is deleted, no key change (by hand, init() at an
+    application's start, a policy rotation, a tenant created on first use)
+    starts a new chain over the keys: each is refused, typed, with nothing
+    written, until the chain is started on purpose, which verify shows."""
+    registry = KeyRegistry(
+        engine,
+        root_key,
+        actor="ops",
+        rotate_after=timedelta(days=30),
+        clock=clocks.monotonic,
+        wall_clock=clocks.now,
+    )
+    registry.init()
+    registry.rotate(reason="CHG-1")
+    registry.disable(1, reason="who did this?")
+    recorded = registry.verify_events().head
+    notes = encrypted_table("notes")
+    notes.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.delete(_events(engine)))
+    keys = _rows(engine, "data_keys")
+    clocks.advance(timedelta(days=31))  # the policy's rotation is due
+    changes = [
+        lambda: registry.rotate(reason="routine"),
+        registry.init,
+        lambda: registry.create_scope("acme"),
+        lambda: registry.enable(1),
+        lambda: registry.rewrap(StaticRootKey(os.urandom(32))),
+    ]
+    for change in changes:
+        for _ in range(2):
+            with pytest.raises(KeyEventsTamperedError, match="'data_keys' holds 3 keys"):
+                change()
+    for scope in (None, "globex"):  # the encrypt path: by policy, on first use
+        options = {} if scope is None else {SCOPE_OPTION: scope}
+        for _ in range(2):
+            with pytest.raises(KeyEventsTamperedError), engine.begin() as conn:
+                conn.execute(notes.insert(), {"id": 1, "body": "x"}, execution_options=options)
+            with pytest.raises(KeyEventsTamperedError), Session(engine) as session:
+                session.execute(notes.insert(), {"id": 2, "body": "x"}, execution_options=options)
+                session.commit()
+    assert _rows(engine, "data_keys") == keys and registry.events() == []
+    assert _problem(registry) == (1, "deleted")
+    anchor = registry.start_events(reason="events deleted by mistake, INC-7")
+    assert (anchor.outcome, anchor.actor) == ("chain started over 3 existing keys", "ops")
+    report = registry.verify_events()
+    assert report.ok and report.start == anchor  # an auditor sees the restart
+    assert _problem(registry, expected_head=recorded) == (2, "deleted")
+    registry.rotate(reason="routine")
+    assert registry.verify_events().ok
+    registry.close()
+
+
 def test_a_forged_anchor_is_detected(
     chain: KeyRegistry, engine: sa.Engine, root_key: StaticRootKey
 ) -> None:
@@ -883,9 +939,11 @@ def test_the_events_commands(db_url: str) -> None:
 # -- databases of earlier versions, Alembic, asyncio -------------------------------
 
 
-def test_a_database_of_an_earlier_version_gets_its_events_from_init(
+def test_a_database_of_an_earlier_version_starts_its_events_on_purpose(
     engine: sa.Engine, root_key: StaticRootKey
 ) -> None:
+    """init() creates the table but starts no chain over existing keys: an
+    empty table beside keys may be one whose events were deleted."""
     registry = KeyRegistry(engine, root_key)
     registry.init()
     registry.rotate()
@@ -899,11 +957,23 @@ def test_a_database_of_an_earlier_version_gets_its_events_from_init(
             change()
         assert _rows(engine, "data_keys") == keys  # nothing changed unrecorded
     assert upgraded.status().events == 0
-    upgraded.init(reason="upgrade")
-    assert summary(upgraded) == [("anchor", None, None, "chain started", None)]
+    for _ in range(2):
+        with pytest.raises(KeyEventsTamperedError, match="events start"):
+            upgraded.init(reason="upgrade")  # as at every application start
+    assert _rows(engine, "data_keys") == keys and upgraded.events() == []
+    upgraded.start_events(reason="upgrade to key events")
+    started = [
+        ("anchor", None, None, "chain started over 3 existing keys", "upgrade to key events")
+    ]
+    assert summary(upgraded) == started
+    with pytest.raises(ConfigurationError, match="started already"):
+        upgraded.start_events(reason="again")
+    upgraded.init()
     upgraded.rotate()
     assert [e.operation for e in upgraded.events()] == ["anchor", "rotate"]
-    assert upgraded.verify_events().ok
+    report = upgraded.verify_events()
+    assert report.ok and report.start is not None
+    assert report.start.outcome == "chain started over 3 existing keys"
     upgraded.close()
 
 
@@ -938,6 +1008,10 @@ def test_the_alembic_operation_for_existing_databases(db_url: str, tmp_path: Pat
     project.alembic("upgrade", "head")
     assert EVENTS in project.tables()
     registry = KeyRegistry(engine, StaticRootKey(ROOT))
+    with pytest.raises(KeyEventsTamperedError, match="events start"):
+        registry.rotate(reason="before the chain is started")
+    out, _ = _cli(db_url, ROOT, "events", "start", "--reason", "upgrade")
+    assert "chain started over 2 existing keys" in out
     registry.rotate(reason="after the migration")
     assert [e.operation for e in registry.events()] == ["anchor", "rotate"]
     assert registry.verify_events().ok

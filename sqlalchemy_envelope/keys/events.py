@@ -327,12 +327,15 @@ class ChainReport:
     verifies (and ``expected_head``, if given, is one of them); ``events``
     checked before the first problem; ``head``, the hex of the newest event's
     mac (safe to log: record it, and pass it as ``expected_head`` later to
-    detect the newest events deleted)."""
+    detect the newest events deleted); ``start``, the chain's first anchor
+    when it verifies: when, by whom, why, and over how many keys that
+    existed already it started (its outcome)."""
 
     ok: bool
     events: int
     head: str | None
     problem: ChainProblem | None
+    start: KeyEvent | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -340,6 +343,7 @@ class ChainReport:
             "events": self.events,
             "head": self.head,
             "problem": None if self.problem is None else self.problem.to_dict(),
+            "start": None if self.start is None else self.start.to_dict(),
         }
 
 
@@ -384,15 +388,15 @@ class EventLog:
         also: RootKeyProvider | None = None,
     ) -> KeyEvent:
         """Record one change in the caller's transaction, which holds the
-        lock of `KeyWrapper.hold` (or `storage.lock_table`) already; the
-        chain is started with its anchor if the table is empty. ``also`` is
+        lock of `KeyWrapper.hold` (or `storage.lock_table`) already; an empty
+        table is started as `ready` does. ``also`` is
         another root key that may hold the chain (a rewrap's new one: a
         rewrap run again, to finish one, finds the chain under it already)."""
         assert operation in OPERATIONS and operation != ANCHOR
         reason = check_text(reason, "reason", MAX_REASON_CHARS)
         head = self._head(conn)
         if head is None:
-            head = self._write_anchor(conn, self.wrapper.root_key, None, None, None)
+            head = self._start_new(conn)
         secret = self._secret(conn, self._latest_anchor(conn), self.wrapper.root_key, also)
         return self._write(
             conn,
@@ -411,13 +415,50 @@ class EventLog:
         self._require_table(conn)
         return conn.execute(sa.select(self.table.c.seq).limit(1)).first() is not None
 
-    def ensure_anchor(self, conn: Connection) -> bool:
-        """Start the chain if the table is empty (a table created for a
-        database that had keys already); True if it did."""
-        if self._head(conn) is not None:
-            return False
-        self._write_anchor(conn, self.wrapper.root_key, None, None, None)
-        return True
+    def ready(self, conn: Connection) -> None:
+        """Check, under the lock and before a change touches data_keys, that
+        the chain can take its event: started, or started here if data_keys
+        is empty too (a new database). An empty table beside keys is refused
+        (`_start_new`): no change starts a chain over them silently."""
+        if self._head(conn) is None:
+            self._start_new(conn)
+
+    def _start_new(self, conn: Connection) -> _Stored:
+        """The first anchor of a new database, whose data_keys is empty;
+        beside keys, the events were deleted or never started: refused."""
+        keys = self._count_keys(conn)
+        if keys:
+            raise KeyEventsTamperedError(
+                f"{self.table.name!r} (the key events) is empty but {self.wrapper.table.name!r} "
+                f"holds {keys} keys: the events were deleted, or this database comes from a "
+                "version without key events. Nothing was written. Restore the table from a "
+                "backup; or, if it was never started, start it: KeyRegistry.start_events("
+                "reason=...) (sqlalchemy-envelope events start --reason ...)"
+            )
+        return self._write_anchor(conn, self.wrapper.root_key, None, None, None)
+
+    def start(self, conn: Connection, reason: str | None) -> KeyEvent:
+        """Start the chain on purpose over the keys data_keys holds already
+        (a database of an earlier version), in the caller's transaction,
+        which holds the lock of `KeyWrapper.hold`: the anchor says how many
+        keys it starts over, who started it and why. Refused once started."""
+        reason = check_text(reason, "reason", MAX_REASON_CHARS)
+        head = self._head(conn)
+        if head is not None:
+            raise ConfigurationError(
+                f"the key events in {self.table.name!r} are started already ({head.seq} "
+                "events): nothing was written; verify them with verify_events "
+                "(sqlalchemy-envelope events verify)"
+            )
+        keys = self._count_keys(conn)
+        outcome = f"chain started over {keys} existing keys" if keys else "chain started"
+        return self._write_anchor(
+            conn, self.wrapper.root_key, None, None, reason, outcome=outcome
+        ).event
+
+    def _count_keys(self, conn: Connection) -> int:
+        stmt = sa.select(sa.func.count()).select_from(self.wrapper.table)
+        return int(conn.execute(stmt).scalar_one())
 
     def re_anchor(
         self, conn: Connection, new_root_key: RootKeyProvider, reason: str | None
@@ -439,6 +480,7 @@ class EventLog:
         head: _Stored | None,
         previous: bytes | None,
         reason: str | None,
+        outcome: str = "chain started",
     ) -> _Stored:
         seq = 1 if head is None else head.seq + 1
         secret = new_data_key()
@@ -450,9 +492,7 @@ class EventLog:
             operation=ANCHOR,
             scope=None,
             versions=None,
-            outcome=(
-                "chain started" if previous is None else f"chain re-anchored under {fingerprint}"
-            ),
+            outcome=outcome if previous is None else f"chain re-anchored under {fingerprint}",
             root_key_fingerprint=fingerprint,
             reason=reason,
             wrapped_secret=self.wrapper.wrap_with(root_key, secret, self.context(seq)),
@@ -713,8 +753,9 @@ class _Verifier:
                     ChainProblem(
                         1,
                         "deleted",
-                        f"the table holds no event{held} (a database older than key events "
-                        "gets its anchor from init())",
+                        f"the table holds no event{held}: deleted, or never started (a "
+                        "database of an earlier version: start_events, `sqlalchemy-envelope "
+                        "events start`)",
                     ),
                 )
             return ChainReport(True, 0, None, None)
@@ -748,7 +789,8 @@ class _Verifier:
     def _report(self, checked: int, problem: ChainProblem | None) -> ChainReport:
         verified = self.rows[:checked]
         head = verified[-1].event.mac.hex() if verified else None
-        return ChainReport(problem is None, checked, head, problem)
+        start = verified[0].event if verified else None
+        return ChainReport(problem is None, checked, head, problem, start)
 
     def _find_secrets(self) -> None:
         anchors = [r for r in self.rows if r.is_anchor]
