@@ -1029,6 +1029,8 @@ async def _async_events(url: str, root: StaticRootKey) -> None:
     engine = async_engine_for(url)
     registry = AsyncKeyRegistry(engine, root, actor="async-worker")
     await registry.init(reason="a")
+    with pytest.raises(ConfigurationError, match="started already"):
+        await registry.start_events(reason="a new database starts its chain at init")
     await registry.create_scope("acme", reason="b")
     await registry.rotate(reason="c")
     await registry.retire(1, "acme", reason="d")
