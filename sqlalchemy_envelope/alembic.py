@@ -113,8 +113,11 @@ class DropDataKeysTableOp(MigrateOperation):
 @Operations.register_operation("create_data_key_events_table")
 class CreateDataKeyEventsTableOp(MigrateOperation):
     """Create the key events table of an existing data_keys table (made by a
-    version without key events). Its chain starts, with its anchor, at the
-    next change of the keys or the next `KeyRegistry.init`."""
+    version without key events). Then start its chain, with the root key
+    (which a migration does not hold): ``sqlalchemy-envelope events start
+    --reason ...`` (`KeyRegistry.start_events`); until then, key changes are
+    refused, as an empty table beside keys may be one whose events were
+    deleted."""
 
     def __init__(self, table_name: str = DEFAULT_TABLE_NAME, schema: str | None = None) -> None:
         self.table_name = table_name

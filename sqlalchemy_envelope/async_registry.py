@@ -173,6 +173,9 @@ class AsyncKeyRegistry:
     ) -> list[KeyEvent]:
         return await self._call(self.sync_registry.events, scope, since=since, limit=limit)
 
+    async def start_events(self, *, reason: str | None = None) -> KeyEvent:
+        return await self._call(self.sync_registry.start_events, reason=reason)
+
     async def verify_events(self, expected_head: str | None = None) -> ChainReport:
         return await self._call(self.sync_registry.verify_events, expected_head)
 

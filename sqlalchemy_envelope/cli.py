@@ -1098,9 +1098,11 @@ def verify(c: Context, expected_head: str | None) -> None:
     altered, inserted, reordered or deleted event."""
     report = c.registry().verify_events(expected_head)
     if report.ok:
+        start = "" if report.start is None else f"\nstarted: {_event_line(report.start)}"
         c.emit(
             report.to_dict(),
-            f"key events verify: {report.events:,} events, chain head {report.head or 'none'}",
+            f"key events verify: {report.events:,} events, chain head {report.head or 'none'}"
+            + start,
         )
         return
     assert report.problem is not None
@@ -1112,6 +1114,21 @@ def verify(c: Context, expected_head: str | None) -> None:
         "before it verify",
         EXIT_ERROR,
     )
+
+
+@events.command(
+    "start",
+    epilog=_examples(
+        "sqlalchemy-envelope events start --reason 'upgrade to key events, CHG-1234'",
+    ),
+)
+@_reason_option
+@pass_context
+def start(c: Context, reason: str | None) -> None:
+    """Start the chain of key events over the keys a database of an earlier
+    version holds (creates the events table if missing); once."""
+    anchor = c.registry().start_events(reason=reason)
+    c.emit(anchor.to_dict(), f"key events started: {_event_line(anchor)}")
 
 
 @main.command(

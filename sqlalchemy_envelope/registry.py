@@ -347,6 +347,16 @@ class KeyRegistry:
         log = self._keyring.events
         return self._store.read(lambda conn: log.read(conn, scope=scope, since=since, limit=limit))
 
+    def start_events(self, *, reason: str | None = None) -> KeyEvent:
+        """Start the chain of key events over the keys that exist already: a
+        database of an earlier version, once ``data_key_events`` exists
+        (created here if missing). Until then key changes are refused
+        (`KeyEventsTamperedError`), since an empty events table beside keys
+        may as well be one whose events were deleted. The anchor records how
+        many keys it starts over, the actor and ``reason``; `verify_events`
+        lists it (``start``). Refused once the chain is started."""
+        return self._admin.start_events(reason)
+
     def verify_events(self, expected_head: str | None = None) -> ChainReport:
         """Walk the chain of key events with the root key: ``ok`` unless an
         event was altered, inserted, reordered or deleted (the report names

@@ -546,6 +546,62 @@ def test_deleting_the_newest_events_is_detected_with_the_recorded_head(
     assert _problem(chain) == (1, "deleted")  # data_keys holds keys, the events are gone
 
 
+def test_deleted_events_are_never_restarted_silently(
+    engine: sa.Engine, root_key: StaticRootKey, clocks: Clocks
+) -> None:
+    """After every event is deleted, no key change (by hand, init() at an
+    application's start, a policy rotation, a tenant created on first use)
+    starts a new chain over the keys: each is refused, typed, with nothing
+    written, until the chain is started on purpose, which verify shows."""
+    registry = KeyRegistry(
+        engine,
+        root_key,
+        actor="ops",
+        rotate_after=timedelta(days=30),
+        clock=clocks.monotonic,
+        wall_clock=clocks.now,
+    )
+    registry.init()
+    registry.rotate(reason="CHG-1")
+    registry.disable(1, reason="who did this?")
+    recorded = registry.verify_events().head
+    notes = encrypted_table("notes")
+    notes.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.delete(_events(engine)))
+    keys = _rows(engine, "data_keys")
+    clocks.advance(timedelta(days=31))  # the policy's rotation is due
+    changes = [
+        lambda: registry.rotate(reason="routine"),
+        registry.init,
+        lambda: registry.create_scope("acme"),
+        lambda: registry.enable(1),
+        lambda: registry.rewrap(StaticRootKey(os.urandom(32))),
+    ]
+    for change in changes:
+        for _ in range(2):
+            with pytest.raises(KeyEventsTamperedError, match="'data_keys' holds 3 keys"):
+                change()
+    for scope in (None, "globex"):  # the encrypt path: by policy, on first use
+        options = {} if scope is None else {SCOPE_OPTION: scope}
+        for _ in range(2):
+            with pytest.raises(KeyEventsTamperedError), engine.begin() as conn:
+                conn.execute(notes.insert(), {"id": 1, "body": "x"}, execution_options=options)
+            with pytest.raises(KeyEventsTamperedError), Session(engine) as session:
+                session.execute(notes.insert(), {"id": 2, "body": "x"}, execution_options=options)
+                session.commit()
+    assert _rows(engine, "data_keys") == keys and registry.events() == []
+    assert _problem(registry) == (1, "deleted")
+    anchor = registry.start_events(reason="events deleted by mistake, INC-7")
+    assert (anchor.outcome, anchor.actor) == ("chain started over 3 existing keys", "ops")
+    report = registry.verify_events()
+    assert report.ok and report.start == anchor  # an auditor sees the restart
+    assert _problem(registry, expected_head=recorded) == (2, "deleted")
+    registry.rotate(reason="routine")
+    assert registry.verify_events().ok
+    registry.close()
+
+
 def test_a_forged_anchor_is_detected(
     chain: KeyRegistry, engine: sa.Engine, root_key: StaticRootKey
 ) -> None:
@@ -577,6 +633,39 @@ def test_a_forged_anchor_is_detected(
     assert _problem(chain) == (1, "unknown anchor")
 
 
+def _old_mac(secret: bytes, row: sa.RowMapping, previous_mac: bytes) -> bytes:
+    """The mac FORMAT.md section 12 gives ``row`` under the chain secret
+    ``secret`` (as a first anchor's or any other event's)."""
+    when = row["occurred_at"]
+    when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    fields = {
+        "seq": str(row["seq"]),
+        "occurred_at": when.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "operation": row["operation"],
+        "scope": row["scope"],
+        "versions": row["versions"],
+        "outcome": row["outcome"],
+        "actor": row["actor"],
+        "root_key_fingerprint": row["root_key_fingerprint"],
+        "reason": row["reason"],
+        "wrapped_secret": row["wrapped_secret"] and bytes(row["wrapped_secret"]).hex(),
+        "previous_secret": row["previous_secret"] and bytes(row["previous_secret"]).hex(),
+    }
+    present = {k: v for k, v in fields.items() if v is not None}
+    mac_key = HKDF(hashes.SHA256(), 32, None, b"sqlalchemy-envelope/key-events/v1").derive(secret)
+    message = b"sqlalchemy-envelope/key-event/v1\x00" + canonical_json(present) + previous_mac
+    return hmac.new(mac_key, message, hashlib.sha256).digest()
+
+
+def _old_chain_secret(engine: sa.Engine, old: StaticRootKey) -> bytes:
+    """The first chain secret, as the holder of the old root key opens it."""
+    table = _events(engine)
+    with engine.connect() as conn:
+        first = conn.execute(sa.select(table).where(table.c.seq == 1)).mappings().one()
+    context = {"key_id": "1", "kind": "key-events", "scope": EVENTS, "version": "1"}
+    return old.unwrap(first["wrapped_secret"], context)
+
+
 def test_a_rewrap_re_anchors_so_the_old_root_key_cannot_rewrite_history(
     engine: sa.Engine,
 ) -> None:
@@ -590,36 +679,76 @@ def test_a_rewrap_re_anchors_so_the_old_root_key_cannot_rewrite_history(
     registry.rewrap(new)
     registry.rotate(reason="after")
     assert registry.verify_events().ok
+    secret = _old_chain_secret(engine, old)
     table = _events(engine)
     with engine.connect() as conn:
-        first = conn.execute(sa.select(table).where(table.c.seq == 1)).mappings().one()
         rows = conn.execute(sa.select(table).order_by(table.c.seq)).mappings().all()
-    context = {"key_id": "1", "kind": "key-events", "scope": EVENTS, "version": "1"}
-    secret = old.unwrap(first["wrapped_secret"], context)  # the attacker's old root key
-    mac_key = HKDF(hashes.SHA256(), 32, None, b"sqlalchemy-envelope/key-events/v1").derive(secret)
     # Rewrite event 4 ("before") with a valid mac under the old chain secret.
-    row = dict(rows[3])
-    row["reason"] = "rewritten"
-    when = row["occurred_at"]
-    when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
-    fields = {
-        "seq": str(row["seq"]),
-        "occurred_at": when.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-        "operation": row["operation"],
-        "scope": row["scope"],
-        "versions": row["versions"],
-        "outcome": row["outcome"],
-        "actor": row["actor"],
-        "root_key_fingerprint": row["root_key_fingerprint"],
-        "reason": row["reason"],
-    }
-    message = b"sqlalchemy-envelope/key-event/v1\x00" + canonical_json(fields) + rows[2]["mac"]
-    mac = hmac.new(mac_key, message, hashlib.sha256).digest()
-    _update(engine, 4, reason="rewritten", mac=mac)
+    row = {**rows[3], "reason": "rewritten"}
+    _update(engine, 4, reason="rewritten", mac=_old_mac(secret, row, rows[2]["mac"]))
     report = registry.verify_events()
     assert report.problem is not None
     assert (report.problem.seq, report.problem.kind) == (5, "altered")  # the rewrap event
     registry.close()
+
+
+def test_the_old_root_key_cannot_rewrite_history_up_to_the_newest_re_anchor(
+    engine: sa.Engine,
+) -> None:
+    """While the re-anchor is the newest event, the old root key's holder
+    re-macs every event up to it, the re-anchor included: its mac is also
+    under the new chain secret, which the old root key never opens."""
+    old, new = StaticRootKey(os.urandom(32)), StaticRootKey(os.urandom(32))
+    registry = KeyRegistry(engine, old, actor="ops")
+    registry.init()
+    registry.rotate()
+    registry.disable(1, reason="real reason")
+    registry.rewrap(new, reason="root key rotation")
+    assert registry.verify_events().ok
+    secret = _old_chain_secret(engine, old)
+    table = _events(engine)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(table).order_by(table.c.seq)).mappings().all()
+    assert rows[-1]["operation"] == "anchor"
+    previous = b""
+    for stored in rows:
+        row = dict(stored)
+        if row["operation"] == "disable":
+            row.update(actor="intern", reason="forged reason")
+        mac = _old_mac(secret, row, previous)
+        _update(engine, row["seq"], actor=row["actor"], reason=row["reason"], mac=mac)
+        previous = mac
+    assert _problem(registry) == (rows[-1]["seq"], "unknown anchor")
+    for _ in range(2):
+        with pytest.raises(KeyEventsTamperedError):
+            registry.rotate()
+    registry.close()
+
+
+def test_a_whole_chain_forged_by_whoever_may_wrap_is_caught_by_the_recorded_head(
+    chain: KeyRegistry, engine: sa.Engine, root_key: StaticRootKey
+) -> None:
+    """Whoever may wrap under the root key (never unwrapping) and write the
+    table replaces the whole chain with one of its own: a new first anchor,
+    every event re-made under its secret. It verifies, as SECURITY.md says;
+    only the head recorded before shows it."""
+    recorded = chain.verify_events().head
+    table = _events(engine)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(table).order_by(table.c.seq)).mappings().all()
+    secret = os.urandom(32)
+    context = {"key_id": "1", "kind": "key-events", "scope": EVENTS, "version": "1"}
+    previous = b""
+    for stored in rows:
+        row = dict(stored)
+        if row["seq"] == 1:
+            row["wrapped_secret"] = root_key.wrap(secret, context)
+        elif row["operation"] == "rotate":
+            row["reason"] = "forged"
+        row["mac"] = previous = _old_mac(secret, row, previous)
+        _update(engine, row["seq"], **{k: v for k, v in row.items() if k != "seq"})
+    assert chain.verify_events().ok
+    assert _problem(chain, expected_head=recorded) == (13, "deleted")
 
 
 def test_another_root_key_cannot_verify(registry: KeyRegistry, engine: sa.Engine) -> None:
@@ -810,9 +939,11 @@ def test_the_events_commands(db_url: str) -> None:
 # -- databases of earlier versions, Alembic, asyncio -------------------------------
 
 
-def test_a_database_of_an_earlier_version_gets_its_events_from_init(
+def test_a_database_of_an_earlier_version_starts_its_events_on_purpose(
     engine: sa.Engine, root_key: StaticRootKey
 ) -> None:
+    """init() creates the table but starts no chain over existing keys: an
+    empty table beside keys may be one whose events were deleted."""
     registry = KeyRegistry(engine, root_key)
     registry.init()
     registry.rotate()
@@ -826,11 +957,23 @@ def test_a_database_of_an_earlier_version_gets_its_events_from_init(
             change()
         assert _rows(engine, "data_keys") == keys  # nothing changed unrecorded
     assert upgraded.status().events == 0
-    upgraded.init(reason="upgrade")
-    assert summary(upgraded) == [("anchor", None, None, "chain started", None)]
+    for _ in range(2):
+        with pytest.raises(KeyEventsTamperedError, match="events start"):
+            upgraded.init(reason="upgrade")  # as at every application start
+    assert _rows(engine, "data_keys") == keys and upgraded.events() == []
+    upgraded.start_events(reason="upgrade to key events")
+    started = [
+        ("anchor", None, None, "chain started over 3 existing keys", "upgrade to key events")
+    ]
+    assert summary(upgraded) == started
+    with pytest.raises(ConfigurationError, match="started already"):
+        upgraded.start_events(reason="again")
+    upgraded.init()
     upgraded.rotate()
     assert [e.operation for e in upgraded.events()] == ["anchor", "rotate"]
-    assert upgraded.verify_events().ok
+    report = upgraded.verify_events()
+    assert report.ok and report.start is not None
+    assert report.start.outcome == "chain started over 3 existing keys"
     upgraded.close()
 
 
@@ -865,6 +1008,10 @@ def test_the_alembic_operation_for_existing_databases(db_url: str, tmp_path: Pat
     project.alembic("upgrade", "head")
     assert EVENTS in project.tables()
     registry = KeyRegistry(engine, StaticRootKey(ROOT))
+    with pytest.raises(KeyEventsTamperedError, match="events start"):
+        registry.rotate(reason="before the chain is started")
+    out, _ = _cli(db_url, ROOT, "events", "start", "--reason", "upgrade")
+    assert "chain started over 2 existing keys" in out
     registry.rotate(reason="after the migration")
     assert [e.operation for e in registry.events()] == ["anchor", "rotate"]
     assert registry.verify_events().ok
@@ -882,6 +1029,8 @@ async def _async_events(url: str, root: StaticRootKey) -> None:
     engine = async_engine_for(url)
     registry = AsyncKeyRegistry(engine, root, actor="async-worker")
     await registry.init(reason="a")
+    with pytest.raises(ConfigurationError, match="started already"):
+        await registry.start_events(reason="a new database starts its chain at init")
     await registry.create_scope("acme", reason="b")
     await registry.rotate(reason="c")
     await registry.retire(1, "acme", reason="d")
@@ -922,7 +1071,8 @@ def test_async_registry_records_and_verifies(db_url: str, root_key: StaticRootKe
 
 @pytest.mark.parametrize("vector", format_vectors("key_events"), ids=lambda v: v["name"])
 def test_the_format_vectors(vector: dict[str, Any]) -> None:
-    """FORMAT.md section 12, with HKDF and HMAC alone."""
+    """FORMAT.md section 12, with HKDF and HMAC alone; a re-anchor's mac is
+    under its new chain secret, over the message and its link."""
     secret = bytes.fromhex(vector["chain_secret"])
     key = HKDF(hashes.SHA256(), 32, None, b"sqlalchemy-envelope/key-events/v1").derive(secret)
     message = (
@@ -930,4 +1080,12 @@ def test_the_format_vectors(vector: dict[str, Any]) -> None:
         + canonical_json(vector["fields"])
         + bytes.fromhex(vector["previous_mac"])
     )
-    assert hmac.new(key, message, hashlib.sha256).hexdigest() == vector["mac"]
+    mac = hmac.new(key, message, hashlib.sha256).digest()
+    if "new_chain_secret" in vector:
+        assert mac.hex() == vector["link"]
+        info = b"sqlalchemy-envelope/key-events/re-anchor/v1"
+        new_key = HKDF(hashes.SHA256(), 32, None, info).derive(
+            bytes.fromhex(vector["new_chain_secret"])
+        )
+        mac = hmac.new(new_key, message + mac, hashlib.sha256).digest()
+    assert mac.hex() == vector["mac"]

@@ -20,6 +20,7 @@ from ..errors import (
 )
 from . import lifecycle, storage
 from .cache import DataKey
+from .events import KeyEvent
 from .keyring import Keyring
 from .rootkey import RootKeyProvider
 from .scopes import check_scope, index_scope, is_index_scope
@@ -63,7 +64,7 @@ class KeyAdmin:
 
         def work(conn: Connection) -> tuple[KeyRow | None, DataKey | None]:
             self.wrapper.hold(conn)
-            self.events.ensure_anchor(conn)
+            self.events.ready(conn)
             row = storage.active_key(conn, self.table, scope)
             new = None
             if row is None:
@@ -92,6 +93,19 @@ class KeyAdmin:
             raise NoActiveKeyError(scope)
         keyring.remember(checked[0], None, checked[1])
         return checked[0]
+
+    def start_events(self, reason: str | None = None) -> KeyEvent:
+        """Start the key events on purpose over the keys that exist (a
+        database of an earlier version, once its events table exists), in
+        one transaction holding the lock of key changes; refused once started."""
+        self.keyring.check_open()
+        self.store.create_table(self.events.table)
+
+        def work(conn: Connection) -> KeyEvent:
+            self.wrapper.hold(conn)
+            return self.events.start(conn, reason)
+
+        return self.store.write(work)
 
     def rotate(self, scope: str, reason: str | None = None) -> KeyRow:
         """Make a new data key active in one transaction; the old one is

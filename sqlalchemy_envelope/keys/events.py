@@ -15,9 +15,11 @@ fields and the previous event's mac, under a key derived (HKDF) from a random
 (a KMS key cannot), so this secret, not the root key, keys the chain. `rewrap`
 re-anchors: a new anchor carries a new chain secret wrapped by the new root
 key, and the previous chain secret sealed under the new one, so the whole
-history verifies with the current root key alone; a re-anchor's own mac is
-made under the previous chain secret, which whoever holds only the new root
-key's encryption right cannot forge. Appends serialize on the lock every
+history verifies with the current root key alone. A re-anchor's mac is made
+under the new chain secret over its link, a mac under the previous one: the
+old root key (which cannot unwrap the new secret) cannot rewrite the history
+before the rewrap, nor can whoever can only wrap under the new root key
+(which cannot unwrap the previous secret) forge the link. Appends serialize on the lock every
 change of data_keys takes (`KeyWrapper.hold`); ``seq``, the primary key,
 turns any race that escaped it into an error retried, never a fork.
 """
@@ -93,6 +95,7 @@ MAX_ACTOR_CHARS = 200
 
 _MAC_INFO = b"sqlalchemy-envelope/key-events/v1"
 _SEAL_INFO = b"sqlalchemy-envelope/key-events/previous-secret/v1"
+_RE_ANCHOR_INFO = b"sqlalchemy-envelope/key-events/re-anchor/v1"
 _MESSAGE_LABEL = b"sqlalchemy-envelope/key-event/v1\x00"
 _SEAL_LABEL = b"sqlalchemy-envelope/key-events/previous-secret/v1\x00"
 
@@ -273,6 +276,16 @@ def _mac(secret: bytes, message: bytes) -> bytes:
     return hmac_sha256(hkdf_sha256(secret, _MAC_INFO), message)
 
 
+def _event_mac(secret: bytes, message: bytes, own: bytes | None = None) -> bytes:
+    """An event's mac under its segment's ``secret``; for a re-anchor (``own``,
+    its new chain secret, given) the mac under ``own`` of the message and of
+    its link, the mac under the previous secret: both secrets are needed."""
+    link = _mac(secret, message)
+    if own is None:
+        return link
+    return hmac_sha256(hkdf_sha256(own, _RE_ANCHOR_INFO), message + link)
+
+
 def _seal_aad(seq: int) -> bytes:
     return _SEAL_LABEL + str(seq).encode("ascii")
 
@@ -314,12 +327,15 @@ class ChainReport:
     verifies (and ``expected_head``, if given, is one of them); ``events``
     checked before the first problem; ``head``, the hex of the newest event's
     mac (safe to log: record it, and pass it as ``expected_head`` later to
-    detect the newest events deleted)."""
+    detect the newest events deleted); ``start``, the chain's first anchor
+    when it verifies: when, by whom, why, and over how many keys that
+    existed already it started (its outcome)."""
 
     ok: bool
     events: int
     head: str | None
     problem: ChainProblem | None
+    start: KeyEvent | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -327,6 +343,7 @@ class ChainReport:
             "events": self.events,
             "head": self.head,
             "problem": None if self.problem is None else self.problem.to_dict(),
+            "start": None if self.start is None else self.start.to_dict(),
         }
 
 
@@ -371,15 +388,15 @@ class EventLog:
         also: RootKeyProvider | None = None,
     ) -> KeyEvent:
         """Record one change in the caller's transaction, which holds the
-        lock of `KeyWrapper.hold` (or `storage.lock_table`) already; the
-        chain is started with its anchor if the table is empty. ``also`` is
+        lock of `KeyWrapper.hold` (or `storage.lock_table`) already; an empty
+        table is started as `ready` does. ``also`` is
         another root key that may hold the chain (a rewrap's new one: a
         rewrap run again, to finish one, finds the chain under it already)."""
         assert operation in OPERATIONS and operation != ANCHOR
         reason = check_text(reason, "reason", MAX_REASON_CHARS)
         head = self._head(conn)
         if head is None:
-            head = self._write_anchor(conn, self.wrapper.root_key, None, None, None)
+            head = self._start_new(conn)
         secret = self._secret(conn, self._latest_anchor(conn), self.wrapper.root_key, also)
         return self._write(
             conn,
@@ -398,13 +415,50 @@ class EventLog:
         self._require_table(conn)
         return conn.execute(sa.select(self.table.c.seq).limit(1)).first() is not None
 
-    def ensure_anchor(self, conn: Connection) -> bool:
-        """Start the chain if the table is empty (a table created for a
-        database that had keys already); True if it did."""
-        if self._head(conn) is not None:
-            return False
-        self._write_anchor(conn, self.wrapper.root_key, None, None, None)
-        return True
+    def ready(self, conn: Connection) -> None:
+        """Check, under the lock and before a change touches data_keys, that
+        the chain can take its event: started, or started here if data_keys
+        is empty too (a new database). An empty table beside keys is refused
+        (`_start_new`): no change starts a chain over them silently."""
+        if self._head(conn) is None:
+            self._start_new(conn)
+
+    def _start_new(self, conn: Connection) -> _Stored:
+        """The first anchor of a new database, whose data_keys is empty;
+        beside keys, the events were deleted or never started: refused."""
+        keys = self._count_keys(conn)
+        if keys:
+            raise KeyEventsTamperedError(
+                f"{self.table.name!r} (the key events) is empty but {self.wrapper.table.name!r} "
+                f"holds {keys} keys: the events were deleted, or this database comes from a "
+                "version without key events. Nothing was written. Restore the table from a "
+                "backup; or, if it was never started, start it: KeyRegistry.start_events("
+                "reason=...) (sqlalchemy-envelope events start --reason ...)"
+            )
+        return self._write_anchor(conn, self.wrapper.root_key, None, None, None)
+
+    def start(self, conn: Connection, reason: str | None) -> KeyEvent:
+        """Start the chain on purpose over the keys data_keys holds already
+        (a database of an earlier version), in the caller's transaction,
+        which holds the lock of `KeyWrapper.hold`: the anchor says how many
+        keys it starts over, who started it and why. Refused once started."""
+        reason = check_text(reason, "reason", MAX_REASON_CHARS)
+        head = self._head(conn)
+        if head is not None:
+            raise ConfigurationError(
+                f"the key events in {self.table.name!r} are started already ({head.seq} "
+                "events): nothing was written; verify them with verify_events "
+                "(sqlalchemy-envelope events verify)"
+            )
+        keys = self._count_keys(conn)
+        outcome = f"chain started over {keys} existing keys" if keys else "chain started"
+        return self._write_anchor(
+            conn, self.wrapper.root_key, None, None, reason, outcome=outcome
+        ).event
+
+    def _count_keys(self, conn: Connection) -> int:
+        stmt = sa.select(sa.func.count()).select_from(self.wrapper.table)
+        return int(conn.execute(stmt).scalar_one())
 
     def re_anchor(
         self, conn: Connection, new_root_key: RootKeyProvider, reason: str | None
@@ -412,7 +466,7 @@ class EventLog:
         """Start a new segment of the chain under ``new_root_key`` (after a
         rewrap, in its transaction): a new chain secret, wrapped by it, and
         the current one sealed under the new one, the anchor's mac made
-        under the current one."""
+        under both (`_event_mac`)."""
         reason = check_text(reason, "reason", MAX_REASON_CHARS)
         head = self._head(conn)
         assert head is not None  # the rewrap event came first
@@ -426,6 +480,7 @@ class EventLog:
         head: _Stored | None,
         previous: bytes | None,
         reason: str | None,
+        outcome: str = "chain started",
     ) -> _Stored:
         seq = 1 if head is None else head.seq + 1
         secret = new_data_key()
@@ -437,13 +492,12 @@ class EventLog:
             operation=ANCHOR,
             scope=None,
             versions=None,
-            outcome=(
-                "chain started" if previous is None else f"chain re-anchored under {fingerprint}"
-            ),
+            outcome=outcome if previous is None else f"chain re-anchored under {fingerprint}",
             root_key_fingerprint=fingerprint,
             reason=reason,
             wrapped_secret=self.wrapper.wrap_with(root_key, secret, self.context(seq)),
             previous_secret=None if previous is None else _seal(secret, previous, seq),
+            own=None if previous is None else secret,
         )
         with self._lock:
             self._secrets[(stored.seq, stored.event.mac)] = secret
@@ -463,6 +517,7 @@ class EventLog:
         reason: str | None,
         wrapped_secret: bytes | None = None,
         previous_secret: bytes | None = None,
+        own: bytes | None = None,
     ) -> _Stored:
         draft = _Stored(
             event=KeyEvent(
@@ -480,7 +535,7 @@ class EventLog:
             wrapped_secret=wrapped_secret,
             previous_secret=previous_secret,
         )
-        mac = _mac(secret, draft.message(b"" if head is None else head.event.mac))
+        mac = _event_mac(secret, draft.message(b"" if head is None else head.event.mac), own)
         e = draft.event
         conn.execute(
             sa.insert(self.table).values(
@@ -603,8 +658,8 @@ class EventLog:
 
     def _anchor_verifies(self, conn: Connection, anchor: _Stored, secret: bytes) -> bool:
         """Whether ``anchor``'s mac follows from the event before it: under
-        its own secret for the first anchor, under the previous chain secret
-        (sealed in it) for a re-anchor."""
+        its own secret for the first anchor, under its own and the previous
+        chain secret (sealed in it) for a re-anchor."""
         if anchor.previous_secret is None:
             return anchor.seq == 1 and constant_time_equal(
                 _mac(secret, anchor.message(b"")), anchor.event.mac
@@ -615,7 +670,8 @@ class EventLog:
         ).scalar()
         if previous is None or before is None:
             return False
-        return constant_time_equal(_mac(previous, anchor.message(bytes(before))), anchor.event.mac)
+        mac = _event_mac(previous, anchor.message(bytes(before)), secret)
+        return constant_time_equal(mac, anchor.event.mac)
 
     # -- reading ---------------------------------------------------------------
 
@@ -697,8 +753,9 @@ class _Verifier:
                     ChainProblem(
                         1,
                         "deleted",
-                        f"the table holds no event{held} (a database older than key events "
-                        "gets its anchor from init())",
+                        f"the table holds no event{held}: deleted, or never started (a "
+                        "database of an earlier version: start_events, `sqlalchemy-envelope "
+                        "events start`)",
                     ),
                 )
             return ChainReport(True, 0, None, None)
@@ -732,7 +789,8 @@ class _Verifier:
     def _report(self, checked: int, problem: ChainProblem | None) -> ChainReport:
         verified = self.rows[:checked]
         head = verified[-1].event.mac.hex() if verified else None
-        return ChainReport(problem is None, checked, head, problem)
+        start = verified[0].event if verified else None
+        return ChainReport(problem is None, checked, head, problem, start)
 
     def _find_secrets(self) -> None:
         anchors = [r for r in self.rows if r.is_anchor]
@@ -766,6 +824,7 @@ class _Verifier:
                 return position, ChainProblem(expected, "deleted", f"no event numbered {missing}")
             if position == 0 and not (row.is_anchor and row.previous_secret is None):
                 return 0, ChainProblem(1, "deleted", "the first event is not the chain's anchor")
+            own = None
             if row.is_anchor:
                 own = self.secrets.get(row.seq)
                 if own is None:
@@ -773,8 +832,9 @@ class _Verifier:
                         row.seq, "unknown anchor", "its chain secret does not unwrap or unseal"
                     )
                 if position == 0:
-                    secret = own
-            if not constant_time_equal(_mac(secret, row.message(previous)), row.event.mac):
+                    secret, own = own, None
+            mac = _event_mac(secret, row.message(previous), own)
+            if not constant_time_equal(mac, row.event.mac):
                 return position, self._classify(position, previous, secret)
             if row.is_anchor:
                 secret = self.secrets[row.seq]

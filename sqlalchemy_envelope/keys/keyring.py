@@ -668,8 +668,11 @@ class Keyring:
     def _insert(self, conn: Connection, scope: str, version: int) -> tuple[int, bytes, datetime]:
         """Insert a new active key's row; its id, its secret and its creation
         time. The lock of `KeyWrapper.hold` is taken again here (it checks
-        nothing new when the caller took it first), so no insert escapes it."""
+        nothing new when the caller took it first), so no insert escapes it;
+        and the events must be able to record it (`EventLog.ready`), checked
+        before the insert, while data_keys shows what was there before."""
         self.wrapper.hold(conn)
+        self.events.ready(conn)
         plaintext = new_data_key()
         key_id = 1 + secrets.randbelow(fmt.MAX_KEY_ID)
         now = self.now()
