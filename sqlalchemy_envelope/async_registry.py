@@ -169,9 +169,12 @@ class AsyncKeyRegistry:
         scope: str | None = None,
         *,
         since: datetime | None = None,
+        after: int | None = None,
         limit: int | None = None,
     ) -> list[KeyEvent]:
-        return await self._call(self.sync_registry.events, scope, since=since, limit=limit)
+        return await self._call(
+            self.sync_registry.events, scope, since=since, after=after, limit=limit
+        )
 
     async def verify_events(self, expected_head: str | None = None) -> ChainReport:
         return await self._call(self.sync_registry.verify_events, expected_head)
