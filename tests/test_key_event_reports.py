@@ -114,6 +114,19 @@ def test_an_altered_anchor_is_reported_altered(chain: KeyRegistry, engine: sa.En
         assert _problem(chain)[:2] + _problem(chain)[3:] == (1, "altered", 0)
 
 
+def test_an_altered_re_anchor_is_reported_altered(chain: KeyRegistry, engine: sa.Engine) -> None:
+    new_root = StaticRootKey(os.urandom(32))
+    chain.rewrap(new_root, reason="new root key")
+    after = KeyRegistry(engine, new_root, attach=False)
+    after.rotate()
+    anchor = [e for e in after.events() if e.operation == "anchor"][-1]
+    assert anchor.seq == 6
+    _tampered(engine, f"UPDATE {EVENTS} SET reason = 'nothing to see' WHERE seq = 6")
+    for _ in range(2):
+        assert _problem(after)[:2] + _problem(after)[3:] == (6, "altered", 5)
+    after.close()
+
+
 def test_an_event_inserted_before_the_anchor_is_reported_inserted(
     chain: KeyRegistry, engine: sa.Engine
 ) -> None:
