@@ -4,6 +4,7 @@ problem named by its kind and seq, and shipping resumed by seq."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -14,8 +15,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
+from conftest import async_engine_for
 
-from sqlalchemy_envelope import ConfigurationError, KeyRegistry, StaticRootKey
+from sqlalchemy_envelope import AsyncKeyRegistry, ConfigurationError, KeyRegistry, StaticRootKey
 
 EVENTS = "data_key_events"
 
@@ -186,3 +188,19 @@ def test_shipping_resumes_after_the_last_seq_whatever_the_clocks(db_url: str) ->
     for registry in (first, behind):
         registry.close()
         registry.engine.dispose()
+
+
+def test_async_registry_resumes_after_a_seq(db_url: str) -> None:
+    asyncio.run(_async_after(db_url))
+
+
+async def _async_after(url: str) -> None:
+    engine = async_engine_for(url)
+    registry = AsyncKeyRegistry(engine, StaticRootKey(ROOT))
+    await registry.init()
+    await registry.rotate()
+    for _ in range(2):
+        assert [e.seq for e in await registry.events(after=2)] == [3, 4]
+        assert [e.seq for e in await registry.events(after=2, limit=1)] == [4]
+    await registry.close()
+    await engine.dispose()
