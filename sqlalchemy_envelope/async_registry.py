@@ -169,9 +169,12 @@ class AsyncKeyRegistry:
         scope: str | None = None,
         *,
         since: datetime | None = None,
+        after: int | None = None,
         limit: int | None = None,
     ) -> list[KeyEvent]:
-        return await self._call(self.sync_registry.events, scope, since=since, limit=limit)
+        return await self._call(
+            self.sync_registry.events, scope, since=since, after=after, limit=limit
+        )
 
     async def start_events(self, *, reason: str | None = None) -> KeyEvent:
         return await self._call(self.sync_registry.start_events, reason=reason)

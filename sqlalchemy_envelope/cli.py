@@ -1055,23 +1055,30 @@ def shred(
     epilog=_examples(
         "sqlalchemy-envelope events",
         "sqlalchemy-envelope events --scope acme --since 2020-01-01 --limit 20 --json",
+        "sqlalchemy-envelope events --after 41 --json",
     )
     + "\n\nEvery change to the keys, oldest first; `events verify` checks the chain."
     + " Reference: docs/audit.md",
 )
 @click.option("--since", metavar="TIME", help="only events at or after TIME (ISO 8601; UTC)")
+@click.option(
+    "--after",
+    metavar="SEQ",
+    type=click.IntRange(min=0),
+    help="only events numbered after SEQ (the last one shipped: resume from it, not --since)",
+)
 @click.option("--limit", type=click.IntRange(min=1), help="only the newest N events")
-def events(since: str | None, limit: int | None) -> None:
+def events(since: str | None, after: int | None, limit: int | None) -> None:
     """The recorded changes to the keys (of --scope and its index scope, if given)."""
     # With `verify` after it, the global options that follow are not parsed yet.
     if click.get_current_context().invoked_subcommand is None:
-        _list_events(since, limit)
+        _list_events(since, after, limit)
 
 
 @pass_context
-def _list_events(c: Context, since: str | None, limit: int | None) -> None:
+def _list_events(c: Context, since: str | None, after: int | None, limit: int | None) -> None:
     found = c.registry(keys=True).events(
-        c.scope if c.scope_given else None, since=_since(since), limit=limit
+        c.scope if c.scope_given else None, since=_since(since), after=after, limit=limit
     )
     c.emit(
         {"events": [event.to_dict() for event in found]},

@@ -151,9 +151,11 @@ class KeyTamperedError(EnvelopeError):
 
 
 class KeyEventsTamperedError(EnvelopeError):
-    """The key events table was altered where a change must chain its event:
-    its anchor is missing or does not unwrap. Nothing was written; `verify`
-    (``sqlalchemy-envelope events verify``) finds the first bad event."""
+    """A key change refused: the key events table was altered where the
+    change must chain its event (its anchor is missing, does not unwrap, or
+    does not follow from the chain). Nothing was written; `verify_events`
+    (``sqlalchemy-envelope events verify``) finds the first bad event, and
+    restoring those rows from a backup ends it (docs/audit.md)."""
 
 
 class EncryptionLimitError(EnvelopeError):

@@ -337,15 +337,19 @@ class KeyRegistry:
         scope: str | None = None,
         *,
         since: datetime | None = None,
+        after: int | None = None,
         limit: int | None = None,
     ) -> list[KeyEvent]:
         """The recorded changes to the keys, oldest first: of ``scope`` (a
         user scope includes its index scope's), at or after ``since`` (UTC if
-        naive), the newest ``limit`` of them."""
+        naive), numbered after ``after`` (the last seq shipped: the cursor
+        to resume from, since hosts' clocks differ), the newest ``limit``."""
         self._keyring.check_open()
         scope = None if scope is None else check_key_scope(scope)
         log = self._keyring.events
-        return self._store.read(lambda conn: log.read(conn, scope=scope, since=since, limit=limit))
+        return self._store.read(
+            lambda conn: log.read(conn, scope=scope, since=since, after=after, limit=limit)
+        )
 
     def start_events(self, *, reason: str | None = None) -> KeyEvent:
         """Start the chain of key events over the keys that exist already: a

@@ -397,6 +397,7 @@ MARIADB_MODULES = frozenset(
         "test_cli_scopes",
         "test_metrics",
         "test_key_events",
+        "test_key_event_reports",
     }
 )
 

@@ -92,6 +92,7 @@ OPERATIONS = (
 ANCHOR = "anchor"
 MAX_REASON_CHARS = 1000
 MAX_ACTOR_CHARS = 200
+HEAD_BYTES = 32  # an event's mac, HMAC-SHA256
 
 _MAC_INFO = b"sqlalchemy-envelope/key-events/v1"
 _SEAL_INFO = b"sqlalchemy-envelope/key-events/previous-secret/v1"
@@ -681,13 +682,20 @@ class EventLog:
         *,
         scope: str | None = None,
         since: datetime | None = None,
+        after: int | None = None,
         limit: int | None = None,
     ) -> list[KeyEvent]:
         """Events, oldest first: of ``scope`` (and its index scope), since
-        ``since``, the newest ``limit`` of them."""
+        ``since``, numbered after ``after`` (a cursor that, unlike times
+        from hosts' clocks, follows the order of the chain), the newest
+        ``limit`` of them."""
         self._require_table(conn)
         t = self.table
         stmt = sa.select(t).order_by(t.c.seq.desc())
+        if after is not None:
+            if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+                raise ConfigurationError("after must be an event's seq (an int, 0 or more)")
+            stmt = stmt.where(t.c.seq > after)
         if scope is not None:
             names = [scope] if is_index_scope(scope) else [scope, index_scope(scope)]
             stmt = stmt.where(t.c.scope.in_(names))
@@ -716,6 +724,7 @@ class EventLog:
         """Walk the chain with this registry's root key (`_Verifier`). A root
         key that wraps no stored key raises `WrongRootKeyError`: a broken
         chain is reported, a wrong configuration is not."""
+        expected_head = _head_hex(expected_head)
         self._require_table(conn)
         self.wrapper.check(conn)
         rows = [
@@ -724,6 +733,20 @@ class EventLog:
         ]
         keys = conn.execute(sa.select(sa.func.count()).select_from(self.wrapper.table))
         return _Verifier(self, rows, int(keys.scalar_one())).run(expected_head)
+
+
+def _head_hex(value: str | None) -> str | None:
+    """A recorded chain head, checked: a malformed one is a usage error,
+    never reported as a broken chain."""
+    if value is None:
+        return None
+    head = value.strip().lower() if isinstance(value, str) else ""
+    if len(head) != 2 * HEAD_BYTES or any(c not in "0123456789abcdef" for c in head):
+        raise ConfigurationError(
+            f"the expected head must be a chain head as recorded ({2 * HEAD_BYTES} hex digits, "
+            "from status or a previous verify_events): pass it whole, or omit it"
+        )
+    return head
 
 
 def _versions(versions: Sequence[int] | str | None) -> str | None:
@@ -763,11 +786,12 @@ class _Verifier:
         fingerprint = self.log.wrapper.fingerprint
         if not any(r.is_anchor and r.event.root_key_fingerprint == fingerprint for r in rows):
             # data_keys is under this root key (`KeyWrapper.check`): its anchor went.
-            first_gone = rows[0].seq != 1 or not rows[0].is_anchor
+            if rows[0].seq != 1 or not rows[0].is_anchor:
+                return self._report(*self._walk())  # the first events went: it names them
             return self._report(
                 0,
                 ChainProblem(
-                    1 if first_gone else rows[-1].seq + 1,
+                    rows[-1].seq + 1,
                     "deleted",
                     f"no anchor is under this root key ({fingerprint}): the newest events, "
                     "its anchor among them, were deleted (or a version without key events "
@@ -777,7 +801,7 @@ class _Verifier:
         checked, problem = self._walk()
         if problem is None and expected_head is not None:
             known = {r.event.mac.hex() for r in rows}
-            if expected_head.strip().lower() not in known:
+            if expected_head not in known:
                 problem = ChainProblem(
                     rows[-1].seq + 1,
                     "deleted",
@@ -819,6 +843,10 @@ class _Verifier:
         secret = b""  # of the segment in force
         for position, row in enumerate(self.rows):
             expected = position + 1
+            if row.seq < expected:  # only the first can be: seq is the primary key
+                return 0, ChainProblem(
+                    row.seq, "inserted", f"an event numbered {row.seq}, before the anchor (1)"
+                )
             if row.seq != expected:
                 missing = f"{expected}" if row.seq == expected + 1 else f"{expected}-{row.seq - 1}"
                 return position, ChainProblem(expected, "deleted", f"no event numbered {missing}")
@@ -848,6 +876,10 @@ class _Verifier:
         row = self.rows[position]
         seq = row.seq
         if row.is_anchor:
+            own = self.secrets[seq]
+            if position == 0 or _unseal(own, row.previous_secret or b"", seq) == secret:
+                # Its secret is the chain's: the anchor is genuine, but changed.
+                return ChainProblem(seq, "altered", "its fields or its mac do not match")
             return ChainProblem(seq, "unknown anchor", "an anchor the chain does not hold")
         after = self.rows[position + 1] if position + 1 < len(self.rows) else None
         if after is None:

@@ -105,8 +105,9 @@ def utcnow() -> datetime:
 
 
 def aware(value: datetime) -> datetime:
-    # SQLite hands back naive datetimes; everything stored is UTC.
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    """A stored time in UTC: SQLite hands back naive datetimes, PostgreSQL
+    ones in the session's time zone; everything stored is UTC."""
+    return value.astimezone(UTC) if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)
