@@ -266,7 +266,9 @@ def test_a_connection_lost_mid_command_exits_5(
                 waiting = _waiting_on(watcher, holding)
             assert waiting, finished(proc)
             _terminate(watcher, waiting[0])
-            code, out, err = finished(proc)
+        # The lock goes with this transaction: nothing else of the command
+        # (another worker, the parent) waits on it while it reports.
+        code, out, err = finished(proc)
     assert_one_line(code, out, err, 5, "lost the connection to the database")
     assert "run the command again" in err
     code, out, err = finished(command(*args, env=env))

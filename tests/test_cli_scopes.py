@@ -31,13 +31,13 @@ class Base(DeclarativeBase):
 
 
 class Note(Base):
-    __tablename__ = "notes"
+    __tablename__ = "scoped_notes"
     id: Mapped[int] = mapped_column(primary_key=True)
     body: Mapped[str] = mapped_column(EncryptedType(sa.String(100)))
 
 
 class User(Base):
-    __tablename__ = "users"
+    __tablename__ = "scoped_users"
     id: Mapped[int] = mapped_column(primary_key=True)
     email: Mapped[str] = mapped_column(EncryptedType(sa.String(200)))
     email_index: Mapped[str | None] = blind_index("email")
@@ -47,16 +47,16 @@ class User(Base):
 COMMANDS = [
     ["status"],
     ["status", "--census"],
-    ["status", "--column", "notes.body"],
-    ["census", "notes.body"],
+    ["status", "--column", "scoped_notes.body"],
+    ["census", "scoped_notes.body"],
     ["rotate"],
     ["maintenance"],
     ["retire", "1"],
     ["disable", "1"],
     ["enable", "1"],
-    ["destroy", "1", "--column", "notes.body"],
-    ["reencrypt", "notes.body"],
-    ["decrypt-in-place", "notes.body", "--yes"],
+    ["destroy", "1", "--column", "scoped_notes.body"],
+    ["reencrypt", "scoped_notes.body"],
+    ["decrypt-in-place", "scoped_notes.body", "--yes"],
     ["backfill-index", "cli_scopes_models:User.email_index"],
     ["rewrap"],
     ["shred", "acme", "--yes"],
@@ -72,7 +72,7 @@ def run(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
 
 @pytest.fixture
 def app(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """Keys of the default scope and of tenant 'acme'; notes and users rows."""
+    """Keys of the default scope and of tenant 'acme'; scoped_notes and scoped_users rows."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cli_scopes_models.py").write_text(MODELS)
     monkeypatch.delitem(sys.modules, "cli_scopes_models", raising=False)
@@ -103,7 +103,7 @@ def stored(db_url: str) -> tuple[list[tuple[object, ...]], ...]:
     with engine.connect() as conn:
         found = tuple(
             [tuple(row) for row in conn.execute(sa.text(f"SELECT * FROM {table} ORDER BY 1"))]
-            for table in ("data_keys", "notes", "users")
+            for table in ("data_keys", "scoped_notes", "scoped_users")
         )
     engine.dispose()
     return found
@@ -132,7 +132,7 @@ def test_create_scope_makes_the_scope_the_commands_then_use(app: dict[str, str])
     status, out, err = run("create-scope", "acme-typo", "--json", env=app)
     assert status == 0, err
     assert '"scope": "acme-typo"' in out
-    for command in (["status"], ["rotate"], ["maintenance"], ["census", "notes.body"]):
+    for command in (["status"], ["rotate"], ["maintenance"], ["census", "scoped_notes.body"]):
         status, out, err = run(*command, "--scope", "acme-typo", env=app)
         assert status == 0, (command, err)
     status, out, _ = run("status", "--scope", "~index:acme-typo", env=app)
